@@ -1,0 +1,5 @@
+import sys
+
+from clipray.cli import main
+
+sys.exit(main())

@@ -1,0 +1,188 @@
+"""`clipray demo|pipeline|train|tune|eval`: one entry point for every stage.
+
+`python -m pipeline`, `python -m training`, `python -m training.tune` and `python -m evaluation`
+are the same commands under their package names.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from typing import Callable, Optional, Sequence
+
+from clipray.config import ConfigError, JobConfig, describe_keys, load_config
+
+EXIT_BAD_INPUT = 2
+
+SECTIONS = {"pipeline": ("data", "ray"), "train": ("model", "train", "ray"),
+            "tune": ("tune", "model", "train", "ray"), "eval": ("eval", "ray")}
+
+COMMANDS = {
+    "pipeline": (
+        "Download, filter, dedup and shard image-text pairs into Parquet (Ray Data).",
+        "clipray pipeline --config configs/cc3m.yaml --set data.output=s3://bucket/cc3m",
+    ),
+    "train": (
+        "Contrastive pretraining of a CLIP on pipeline shards (Ray Train).",
+        "clipray train --config configs/cc3m-vit-b-32.yaml --set train.num_workers=8 --set train.use_gpu=true",
+    ),
+    "tune": (
+        "Sweep temperature and width scaling with Ray Tune and ASHA early stopping.",
+        "clipray tune --config configs/tune-demo.yaml",
+    ),
+    "eval": (
+        "Zero-shot classification, retrieval or linear probe of a trained CLIP.",
+        "clipray eval --config configs/demo.yaml --set eval.task=retrieval --set eval.output=ret.json",
+    ),
+}
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", "-c", metavar="FILE.yaml",
+        help="job config (YAML with sections data, model, train, tune, eval, ray); local path or fsspec URL",
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config key, dotted (e.g. train.batch_size=64); the value is read as YAML; repeatable",
+    )
+    parser.add_argument("--debug", action="store_true", help="print the full traceback on errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipray",
+        description="Train CLIP models on Ray: from URL lists to an evaluated model.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent(
+            """\
+            examples:
+              clipray demo --workdir /tmp/clipray-demo
+              clipray pipeline --config configs/cc3m.yaml
+              clipray train --config configs/cc3m-vit-b-32.yaml --set train.batch_size=4096
+            """
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo", help="local dry run of the whole system on data it makes itself",
+        description="Make a synthetic image-text data set, serve it over HTTP on 127.0.0.1, run the "
+        "real pipeline, train a small CLIP with 2 Ray Train workers, evaluate it zero-shot, write a report.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  clipray demo --workdir /tmp/clipray-demo",
+    )
+    demo.add_argument("--workdir", default="demo-run", help="folder for all outputs (default: demo-run)")
+    demo.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a key of the demo's embedded config (configs/demo.yaml); repeatable",
+    )
+    demo.add_argument("--debug", action="store_true", help="print the full traceback on errors")
+
+    for name, (summary, example) in COMMANDS.items():
+        p = sub.add_parser(
+            name, help=summary, description=summary,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=f"example:\n  {example}\n\nconfig keys (YAML sections, or --set section.key=value):\n"
+            + describe_keys(SECTIONS[name]),
+        )
+        _add_config_options(p)
+        if name == "eval":
+            p.add_argument("--dump-predictions", action="store_true",
+                           help="also write per-sample predictions next to eval.output")
+        if name in ("pipeline", "train", "tune", "eval"):
+            p.add_argument("--print-config", action="store_true",
+                           help="print the validated config as YAML and exit without running")
+    return parser
+
+
+def init_ray(cfg: JobConfig) -> None:
+    """Join `ray.address`, the cluster of a `ray job submit`, or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict = {"include_dashboard": cfg.ray.include_dashboard, "log_to_driver": True}
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        cores = os.cpu_count() or 1
+        ray.init(num_cpus=cfg.ray.num_cpus or max(8, 2 * cores), **kwargs)
+
+
+def _run_pipeline(cfg: JobConfig, args: argparse.Namespace) -> int:
+    from pipeline.run import run_pipeline
+
+    init_ray(cfg)
+    run_pipeline(cfg.data)
+    return 0
+
+
+def _run_train(cfg: JobConfig, args: argparse.Namespace) -> int:
+    from training.train import run_training
+
+    init_ray(cfg)
+    run_training(cfg.model, cfg.train)
+    return 0
+
+
+def _run_tune(cfg: JobConfig, args: argparse.Namespace) -> int:
+    from training.tune import run_sweep
+
+    init_ray(cfg)
+    run_sweep(cfg.model, cfg.train, cfg.tune)
+    return 0
+
+
+def _run_eval(cfg: JobConfig, args: argparse.Namespace) -> int:
+    from evaluation.run import run_evaluation
+
+    if args.dump_predictions:
+        cfg.eval.dump_predictions = True
+    init_ray(cfg)
+    run_evaluation(cfg.eval)
+    return 0
+
+
+RUNNERS: dict[str, Callable[[JobConfig, argparse.Namespace], int]] = {
+    "pipeline": _run_pipeline,
+    "train": _run_train,
+    "tune": _run_tune,
+    "eval": _run_eval,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from clipray.demo import run_demo
+
+            return run_demo(args.workdir, args.overrides)
+        cfg = load_config(args.config, args.overrides)
+        if getattr(args, "print_config", False):
+            import yaml
+
+            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            return 0
+        return RUNNERS[args.command](cfg, args)
+    except ConfigError as exc:
+        print(f"clipray {args.command}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (ValueError, FileNotFoundError) as exc:
+        # Stage runners raise these for bad input found before any work starts.
+        if args.debug:
+            raise
+        print(f"clipray {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def main_for(command: str) -> None:
+    """Entry for `python -m <package>`: the same command as `clipray <command>`."""
+    sys.exit(main([command, *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
