@@ -1,0 +1,94 @@
+"""The demo's report: report.md with its figures, and the closing summary on the terminal."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(rows: list[dict[str, Any]], out: Path) -> None:
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot(*zip(*train), label="training loss")
+    if val:
+        ax.plot(*zip(*val), marker="o", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("contrastive loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _metric_rows(results: dict[str, dict]) -> list[tuple[str, str, float]]:
+    rows = []
+    for name, result in results.items():
+        for metric, value in result.get("metrics", {}).items():
+            if isinstance(value, (int, float)):
+                rows.append((name, metric, float(value)))
+    return rows
+
+
+def _manifest_lines(manifests: dict[str, dict]) -> list[str]:
+    lines = ["| split | input rows | accepted | rejected | reasons |", "|---|---|---|---|---|"]
+    for split, m in manifests.items():
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(m.get("reasons", {}).items())) or "-"
+        lines.append(f"| {split} | {m['input_rows']} | {m['accepted']} | {m['rejected']} | {reasons} |")
+    return lines
+
+
+def write_report(root: Path, manifests: dict[str, dict], run_dir: Path, results: dict[str, dict],
+                 elapsed_s: float, figures: dict[str, str] | None = None) -> Path:
+    """Write root/report.md (and loss_curve.png beside it); returns the report's path."""
+    metrics = read_metrics(run_dir)
+    plot_loss(metrics, root / "loss_curve.png")
+    first, last = (metrics[0], metrics[-1]) if metrics else ({}, {})
+    lines = [
+        "# clipray demo report", "",
+        f"Wall time: {elapsed_s:.0f} s. Run directory: `{run_dir}`.", "",
+        "## Pipeline", "", *_manifest_lines(manifests), "",
+        "Manifests: " + ", ".join(f"`pipeline/{s}/manifest.json`" for s in manifests) + ".", "",
+        "## Training", "",
+        f"Steps: {last.get('step', '?')}, samples seen: {last.get('samples_seen', '?')}, "
+        f"loss {first.get('loss', float('nan')):.3f} → {last.get('loss', float('nan')):.3f}, "
+        f"logit scale {last.get('logit_scale', float('nan')):.1f}.", "",
+        "![loss curve](loss_curve.png)", "",
+        "## Evaluation on the held-out split", "",
+        "| evaluation | metric | value |", "|---|---|---|",
+        *[f"| {name} | {metric} | {value:.3f} |" for name, metric, value in _metric_rows(results)], "",
+        "Results JSON (CLIP_benchmark layout): " + ", ".join(f"`eval/{n}.json`" for n in results) + ".", "",
+    ]
+    for title, image in (figures or {}).items():
+        lines += [f"### {title}", "", f"![{title}]({image})", ""]
+    report = root / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def print_summary(manifests: dict[str, dict], results: dict[str, dict], elapsed_s: float,
+                  report: Path) -> None:
+    print()
+    print(f"  {'what':<34}{'value':>10}")
+    print(f"  {'-' * 44}")
+    for split, m in manifests.items():
+        counts = f"{m['accepted']}/{m['input_rows']}"
+        print(f"  {'pipeline ' + split + ': accepted/input':<34}{counts:>10}")
+    for name, metric, value in _metric_rows(results):
+        print(f"  {name + ' ' + metric:<34}{value:>10.3f}")
+    print(f"  {'wall time (s)':<34}{elapsed_s:>10.0f}")
+    print(f"\n  report: {report}")
