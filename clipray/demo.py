@@ -7,6 +7,7 @@ runners as `clipray pipeline|train|eval`.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from clipray.demo_server import StaticServer
 TRAIN_COPIES = 4    # renders of each colour x shape x size x position combination for training
 HELDOUT_COPIES = 1  # and for the held-out split (other random seeds: never seen in training)
 IMAGE_SIDE = 96     # pixels of the served images; the pipeline resizes them to data.image_size
+TEXT_CONTEXT = 16   # tokens: the longest demo caption is 12
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,19 @@ def build_config(paths: DemoPaths, overrides: Iterable[str]) -> JobConfig:
     raw["eval"]["model"] = str(paths.runs / raw["train"]["name"] / "final")
     raw["eval"]["dataset"] = str(paths.pipeline_output("heldout") / "shards")
     return load_config(base=raw, overrides=list(overrides))
+
+
+def write_demo_model(cfg: JobConfig, paths: DemoPaths) -> None:
+    """Point model.name at WORKDIR/demo-model.json: the chosen model with a short text context."""
+    from training.model import get_model_config, list_models
+
+    if cfg.model.name not in list_models():
+        return  # a model JSON the user chose: train it as it is
+    model_json = get_model_config(cfg.model.name)
+    model_json["text_cfg"]["context_length"] = TEXT_CONTEXT
+    path = paths.root / "demo-model.json"
+    path.write_text(json.dumps(model_json, indent=2))
+    cfg.model.name = str(path)
 
 
 def make_dataset(paths: DemoPaths, base_url: str) -> dict[str, int]:
@@ -131,6 +146,7 @@ def run_demo(workdir: str, overrides: Iterable[str] = ()) -> int:
     paths = DemoPaths(Path(workdir).resolve())
     cfg = build_config(paths, overrides)  # a bad --set fails here, before any work
     paths.root.mkdir(parents=True, exist_ok=True)
+    write_demo_model(cfg, paths)
     (paths.root / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
     with StaticServer(paths.images.parent) as server:

@@ -26,7 +26,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 130, 20),
 }
 SHAPES = ("circle", "square", "triangle", "star", "cross")
-SIZES = {"small": 0.22, "large": 0.42}  # shape extent as a fraction of the image side
+SIZES = {"small": 0.34, "large": 0.6}  # shape extent as a fraction of the image side
 POSITIONS = {  # centre of the shape as fractions of the image side
     "left": (0.27, 0.5),
     "right": (0.73, 0.5),
