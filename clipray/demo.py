@@ -138,7 +138,7 @@ def eval_tasks(cfg: JobConfig, paths: DemoPaths) -> dict[str, Any]:
 
 def run_demo(workdir: str, overrides: Iterable[str] = ()) -> int:
     from clipray.cli import init_ray
-    from clipray.demo_report import print_summary, write_report
+    from clipray.demo_report import plot_predictions, print_summary, write_report
     from evaluation.run import run_evaluation
     from training.train import run_training
 
@@ -165,8 +165,12 @@ def run_demo(workdir: str, overrides: Iterable[str] = ()) -> int:
         _progress(f"evaluating: {name}")
         results[name] = run_evaluation(task)
 
+    plot_predictions(paths.pipeline_output("heldout") / "shards",
+                     {label: paths.eval_dir / f"zeroshot-{label}.predictions.jsonl" for label in ("color", "shape")},
+                     paths.root / "heldout_predictions.png")
     elapsed = time.time() - started
-    report = write_report(paths.root, manifests, Path(result.path), results, elapsed)
+    report = write_report(paths.root, manifests, Path(result.path), results, elapsed,
+                          figures={"Held-out predictions": "heldout_predictions.png"})
     print_summary(manifests, results, elapsed, report)
     return 0
 

@@ -35,6 +35,42 @@ def plot_loss(rows: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
+def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
+    """Per-sample predictions that `clipray eval --dump-predictions` wrote, by key."""
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {row["key"]: row for row in rows}
+
+
+def plot_predictions(shards_dir: Path, predictions: dict[str, Path], out: Path, count: int = 24) -> None:
+    """A grid of held-out images, each titled with its predicted labels (red where wrong)."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    by_task = {task: read_predictions(path) for task, path in predictions.items()}
+    table = pq.read_table(sorted(shards_dir.glob("*.parquet")), columns=["key", "jpg"]) \
+        if shards_dir.is_dir() else None
+    if table is None or table.num_rows == 0:
+        return
+    step = max(1, table.num_rows // count)
+    keys, images = table.column("key").to_pylist()[::step][:count], table.column("jpg").to_pylist()[::step][:count]
+    cols = 6
+    fig, axes = plt.subplots((len(keys) + cols - 1) // cols, cols, figsize=(cols * 1.9, 2.2 * ((len(keys) + cols - 1) // cols)))
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, key, jpg in zip(axes.flat, keys, images):
+        ax.imshow(Image.open(io.BytesIO(jpg)).convert("RGB"))
+        preds = [by_task[t].get(key) for t in by_task]
+        words = [p["pred_name"] for p in preds if p]
+        wrong = any(p and not p["correct"] for p in preds)
+        ax.set_title(" ".join(words), fontsize=9, color="crimson" if wrong else "black")
+    fig.suptitle("held-out images with their zero-shot predictions (red: a wrong label)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def _metric_rows(results: dict[str, dict]) -> list[tuple[str, str, float]]:
     rows = []
     for name, result in results.items():
