@@ -1,9 +1,9 @@
 """The `eval` section of the job config."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
 
 class EvalConfig(BaseModel):
@@ -15,13 +15,51 @@ class EvalConfig(BaseModel):
     dataset: Optional[str] = Field(None, description="ImageFolder tree, CSV/Parquet table or pipeline shards")
     dataset_name: Optional[str] = None
     train_dataset: Optional[str] = Field(None, description="linear probe's training split")
+    val_dataset: Optional[str] = Field(None, description="linear probe's validation split (default: split train)")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of train held out to choose C")
     label_col: str = "label"
     caption_col: str = "caption"
     image_col: str = "jpg"
-    classnames: Optional[str] = Field(None, description="file with one class name per line")
-    templates: Optional[str] = Field(None, description="file with one prompt template per line ({c} = class)")
+    classnames: Optional[str] = Field(None, description="imagenet|cifar10|cifar100 or a file with one class name per line")
+    templates: Optional[str] = Field(None, description="imagenet|cifar10|cifar100|simple or a file with one prompt template per line ({c} = class)")
     output: Optional[str] = Field(None, description="results JSON file")
     batch_size: PositiveInt = 256
     recall_k: list[PositiveInt] = Field(default_factory=lambda: [1, 5, 10])
     use_gpu: bool = False
     dump_predictions: bool = False
+    report: bool = Field(True, description="write a Markdown summary (and a confusion-matrix PNG) beside output")
+
+    engine: Literal["auto", "local", "ray"] = Field(
+        "auto", description="auto: Ray Data actors when Ray is up and the set has >= ray_min_rows images")
+    ray_min_rows: PositiveInt = 10_000
+    num_actors: Optional[PositiveInt] = Field(None, description="embedding actors (default: autoscale to the cluster)")
+    cpus_per_actor: PositiveFloat = 1.0
+    decode_threads: int = Field(4, ge=0, description="threads decoding images in each embedding worker")
+    precision: Literal["fp32", "amp_bf16", "amp_fp16"] = "fp32"
+    max_samples: Optional[PositiveInt] = Field(None, description="evaluate the first N images only")
+    seed: int = 0
+
+    probe_c_range: tuple[PositiveFloat, PositiveFloat] = (1e-6, 1e6)
+    probe_steps_per_decade: PositiveInt = 8
+    probe_max_iter: PositiveInt = 1000
+    retrieval_block_size: PositiveInt = 2048
+    classifier_cache: Optional[str] = Field(None, description="folder caching zero-shot classifiers (local or fsspec URL)")
+
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for remote data")
+    s3_endpoint_url: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "EvalConfig":
+        low, high = self.probe_c_range
+        if not low < high:
+            raise ValueError(f"eval.probe_c_range {list(self.probe_c_range)} must be [low, high] with low < high")
+        return self
+
+    def fsspec_options(self) -> dict[str, Any]:
+        """Storage options for fsspec: `storage_options` plus `s3_endpoint_url` when set."""
+        options = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.storage_options.items()}
+        if self.s3_endpoint_url:
+            client_kwargs = dict(options.get("client_kwargs") or {})
+            client_kwargs.setdefault("endpoint_url", self.s3_endpoint_url)
+            options["client_kwargs"] = client_kwargs
+        return options
