@@ -1,20 +1,35 @@
 """The `data` section of the job config: what the pipeline reads, how it downloads, what it keeps."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+INTERPOLATIONS = Literal["nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4"]
 
 
 class ClipScoreFilterConfig(BaseModel):
-    """DataComp's CLIP-score filter: embed image and caption with a trained checkpoint."""
+    """DataComp's CLIP-score filter: embed image and caption with a trained checkpoint.
+
+    `threshold` drops pairs whose cosine similarity is below it; `top_fraction` then keeps the best
+    fraction of what is left (DataComp's best baseline keeps the top 30%). Set one or both.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="run dir, final/ dir or state-dict file of a CLIP checkpoint")
-    threshold: Optional[float] = Field(None, description="keep pairs with cosine >= threshold")
+    model_name: Optional[str] = Field(None, description="architecture when the checkpoint carries no config")
+    threshold: Optional[float] = Field(None, ge=-1.0, le=1.0, description="keep pairs with cosine >= threshold")
     top_fraction: Optional[float] = Field(None, gt=0, le=1, description="keep this best fraction")
     batch_size: PositiveInt = 256
+    num_actors: PositiveInt = Field(1, description="scoring actors (each loads the model once)")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per scoring actor (0: CPU)")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "ClipScoreFilterConfig":
+        if self.threshold is None and self.top_fraction is None:
+            raise ValueError("set data.filters.clip_score.threshold, .top_fraction or both")
+        return self
 
 
 class FiltersConfig(BaseModel):
@@ -22,47 +37,114 @@ class FiltersConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    drop_empty_captions: bool = Field(True, description="reject captions that are empty or only whitespace")
+    drop_non_text_captions: bool = Field(
+        True, description="reject captions that are missing, not strings, or not valid UTF-8"
+    )
     min_caption_chars: Optional[int] = Field(None, ge=0)
     max_caption_chars: Optional[int] = Field(None, ge=1)
     min_caption_words: Optional[int] = Field(None, ge=0)
     max_caption_words: Optional[int] = Field(None, ge=1)
     min_image_side: Optional[int] = Field(None, ge=1, description="on the original image, pixels")
-    max_aspect_ratio: Optional[float] = Field(None, ge=1.0)
-    dedup_sha256: bool = False
-    dedup_url_caption: bool = False
+    max_aspect_ratio: Optional[float] = Field(None, ge=1.0, description="long side / short side of the original")
+    dedup_sha256: bool = Field(False, description="drop all but the first row (by key) with the same image bytes")
+    dedup_url_caption: bool = Field(False, description="drop all but the first row (by key) with the same url and caption")
     clip_score: Optional[ClipScoreFilterConfig] = None
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "FiltersConfig":
+        for low, high in (("min_caption_chars", "max_caption_chars"), ("min_caption_words", "max_caption_words")):
+            lo, hi = getattr(self, low), getattr(self, high)
+            if lo is not None and hi is not None and lo > hi:
+                raise ValueError(f"data.filters.{low} ({lo}) is larger than data.filters.{high} ({hi})")
+        return self
+
+    @property
+    def needs_global_pass(self) -> bool:
+        """Filters that need every shard before they can decide (dedup, CLIP score)."""
+        return self.dedup_sha256 or self.dedup_url_caption or self.clip_score is not None
 
 
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # --- what to read
     input: Optional[str] = Field(None, description="file, folder or glob; local or fsspec URL")
-    input_format: Optional[Literal["parquet", "csv", "tsv", "json", "jsonl"]] = None
+    input_format: Optional[Literal["parquet", "csv", "tsv", "json", "jsonl"]] = Field(
+        None, description="inferred from each file's extension when absent (.gz is read transparently)"
+    )
+    columns: Optional[list[str]] = Field(
+        None, description="column names of header-less csv/tsv files, in order (CC3M: [caption, url])"
+    )
     url_col: str = "url"
     caption_col: str = "caption"
     extra_cols: list[str] = Field(default_factory=list, description="input columns carried to shards")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for input and output (e.g. s3 key/secret)"
+    )
+    s3_endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint for s3:// paths")
+    # --- where to write
     output: Optional[str] = Field(None, description="output folder; local or s3://")
+    rows_per_shard: PositiveInt = Field(10_000, le=1_000_000, description="input rows per shard (one commit unit)")
+    # --- image processing (img2dataset's Resizer options)
     image_size: PositiveInt = 256
     resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "border"
     resize_only_if_bigger: bool = False
+    upscale_interpolation: INTERPOLATIONS = "lanczos"
+    downscale_interpolation: INTERPOLATIONS = "area"
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
-    encode_quality: int = Field(95, ge=1, le=100)
+    encode_quality: int = Field(95, ge=0, le=100, description="jpg/webp quality; png compression 0-9")
     min_image_size: int = Field(0, ge=0, description="img2dataset's min_image_size, pixels")
     max_image_area: Optional[float] = Field(None, gt=0, description="img2dataset's max_image_area")
     max_pixels: PositiveInt = Field(89_478_485, description="decompression-bomb cap on decoded pixels")
+    fast_jpeg_decode: bool = Field(
+        True, description="decode JPEGs at a reduced DCT scale when the target is at most half the size"
+    )
+    # --- download
     allow_private_addresses: bool = False
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
         description="X-Robots-Tag directives that opt an image out (img2dataset's defaults)",
     )
-    timeout_s: float = Field(10.0, gt=0)
-    retries: int = Field(2, ge=0)
+    user_agent_token: Optional[str] = Field(
+        "clipray", description="token matched against 'X-Robots-Tag: <token>: ...' directives"
+    )
+    timeout_s: PositiveFloat = Field(10.0, description="per attempt: connect, send and the whole response")
+    retries: int = Field(2, ge=0, description="extra attempts after a timeout, connection error, 429 or 5xx")
+    retry_backoff_s: float = Field(0.5, ge=0.0, description="first retry waits this long, then doubles")
     max_redirects: int = Field(5, ge=0)
     max_response_bytes: PositiveInt = 32 * 1024 * 1024
     user_agent: str = "clipray/0.1 (+https://github.com/clipray/clipray)"
-    num_download_actors: Optional[PositiveInt] = Field(None, description="default: one per CPU")
+    # --- parallelism
+    num_download_actors: Optional[PositiveInt] = Field(
+        None, description="default: one per CPU of the cluster, at most one per shard"
+    )
     threads_per_actor: PositiveInt = 16
-    rows_per_shard: PositiveInt = 10_000
-    batch_size: PositiveInt = 256
-    s3_endpoint_url: Optional[str] = None
+    batch_size: PositiveInt = Field(256, description="rows per batch in the global pass")
+    progress: bool = Field(True, description="progress bars and the closing summary on stdout")
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DataConfig":
+        if self.encode_format == "png" and self.encode_quality > 9:
+            raise ValueError(
+                f"data.encode_quality = {self.encode_quality}: for png it is the compression level 0-9"
+            )
+        if self.columns is not None:
+            if len(set(self.columns)) != len(self.columns) or not all(self.columns):
+                raise ValueError(f"data.columns {self.columns} must be distinct non-empty names")
+        reserved = {"key", "url", "caption", "jpg", "width", "height", "original_width", "original_height",
+                    "sha256", "stage", "reason", "detail"}
+        clash = sorted(set(self.extra_cols) & (reserved | {self.url_col, self.caption_col}))
+        if clash:
+            raise ValueError(f"data.extra_cols {clash} clash with output columns {sorted(reserved)}")
+        return self
+
+    def fsspec_options(self) -> dict[str, Any]:
+        """Storage options for fsspec: `storage_options` plus `s3_endpoint_url` when set."""
+        options = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.storage_options.items()}
+        if self.s3_endpoint_url:
+            client_kwargs = dict(options.get("client_kwargs") or {})
+            client_kwargs.setdefault("endpoint_url", self.s3_endpoint_url)
+            options["client_kwargs"] = client_kwargs
+        return options

@@ -16,19 +16,24 @@ class ModelConfig(BaseModel):
     patch_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="ViT only: fraction of patches dropped in training")
 
 
+from pydantic import model_validator as _train_model_validator  # noqa: E402  (TrainConfig's checks)
+
+
 class TrainConfig(BaseModel):
+    """The `train` section: contrastive pretraining with Ray Train (see docs/training.md)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    data: list[str] = Field(default_factory=list, description="one or more shard folders")
+    data: list[str] = Field(default_factory=list, description="one or more shard folders (local or s3://)")
     val_data: list[str] = Field(default_factory=list, description="held-out shard folders for validation")
-    storage_path: str = "runs"
+    storage_path: str = Field("runs", description="folder or s3:// URL; the run lives in {storage_path}/{name}")
     name: str = "clip"
     num_workers: PositiveInt = 1
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0
-    batch_size: PositiveInt = 256
+    batch_size: PositiveInt = Field(256, description="global batch (all workers together)")
     micro_batch_size: Optional[PositiveInt] = Field(None, description="per worker; enables exact accumulation")
-    samples: PositiveInt = 1_000_000
+    samples: PositiveInt = Field(1_000_000, description="training length in samples seen")
     lr: PositiveFloat = 5e-4
     warmup: int = Field(2000, ge=0, description="warmup steps")
     weight_decay: float = Field(0.2, ge=0.0)
@@ -46,27 +51,173 @@ class TrainConfig(BaseModel):
     keep_checkpoints: PositiveInt = 3
     max_failures: int = Field(0, ge=-1)
     log_every: PositiveInt = 10
-    val_every: Optional[PositiveInt] = None
+    val_every: Optional[PositiveInt] = Field(None, description="steps between validations (needs val_data)")
+    val_batch_size: Optional[PositiveInt] = Field(None, description="pairs per validation-loss chunk (default: batch_size)")
+    zeroshot_data: Optional[str] = Field(None, description="labelled set for zero-shot accuracy at each validation")
+    zeroshot_classnames: Optional[str] = Field(None, description="class names file or built-in name")
+    zeroshot_templates: Optional[str] = Field(None, description="prompt templates file or built-in name")
     seed: int = 0
-    num_preprocess_actors: Optional[PositiveInt] = None
+    num_preprocess_actors: Optional[PositiveInt] = Field(None, description="per worker (default: from free CPUs)")
+    preprocess_cpus: PositiveFloat = Field(1.0, description="CPUs per preprocessing actor")
+    prefetch_batches: PositiveInt = 2
+    shuffle_rows: int = Field(4096, ge=0, description="rows per shuffle window of each worker's stream (0: file order)")
+    crop_scale_min: float = Field(0.9, gt=0.0, le=1.0, description="smallest random crop, as a fraction of the largest square's area")
+    decoder: Literal["cv2", "pil"] = "cv2"
+    s3_endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint for s3:// paths (default: AWS_ENDPOINT_URL)")
+
+    @_train_model_validator(mode="after")
+    def _check_batches(self) -> "TrainConfig":
+        local, rest = divmod(self.batch_size, self.num_workers)
+        if rest:
+            raise ValueError(f"train.batch_size {self.batch_size} is not divisible by train.num_workers "
+                             f"{self.num_workers}: every worker takes an equal share of the global batch")
+        if self.micro_batch_size is not None and local % self.micro_batch_size:
+            raise ValueError(f"train.micro_batch_size {self.micro_batch_size} does not divide the per-worker "
+                             f"batch {local} (train.batch_size / train.num_workers)")
+        if self.samples < self.batch_size:
+            raise ValueError(f"train.samples {self.samples} is less than one global batch "
+                             f"(train.batch_size {self.batch_size})")
+        if self.val_every is not None and not self.val_data:
+            raise ValueError("train.val_every is set but train.val_data is empty: give held-out shard folders")
+        if self.zeroshot_data is not None and self.val_every is None:
+            raise ValueError("train.zeroshot_data is set but train.val_every is not: zero-shot runs at validations")
+        return self
+
+from pydantic import field_validator  # noqa: E402  (TuneConfig's validators)
+
+# Axes a sweep may search, and what each value must be. `model.width_mult` and the four `train`
+# keys of the same names take the trial's value.
+TUNE_AXES: dict[str, str] = {
+    "temperature_init": "positive",
+    "learn_temperature": "bool",
+    "width_mult": "positive",
+    "lr": "positive",
+    "batch_size": "positive_int",
+}
+SPACE_KINDS = ("loguniform", "uniform", "choice")
+Space = Union[list[Any], dict[str, list[Any]]]
+# Metrics a sweep can rank and stop trials by: what the training runner reports at validations
+# (train.val_data, train.val_every) and, with train.zeroshot_data, zero-shot accuracy.
+VALIDATION_METRICS = ("val_loss",) + tuple(
+    f"val_{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10))
+ZEROSHOT_METRICS = ("zeroshot_acc1", "zeroshot_acc5", "zeroshot_mean_per_class_recall")
 
 
-Space = Union[list[Any], dict[str, list[float]]]
+def _check_space_value(axis: str, value: Any) -> None:
+    kind = TUNE_AXES[axis]
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"tune.{axis} values must be true or false, got {value!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"tune.{axis} values must be numbers, got {value!r}")
+    if kind == "positive_int" and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"tune.{axis} values must be positive integers, got {value!r}")
+    if not value > 0:
+        raise ValueError(f"tune.{axis} values must be > 0, got {value!r}")
+
+
+def check_space(axis: str, space: Any) -> Any:
+    """Validate one axis of the search space: a list (a grid) or {loguniform|uniform|choice: [...]}."""
+    hint = (f"write tune.{axis} as a list (a grid, e.g. [0.5, 1, 2]) or as "
+            "{loguniform: [low, high]} / {uniform: [low, high]} / {choice: [a, b, ...]}")
+    if isinstance(space, list):
+        if not space:
+            raise ValueError(f"tune.{axis} is an empty grid; {hint}")
+        for value in space:
+            _check_space_value(axis, value)
+        if len(set(map(repr, space))) != len(space):
+            raise ValueError(f"tune.{axis} grid {space!r} repeats a value (use tune.num_samples for repeats)")
+        return space
+    if not isinstance(space, dict):
+        raise ValueError(
+            f"tune.{axis} = {space!r} is not a search space; {hint} "
+            f"(to fix one value for every trial, set it in the model/train section instead)")
+    if len(space) != 1 or next(iter(space)) not in SPACE_KINDS:
+        raise ValueError(f"tune.{axis} = {space!r}: expected exactly one of {', '.join(SPACE_KINDS)}; {hint}")
+    (kind, values), = space.items()
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"tune.{axis}.{kind} must be a non-empty list, got {values!r}")
+    for value in values:
+        _check_space_value(axis, value)
+    if kind == "choice":
+        return space
+    if TUNE_AXES[axis] != "positive":
+        raise ValueError(f"tune.{axis} takes a grid or {{choice: [...]}}, not a {kind} range")
+    if len(values) != 2 or not values[0] < values[1]:
+        raise ValueError(f"tune.{axis}.{kind} must be [low, high] with low < high, got {values!r}")
+    return space
 
 
 class TuneConfig(BaseModel):
+    """A Ray Tune sweep over temperature, width and optionally lr and batch size.
+
+    Each trial runs the `train` section with the trial's values, under
+    `{storage_path}/{name}/runs/{trial_id}`; ASHA stops trials whose `metric` trails at a rung.
+    """
+
     model_config = ConfigDict(extra="forbid")
 
-    temperature_init: Optional[Space] = None
-    learn_temperature: Optional[Space] = None
-    width_mult: Optional[Space] = None
-    lr: Optional[Space] = None
-    batch_size: Optional[Space] = None
-    num_samples: PositiveInt = 1
-    metric: str = "val_loss"
-    mode: Literal["min", "max"] = "min"
-    storage_path: str = "sweeps"
-    name: str = "sweep"
-    grace_period: PositiveInt = 1
-    reduction_factor: float = Field(2.0, gt=1.0)
-    max_concurrent_trials: Optional[PositiveInt] = None
+    temperature_init: Optional[Space] = Field(
+        None, description="softmax temperature to start from: a grid or {loguniform: [low, high]}")
+    learn_temperature: Optional[Space] = Field(None, description="grid of true/false")
+    width_mult: Optional[Space] = Field(
+        None, description="width multiplier of both encoders, e.g. [0.5, 1, 2] (depth is kept)")
+    lr: Optional[Space] = Field(None, description="peak learning rate: a grid or {loguniform: [low, high]}")
+    batch_size: Optional[Space] = Field(None, description="global batch size: a grid of integers")
+    num_samples: PositiveInt = Field(
+        1, description="repeats of the grid; random draws for loguniform/uniform/choice axes")
+    metric: str = Field("val_loss", description="validation metric to rank and stop trials by: val_loss, "
+                        "val_{image,text}_retrieval_recall@{1,5,10}, zeroshot_{acc1,acc5,mean_per_class_recall}")
+    mode: Optional[Literal["min", "max"]] = Field(
+        None, validate_default=True, description="min or max; default: min for val_loss, max for recalls and accuracies")
+    storage_path: str = Field("sweeps", description="folder (or URI) holding the sweep folder")
+    name: str = Field("sweep", description="the sweep's folder; rerunning with the same name resumes it")
+    early_stopping: bool = Field(True, description="ASHA stops trials that trail at a rung")
+    grace_period: Optional[PositiveInt] = Field(
+        None, description="samples a trial sees before ASHA may stop it (default: train.samples / 4)")
+    reduction_factor: float = Field(2.0, gt=1.0, description="ASHA keeps 1/reduction_factor of trials per rung")
+    max_concurrent_trials: Optional[PositiveInt] = Field(
+        None, description="default: as many trials as the cluster's GPUs (or CPUs) hold at once")
+    trial_cpus: float = Field(
+        0.25, gt=0.0, description="CPUs reserved for each trial's driver function (its TorchTrainer "
+        "reserves the workers' own resources)")
+    retry_failed: bool = Field(False, description="on resume, rerun trials that failed")
+
+    @field_validator(*TUNE_AXES, mode="before")
+    @classmethod
+    def _space(cls, value: Any, info: Any) -> Any:
+        return None if value is None else check_space(info.field_name, value)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value or "/" in value or value in (".", ".."):
+            raise ValueError(f"tune.name {value!r} must be a plain folder name (no '/')")
+        return value
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, value: str) -> str:
+        known = VALIDATION_METRICS + ZEROSHOT_METRICS
+        if value not in known:
+            raise ValueError(f"tune.metric {value!r} is not a metric the trials report; "
+                             f"choose one of {', '.join(known)}")
+        return value
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, value: Optional[str], info: Any) -> Optional[str]:
+        metric = info.data.get("metric")
+        if metric is None:  # the metric itself was refused
+            return value
+        natural = "min" if metric == "val_loss" else "max"
+        if value is not None and value != natural:
+            raise ValueError(f"tune.mode {value!r} would rank the worst trial first: {metric} is "
+                             f"{'a loss (lower is better)' if natural == 'min' else 'higher-is-better'}; "
+                             f"use tune.mode: {natural} or leave tune.mode out")
+        return natural
+
+    def axes(self) -> dict[str, Any]:
+        """The searched axes and their spaces, in TUNE_AXES order."""
+        return {axis: getattr(self, axis) for axis in TUNE_AXES if getattr(self, axis) is not None}

@@ -1,0 +1,177 @@
+"""Training ingest throughput: Parquet shards -> ready uint8 batches, images/s per CPU core.
+
+Three measurements over the same shards (256 px JPEGs, pipeline layout), all doing the same work
+per image (`training.data.Preprocess`: decode, random square crop, resize to 224, tokenize):
+
+  ceiling     one process, decode + crop + resize only, no batching (the issue's reference)
+  dataloader  a plain torch DataLoader: an IterableDataset reading row groups with pyarrow,
+              `num_workers` = cores, batches of --batch
+  ray         clipray's training stream (`training.data.ShardStream`): Ray Data, one preprocessing
+              actor per core, exact batches of --batch handed to the consumer
+
+Reports images/s per core and the ratios (ray / dataloader, target >= 1.0; ray / (0.8 x ceiling x
+cores), target >= 1.0). Every number is the median of --repeats runs; the machine may be shared,
+so runs interleave.
+
+    python benchmarks/ingest.py [--images 4096] [--batch 256] [--decoder cv2|pil] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+IMAGE_SIDE = 256
+TARGET = 224
+
+
+def make_shards(folder: Path, images: int, rows_per_shard: int = 512) -> None:
+    """Pipeline-layout shards of 256 px JPEGs (the demo's drawn shapes on noisy backgrounds)."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipray.demo_data import draw_image, encode_jpeg, make_samples
+
+    samples = (make_samples("bench", max(1, images // 300 + 1), 0))[:images]
+    folder.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(samples), rows_per_shard):
+        part = samples[start:start + rows_per_shard]
+        blobs = [encode_jpeg(draw_image(s, IMAGE_SIDE), quality=90) for s in part]
+        pq.write_table(pa.table({
+            "key": [s.key for s in part], "url": [""] * len(part), "caption": [s.caption for s in part],
+            "jpg": pa.array(blobs, pa.binary()), "width": [IMAGE_SIDE] * len(part), "height": [IMAGE_SIDE] * len(part),
+            "original_width": [IMAGE_SIDE] * len(part), "original_height": [IMAGE_SIDE] * len(part),
+            "sha256": [hashlib.sha256(b).hexdigest() for b in blobs],
+        }), folder / f"{start // rows_per_shard:05d}.parquet", row_group_size=128)
+
+
+def ceiling(shards, decoder: str) -> float:
+    """images/s of decode + random crop + resize in this process (no tokenizing, no batching)."""
+    import pyarrow.parquet as pq
+
+    from training.data import Preprocess, PreprocessSettings
+
+    pre = Preprocess(PreprocessSettings(image_size=TARGET, decoder=decoder))
+    blobs, keys = [], []
+    for shard in shards:
+        table = pq.read_table(shard.path, columns=["key", "jpg"])
+        blobs += table.column("jpg").to_pylist()
+        keys += table.column("key").to_pylist()
+    out = np.zeros((TARGET, TARGET, 3), np.uint8)
+    t0 = time.perf_counter()
+    for blob, key in zip(blobs, keys):
+        if pre._image(blob, key, out, 0):
+            raise RuntimeError(f"{key}: did not decode")
+    return len(blobs) / (time.perf_counter() - t0)
+
+
+class ShardRows:
+    """torch IterableDataset: this DataLoader worker's row groups, preprocessed like clipray's."""
+
+    def __init__(self, shards, decoder: str, rows_per_batch: int = 64):
+        self.shards, self.decoder, self.rows_per_batch = shards, decoder, rows_per_batch
+
+    def __iter__(self):
+        import pyarrow.parquet as pq
+        import torch
+
+        from training.data import REQUIRED_COLUMNS, Preprocess, PreprocessSettings
+
+        info = torch.utils.data.get_worker_info()
+        wid, nworkers = (0, 1) if info is None else (info.id, info.num_workers)
+        pre = Preprocess(PreprocessSettings(image_size=TARGET, decoder=self.decoder))
+        pieces = [(s.path, g) for s in self.shards for g in range(len(s.groups))]
+        for path, group in pieces[wid::nworkers]:
+            table = pq.ParquetFile(path).read_row_group(group, columns=list(REQUIRED_COLUMNS))
+            for start in range(0, table.num_rows, self.rows_per_batch):
+                part = table.slice(start, self.rows_per_batch)
+                out = pre({c: part.column(c).to_numpy(zero_copy_only=False) for c in REQUIRED_COLUMNS})
+                for i in range(part.num_rows):
+                    yield torch.from_numpy(out["image"][i]), torch.from_numpy(out["tokens"][i])
+
+
+def dataloader(shards, decoder: str, batch: int, workers: int) -> float:
+    import torch
+
+    loader = torch.utils.data.DataLoader(ShardRows(shards, decoder), batch_size=batch, num_workers=workers,
+                                         persistent_workers=False, prefetch_factor=4)
+    n, t0 = 0, time.perf_counter()
+    for images, tokens in loader:
+        assert images.dtype == torch.uint8 and images.shape[1:] == (TARGET, TARGET, 3)
+        n += images.shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def ray_stream(shards, fs, decoder: str, batch: int, actors: int) -> float:
+    from training.data import DataPosition, PreprocessSettings, ShardStream, StreamSettings
+
+    settings = StreamSettings(local_batch=batch, preprocess=PreprocessSettings(image_size=TARGET, decoder=decoder),
+                              num_actors=actors, cpus_per_actor=1.0, rows_per_batch=64, prefetch_batches=4,
+                              data_cpus=float(actors), shuffle_rows=1024)
+    stream = ShardStream(shards, fs, rank=0, world_size=1, seed=0, start=DataPosition(0, 0), settings=settings,
+                         max_passes=1)
+    n, t0 = 0, time.perf_counter()
+    for b in stream:
+        assert b.images.shape[1:] == (TARGET, TARGET, 3)
+        n += b.images.shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--decoder", default="cv2", choices=["cv2", "pil"])
+    parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shards", help="existing shard folder (default: make one in a temp folder)")
+    args = parser.parse_args(argv)
+
+    import ray
+
+    from training.data import list_shards
+
+    with tempfile.TemporaryDirectory(prefix="clipray-ingest-") as tmp:
+        folder = Path(args.shards) if args.shards else Path(tmp) / "shards"
+        if not args.shards:
+            make_shards(folder, args.images)
+        fs, shards = list_shards([str(folder)])
+        total = sum(s.rows for s in shards)
+        ray.init(num_cpus=args.cores + 1, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
+        try:
+            ray_stream(shards, fs, args.decoder, args.batch, args.cores)  # warm: worker processes, imports
+            runs = {"ceiling": [], "dataloader": [], "ray": []}
+            for _ in range(args.repeats):
+                runs["ceiling"].append(ceiling(shards, args.decoder))
+                runs["dataloader"].append(dataloader(shards, args.decoder, args.batch, args.cores))
+                runs["ray"].append(ray_stream(shards, fs, args.decoder, args.batch, args.cores))
+        finally:
+            ray.shutdown()
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    per_core = {"ceiling": med["ceiling"], "dataloader": med["dataloader"] / args.cores, "ray": med["ray"] / args.cores}
+    print(f"{total} images of {IMAGE_SIDE} px -> {TARGET} px uint8, decoder {args.decoder}, {args.cores} cores, "
+          f"batch {args.batch}, median of {args.repeats} ({platform.processor() or platform.machine()})")
+    for k in ("ceiling", "dataloader", "ray"):
+        print(f"  {k:10s} {med[k]:8.1f} images/s  {per_core[k]:8.1f} per core   runs: "
+              + ", ".join(f"{v:.0f}" for v in runs[k]))
+    print(f"  ray / dataloader            = {med['ray'] / med['dataloader']:.2f}x  (target >= 1.0)")
+    print(f"  ray / (0.8 x ceiling x cores) = {med['ray'] / (0.8 * med['ceiling'] * args.cores):.2f}  (target >= 1.0)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

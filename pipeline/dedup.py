@@ -1,0 +1,58 @@
+"""Exact dedup: a row is a duplicate when a row with a smaller key has the same image (sha256 of
+the stored bytes) or the same (url, caption) pair. The first row by key order is kept, so the
+result does not depend on which worker finished first.
+
+Plain functions over `pyarrow.Table`s; `run.py` applies them per hash bucket on Ray Data so the
+whole run's keys never need to fit in one process.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def pair_digests(urls: list, captions: list) -> pa.Array:
+    """128-bit hex digests of (url, caption) pairs (a separator no URL contains keeps them apart)."""
+    out = []
+    for url, caption in zip(urls, captions):
+        h = hashlib.blake2b(digest_size=16)
+        h.update((url or "").encode("utf-8", "surrogatepass"))
+        h.update(b"\x00\x1f")
+        h.update((caption or "").encode("utf-8", "surrogatepass"))
+        out.append(h.hexdigest())
+    return pa.array(out, type=pa.string())
+
+
+def later_duplicates(table: pa.Table, digest_col: str) -> pa.Table:
+    """Rows of `table` (columns `key`, `digest_col`) whose digest appeared with a smaller key.
+
+    Returns columns `key` (the duplicate) and `first_key` (the row it duplicates).
+    """
+    if table.num_rows == 0:
+        return pa.table({"key": pa.array([], pa.string()), "first_key": pa.array([], pa.string())})
+    ordered = table.select(["key", digest_col]).sort_by([(digest_col, "ascending"), ("key", "ascending")])
+    digests = ordered.column(digest_col).combine_chunks()
+    keys = ordered.column("key").combine_chunks()
+    same_as_previous = np.zeros(len(keys), dtype=bool)
+    if len(keys) > 1:
+        same_as_previous[1:] = pc.equal(digests[1:], digests[:-1]).to_numpy(zero_copy_only=False)
+    # index of the first row of each run of equal digests
+    starts = np.where(same_as_previous, 0, np.arange(len(keys)))
+    first = np.maximum.accumulate(starts)
+    dup = np.nonzero(same_as_previous)[0]
+    return pa.table({"key": keys.take(pa.array(dup)), "first_key": keys.take(pa.array(first[dup]))})
+
+
+def bucket_prefix_length(rows: int) -> int:
+    """Hex digits of the digest that choose a dedup bucket: about a million rows per bucket."""
+    length = 1
+    while 16 ** length * 1_000_000 < rows and length < 4:
+        length += 1
+    return length
+
+
+def with_bucket(table: pa.Table, digest_col: str, prefix: int) -> pa.Table:
+    return table.append_column("bucket", pc.utf8_slice_codeunits(table.column(digest_col), 0, prefix))

@@ -1,0 +1,247 @@
+"""Download, check, resize and write one shard: the work of one download actor call.
+
+`ShardDownloader.process(spec)` reads the shard's staged input rows, runs each row through
+caption filters -> fetch -> header checks -> size filters -> resize/encode on a pool of threads
+(I/O waits and OpenCV release the GIL), and commits the shard: its accepted rows, its rejects
+and, when the global pass needs it, its dedup index, then the marker with the shard's counts.
+Every input row ends either accepted or in the rejects table with a stage and a reason; an
+unexpected exception on one row becomes an `internal_error` reject, never a lost row or a crash.
+
+No Ray here: the runner wraps this class in a Ray Data actor pool.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import traceback
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Union
+
+import pyarrow as pa
+
+from pipeline.address_guard import AddressGuard, Resolver, system_resolver
+from pipeline.config import DataConfig
+from pipeline.dedup import pair_digests
+from pipeline.fetch import Fetcher
+from pipeline.filters import RowFilters
+from pipeline.reasons import DECODE, DOWNLOAD, FILTER, Rejection
+from pipeline.resize import ImageProcessor, ImageReject
+from pipeline.resume import DOWNLOAD as DOWNLOAD_PHASE
+from pipeline.resume import ShardSpec, marker
+from pipeline.shards import INDEX_SCHEMA, accepted_schema, make_keys, rejects_table
+from pipeline.storage import OutputDir
+
+
+@dataclass
+class Image:
+    jpg: bytes
+    width: int
+    height: int
+    original_width: int
+    original_height: int
+    sha256: str
+    downloaded_bytes: int
+
+
+RowOutcome = Union[Image, Rejection]
+ROW_GROUP_ROWS = 512  # accepted rows per Parquet row group (about 15 MB of 256 px JPEGs)
+
+
+def image_processor(data: DataConfig) -> ImageProcessor:
+    return ImageProcessor(
+        image_size=data.image_size, resize_mode=data.resize_mode, resize_only_if_bigger=data.resize_only_if_bigger,
+        upscale_interpolation=data.upscale_interpolation, downscale_interpolation=data.downscale_interpolation,
+        encode_format=data.encode_format, encode_quality=data.encode_quality, min_image_size=data.min_image_size,
+        max_image_area=data.max_image_area, max_pixels=data.max_pixels, fast_jpeg_decode=data.fast_jpeg_decode,
+    )
+
+
+def fetcher(data: DataConfig, resolver: Resolver = system_resolver) -> Fetcher:
+    return Fetcher(
+        guard=AddressGuard(allow_private=data.allow_private_addresses, resolver=resolver),
+        timeout_s=data.timeout_s, retries=data.retries, retry_backoff_s=data.retry_backoff_s,
+        max_redirects=data.max_redirects, max_response_bytes=data.max_response_bytes,
+        user_agent=data.user_agent, user_agent_token=data.user_agent_token,
+        disallowed_header_directives=data.disallowed_header_directives,
+    )
+
+
+class RowProcessor:
+    """One row from (url, caption) to a stored image or a rejection; thread-safe."""
+
+    def __init__(self, data: DataConfig, resolver: Resolver = system_resolver, cpu_slots: Optional[int] = None):
+        # At most `cpu_slots` threads decode at once: the actor holds that many CPUs, and more
+        # concurrent decoders only add context switches and cache misses (downloads go on meanwhile).
+        self.cpu_slots = threading.BoundedSemaphore(cpu_slots) if cpu_slots else None
+        self.filters = RowFilters(data.filters)
+        self.fetcher = fetcher(data, resolver)
+        self.images = image_processor(data)
+
+    def caption_check(self, caption: Optional[str], caption_ok: bool) -> Optional[Rejection]:
+        return self.filters.caption(caption, caption_ok)
+
+    def __call__(self, url: Optional[str]) -> RowOutcome:
+        stage = DOWNLOAD
+        try:
+            if not url or not url.strip():
+                return Rejection(DOWNLOAD, "invalid_url", "empty URL")
+            result = self.fetcher.fetch(url)
+            if result.reason is not None:
+                return Rejection(DOWNLOAD, result.reason, result.detail)
+            stage = DECODE
+            try:
+                probed = self.images.probe(result.body)
+            except ImageReject as rej:
+                return Rejection(rej.stage, rej.reason, rej.detail)
+            stage = FILTER
+            rejection = self.filters.image(probed.width, probed.height)
+            if rejection is not None:
+                return rejection
+            stage = DECODE
+            try:
+                if self.cpu_slots is None:
+                    resized = self.images.resize(probed)
+                else:
+                    with self.cpu_slots:
+                        resized = self.images.resize(probed)
+            except ImageReject as rej:
+                return Rejection(rej.stage, rej.reason, rej.detail)
+            return Image(resized.data, resized.width, resized.height, resized.original_width,
+                         resized.original_height, hashlib.sha256(resized.data).hexdigest(), len(result.body))
+        except Exception as exc:  # noqa: BLE001 - one bad row must not take the shard down
+            tb = traceback.format_exc(limit=6)
+            return Rejection(stage, "internal_error", f"{type(exc).__name__}: {exc}\n{tb}")
+
+    def close(self) -> None:
+        self.fetcher.close()
+
+
+class ShardDownloader:
+    """Processes whole shards with a shared pool of `data.threads_per_actor` threads."""
+
+    def __init__(self, data: DataConfig, out: OutputDir, extra_schema: pa.Schema,
+                 resolver: Resolver = system_resolver, cpu_slots: Optional[int] = None):
+        self.data = data
+        self.out = out
+        self.extra_schema = extra_schema
+        self.rows = RowProcessor(data, resolver, cpu_slots)
+        self.pool = ThreadPoolExecutor(max_workers=data.threads_per_actor, thread_name_prefix="download")
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.rows.close()
+
+    def iter_outcomes(self, table: pa.Table) -> Iterator[RowOutcome]:
+        """One outcome per row of a staged input table (columns url, caption, caption_ok), in row
+        order, each as soon as it and all rows before it are done."""
+        urls = table.column("url").to_pylist()
+        captions = table.column("caption").to_pylist()
+        oks = table.column("caption_ok").to_pylist()
+        early: dict[int, Rejection] = {}
+        todo = []
+        for i, (caption, ok) in enumerate(zip(captions, oks)):
+            rejection = self.rows.caption_check(caption, bool(ok))
+            if rejection is not None:
+                early[i] = rejection
+            else:
+                todo.append(i)
+        fetched = self.pool.map(self.rows, [urls[i] for i in todo])  # all submitted now, results in order
+        for i in range(table.num_rows):
+            yield early[i] if i in early else next(fetched)
+
+    def outcomes(self, table: pa.Table) -> list[RowOutcome]:
+        return list(self.iter_outcomes(table))
+
+    def process(self, spec: ShardSpec) -> dict[str, Any]:
+        """Download and commit one shard; returns the stats written to its marker.
+
+        Accepted rows are written in row order, a row group at a time, as soon as they and the
+        rows before them are done (memory for encoded images is reused instead of growing)."""
+        start = time.time()
+        out = self.out
+        # Whatever an interrupted attempt at this shard left behind goes first, so a file this
+        # attempt does not write (say, no rejects this time) cannot survive from the last one.
+        out.remove([spec.accepted_file, spec.rejects_file, spec.index_file, marker(DOWNLOAD_PHASE, spec)])
+        table = out.read_arrow(spec.input)
+        if table.num_rows != spec.rows:
+            raise RuntimeError(f"{spec.input} has {table.num_rows} rows, the plan says {spec.rows}")
+        schema = accepted_schema(self.extra_schema)
+        sink = None
+        rejected: dict[int, Rejection] = {}
+        batch_rows: list[int] = []
+        batch_images: list[Image] = []
+        index_parts: list[pa.Table] = []
+        accepted = downloaded = 0
+
+        def flush() -> None:
+            nonlocal sink
+            if not batch_rows:
+                return
+            idx = pa.array(batch_rows, pa.int64())
+            keys = make_keys(spec.name, batch_rows, spec.row_digits)
+            columns = {
+                "key": keys,
+                "url": table.column("url").take(idx),
+                "caption": table.column("caption").take(idx),
+                "jpg": pa.array([im.jpg for im in batch_images], pa.binary()),
+                "width": pa.array([im.width for im in batch_images], pa.int32()),
+                "height": pa.array([im.height for im in batch_images], pa.int32()),
+                "original_width": pa.array([im.original_width for im in batch_images], pa.int32()),
+                "original_height": pa.array([im.original_height for im in batch_images], pa.int32()),
+                "sha256": pa.array([im.sha256 for im in batch_images], pa.string()),
+            }
+            for field in self.extra_schema:
+                columns[field.name] = table.column(field.name).take(idx).cast(field.type)
+            if sink is None:
+                sink = out.parquet_sink(spec.accepted_file, schema, ROW_GROUP_ROWS)
+            sink.write(pa.table(columns, schema=schema))
+            if spec.global_pass:
+                index_parts.append(pa.table({
+                    "key": keys, "sha256": columns["sha256"],
+                    "pair": pair_digests(columns["url"].to_pylist(), columns["caption"].to_pylist()),
+                }, schema=INDEX_SCHEMA))
+            batch_rows.clear()
+            batch_images.clear()
+
+        try:
+            for i, outcome in enumerate(self.iter_outcomes(table)):
+                if isinstance(outcome, Image):
+                    batch_rows.append(i)
+                    batch_images.append(outcome)
+                    accepted += 1
+                    downloaded += outcome.downloaded_bytes
+                    if len(batch_rows) >= ROW_GROUP_ROWS:
+                        flush()
+                else:
+                    rejected[i] = outcome
+            flush()
+        except BaseException:
+            if sink is not None:
+                sink.abort()
+            raise
+        stats: dict[str, Any] = {
+            "shard": spec.name, "rows": spec.rows, "accepted": accepted, "rejected": len(rejected),
+            "reasons": dict(Counter(r.reason for r in rejected.values())),
+            "stages": dict(Counter(r.stage for r in rejected.values())),
+            "downloaded_bytes": downloaded,
+            "accepted_file": None, "accepted_bytes": 0, "rejects_file": None,
+        }
+        if sink is not None:
+            stats["accepted_bytes"] = sink.close()
+            stats["accepted_file"] = spec.accepted_file
+            if spec.global_pass:
+                out.write_parquet(spec.index_file, pa.concat_tables(index_parts), row_group_rows=65_536)
+        if rejected:
+            order = sorted(rejected)
+            idx = pa.array(order, pa.int64())
+            rejects = rejects_table(make_keys(spec.name, order, spec.row_digits), table.column("url").take(idx),
+                                    table.column("caption").take(idx), [rejected[i] for i in order])
+            out.write_parquet(spec.rejects_file, rejects)
+            stats["rejects_file"] = spec.rejects_file
+        stats["duration_s"] = round(time.time() - start, 3)
+        out.write_json(marker(DOWNLOAD_PHASE, spec), stats)  # the commit
+        return stats

@@ -1,0 +1,191 @@
+"""What makes a run resumable: a fixed plan of input shards, and one commit marker per unit of work.
+
+The plan (`_state/plan.json`) splits the input into shards of `data.rows_per_shard` consecutive rows
+of one input file, numbered in (sorted file, row) order, so the same input always gives the same
+shards and the same keys (`{shard}{row}`, e.g. `000120042` = shard 12, row 42 of it). Input files
+are first copied into small Arrow files under `_work/input/` ("staging"): reading shard 9,000 of a
+12M-row file must not mean reading the file from the top, and CSV/JSON have no row index.
+
+Each phase commits a shard by writing its marker JSON (`_state/<phase>/<shard>.json`) LAST, after
+the shard's data files. A rerun skips shards with a marker and redoes the others after deleting
+whatever they had half written. On a local disk files are renamed into place; on object stores an
+object appears whole or not at all. The manifest is assembled from the markers alone.
+
+A plan is bound to the config that made it (`fingerprint`): resuming with a config that would
+produce different rows stops with a message naming the keys that changed.
+"""
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import pyarrow as pa
+
+from pipeline.config import DataConfig
+from pipeline.storage import OutputDir
+
+PLAN = "_state/plan.json"
+STAGING = "_work/input"
+PLAN_VERSION = 1
+
+# Config keys that change which rows are accepted or what is stored. The others (timeouts,
+# retries, threads, actors, progress, credentials) may change between a run and its resume.
+FINGERPRINT_KEYS = (
+    "input", "input_format", "columns", "url_col", "caption_col", "extra_cols", "rows_per_shard",
+    "image_size", "resize_mode", "resize_only_if_bigger", "upscale_interpolation", "downscale_interpolation",
+    "encode_format", "encode_quality", "min_image_size", "max_image_area", "max_pixels", "fast_jpeg_decode",
+    "allow_private_addresses", "disallowed_header_directives", "user_agent_token", "max_redirects",
+    "max_response_bytes", "filters",
+)
+
+
+def fingerprint(data: DataConfig) -> dict[str, Any]:
+    dumped = data.model_dump(mode="json")
+    return {k: dumped[k] for k in FINGERPRINT_KEYS}
+
+
+def fingerprint_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "data") -> list[str]:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += fingerprint_changes(a, b, f"{prefix}.{key}")
+        elif a != b:
+            changes.append(f"{prefix}.{key}: {a!r} -> {b!r}")
+    return changes
+
+
+# --- phases and their file names
+
+DOWNLOAD, SCORE, GLOBAL = "download", "score", "global"
+
+
+def marker(phase: str, shard: "ShardSpec") -> str:
+    return f"_state/{phase}/{shard.name}.json"
+
+
+def committed(out: OutputDir, phase: str) -> set[str]:
+    """Names of the shards committed in `phase`."""
+    return {n.rsplit("/", 1)[-1][: -len(".json")] for n in out.list(f"_state/{phase}", ".json")}
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One unit of work: `rows` input rows staged in `input` (an Arrow file under the output)."""
+
+    id: int
+    name: str  # zero-padded id, also the key prefix
+    input: str
+    rows: int
+    source: str  # the input file the rows came from
+    first_row: int  # index of the shard's first row in that file
+    row_digits: int
+    global_pass: bool  # accepted rows wait in _work/ for dedup / CLIP-score before shards/
+
+    def key(self, row: int) -> str:
+        return f"{self.name}{row:0{self.row_digits}d}"
+
+    # outputs of the download phase
+    @property
+    def accepted_file(self) -> str:
+        return f"_work/download/{self.name}.parquet" if self.global_pass else f"shards/{self.name}.parquet"
+
+    @property
+    def rejects_file(self) -> str:
+        return f"rejects/{self.name}.parquet"
+
+    @property
+    def index_file(self) -> str:
+        return f"_work/index/{self.name}.parquet"
+
+    # outputs of the score and global phases
+    @property
+    def score_file(self) -> str:
+        return f"_work/score/{self.name}.parquet"
+
+    @property
+    def final_file(self) -> str:
+        return f"shards/{self.name}.parquet"
+
+    @property
+    def global_rejects_file(self) -> str:
+        return f"rejects/{self.name}-global.parquet"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "ShardSpec":
+        return ShardSpec(**d)
+
+
+@dataclass
+class Plan:
+    fingerprint: dict[str, Any]
+    files: list[dict[str, Any]]  # {url, format, rows}
+    shards: list[ShardSpec]
+    extra_schema: pa.Schema
+
+    @property
+    def input_rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": PLAN_VERSION,
+            "fingerprint": self.fingerprint,
+            "files": self.files,
+            "extra_schema": base64.b64encode(self.extra_schema.serialize().to_pybytes()).decode(),
+            "shards": [s.to_dict() for s in self.shards],
+        }
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "Plan":
+        if d.get("version") != PLAN_VERSION:
+            raise ValueError(f"{PLAN} has version {d.get('version')}, this pipeline writes {PLAN_VERSION}")
+        schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(d["extra_schema"])))
+        return Plan(d["fingerprint"], d["files"], [ShardSpec.from_dict(s) for s in d["shards"]], schema)
+
+
+def make_plan(data: DataConfig, staged: list[dict[str, Any]]) -> Plan:
+    """The plan from the staging results, in input-file order.
+
+    staged: per input file `{url, format, rows, chunks: [{name, rows}], schema: pa.Schema}`.
+    """
+    total_chunks = sum(len(f["chunks"]) for f in staged)
+    shard_digits = max(5, len(str(max(0, total_chunks - 1))))
+    row_digits = len(str(data.rows_per_shard - 1))
+    schemas = [f["schema"] for f in staged if f["rows"]]
+    try:
+        extra = pa.unify_schemas(schemas) if schemas else pa.schema([])
+    except pa.ArrowInvalid as exc:
+        raise ValueError(f"data.extra_cols have different types in different input files: {exc}") from None
+    shards = []
+    for f in staged:
+        first = 0
+        for chunk in f["chunks"]:
+            sid = len(shards)
+            shards.append(ShardSpec(
+                id=sid, name=f"{sid:0{shard_digits}d}", input=chunk["name"], rows=chunk["rows"],
+                source=f["url"], first_row=first, row_digits=row_digits,
+                global_pass=data.filters.needs_global_pass,
+            ))
+            first += chunk["rows"]
+    files = [{"url": f["url"], "format": f["format"], "rows": f["rows"]} for f in staged]
+    return Plan(fingerprint(data), files, shards, extra)
+
+
+def load_plan(out: OutputDir, data: DataConfig) -> Optional[Plan]:
+    """The committed plan of a previous run in this output folder, checked against `data`."""
+    if not out.exists(PLAN):
+        return None
+    plan = Plan.from_json(out.read_json(PLAN))
+    changes = fingerprint_changes(plan.fingerprint, fingerprint(data))
+    if changes:
+        raise ValueError(
+            f"data.output {out.url} holds a run made with a different config, so it cannot be resumed:\n  "
+            + "\n  ".join(changes)
+            + "\nUse a new data.output, or delete the old one to start over."
+        )
+    return plan

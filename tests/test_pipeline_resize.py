@@ -1,0 +1,150 @@
+"""Decode, checks, resize and encode of one image (no Ray, no network)."""
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.resize import ImageProcessor, ImageReject, jpeg_size, sniff
+from tests.support.http_server import jpeg_bytes, jpeg_with_header_size, png_bytes
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def process(data: bytes, **kw):
+    p = ImageProcessor(**kw)
+    return p.resize(p.probe(data))
+
+
+def reject(data: bytes, **kw) -> ImageReject:
+    p = ImageProcessor(**kw)
+    with pytest.raises(ImageReject) as info:
+        p.resize(p.probe(data))
+    return info.value
+
+
+def test_cmyk_jpeg_is_accepted_and_stored_as_rgb():
+    out = process(jpeg_bytes(120, 90, mode="CMYK"), image_size=64)
+    image = Image.open(io.BytesIO(out.data))
+    assert image.mode == "RGB" and image.size == (64, 64)
+    assert (out.original_width, out.original_height) == (120, 90)
+
+
+def test_grayscale_jpeg_is_stored_as_rgb():
+    out = process(jpeg_bytes(100, 100, mode="L"), image_size=50)
+    assert Image.open(io.BytesIO(out.data)).mode == "RGB"
+
+
+def test_png_with_alpha_is_accepted_matted_on_white_and_stored_as_rgb():
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[..., 0] = 255  # red, fully transparent on the left half, opaque on the right
+    rgba[:, 20:, 3] = 255
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, "PNG")
+    out = process(buf.getvalue(), image_size=40, encode_format="png", encode_quality=3)
+    pixels = decode(out.data)
+    assert pixels.shape == (40, 40, 3)
+    assert tuple(pixels[5, 5]) == (255, 255, 255)  # transparent -> white
+    assert tuple(pixels[5, 35]) == (255, 0, 0)
+
+
+def test_decompression_bomb_is_rejected_from_the_header_before_decoding():
+    bomb_jpeg = jpeg_with_header_size(20000, 20000)
+    assert sniff(bomb_jpeg) == ("JPEG", 20000, 20000)
+    err = reject(bomb_jpeg)
+    assert (err.reason, err.stage) == ("too_large", "decode")
+    assert "400000000 pixels" in err.detail
+    # a real 20000x20000 PNG (1-bit, about 50 kB on the wire)
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buf, "PNG")
+    assert len(buf.getvalue()) < 200_000
+    assert reject(buf.getvalue()).reason == "too_large"
+    # a cap below the image size rejects it too
+    assert reject(jpeg_bytes(100, 100), max_pixels=5000).reason == "too_large"
+
+
+def test_one_pixel_image_is_upscaled_into_the_border():
+    out = process(jpeg_bytes(1, 1), image_size=32)
+    assert (out.width, out.height, out.original_width, out.original_height) == (32, 32, 1, 1)
+
+
+def test_truncated_jpeg_is_rejected():
+    data = jpeg_bytes(200, 150)
+    err = reject(data[: len(data) // 2])
+    assert (err.reason, err.stage) == ("truncated_image", "decode")
+
+
+def test_jpeg_with_bytes_after_its_end_marker_is_accepted():
+    data = jpeg_bytes(200, 150) + b"\x00trailing junk" * 10
+    assert process(data, image_size=100).width == 100
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"<!DOCTYPE html><html><body>Not found</body></html>", "not_an_image"),
+    (b"", "not_an_image"),
+    (b"GIF89a" + b"\x00" * 3, "not_an_image"),
+    (png_bytes(64, 64)[:60] + b"\x00" * 200, "decode_error"),  # a PNG header, then garbage
+])
+def test_non_images_are_rejected(data, reason):
+    assert reject(data).reason == reason
+
+
+def test_min_image_size_and_max_area_use_img2dataset_semantics():
+    assert reject(jpeg_bytes(30, 80), min_image_size=40).reason == "too_small"
+    assert reject(png_bytes(30, 80, mode="RGB"), min_image_size=40).reason == "too_small"
+    assert reject(jpeg_bytes(100, 100), max_image_area=5000).reason == "too_large"
+
+
+SIZES = [(512, 384), (384, 512), (333, 777), (257, 255), (256, 256), (100, 50), (1000, 7), (2000, 1500)]
+
+
+@pytest.mark.parametrize("mode", ["border", "keep_ratio", "keep_ratio_largest", "center_crop", "no"])
+def test_fast_jpeg_path_matches_img2dataset_resizer(mode):
+    """Same output size as img2dataset's Resizer for every mode; pixels differ only by the
+    DCT-domain pre-scaling (a mean difference of a few levels out of 255 on photo-like images)."""
+    fast = ImageProcessor(image_size=128, resize_mode=mode)
+    reference = ImageProcessor(image_size=128, resize_mode=mode, fast_jpeg_decode=False)
+    for w, h in SIZES:
+        data = jpeg_bytes(w, h, seed=w + h)
+        a = fast.resize(fast.probe(data))
+        b = reference.resize(reference.probe(data))
+        assert (a.width, a.height, a.original_width, a.original_height) == \
+               (b.width, b.height, b.original_width, b.original_height), (mode, w, h)
+        pa_, pb = decode(a.data).astype(int), decode(b.data).astype(int)
+        assert pa_.shape == pb.shape
+        assert np.abs(pa_ - pb).mean() < 4, (mode, w, h)
+
+
+def test_resize_only_if_bigger_leaves_small_images_alone():
+    out = process(jpeg_bytes(60, 40), image_size=128, resize_only_if_bigger=True)
+    assert (out.width, out.height) == (60, 40)
+    out = process(jpeg_bytes(600, 400), image_size=128, resize_only_if_bigger=True)
+    assert (out.width, out.height) == (128, 128)
+
+
+def test_encode_format_and_quality_are_applied():
+    out = process(jpeg_bytes(200, 200), image_size=64, encode_format="webp", encode_quality=80)
+    assert out.data[:4] == b"RIFF" and out.data[8:12] == b"WEBP"
+    small = process(jpeg_bytes(200, 200), image_size=64, encode_quality=20)
+    large = process(jpeg_bytes(200, 200), image_size=64, encode_quality=98)
+    assert len(small.data) < len(large.data)
+
+
+def test_header_parsers_read_sizes_without_decoding():
+    assert jpeg_size(jpeg_bytes(321, 123)) == (321, 123)
+    assert sniff(png_bytes(17, 9)) == ("PNG", 17, 9)
+    assert sniff(b"<html>") is None
+
+
+def test_fast_path_output_decodes_as_the_same_picture():
+    """The stored image is the input, resized: compare against OpenCV's own full decode + resize."""
+    data = jpeg_bytes(512, 384, seed=3)
+    out = process(data, image_size=256, resize_mode="keep_ratio_largest")
+    full = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    expected = cv2.resize(full, (256, 192), interpolation=cv2.INTER_AREA)[..., ::-1]
+    assert np.abs(decode(out.data).astype(int) - expected.astype(int)).mean() < 4

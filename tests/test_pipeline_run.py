@@ -1,0 +1,347 @@
+"""The pipeline end to end on Ray: a misbehaving loopback server, the address guard, S3 on
+loopback, resume after SIGKILL, the CLIP-score filter and the CLI's input errors."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline.config import DataConfig
+from pipeline.run import run_pipeline
+from tests.support.http_server import HTTPTestServer, Route, jpeg_bytes, png_bytes
+
+PROJECT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def bomb_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def read_table(folder: Path):
+    files = sorted(folder.glob("*.parquet"))
+    import pyarrow as pa
+
+    return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+
+
+def config(tmp: Path, input_path: Path, **kw) -> DataConfig:
+    base = dict(input=str(input_path), output=str(tmp / "out"), allow_private_addresses=True, timeout_s=1.0,
+                retries=1, retry_backoff_s=0.0, num_download_actors=2, threads_per_actor=4, rows_per_shard=8,
+                image_size=64, progress=False)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def servers():
+    image = jpeg_bytes(120, 90, seed=1)
+    other = HTTPTestServer({"/moved.jpg": jpeg_bytes(100, 100, seed=2)}).start()
+    main = HTTPTestServer({
+        "/ok.jpg": image,
+        "/404.jpg": Route(status=404),
+        "/500.jpg": Route(status=500),
+        "/reset.jpg": Route(reset=True),
+        "/hang.jpg": Route(hang=True),
+        "/loop.jpg": Route(redirect="/loop.jpg"),
+        "/hop.jpg": Route(redirect=other.url("/moved.jpg")),
+        "/page.html": b"<!DOCTYPE html><html><body>an image? no</body></html>",
+        "/truncated.jpg": jpeg_bytes(200, 150, seed=3)[:900],
+        "/alpha.png": png_bytes(50, 40, seed=4, mode="RGBA"),
+        "/cmyk.jpg": jpeg_bytes(80, 60, seed=5, mode="CMYK"),
+        "/bomb.png": bomb_png(),
+        "/tiny.jpg": jpeg_bytes(1, 1, seed=6),
+        "/noai.jpg": Route(body=jpeg_bytes(70, 70, seed=7), headers={"X-Robots-Tag": "noai"}),
+        "/same-a.jpg": jpeg_bytes(90, 90, seed=8),
+        "/same-b.jpg": jpeg_bytes(90, 90, seed=8),
+    }).start()
+    yield main, other
+    main.stop()
+    other.stop()
+
+
+# url path (or full URL), caption, expected outcome: "accepted" or (stage, reason)
+def misbehaving_rows(main: HTTPTestServer) -> list[tuple[bytes, bytes, object]]:
+    u = lambda p: main.url(p).encode()  # noqa: E731
+    return [
+        (u("/ok.jpg"), b"a photo", "accepted"),
+        (u("/404.jpg"), b"gone", ("download", "http_404")),
+        (u("/500.jpg"), b"broken server", ("download", "http_500")),
+        (u("/reset.jpg"), b"reset", ("download", "connection_error")),
+        (u("/hang.jpg"), b"never answers", ("download", "timeout")),
+        (u("/loop.jpg"), b"loops", ("download", "redirect_loop")),
+        (u("/hop.jpg"), b"moved to another port", "accepted"),
+        (u("/page.html"), b"html", ("decode", "not_an_image")),
+        (u("/truncated.jpg"), b"cut off", ("decode", "truncated_image")),
+        (u("/alpha.png"), b"transparent", "accepted"),
+        (u("/cmyk.jpg"), b"print colours", "accepted"),
+        (u("/bomb.png"), b"huge", ("decode", "too_large")),
+        (u("/tiny.jpg"), b"one pixel", "accepted"),
+        (u("/noai.jpg"), b"opted out", ("download", "optout")),
+        (b"file:///etc/passwd", b"local file", ("download", "unsupported_scheme")),
+        (u("/ok.jpg"), b"", ("filter", "caption_empty")),
+        (u("/ok.jpg"), b"bad \xff\xfe bytes", ("filter", "caption_not_text")),
+        (u("/same-a.jpg"), b"first copy", "accepted"),
+        (u("/same-b.jpg"), b"second copy, same bytes", ("dedup", "duplicate")),
+        (u("/ok.jpg"), b"a photo", ("dedup", "duplicate")),  # same url and caption as row 0
+    ]
+
+
+def write_tsv(path: Path, rows) -> None:
+    path.write_bytes(b"url\tcaption\n" + b"".join(url + b"\t" + caption + b"\n" for url, caption, _ in rows))
+
+
+def test_every_misbehaving_row_ends_accepted_or_rejected_with_its_reason(ray_local, servers, tmp_path):
+    main, _ = servers
+    rows = misbehaving_rows(main)
+    write_tsv(tmp_path / "list.tsv", rows)
+    data = config(tmp_path, tmp_path / "list.tsv",
+                  filters={"dedup_sha256": True, "dedup_url_caption": True})
+    manifest = run_pipeline(data)
+
+    out = tmp_path / "out"
+    assert manifest == json.loads((out / "manifest.json").read_text())
+    assert manifest["input_rows"] == len(rows)
+    assert manifest["accepted"] + manifest["rejected"] == manifest["input_rows"]
+    shards, rejects = read_table(out / "shards"), read_table(out / "rejects")
+    assert shards.column_names == ["key", "url", "caption", "jpg", "width", "height", "original_width",
+                                   "original_height", "sha256"]
+    assert rejects.column_names == ["key", "url", "caption", "stage", "reason", "detail"]
+    keys = shards.column("key").to_pylist() + rejects.column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == len(rows)
+
+    by_key = {r["key"]: r for r in rejects.to_pylist()}
+    accepted = {r["key"]: r for r in shards.to_pylist()}
+    shard_of = lambda i: f"{i // 8:05d}{i % 8}"  # noqa: E731 - 8 rows per shard, one row digit
+    for i, (url, caption, expected) in enumerate(rows):
+        key = shard_of(i)
+        if expected == "accepted":
+            assert key in accepted, (url, by_key.get(key))
+            row = accepted[key]
+            image = Image.open(io.BytesIO(row["jpg"]))
+            assert image.mode == "RGB" and image.size == (64, 64) == (row["width"], row["height"])
+            import hashlib
+
+            assert row["sha256"] == hashlib.sha256(row["jpg"]).hexdigest()
+        else:
+            assert key in by_key, (url, caption, "was accepted")
+            assert (by_key[key]["stage"], by_key[key]["reason"]) == expected, (url, by_key[key]["detail"])
+            assert by_key[key]["detail"]
+    assert accepted[shard_of(12)]["original_width"] == 1  # the 1x1 image
+    assert by_key[shard_of(18)]["detail"] == f"same image sha256 as key {shard_of(17)}"
+    assert manifest["reasons"]["duplicate"] == 2
+    assert sum(s["rows"] for s in manifest["shards"]) == manifest["accepted"]
+    assert not (out / "_work").exists()
+
+    # Ray Data reads the shards as plain Parquet.
+    ds = ray_local.data.read_parquet(str(out / "shards"))
+    assert ds.count() == manifest["accepted"]
+
+    # A second run with the same config finds everything committed and changes nothing.
+    before = {p.name: p.read_bytes() for p in (out / "shards").iterdir()}
+    again = run_pipeline(data)
+    assert again["run"]["shards_already_done"] == 3 and again["run"]["rows_processed"] == 0
+    assert {p.name: p.read_bytes() for p in (out / "shards").iterdir()} == before
+    assert {k: v for k, v in again.items() if k not in ("duration_s", "run")} == \
+           {k: v for k, v in manifest.items() if k not in ("duration_s", "run")}
+
+
+def test_loopback_urls_are_refused_and_the_server_sees_no_request(ray_local, tmp_path):
+    with HTTPTestServer({"/a.jpg": jpeg_bytes()}) as server:
+        port = server.port
+        urls = [server.url("/a.jpg"), f"http://localhost:{port}/a.jpg", f"http://2130706433:{port}/a.jpg",
+                f"http://0x7f000001:{port}/a.jpg", f"http://[::1]:{port}/a.jpg", "http://169.254.169.254/latest/meta-data/",
+                "http://10.0.0.1/a.jpg", "http://192.168.1.1/a.jpg"]
+        rows = [(u.encode(), b"caption", None) for u in urls]
+        write_tsv(tmp_path / "list.tsv", rows)
+        manifest = run_pipeline(config(tmp_path, tmp_path / "list.tsv", allow_private_addresses=False,
+                                       num_download_actors=1))
+        assert manifest["reasons"] == {"blocked_address": len(urls)}
+        assert manifest["accepted"] == 0
+        assert server.request_count() == 0
+
+
+def test_input_list_and_output_shards_on_s3(ray_local, servers, tmp_path):
+    from tests.support.s3_server import S3TestServer
+
+    main, _ = servers
+    with S3TestServer() as s3:
+        s3.create_bucket("lists")
+        s3.create_bucket("shards")
+        fs = s3.filesystem()
+        import pyarrow as pa
+
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"URL": [main.url("/ok.jpg"), main.url("/cmyk.jpg"), main.url("/404.jpg")],
+                                 "TEXT": ["one", "two", "three"], "uid": ["u1", "u2", "u3"]}), buf)
+        fs.pipe("lists/laion/part-00000.parquet", buf.getvalue())
+        data = config(tmp_path, "s3://lists/laion", output="s3://shards/run1", url_col="URL", caption_col="TEXT",
+                      extra_cols=["uid"], storage_options=s3.storage_options(), num_download_actors=1)
+        manifest = run_pipeline(data)
+        assert (manifest["input_rows"], manifest["accepted"], manifest["reasons"]) == (3, 2, {"http_404": 1})
+        assert manifest["config"]["storage_options"]["secret"] == "***"
+        fs.invalidate_cache()
+        names = fs.ls("shards/run1/shards")
+        assert len(names) == 1
+        with fs.open(names[0], "rb") as fh:
+            table = pq.read_table(fh)
+        assert table.column("uid").to_pylist() == ["u1", "u2"]
+        assert table.column("caption").to_pylist() == ["one", "two"]
+        assert json.loads(fs.cat("shards/run1/manifest.json"))["accepted"] == 2
+        assert fs.ls("shards/run1/rejects")
+        ds = ray_local.data.read_parquet("s3://shards/run1/shards", filesystem=s3.pyarrow_filesystem())
+        assert ds.count() == 2
+
+
+def _pids_with_env(marker: str) -> list[int]:
+    """Processes whose environment holds `marker` (the unique RAY_TMPDIR of our subprocess)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if marker.encode() in fh.read():
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def test_run_killed_halfway_resumes_to_the_same_keys(ray_local, tmp_path):
+    n = 48
+    routes = {f"/{i}.jpg": Route(body=jpeg_bytes(64, 48, seed=i), delay_s=0.1) for i in range(n)}
+    routes.update({f"/gone{i}.jpg": Route(status=404, delay_s=0.1) for i in range(n)})
+    with HTTPTestServer(routes) as server:
+        rows = [(server.url(f"/{i}.jpg" if i % 5 else f"/gone{i}.jpg").encode(), f"image {i}".encode(), None)
+                for i in range(n)]
+        write_tsv(tmp_path / "list.tsv", rows)
+        common = dict(input=str(tmp_path / "list.tsv"), allow_private_addresses=True, rows_per_shard=4,
+                      num_download_actors=1, threads_per_actor=2, image_size=32, timeout_s=5, retries=0,
+                      progress=False)
+
+        # An uninterrupted run for reference.
+        reference = run_pipeline(DataConfig(output=str(tmp_path / "reference"), **common))
+
+        # The same job from the CLI, killed with SIGKILL once some shards are committed.
+        out = tmp_path / "killed"
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump({"data": {**common, "output": str(out)},
+                                                           "ray": {"num_cpus": 2}}))
+        ray_tmp = tempfile.mkdtemp(prefix="cr-", dir="/tmp")  # short: Ray's socket paths must fit
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(RAY_TMPDIR=ray_tmp, NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=str(PROJECT))
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--config", str(tmp_path / "job.yaml")],
+                                cwd=PROJECT, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        markers = out / "_state" / "download"
+        try:
+            deadline = time.time() + 240
+            while time.time() < deadline and proc.poll() is None:
+                if markers.exists() and len(list(markers.glob("*.json"))) >= 3:
+                    break
+                time.sleep(0.05)
+            assert proc.poll() is None, "the job finished (or failed) before it could be killed"
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            # Ray's own processes die with their driver (fate sharing); wait for that, and end any
+            # that did not -- they are ours: they carry our subprocess's RAY_TMPDIR.
+            leftovers = _pids_with_env(ray_tmp)
+            for _ in range(300):  # generous: a loaded 2-core machine is slow to reap
+                if not leftovers:
+                    break
+                time.sleep(0.1)
+                leftovers = _pids_with_env(ray_tmp)
+            for pid in leftovers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        assert not leftovers, f"Ray processes outlived the killed job: {leftovers}"
+        done = sorted(p.stem for p in markers.glob("*.json"))
+        assert 3 <= len(done) < n // 4, f"{len(done)} of {n // 4} shards were committed at the kill"
+        assert not (out / "manifest.json").exists()
+        committed_urls = {rows[int(name) * 4 + r][0].decode() for name in done for r in range(4)}
+        seen_before = len(server.requests)
+
+        # The rerun finishes without redoing committed shards.
+        resumed = run_pipeline(DataConfig(output=str(out), **common))
+        refetched = {r.path for r in server.requests[seen_before:]}
+        assert not {u.split(str(server.port), 1)[1] for u in committed_urls} & refetched
+        assert resumed["run"]["shards_already_done"] == len(done)
+
+    def keys(folder: Path, sub: str) -> list[str]:
+        return sorted(read_table(folder / sub).column("key").to_pylist())
+
+    assert keys(out, "shards") == keys(tmp_path / "reference", "shards")
+    assert keys(out, "rejects") == keys(tmp_path / "reference", "rejects")
+    assert len(keys(out, "shards")) == len(set(keys(out, "shards")))
+    assert resumed["accepted"] + resumed["rejected"] == resumed["input_rows"] == n
+    assert (resumed["accepted"], resumed["reasons"]) == (reference["accepted"], reference["reasons"])
+
+
+def test_clip_score_filter_keeps_the_top_fraction(ray_local, servers, tmp_path):
+    model_pkg = pytest.importorskip("training.model")
+    if not hasattr(model_pkg, "save_model"):
+        pytest.skip("training.model has no save_model yet")
+    cfg = {"embed_dim": 16, "quick_gelu": False,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    import torch
+
+    torch.manual_seed(0)
+    model_pkg.save_model(model_pkg.create_model(cfg), tmp_path / "model")
+    main, _ = servers
+    with HTTPTestServer({f"/{i}.jpg": jpeg_bytes(48, 48, seed=100 + i) for i in range(10)}) as server:
+        rows = [(server.url(f"/{i}.jpg").encode(), f"picture number {i}".encode(), None) for i in range(10)]
+        write_tsv(tmp_path / "list.tsv", rows)
+        data = config(tmp_path, tmp_path / "list.tsv", rows_per_shard=5, num_download_actors=1,
+                      filters={"clip_score": {"model": str(tmp_path / "model"), "top_fraction": 0.3}})
+        manifest = run_pipeline(data)
+    assert (manifest["accepted"], manifest["reasons"]) == (3, {"clip_score": 7})
+    rejects = read_table(tmp_path / "out" / "rejects")
+    assert set(rejects.column("stage").to_pylist()) == {"filter"}
+    assert "top 30% of 10 scored rows" in rejects.column("detail")[0].as_py()
+
+    # The kept rows are the 3 best by the same model's scores.
+    from pipeline.clip_score import ClipScorer
+
+    shards = read_table(tmp_path / "out" / "shards")
+    everything = [r for r in rows]
+    scorer = ClipScorer(str(tmp_path / "model"))
+    jpgs = {k: v for k, v in zip(shards.column("key").to_pylist(), shards.column("jpg").to_pylist())}
+    assert len(jpgs) == 3 and len(everything) == 10
+    kept_scores = scorer.scores(list(jpgs.values()), shards.column("caption").to_pylist())
+    rejected_details = rejects.column("detail").to_pylist()
+    worst_kept = float(min(kept_scores))
+    for detail in rejected_details:
+        assert float(detail.split()[2]) < worst_kept + 1e-4
+
+
+def test_cli_reports_a_missing_column_before_downloading(ray_local, tmp_path, capsys):
+    from clipray.cli import main as cli
+
+    with HTTPTestServer({"/a.jpg": jpeg_bytes()}) as server:
+        (tmp_path / "list.tsv").write_text(f"link\ttext\n{server.url('/a.jpg')}\tx\n")
+        code = cli(["pipeline", "--set", f"data.input={tmp_path / 'list.tsv'}",
+                    "--set", f"data.output={tmp_path / 'out'}", "--set", "data.allow_private_addresses=true"])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert "data.url_col 'url' is not a column of" in err and "(columns: link, text)" in err
+        assert server.request_count() == 0
+    assert not (tmp_path / "out" / "shards").exists()

@@ -1,0 +1,142 @@
+"""Reading URL lists in every supported layout, and the errors for bad ones (no Ray)."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import DataConfig
+from pipeline.resume import make_plan
+from pipeline.sources import InputError, list_input_files, read_file
+from pipeline.staging import stage_file
+from pipeline.storage import OutputDir
+
+ROWS = [("http://a.example/1.jpg", "a red car"), ("http://a.example/2.jpg", "a blue sky"),
+        ("http://a.example/3.jpg", "un café")]
+
+
+def read_all(data: DataConfig) -> pa.Table:
+    return pa.concat_tables([b for f in list_input_files(data) for b in read_file(f, data)])
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "tsv", "json", "jsonl"])
+@pytest.mark.parametrize("gz", [False, True])
+def test_every_format_reads_to_the_same_rows(tmp_path, fmt, gz):
+    path = tmp_path / f"list.{fmt}{'.gz' if gz else ''}"
+    table = pa.table({"link": [u for u, _ in ROWS], "text": [c for _, c in ROWS], "score": [0.1, 0.2, 0.3]})
+    if fmt == "parquet":
+        import io
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        raw = buf.getvalue()
+    elif fmt in ("csv", "tsv"):
+        sep = "," if fmt == "csv" else "\t"
+        raw = ("link" + sep + "text" + sep + "score\n" + "".join(
+            f"{u}{sep}{c}{sep}{s}\n" for (u, c), s in zip(ROWS, [0.1, 0.2, 0.3]))).encode()
+    elif fmt == "jsonl":
+        raw = "".join(json.dumps({"link": u, "text": c, "score": s}) + "\n"
+                      for (u, c), s in zip(ROWS, [0.1, 0.2, 0.3])).encode()
+    else:
+        raw = json.dumps([{"link": u, "text": c, "score": s} for (u, c), s in zip(ROWS, [0.1, 0.2, 0.3])]).encode()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    data = DataConfig(input=str(path), url_col="link", caption_col="text", extra_cols=["score"])
+    out = read_all(data)
+    assert out.column_names == ["url", "caption", "caption_ok", "score"]
+    assert out.column("url").to_pylist() == [u for u, _ in ROWS]
+    assert out.column("caption").to_pylist() == [c for _, c in ROWS]
+    assert out.column("caption_ok").to_pylist() == [True] * 3
+    assert [float(x) for x in out.column("score").to_pylist()] == [0.1, 0.2, 0.3]
+
+
+def test_headerless_tsv_uses_the_given_column_names(tmp_path):
+    """CC3M's Train_GCC-training.tsv: caption<TAB>url, no header; captions hold bare quotes."""
+    (tmp_path / "cc3m.tsv").write_text('a "quoted" caption\thttp://x.example/1.jpg\nplain\thttp://x.example/2.jpg\n')
+    data = DataConfig(input=str(tmp_path / "cc3m.tsv"), columns=["caption", "url"])
+    out = read_all(data)
+    assert out.column("caption").to_pylist() == ['a "quoted" caption', "plain"]
+    assert out.column("url").to_pylist() == ["http://x.example/1.jpg", "http://x.example/2.jpg"]
+
+
+def test_non_utf8_and_empty_captions_are_kept_and_flagged(tmp_path):
+    (tmp_path / "l.tsv").write_bytes(b"url\tcaption\nhttp://a/1\tfine\nhttp://a/2\tbad \xff\xfe\nhttp://a/3\t\n")
+    out = read_all(DataConfig(input=str(tmp_path / "l.tsv")))
+    assert out.column("caption_ok").to_pylist() == [True, False, True]
+    assert out.column("caption").to_pylist()[1] == "bad \ufffd\ufffd"
+    assert out.column("caption").to_pylist()[2] == ""
+
+
+def test_non_string_json_captions_are_flagged(tmp_path):
+    lines = [{"url": "http://a/1", "caption": 42}, {"url": "http://a/2", "caption": None},
+             {"url": "http://a/3", "caption": ["x"]}, {"url": "http://a/4", "caption": "ok"}]
+    (tmp_path / "l.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    out = read_all(DataConfig(input=str(tmp_path / "l.jsonl")))
+    assert out.column("caption_ok").to_pylist() == [False, False, False, True]
+    assert out.column("caption").to_pylist()[0] == "42"
+
+
+def test_folder_and_glob_inputs_list_files_in_order(tmp_path):
+    for name in ("b.tsv", "a.tsv", "sub/c.tsv.gz", "_SUCCESS", ".hidden.tsv", "notes.md"):
+        p = tmp_path / name
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(gzip.compress(b"url\tcaption\n") if name.endswith(".gz") else b"url\tcaption\n")
+    files = list_input_files(DataConfig(input=str(tmp_path)))
+    assert [f.url.rsplit("/", 1)[-1] for f in files] == ["a.tsv", "b.tsv", "c.tsv.gz"]
+    assert files[2].compression == "gzip"
+    files = list_input_files(DataConfig(input=str(tmp_path / "*.tsv")))
+    assert [f.url.rsplit("/", 1)[-1] for f in files] == ["a.tsv", "b.tsv"]
+
+
+def test_missing_column_is_a_clear_error(tmp_path):
+    pq.write_table(pa.table({"url": ["http://a/1"], "text": ["x"]}), tmp_path / "urls.parquet")
+    data = DataConfig(input=str(tmp_path / "urls.parquet"), caption_col="caption")
+    with pytest.raises(InputError, match=r"data.caption_col 'caption' is not a column of .*urls.parquet "
+                                         r"\(columns: url, text\)"):
+        read_all(data)
+    data = DataConfig(input=str(tmp_path / "urls.parquet"), caption_col="text", extra_cols=["uid"])
+    with pytest.raises(InputError, match=r"data.extra_cols \['uid'\]"):
+        read_all(data)
+
+
+def test_empty_and_unreadable_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        list_input_files(DataConfig(input=str(tmp_path / "nope.parquet")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no URL list"):
+        list_input_files(DataConfig(input=str(tmp_path / "empty")))
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(InputError, match="broken.parquet cannot be read as parquet"):
+        read_all(DataConfig(input=str(tmp_path / "broken.parquet")))
+    (tmp_path / "ragged.tsv").write_text("url\tcaption\nhttp://a/1\tx\textra\n")
+    with pytest.raises(InputError, match="ragged.tsv cannot be read as tsv"):
+        read_all(DataConfig(input=str(tmp_path / "ragged.tsv")))
+    with pytest.raises(InputError, match="data.input is not set"):
+        list_input_files(DataConfig())
+
+
+def test_staging_splits_files_into_fixed_shards_with_stable_keys(tmp_path):
+    for i, n in enumerate([7, 3]):
+        (tmp_path / f"part{i}.tsv").write_text("url\tcaption\n" + "".join(f"http://a/{i}/{r}\tc{r}\n" for r in range(n)))
+    data = DataConfig(input=str(tmp_path / "*.tsv"), output=str(tmp_path / "out"), rows_per_shard=3)
+    out = OutputDir(data.output)
+    staged = [stage_file(i, f, data, out) for i, f in enumerate(list_input_files(data))]
+    plan = make_plan(data, staged)
+    assert [s.rows for s in plan.shards] == [3, 3, 1, 3]  # shards never span files
+    assert [s.name for s in plan.shards] == ["00000", "00001", "00002", "00003"]
+    assert [s.first_row for s in plan.shards] == [0, 3, 6, 0]
+    assert plan.shards[1].key(2) == "000012"
+    assert out.read_arrow(plan.shards[2].input).column("url").to_pylist() == ["http://a/0/6"]
+    again = make_plan(data, [stage_file(i, f, data, out) for i, f in enumerate(list_input_files(data))])
+    assert again.to_json() == plan.to_json()
+
+
+def test_storage_refuses_names_outside_the_output_folder(tmp_path):
+    out = OutputDir(str(tmp_path / "out"))
+    for name in ("../escape.parquet", "/etc/passwd", "shards/../../x", "s3://other/x", ""):
+        with pytest.raises(ValueError, match="refusing to write"):
+            out.write_bytes(name, b"x")
+    out.write_bytes("shards/ok.parquet", b"x")
+    assert (tmp_path / "out" / "shards" / "ok.parquet").read_bytes() == b"x"
+    assert [p.name for p in (tmp_path / "out" / "shards").iterdir()] == ["ok.parquet"]  # no temp file left

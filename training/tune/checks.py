@@ -1,0 +1,49 @@
+"""Checks a sweep runs before any trial starts (no Ray needed, so the CLI may call them first).
+
+`check_sweep` raises, naming the key, for what would fail every trial: an unknown model, missing
+shards, a metric the trials cannot report, an ASHA grace period as long as the run.
+`impossible_widths` lists the grid widths whose model cannot fit a node: those trials will fail
+(and be reported as failed) while the others run, so the driver only warns about them.
+"""
+from __future__ import annotations
+
+from training.config import VALIDATION_METRICS, ZEROSHOT_METRICS, ModelConfig, TrainConfig, TuneConfig
+
+from .trial import check_model_fits, trial_sections
+
+
+def check_sweep(model: ModelConfig, train: TrainConfig, tune: TuneConfig) -> None:
+    """Everything that would make every trial fail, found before any trial starts."""
+    from training.data import list_shards
+    from training.model import get_model_config
+    from training.train import data_filesystem
+
+    get_model_config(model.name)  # raises naming the model when it is neither registered nor a JSON
+    list_shards(train.data, data_filesystem(train, train.data), what="train.data")
+    if train.val_every is None or (tune.metric in VALIDATION_METRICS and not train.val_data):
+        raise ValueError(
+            f"tune.metric '{tune.metric}' is measured at validations: set train.val_data (held-out shard "
+            f"folders) and train.val_every (steps between validations) so that every trial reports it")
+    if tune.metric in ZEROSHOT_METRICS and not train.zeroshot_data:
+        raise ValueError(f"tune.metric '{tune.metric}' is a zero-shot accuracy: set train.zeroshot_data "
+                         f"(a labelled set) so that validations measure it")
+    if train.val_data:
+        list_shards(train.val_data, data_filesystem(train, train.val_data), what="train.val_data")
+    if tune.grace_period is not None and tune.early_stopping and tune.grace_period >= train.samples:
+        raise ValueError(
+            f"tune.grace_period {tune.grace_period} samples is not below train.samples {train.samples}: "
+            f"ASHA could never stop a trial; lower tune.grace_period or set tune.early_stopping: false")
+
+
+def impossible_widths(model: ModelConfig, train: TrainConfig, tune: TuneConfig, memory: float) -> list[str]:
+    """Why each grid width whose model cannot fit `memory` bytes will fail its trials (in grid order)."""
+    if not isinstance(tune.width_mult, list):
+        return []
+    reasons = []
+    for width in tune.width_mult:
+        m, t = trial_sections(model, train, {"width_mult": width}, runs_dir="-", run_name="-")
+        try:
+            check_model_fits(m, t, memory)
+        except MemoryError as exc:
+            reasons.append(str(exc))
+    return reasons
