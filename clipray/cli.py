@@ -129,8 +129,9 @@ def _run_train(cfg: JobConfig, args: argparse.Namespace) -> int:
 
 
 def _run_tune(cfg: JobConfig, args: argparse.Namespace) -> int:
-    from training.tune import run_sweep
+    from training.tune import check_sweep, run_sweep
 
+    check_sweep(cfg.model, cfg.train, cfg.tune)  # bad input fails before Ray starts
     init_ray(cfg)
     run_sweep(cfg.model, cfg.train, cfg.tune)
     return 0

@@ -7,6 +7,8 @@ shards, a metric the trials cannot report, an ASHA grace period as long as the r
 """
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 from training.config import VALIDATION_METRICS, ZEROSHOT_METRICS, ModelConfig, TrainConfig, TuneConfig
 
 from .trial import check_model_fits, trial_sections
@@ -29,6 +31,14 @@ def check_sweep(model: ModelConfig, train: TrainConfig, tune: TuneConfig) -> Non
                          f"(a labelled set) so that validations measure it")
     if train.val_data:
         list_shards(train.val_data, data_filesystem(train, train.val_data), what="train.val_data")
+    batch_space = tune.batch_size
+    batches = batch_space if isinstance(batch_space, list) else (batch_space or {}).get("choice", [])
+    for batch in batches:  # each must make a valid train section (divisible by the workers, ...)
+        try:
+            trial_sections(model, train, {"batch_size": batch}, runs_dir="-", run_name="-")
+        except ValidationError as exc:
+            why = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+            raise ValueError(f"tune.batch_size {batch} cannot run: {why}") from None
     if tune.grace_period is not None and tune.early_stopping and tune.grace_period >= train.samples:
         raise ValueError(
             f"tune.grace_period {tune.grace_period} samples is not below train.samples {train.samples}: "

@@ -6,7 +6,6 @@ and `{choice: [...]}` are drawn `tune.num_samples` times. The grid is crossed wi
 """
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Any
 
@@ -21,12 +20,6 @@ def count_trials(tune: TuneConfig) -> int:
     """How many trials the sweep runs: grid points x num_samples."""
     grid = math.prod(len(space) for space in tune.axes().values() if isinstance(space, list))
     return grid * tune.num_samples
-
-
-def grid_points(tune: TuneConfig) -> list[dict[str, Any]]:
-    """Every combination of the grid axes (random axes left out), in Ray Tune's order."""
-    grids = {axis: space for axis, space in tune.axes().items() if isinstance(space, list)}
-    return [dict(zip(grids, values)) for values in itertools.product(*grids.values())]
 
 
 def param_space(tune: TuneConfig) -> dict[str, Any]:

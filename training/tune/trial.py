@@ -7,7 +7,6 @@ run lives under `{sweep}/runs/{run_name}`, so it has its own checkpoints, `metri
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 from training.config import TUNE_AXES, ModelConfig, TrainConfig
@@ -72,8 +71,3 @@ def check_model_fits(model: ModelConfig, train: TrainConfig, node_memory_bytes: 
             f"alone need {need / 2**30:,.1f} GiB, more than the {node_memory_bytes / 2**30:,.1f} GiB "
             f"of the largest node; sweep smaller widths (tune.width_mult)")
     return params
-
-
-def total_steps(train: TrainConfig) -> int:
-    """Optimizer steps of a full run (train.samples at train.batch_size)."""
-    return math.ceil(train.samples / train.batch_size)
