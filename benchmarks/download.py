@@ -203,6 +203,10 @@ def measured(run, server_pid: int) -> dict:
     result["server_cpu_s"] = round(state["server_cpu_s"], 2)
     result["images_per_cpu_s"] = result["accepted"] / (result["cpu_s"] + result["server_cpu_s"])
     top = sorted(state["by_process"].items(), key=lambda kv: -kv[1])[:8]
+    # the busiest N processes are the N download workers (img2dataset's pool, our actors)
+    workers = sorted((cpu for name, cpu in state["by_process"].items() if name != "this process (driver)"),
+                     reverse=True)[:result.pop("workers")]
+    result["worker_cpu_s"] = round(sum(workers), 2)
     result["top_processes"] = {name: round(cpu, 1) for name, cpu in top if cpu >= 0.1}
     return result
 
@@ -228,7 +232,8 @@ def run_img2dataset(url_list: Path, out: Path, args, mark) -> dict:
     stats = [json.loads(p.read_text()) for p in out.glob("*_stats.json")]
     ok = sum(s["successes"] for s in stats)
     span = max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)
-    return {"wall_s": wall, "accepted": ok, "images_per_s": ok / wall, "in_shard_images_per_s": ok / span}
+    return {"wall_s": wall, "accepted": ok, "images_per_s": ok / wall, "in_shard_images_per_s": ok / span,
+            "workers": args.processes}
 
 
 def run_clipray(url_list: Path, out: Path, args, mark) -> dict:
@@ -258,7 +263,7 @@ def run_clipray(url_list: Path, out: Path, args, mark) -> dict:
     markers = [json.loads(p.read_text()) for p in (out / "_state" / "download").glob("*.json")]
     busy = max(m["duration_s"] for m in markers)
     return {"wall_s": wall, "accepted": manifest["accepted"], "images_per_s": manifest["accepted"] / wall,
-            "in_shard_images_per_s": manifest["accepted"] / busy}
+            "in_shard_images_per_s": manifest["accepted"] / busy, "workers": args.processes}
 
 
 def main(argv=None) -> int:
@@ -336,6 +341,10 @@ def main(argv=None) -> int:
         print(f"  {name:<12} {r['cpu_s']:7.1f} CPU-s + server {r['server_cpu_s']:5.1f} CPU-s -> "
               f"{r['images_per_cpu_s']:6.1f} images per CPU-s -> {projected:7.1f} images/s on {cores} cores "
               f"({projected / ceiling_total:.0%} of the ceiling)")
+    print(f"download workers alone ({args.processes} busiest processes: img2dataset's pool processes, "
+          f"clipray's actors): CPU per image")
+    for name, r in results.items():
+        print(f"  {name:<12} {r['worker_cpu_s']:7.1f} CPU-s -> {r['worker_cpu_s'] / r['accepted'] * 1000:.2f} ms per image")
     if len(results) == 2:
         wall = results["clipray"]["images_per_s"] / results["img2dataset"]["images_per_s"]
         cpu = results["clipray"]["images_per_cpu_s"] / results["img2dataset"]["images_per_cpu_s"]

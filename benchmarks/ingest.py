@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -78,15 +79,14 @@ def ceiling(shards, decoder: str) -> float:
     return len(blobs) / (time.perf_counter() - t0)
 
 
-class ShardRows:
-    """torch IterableDataset: this DataLoader worker's row groups, preprocessed like clipray's."""
+class ShardRows(torch.utils.data.IterableDataset):
+    """This DataLoader worker's row groups, preprocessed like clipray's."""
 
     def __init__(self, shards, decoder: str, rows_per_batch: int = 64):
         self.shards, self.decoder, self.rows_per_batch = shards, decoder, rows_per_batch
 
     def __iter__(self):
         import pyarrow.parquet as pq
-        import torch
 
         from training.data import REQUIRED_COLUMNS, Preprocess, PreprocessSettings
 
@@ -103,16 +103,27 @@ class ShardRows:
                     yield torch.from_numpy(out["image"][i]), torch.from_numpy(out["tokens"][i])
 
 
-def dataloader(shards, decoder: str, batch: int, workers: int) -> float:
-    import torch
+def _timed(batches) -> tuple[float, float]:
+    """(steady images/s: from the first batch on, end-to-end images/s) of an iterable of batch sizes."""
+    n, t0, first = 0, time.perf_counter(), None
+    for size in batches:
+        if first is None:
+            first, n_first = time.perf_counter(), size
+        n += size
+    end = time.perf_counter()
+    return (n - n_first) / max(end - first, 1e-9), n / (end - t0)
 
+
+def dataloader(shards, decoder: str, batch: int, workers: int) -> tuple[float, float]:
     loader = torch.utils.data.DataLoader(ShardRows(shards, decoder), batch_size=batch, num_workers=workers,
                                          persistent_workers=False, prefetch_factor=4)
-    n, t0 = 0, time.perf_counter()
-    for images, tokens in loader:
-        assert images.dtype == torch.uint8 and images.shape[1:] == (TARGET, TARGET, 3)
-        n += images.shape[0]
-    return n / (time.perf_counter() - t0)
+
+    def sizes():
+        for images, tokens in loader:
+            assert images.dtype == torch.uint8 and images.shape[1:] == (TARGET, TARGET, 3)
+            yield images.shape[0]
+
+    return _timed(sizes())
 
 
 def ray_stream(shards, fs, decoder: str, batch: int, actors: int) -> float:
@@ -123,11 +134,13 @@ def ray_stream(shards, fs, decoder: str, batch: int, actors: int) -> float:
                               data_cpus=float(actors), shuffle_rows=1024)
     stream = ShardStream(shards, fs, rank=0, world_size=1, seed=0, start=DataPosition(0, 0), settings=settings,
                          max_passes=1)
-    n, t0 = 0, time.perf_counter()
-    for b in stream:
-        assert b.images.shape[1:] == (TARGET, TARGET, 3)
-        n += b.images.shape[0]
-    return n / (time.perf_counter() - t0)
+
+    def sizes():
+        for b in stream:
+            assert b.images.dtype == torch.uint8 and b.images.shape[1:] == (TARGET, TARGET, 3)
+            yield b.images.shape[0]
+
+    return _timed(sizes())
 
 
 def main(argv=None) -> int:
@@ -137,7 +150,7 @@ def main(argv=None) -> int:
     parser.add_argument("--decoder", default="cv2", choices=["cv2", "pil"])
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--shards", help="existing shard folder (default: make one in a temp folder)")
+    parser.add_argument("--shards", help="shard folder to use (made there first if missing; default: a temp folder)")
     args = parser.parse_args(argv)
 
     import ray
@@ -146,7 +159,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="clipray-ingest-") as tmp:
         folder = Path(args.shards) if args.shards else Path(tmp) / "shards"
-        if not args.shards:
+        if not folder.exists():
             make_shards(folder, args.images)
         fs, shards = list_shards([str(folder)])
         total = sum(s.rows for s in shards)
@@ -154,22 +167,28 @@ def main(argv=None) -> int:
                  runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
         try:
             ray_stream(shards, fs, args.decoder, args.batch, args.cores)  # warm: worker processes, imports
-            runs = {"ceiling": [], "dataloader": [], "ray": []}
+            runs: dict[str, list] = {"ceiling": [], "dataloader": [], "ray": []}
             for _ in range(args.repeats):
-                runs["ceiling"].append(ceiling(shards, args.decoder))
+                runs["ceiling"].append((ceiling(shards, args.decoder),) * 2)
                 runs["dataloader"].append(dataloader(shards, args.decoder, args.batch, args.cores))
                 runs["ray"].append(ray_stream(shards, fs, args.decoder, args.batch, args.cores))
         finally:
             ray.shutdown()
-    med = {k: statistics.median(v) for k, v in runs.items()}
-    per_core = {"ceiling": med["ceiling"], "dataloader": med["dataloader"] / args.cores, "ray": med["ray"] / args.cores}
+    steady = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
+    whole = {k: statistics.median(r[1] for r in v) for k, v in runs.items()}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{total} images of {IMAGE_SIDE} px -> {TARGET} px uint8, decoder {args.decoder}, {args.cores} cores, "
-          f"batch {args.batch}, median of {args.repeats} ({platform.processor() or platform.machine()})")
+          f"batch {args.batch}, median of {args.repeats}, load average {load:.1f} "
+          f"({platform.processor() or platform.machine()})")
+    print("  images/s (per core)    steady, from the first batch on    end to end, with start-up")
     for k in ("ceiling", "dataloader", "ray"):
-        print(f"  {k:10s} {med[k]:8.1f} images/s  {per_core[k]:8.1f} per core   runs: "
-              + ", ".join(f"{v:.0f}" for v in runs[k]))
-    print(f"  ray / dataloader            = {med['ray'] / med['dataloader']:.2f}x  (target >= 1.0)")
-    print(f"  ray / (0.8 x ceiling x cores) = {med['ray'] / (0.8 * med['ceiling'] * args.cores):.2f}  (target >= 1.0)")
+        cores = 1 if k == "ceiling" else args.cores
+        print(f"  {k:10s}            {steady[k]:8.1f} ({steady[k] / cores:7.1f})          "
+              f"{whole[k]:8.1f} ({whole[k] / cores:7.1f})   runs: "
+              + ", ".join(f"{a:.0f}/{b:.0f}" for a, b in runs[k]))
+    for label, m in (("steady", steady), ("end to end", whole)):
+        print(f"  {label:10s}: ray / dataloader = {m['ray'] / m['dataloader']:.2f}x (target >= 1.0); "
+              f"ray / (0.8 x ceiling x cores) = {m['ray'] / (0.8 * m['ceiling'] * args.cores):.2f} (target >= 1.0)")
     return 0
 
 

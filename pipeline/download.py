@@ -129,7 +129,6 @@ class ShardDownloader:
         self.extra_schema = extra_schema
         self.rows = RowProcessor(data, resolver, cpu_slots)
         self.pool = ThreadPoolExecutor(max_workers=data.threads_per_actor, thread_name_prefix="download")
-        self._lock = threading.Lock()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -152,9 +151,6 @@ class ShardDownloader:
         fetched = self.pool.map(self.rows, [urls[i] for i in todo])  # all submitted now, results in order
         for i in range(table.num_rows):
             yield early[i] if i in early else next(fetched)
-
-    def outcomes(self, table: pa.Table) -> list[RowOutcome]:
-        return list(self.iter_outcomes(table))
 
     def process(self, spec: ShardSpec) -> dict[str, Any]:
         """Download and commit one shard; returns the stats written to its marker.

@@ -209,7 +209,8 @@ def _download(data: DataConfig, out: OutputDir, plan: Plan, todo: list[ShardSpec
 
 
 def _progress(data: DataConfig, results, desc: str, rows: int) -> Iterable[dict]:
-    """Stream per-shard stats from a Ray Data result, with one tqdm bar in rows."""
+    """Stream per-shard stats from a Ray Data result, with one tqdm bar in rows (and, for the
+    download, the images accepted so far and images per second)."""
     from tqdm.auto import tqdm
 
     start = time.time()
@@ -219,8 +220,9 @@ def _progress(data: DataConfig, results, desc: str, rows: int) -> Iterable[dict]
             stats = json.loads(row["stats"])
             accepted += stats.get("accepted", 0)
             bar.update(stats.get("rows", stats.get("accepted", 0) + stats.get("rejected", 0)))
-            elapsed = max(time.time() - start, 1e-9)
-            bar.set_postfix(accepted=accepted, images_per_s=f"{accepted / elapsed:.1f}")
+            if desc == "download":
+                elapsed = max(time.time() - start, 1e-9)
+                bar.set_postfix(accepted=accepted, images_per_s=f"{accepted / elapsed:.1f}")
             yield stats
 
 

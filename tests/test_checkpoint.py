@@ -223,3 +223,23 @@ def test_missing_and_unreadable_checkpoints_give_clear_errors(tmp_path):
     torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="cannot infer the architecture"):
         load_model(tmp_path / "other.pt")
+
+
+def test_run_dir_on_s3_loads_like_a_local_one(tmp_path, monkeypatch):
+    """eval.model / pipeline's clip-score model may live on s3:// (loopback S3 server here)."""
+    from tests.support.s3_server import S3TestServer
+    from training.model import create_model, load_model, save_model
+
+    model = create_model("ViT-Tiny").eval()
+    save_model(model, tmp_path / "run" / "final")
+    with S3TestServer() as s3:
+        for key, value in s3.env().items():
+            monkeypatch.setenv(key, value)
+        fs = s3.filesystem()
+        fs.mkdir("models")
+        fs.put(str(tmp_path / "run"), "models/run", recursive=True)
+        loaded = load_model("s3://models/run")
+        with pytest.raises(Exception, match="holds no model.safetensors"):
+            load_model("s3://models/nothing-here")
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -46,17 +46,8 @@ def s3():
     from tests.support.s3_server import S3TestServer
 
     with S3TestServer() as server:
-        make_bucket(server, BUCKET)
+        server.create_bucket(BUCKET)
         yield server
-
-
-def make_bucket(server, name: str) -> None:
-    import boto3
-
-    env = server.env()
-    boto3.client("s3", endpoint_url=server.endpoint_url, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                 aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-                 region_name=env["AWS_DEFAULT_REGION"]).create_bucket(Bucket=name)
 
 
 @pytest.fixture(scope="module")

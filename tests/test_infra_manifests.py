@@ -585,7 +585,8 @@ def test_rayignore_keeps_code_and_configs_and_drops_venv_git_data_and_outputs(tm
                  "demo-run/pipeline/train/shards/part-0.parquet", "runs/clip/checkpoint_000001/model.pt",
                  "sweeps/sweep/results.csv", "bench-out/bench.json", "data/urls.parquet",
                  "training/__pycache__/loop.cpython-311.pyc", "clipray.egg-info/PKG-INFO",
-                 "tests/test_x.py", "final/model.safetensors"],
+                 "tests/test_x.py", "final/model.safetensors", "lists/Train_GCC-training.tsv",
+                 "data/urls.csv.gz", "benchmarks/results/train_step.jsonl"],
     }
     for rel in files["keep"] + files["drop"]:
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -95,6 +95,23 @@ def test_ascii_shortcut_cleans_exactly_like_ftfy_and_html():
         assert clean_text(text) == _full_clean(text), repr(text)
 
 
+def test_ftfy_shortcut_skips_only_text_that_ftfy_leaves_unchanged():
+    from training.tokenizer import _FTFY_NOOP, _clean_text_fast
+
+    assert _FTFY_NOOP is not None, "ftfy's fixer list changed: the shortcut is off, re-check it"
+    texts = _random_texts(4000, seed=5) + [
+        "café", "東京タワー", "naïve", "Straße", "e\u0301", "ﬁne", "ＡＢＣ", "’s", "“q”", "a\u2028b", "x\x85y",
+        "cafÃ©", "Ã\xa0 la", "\x9c", "ｶﾀｶﾅ", "\u0130stanbul", "ΣΑΣ", "😀", "\ud83d", "x\u00a0y", "tab\there",
+        "line\nbreak", "&amp; é", "\x1b[1mé", "\u200bzero", "dž", "ǅ",
+    ]
+    skipped = [t for t in texts if not t.isascii() and _FTFY_NOOP(t)]
+    assert len(skipped) > 300  # the shortcut is exercised, not vacuous
+    for text in texts:
+        assert _clean_text_fast(text) == _full_clean(text), repr(text)
+        if _FTFY_NOOP(text):
+            assert ftfy.fix_text(text) == text and html.unescape(text) == text, repr(text)
+
+
 def test_cleaning_fixes_mojibake_entities_whitespace_and_case():
     assert clean_text("  Caf\u00c3\u00a9 &amp;amp;  CR\u00c8ME\u00a0\u3000br\u00fbl\u00e9e ") == "café & crème brûlée"
     assert tokenize("A  B") .tolist() == tokenize("a b").tolist()

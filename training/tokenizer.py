@@ -27,6 +27,7 @@ import gzip
 import html
 import re
 import threading
+import unicodedata
 from functools import lru_cache
 from itertools import chain
 from pathlib import Path
@@ -81,11 +82,68 @@ def clean_text(text: str) -> str:
     return _WHITESPACE_RE.sub(" ", text).strip().lower()
 
 
+def _build_ftfy_noop_test():
+    """A fast, conservative test that `ftfy.fix_text(text) == text` and that html.unescape is a no-op.
+
+    ftfy runs, per line: HTML unescaping (needs '&'), mojibake repair (returns the text unchanged
+    when `ftfy.badness.is_bad` finds nothing), then character-table fixes (C1 controls,
+    ligatures, character width, curly quotes, line breaks, surrogates, terminal escapes, control
+    characters) and NFC. A text with none of the characters those fixes act on (taken from ftfy's
+    own tables), no newline, no '&', not `is_bad` and already NFC passes every step unchanged.
+    Returns None (no shortcut) unless ftfy's fixer list and defaults are the ones this was written
+    against, so a future ftfy falls back to calling ftfy on every such caption.
+    """
+    try:
+        from ftfy import FIXERS, TextFixerConfig, chardata
+        from ftfy.badness import is_bad
+    except ImportError:
+        return None
+    known = {"decode_inconsistent_utf8", "fix_c1_controls", "fix_character_width", "fix_latin_ligatures",
+             "fix_line_breaks", "fix_surrogates", "remove_control_chars", "remove_terminal_escapes",
+             "replace_lossy_sequences", "restore_byte_a0", "uncurl_quotes", "unescape_html"}
+    defaults = TextFixerConfig()
+    if set(FIXERS) != known or defaults.normalization != "NFC" or not all(
+            getattr(defaults, f) for f in known if f != "unescape_html") or defaults.unescape_html != "auto":
+        return None
+    codepoints = set(range(0x80, 0xA0)) | set(range(0x2018, 0x2020)) | set(range(0xD800, 0xE000))
+    codepoints |= {ord(c) for c in "&\n\r\x1b\x85\u02bc\u2028\u2029"}
+    for table in (chardata.LIGATURES, chardata.WIDTH_MAP, chardata.CONTROL_CHARS):
+        codepoints |= {k if isinstance(k, int) else ord(k) for k in table}
+    ranges, points = [], sorted(codepoints)
+    start = prev = points[0]
+    for cp in points[1:] + [None]:
+        if cp is not None and cp == prev + 1:
+            prev = cp
+            continue
+        ranges.append(f"\\U{start:08x}-\\U{prev:08x}" if prev > start else f"\\U{start:08x}")
+        if cp is not None:
+            start = prev = cp
+    touched = re.compile("[" + "".join(ranges) + "]")
+
+    def noop(text: str) -> bool:
+        return (touched.search(text) is None and not is_bad(text)
+                and unicodedata.is_normalized("NFC", text))
+
+    return noop
+
+
+_FTFY_NOOP = _build_ftfy_noop_test()
+
+
+def _clean_text_fast(text: str) -> str:
+    """clean_text(text), skipping ftfy and html where `_FTFY_NOOP` shows they change nothing."""
+    if text.isascii() and not _ASCII_NEEDS_CLEANING.search(text):
+        return " ".join(text.split()).lower()
+    if _FTFY_NOOP is None or not _FTFY_NOOP(text):
+        text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return _WHITESPACE_RE.sub(" ", text.strip()).strip().lower()
+
+
 def _clean_chunks(text: str) -> list[str]:
     """clean_text(text).split(" "), without the empty chunk of empty text."""
     if text.isascii() and not _ASCII_NEEDS_CLEANING.search(text):
         return text.lower().split()
-    cleaned = clean_text(text)
+    cleaned = _clean_text_fast(text)
     return cleaned.split(" ") if cleaned else []
 
 
@@ -293,13 +351,23 @@ class Tokenizer:
             rows = self.encode_batch(texts)
             _place(out, np.arange(len(texts)), _with_row_ends(rows), context_length)
             return torch.from_numpy(out)
-        bulk, single = [], []
+        ascii_rows, single = [], []
         for i, t in enumerate(texts):
-            if t.__class__ is str and t.isascii() and not _ASCII_NEEDS_CLEANING.search(t):
-                bulk.append(i)
+            if t.__class__ is str and t.isascii():
+                ascii_rows.append(i)
             else:
                 _check_text(t, i)
                 single.append(i)
+        bulk = ascii_rows
+        if ascii_rows:
+            # One scan of the joined ASCII captions finds those with '&' or control characters.
+            ascii_texts = [texts[i] for i in ascii_rows]
+            flagged = [m.start() for m in _ASCII_NEEDS_CLEANING.finditer("".join(ascii_texts))]
+            if flagged:
+                ends = np.cumsum(np.fromiter(map(len, ascii_texts), dtype=np.int64, count=len(ascii_texts)))
+                dirty = set(np.searchsorted(ends, flagged, side="right").tolist())
+                bulk = [r for k, r in enumerate(ascii_rows) if k not in dirty]
+                single = sorted(single + [ascii_rows[k] for k in dirty])
         if bulk:
             # Plain-ASCII captions need no ftfy/html: lower-case and split the whole batch at once,
             # each caption followed by a row-end chunk, and map chunks to ids in one pass.

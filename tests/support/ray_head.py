@@ -1,9 +1,11 @@
 """A real Ray cluster on 127.0.0.1 for end-to-end tests: `ray start --head` (+ worker nodes).
 
-The cluster lives in its own short temp dir, runs with the project's venv first on PATH (the
-entrypoint of a `ray job submit` runs `python` from the head's PATH), and is stopped by ending
-exactly the processes it started, by PID (see `owned_pids`). Never a machine-wide `ray stop`:
-other Ray instances on the machine are left alone.
+The cluster lives in its own short temp dir (`/tmp/clipray-ray-*`, one sub-folder per node),
+runs with the project's venv first on PATH (the entrypoint of a `ray job submit` runs `python`
+from the head's PATH), and is stopped by ending exactly the processes it started, by PID (see
+`owned_pids`). Never a machine-wide `ray stop`: other Ray instances on the machine are left alone.
+A test process killed before its teardown leaves its cluster behind; the next cluster this helper
+starts stops such orphans (`reap_orphaned_clusters`: their temp dir names a dead owner).
 
 Three things Ray 2.60 does by default that a shared test machine must not get:
 - it replaces `--node-ip-address=127.0.0.1` by the machine's routable address and binds its
@@ -158,24 +160,32 @@ class LocalRayCluster:
         raise AssertionError("unreachable")
 
     def _start_head(self) -> "LocalRayCluster":
-        self.dashboard_port = free_port()
-        ray_cli = str(Path(sys.executable).parent / "ray")
+        self.dashboard_port, self.gcs_port = free_port(), free_port()
         self.node_dir(0).mkdir(parents=True, exist_ok=True)
-        self._start([
-            ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", "--port=0",
-            f"--temp-dir={self.node_dir(0)}", f"--num-cpus={self.num_cpus}", "--num-gpus=0",
-            f"--object-store-memory={self.object_store_memory}",
-            "--disable-usage-stats", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
-            *self._node_ports(),
-        ])
-        address = (self.node_dir(0) / "ray_current_cluster").read_text().strip()
-        host, port = address.rsplit(":", 1)
-        if host != "127.0.0.1":
-            raise RayClusterError(f"the head came up on {address}, not on 127.0.0.1")
-        self.gcs_port = int(port)
+        ray_cli = str(Path(sys.executable).parent / "ray")
+        try:
+            self._start([
+                ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
+                f"--temp-dir={self.node_dir(0)}", f"--num-cpus={self.num_cpus}", "--num-gpus=0",
+                f"--object-store-memory={self.object_store_memory}",
+                "--disable-usage-stats", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
+                *self._node_ports(),
+            ])
+        except RayClusterError as exc:
+            # As for worker nodes: a raylet slower than `ray start`'s 30 s may still come up.
+            if "timed out during startup" not in str(exc):
+                raise
         self.nodes = 1
-        self._wait_for_job_server()
+        try:
+            self._wait_for_job_server()
+            self.wait_for_nodes(1, timeout=180)
+        except RayClusterError as exc:
+            raise RayClusterError(f"{exc}\n{_log_tails(self.node_dir(0))}") from None
+        address_file = self.node_dir(0) / "ray_current_cluster"
+        if address_file.exists() and address_file.read_text().strip() != self.gcs_address:
+            raise RayClusterError(f"the head came up on {address_file.read_text().strip()}, "
+                                  f"not on {self.gcs_address}")
         return self
 
     def add_node(self, num_cpus: int, resources: Optional[dict[str, float]] = None) -> None:
@@ -190,6 +200,7 @@ class LocalRayCluster:
         if resources:
             argv.append(f"--resources={json.dumps(resources)}")
         self.nodes += 1
+        start_output = ""
         try:
             self._start(argv)
         except RayClusterError as exc:
@@ -197,7 +208,11 @@ class LocalRayCluster:
             # the raylet running: on a loaded machine it registers a little later.
             if "timed out during startup" not in str(exc):
                 raise
-        self.wait_for_nodes(self.nodes, timeout=120)
+            start_output = str(exc)
+        try:
+            self.wait_for_nodes(self.nodes, timeout=180)
+        except RayClusterError as exc:
+            raise RayClusterError(f"{exc}\n{start_output[-2000:]}\n{_log_tails(node_dir)}") from None
 
     def get_json(self, path: str) -> dict:
         """GET `path` from the dashboard, with the cluster's auth token."""
@@ -245,8 +260,11 @@ class LocalRayCluster:
         its agents and workers, so the command line alone misses them; job drivers open their
         own session but log into our temp dir), or descends from one of those.
         """
-        protected = {os.getpid(), os.getppid(), 1}
         temp = str(self.temp_dir)
+        if not (self.temp_dir.is_absolute() and self.temp_dir.parent == Path("/tmp")
+                and self.temp_dir.name.startswith(TEMP_PREFIX)):
+            raise ValueError(f"{temp} is not a temp dir of this helper; refusing to look for its processes")
+        protected = {os.getpid(), os.getppid(), 1}
         marker = f"{MARKER_VAR}={self.marker}".encode()
         owned, parents = set(), {}
         for entry in Path("/proc").iterdir():
@@ -300,6 +318,18 @@ class LocalRayCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _log_tails(node_dir: Path, lines: int = 15) -> str:
+    """The last lines of a node's raylet and agent logs, for an error message (the temp dir
+    goes away with the cluster)."""
+    out = []
+    for log in sorted(node_dir.glob("session_*/logs/*")):
+        if log.name.startswith(("raylet.", "gcs_server.", "dashboard_agent.", "runtime_env_agent.")) and log.is_file():
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            if tail:
+                out.append(f"--- {log.name} ---\n" + "\n".join(tail))
+    return "\n".join(out) or f"(no logs under {node_dir})"
 
 
 def reap_orphaned_clusters() -> None:

@@ -284,6 +284,31 @@ def _find_weights(directory: Path) -> Path:
         f"{directory} holds no {WEIGHTS_FILE} (looked in it, in final/ and in checkpoint_*/; found: {found})")
 
 
+def _fetch_remote(url: str, into: Path) -> Path:
+    """Copy a checkpoint at an fsspec URL (s3://...) into `into`; returns the local weights file.
+
+    A directory URL is searched like a local one: model.safetensors in it, in final/, or in the
+    newest checkpoint_*/; its model_config.json comes along.
+    """
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    if fs.isfile(root):
+        local = into / Path(root).name
+        fs.get(root, str(local))
+        return local
+    candidates = [f"{root}/{WEIGHTS_FILE}", f"{root}/final/{WEIGHTS_FILE}"]
+    candidates += sorted(fs.glob(f"{root}/checkpoint_*/{WEIGHTS_FILE}"), reverse=True)
+    weights = next((c for c in candidates if fs.isfile(c)), None)
+    if weights is None:
+        raise CheckpointError(f"{url} holds no {WEIGHTS_FILE} (looked in it, in final/ and in checkpoint_*/)")
+    fs.get(weights, str(into / WEIGHTS_FILE))
+    config = weights.rsplit("/", 1)[0] + f"/{CONFIG_FILE}"
+    if fs.isfile(config):
+        fs.get(config, str(into / CONFIG_FILE))
+    return into / WEIGHTS_FILE
+
+
 def load_model(path: Union[str, os.PathLike], name: Union[str, dict, None] = None, *,
                quick_gelu: Optional[bool] = None, device: Union[str, torch.device] = "cpu",
                dtype: torch.dtype = torch.float32) -> CLIP:
@@ -294,7 +319,14 @@ def load_model(path: Union[str, os.PathLike], name: Union[str, dict, None] = Non
     name: registered name, JSON path or config dict; when None, `model_config.json` next to the
     weights is used, else the architecture is inferred from the shapes. quick_gelu overrides the
     config's activation (inferred configs default to QuickGELU, as OpenAI's models).
+    A path may also be an fsspec URL (s3://bucket/run/final): it is copied to a temporary folder.
     """
+    if "://" in str(path):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="clipray-ckpt-") as tmp:
+            local = _fetch_remote(str(path), Path(tmp))
+            return load_model(local, name, quick_gelu=quick_gelu, device=device, dtype=dtype)
     path = Path(path).expanduser()
     if path.is_dir():
         path = _find_weights(path)
