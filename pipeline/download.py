@@ -36,7 +36,10 @@ from pipeline.storage import OutputDir
 
 
 @dataclass
-class Image:
+class StoredImage:
+    """A row's image as stored: encoded bytes, sizes, sha256 of the bytes; `downloaded_bytes` of
+    the original response (for the shard's stats)."""
+
     jpg: bytes
     width: int
     height: int
@@ -46,7 +49,7 @@ class Image:
     downloaded_bytes: int
 
 
-RowOutcome = Union[Image, Rejection]
+RowOutcome = Union[StoredImage, Rejection]
 ROW_GROUP_ROWS = 512  # accepted rows per Parquet row group (about 15 MB of 256 px JPEGs)
 
 
@@ -109,7 +112,7 @@ class RowProcessor:
                         resized = self.images.resize(probed)
             except ImageReject as rej:
                 return Rejection(rej.stage, rej.reason, rej.detail)
-            return Image(resized.data, resized.width, resized.height, resized.original_width,
+            return StoredImage(resized.data, resized.width, resized.height, resized.original_width,
                          resized.original_height, hashlib.sha256(resized.data).hexdigest(), len(result.body))
         except Exception as exc:  # noqa: BLE001 - one bad row must not take the shard down
             tb = traceback.format_exc(limit=6)
@@ -169,7 +172,7 @@ class ShardDownloader:
         sink = None
         rejected: dict[int, Rejection] = {}
         batch_rows: list[int] = []
-        batch_images: list[Image] = []
+        batch_images: list[StoredImage] = []
         index_parts: list[pa.Table] = []
         accepted = downloaded = 0
 
@@ -205,7 +208,7 @@ class ShardDownloader:
 
         try:
             for i, outcome in enumerate(self.iter_outcomes(table)):
-                if isinstance(outcome, Image):
+                if isinstance(outcome, StoredImage):
                     batch_rows.append(i)
                     batch_images.append(outcome)
                     accepted += 1

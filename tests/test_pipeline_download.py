@@ -1,0 +1,51 @@
+"""One shard through the download actor's logic, without Ray: order, row groups, commit marker."""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import pipeline.download as download
+from pipeline.config import DataConfig
+from pipeline.resume import ShardSpec
+from pipeline.storage import OutputDir
+from tests.support.http_server import HTTPTestServer, Route, jpeg_bytes
+
+
+def test_shard_is_written_in_row_order_in_row_groups_and_committed_last(tmp_path, monkeypatch):
+    monkeypatch.setattr(download, "ROW_GROUP_ROWS", 3)
+    routes = {f"/{i}.jpg": Route(body=jpeg_bytes(40, 30, seed=i), delay_s=0.02 * (i % 3)) for i in range(10)}
+    with HTTPTestServer(routes) as server:
+        urls = [server.url(f"/{i}.jpg") if i != 4 else server.url("/missing.jpg") for i in range(10)]
+        captions = [f"caption {i}" if i != 7 else "" for i in range(10)]
+        out = OutputDir(str(tmp_path))
+        out.write_arrow("_work/input/x.arrow", pa.table({
+            "url": urls, "caption": captions, "caption_ok": [True] * 10, "uid": [f"u{i}" for i in range(10)]}))
+        data = DataConfig(input="x", output=str(tmp_path), allow_private_addresses=True, threads_per_actor=4,
+                          retries=0, image_size=32, extra_cols=["uid"], filters={"dedup_sha256": True})
+        spec = ShardSpec(id=7, name="00007", input="_work/input/x.arrow", rows=10, source="x", first_row=0,
+                         row_digits=1, global_pass=True)
+        shard = download.ShardDownloader(data, out, pa.schema([pa.field("uid", pa.string())]), cpu_slots=1)
+        try:
+            stats = shard.process(spec)
+            first = (tmp_path / spec.accepted_file).read_bytes()
+            again = shard.process(spec)  # a retried shard writes the same files
+        finally:
+            shard.close()
+    assert (tmp_path / spec.accepted_file).read_bytes() == first
+    assert {k: v for k, v in stats.items() if k != "duration_s"} == {k: v for k, v in again.items() if k != "duration_s"}
+    assert (stats["rows"], stats["accepted"], stats["rejected"]) == (10, 8, 2)
+    assert stats["reasons"] == {"http_404": 1, "caption_empty": 1}
+    table = pq.read_table(tmp_path / spec.accepted_file)
+    assert table.column("key").to_pylist() == [f"00007{i}" for i in (0, 1, 2, 3, 5, 6, 8, 9)]
+    assert table.column("uid").to_pylist() == [f"u{i}" for i in (0, 1, 2, 3, 5, 6, 8, 9)]
+    assert pq.ParquetFile(tmp_path / spec.accepted_file).metadata.num_row_groups == 3
+    assert spec.accepted_file.startswith("_work/")  # the global pass writes shards/ later
+    index = pq.read_table(tmp_path / spec.index_file)
+    assert index.column("key").to_pylist() == table.column("key").to_pylist()
+    assert index.column("sha256").to_pylist() == table.column("sha256").to_pylist()
+    rejects = pq.read_table(tmp_path / spec.rejects_file).to_pylist()
+    assert [(r["key"], r["reason"]) for r in rejects] == [("000074", "http_404"), ("000077", "caption_empty")]
+    assert json.loads((tmp_path / "_state" / "download" / "00007.json").read_text())["accepted"] == 8
+    assert not [p for p in tmp_path.rglob(".*.tmp")]  # no temporary file left behind
