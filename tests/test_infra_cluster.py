@@ -206,5 +206,7 @@ def test_submitted_training_resumes_from_its_checkpoint_on_s3(train_job, flow, c
 def test_submitted_eval_reads_the_model_from_s3_and_writes_results_there(train_job, flow, cluster):
     submit(cluster, "eval", *flow["config"], name="eval")
     result = json.loads(flow["fs"].cat_file(f"{flow['bucket_dir']}/eval/zeroshot-color.json"))
-    assert result["task"] == "zeroshot_classification" and set(result["metrics"]) >= {"acc1", "acc5", "mean_per_class_recall"}
+    assert result["task"] == "zeroshot_classification" and set(result["metrics"]) >= {"acc1", "mean_per_class_recall"}
+    # acc5 is reported exactly when there are at least 5 classes (CLIP_benchmark's rule).
+    assert ("acc5" in result["metrics"]) == (result["clipray"]["num_classes"] >= 5)
     assert 0.0 <= result["metrics"]["acc1"] <= 1.0
