@@ -10,10 +10,11 @@ per image (`training.data.Preprocess`: decode, random square crop, resize to 224
               actor per core, exact batches of --batch handed to the consumer
 
 Reports images/s per core and the ratios (ray / dataloader, target >= 1.0; ray / (0.8 x ceiling x
-cores), target >= 1.0). Every number is the median of --repeats runs; the machine may be shared,
-so runs interleave.
+cores), target >= 1.0), both steady (from the first batch on: what a long training run sees) and
+over the whole run (with the start-up: worker processes, imports, tokenizer). Every number is the
+median of --repeats runs of --passes passes; the machine may be shared, so runs interleave.
 
-    python benchmarks/ingest.py [--images 4096] [--batch 256] [--decoder cv2|pil] [--repeats 3]
+    python benchmarks/ingest.py [--images 4096] [--passes 3] [--batch 256] [--decoder cv2|pil] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -82,8 +83,8 @@ def ceiling(shards, decoder: str) -> float:
 class ShardRows(torch.utils.data.IterableDataset):
     """This DataLoader worker's row groups, preprocessed like clipray's."""
 
-    def __init__(self, shards, decoder: str, rows_per_batch: int = 64):
-        self.shards, self.decoder, self.rows_per_batch = shards, decoder, rows_per_batch
+    def __init__(self, shards, decoder: str, passes: int = 1, rows_per_batch: int = 64):
+        self.shards, self.decoder, self.passes, self.rows_per_batch = shards, decoder, passes, rows_per_batch
 
     def __iter__(self):
         import pyarrow.parquet as pq
@@ -93,7 +94,7 @@ class ShardRows(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         wid, nworkers = (0, 1) if info is None else (info.id, info.num_workers)
         pre = Preprocess(PreprocessSettings(image_size=TARGET, decoder=self.decoder))
-        pieces = [(s.path, g) for s in self.shards for g in range(len(s.groups))]
+        pieces = [(s.path, g) for _ in range(self.passes) for s in self.shards for g in range(len(s.groups))]
         for path, group in pieces[wid::nworkers]:
             table = pq.ParquetFile(path).read_row_group(group, columns=list(REQUIRED_COLUMNS))
             for start in range(0, table.num_rows, self.rows_per_batch):
@@ -103,19 +104,20 @@ class ShardRows(torch.utils.data.IterableDataset):
                     yield torch.from_numpy(out["image"][i]), torch.from_numpy(out["tokens"][i])
 
 
-def _timed(batches) -> tuple[float, float]:
-    """(steady images/s: from the first batch on, end-to-end images/s) of an iterable of batch sizes."""
+def _timed(batches) -> tuple[float, float, float]:
+    """(steady images/s after the first batch, images/s over the whole run, seconds to the first
+    batch) of an iterable of batch sizes."""
     n, t0, first = 0, time.perf_counter(), None
     for size in batches:
         if first is None:
-            first, n_first = time.perf_counter(), size
+            first, n_first = time.perf_counter() - t0, size
         n += size
-    end = time.perf_counter()
-    return (n - n_first) / max(end - first, 1e-9), n / (end - t0)
+    total = time.perf_counter() - t0
+    return (n - n_first) / max(total - first, 1e-9), n / total, first
 
 
-def dataloader(shards, decoder: str, batch: int, workers: int) -> tuple[float, float]:
-    loader = torch.utils.data.DataLoader(ShardRows(shards, decoder), batch_size=batch, num_workers=workers,
+def dataloader(shards, decoder: str, batch: int, workers: int, passes: int) -> tuple[float, float]:
+    loader = torch.utils.data.DataLoader(ShardRows(shards, decoder, passes), batch_size=batch, num_workers=workers,
                                          persistent_workers=False, prefetch_factor=4)
 
     def sizes():
@@ -126,14 +128,14 @@ def dataloader(shards, decoder: str, batch: int, workers: int) -> tuple[float, f
     return _timed(sizes())
 
 
-def ray_stream(shards, fs, decoder: str, batch: int, actors: int) -> float:
+def ray_stream(shards, fs, decoder: str, batch: int, actors: int, passes: int) -> tuple[float, float]:
     from training.data import DataPosition, PreprocessSettings, ShardStream, StreamSettings
 
     settings = StreamSettings(local_batch=batch, preprocess=PreprocessSettings(image_size=TARGET, decoder=decoder),
                               num_actors=actors, cpus_per_actor=1.0, rows_per_batch=64, prefetch_batches=4,
-                              data_cpus=float(actors), shuffle_rows=1024)
+                              data_cpus=float(actors), shuffle_rows=256)
     stream = ShardStream(shards, fs, rank=0, world_size=1, seed=0, start=DataPosition(0, 0), settings=settings,
-                         max_passes=1)
+                         max_passes=passes)
 
     def sizes():
         for b in stream:
@@ -150,6 +152,7 @@ def main(argv=None) -> int:
     parser.add_argument("--decoder", default="cv2", choices=["cv2", "pil"])
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--passes", type=int, default=3, help="passes over the shards per run (start-up amortised)")
     parser.add_argument("--shards", help="shard folder to use (made there first if missing; default: a temp folder)")
     args = parser.parse_args(argv)
 
@@ -166,28 +169,29 @@ def main(argv=None) -> int:
         ray.init(num_cpus=args.cores + 1, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
         try:
-            ray_stream(shards, fs, args.decoder, args.batch, args.cores)  # warm: worker processes, imports
+            ray_stream(shards, fs, args.decoder, args.batch, args.cores, 1)  # warm: worker processes, imports
             runs: dict[str, list] = {"ceiling": [], "dataloader": [], "ray": []}
             for _ in range(args.repeats):
-                runs["ceiling"].append((ceiling(shards, args.decoder),) * 2)
-                runs["dataloader"].append(dataloader(shards, args.decoder, args.batch, args.cores))
-                runs["ray"].append(ray_stream(shards, fs, args.decoder, args.batch, args.cores))
+                one = ceiling(shards, args.decoder)
+                runs["ceiling"].append((one, one, 0.0))
+                runs["dataloader"].append(dataloader(shards, args.decoder, args.batch, args.cores, args.passes))
+                runs["ray"].append(ray_stream(shards, fs, args.decoder, args.batch, args.cores, args.passes))
         finally:
             ray.shutdown()
     steady = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
     whole = {k: statistics.median(r[1] for r in v) for k, v in runs.items()}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"{total} images of {IMAGE_SIDE} px -> {TARGET} px uint8, decoder {args.decoder}, {args.cores} cores, "
-          f"batch {args.batch}, median of {args.repeats}, load average {load:.1f} "
+    print(f"{total} images x {args.passes} passes, {IMAGE_SIDE} px -> {TARGET} px uint8, decoder {args.decoder}, "
+          f"{args.cores} cores, batch {args.batch}, median of {args.repeats}, load average {load:.1f} "
           f"({platform.processor() or platform.machine()})")
-    print("  images/s (per core)    steady, from the first batch on    end to end, with start-up")
+    print("  images/s [per core]   steady (after the 1st batch)   whole run   runs: steady/whole/s to 1st batch")
     for k in ("ceiling", "dataloader", "ray"):
         cores = 1 if k == "ceiling" else args.cores
-        print(f"  {k:10s}            {steady[k]:8.1f} ({steady[k] / cores:7.1f})          "
-              f"{whole[k]:8.1f} ({whole[k] / cores:7.1f})   runs: "
-              + ", ".join(f"{a:.0f}/{b:.0f}" for a, b in runs[k]))
-    for label, m in (("steady", steady), ("end to end", whole)):
-        print(f"  {label:10s}: ray / dataloader = {m['ray'] / m['dataloader']:.2f}x (target >= 1.0); "
+        print(f"  {k:10s}            {steady[k]:7.0f} [{steady[k] / cores:6.0f}]            "
+              f"{whole[k]:7.0f} [{whole[k] / cores:6.0f}]   "
+              + ", ".join(f"{a:.0f}/{b:.0f}/{c:.1f}" for a, b, c in runs[k]))
+    for label, m in (("steady", steady), ("whole run", whole)):
+        print(f"  {label:9s}: ray / dataloader = {m['ray'] / m['dataloader']:.2f}x (target >= 1.0), "
               f"ray / (0.8 x ceiling x cores) = {m['ray'] / (0.8 * m['ceiling'] * args.cores):.2f} (target >= 1.0)")
     return 0
 

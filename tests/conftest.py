@@ -61,6 +61,18 @@ def ray_session_deprecations(session_dir: Path) -> list[str]:
     return found
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP threads spinning against other
+    processes slow small models down by orders of magnitude."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray cluster for the whole session (8 logical CPUs so Train + Data fit on 2 cores).

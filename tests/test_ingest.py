@@ -18,6 +18,9 @@ from training.data import (REJECT_REASONS, DataPosition, Preprocess, PreprocessS
                            plan_fingerprint, plan_pass, split_rows)
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(scope="module")
 def shards_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("shards")

@@ -11,6 +11,9 @@ from training.flops import clip_forward_flops, mfu, peak_flops
 from training.model import create_model
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 def _counted(fn) -> float:
     # The math backend decomposes attention into matmuls, which the counter sees.
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():

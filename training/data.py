@@ -548,7 +548,7 @@ class ShardStream:
             raise ValueError("no shards to read")
         self.shards, self.filesystem = list(shards), filesystem
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.start, self.settings = start, settings
+        self.start_position, self.settings = start, settings
         self.rows_needed, self.max_passes = rows_needed, max_passes
         self.rebatcher = Rebatcher(settings.local_batch)
         self.data_wait_s = 0.0
@@ -562,9 +562,9 @@ class ShardStream:
     def segments(self) -> Iterator[list[dict]]:
         """Lists of read units, at most `max_units` each, from `start` on. Ends after `max_passes`
         passes, or one pass beyond `rows_needed` rows (a margin for rejected rows), else never."""
-        pass_index, start_row = self.start.pass_index, self.start.rows
+        pass_index, start_row = self.start_position.pass_index, self.start_position.rows
         planned, segment = 0, []
-        while self.max_passes is None or pass_index < self.start.pass_index + self.max_passes:
+        while self.max_passes is None or pass_index < self.start_position.pass_index + self.max_passes:
             units = pass_units(self.files_of_pass(pass_index), pass_index, start_row,
                                window_rows=self.settings.shuffle_rows, seed=self.seed)
             segment.extend(units)
@@ -606,10 +606,16 @@ class ShardStream:
                 continue
         return False
 
+    def start(self) -> "ShardStream":
+        """Start reading (the actors start up) before the first batch is asked for."""
+        if self._thread is None:
+            configure_data_context(self.settings)
+            self._thread = threading.Thread(target=self._produce, name="shard-stream", daemon=True)
+            self._thread.start()
+        return self
+
     def __iter__(self) -> Iterator[Batch]:
-        configure_data_context(self.settings)
-        self._thread = threading.Thread(target=self._produce, name="shard-stream", daemon=True)
-        self._thread.start()
+        self.start()
         try:
             while True:
                 t0 = time.perf_counter()
