@@ -26,7 +26,9 @@ class RayConfig(BaseModel):
     num_cpus: Optional[PositiveInt] = Field(
         None, description="logical CPUs of a local cluster (default: max(8, 2 x cores))"
     )
-    include_dashboard: bool = False
+    include_dashboard: bool = Field(
+        True, description="start Ray's dashboard with a local cluster (http://127.0.0.1:8265); Ray Train "
+                          "and Ray's state API rely on it")
 
 
 class JobConfig(BaseModel):

@@ -8,6 +8,7 @@ runners as `clipray pipeline|train|eval`.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -137,6 +138,10 @@ def eval_tasks(cfg: JobConfig, paths: DemoPaths) -> dict[str, Any]:
 
 
 def run_demo(workdir: str, overrides: Iterable[str] = ()) -> int:
+    # A dry run shows our own progress lines: Ray Data's per-dataset INFO records (console and log
+    # file) keep warnings only. Set before Ray Data is imported; the local cluster's workers
+    # inherit this environment.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     from clipray.cli import init_ray
     from clipray.demo_report import plot_predictions, print_summary, write_report
     from evaluation.run import run_evaluation

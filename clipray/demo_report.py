@@ -119,12 +119,13 @@ def write_report(root: Path, manifests: dict[str, dict], run_dir: Path, results:
 def print_summary(manifests: dict[str, dict], results: dict[str, dict], elapsed_s: float,
                   report: Path) -> None:
     print()
-    print(f"  {'what':<34}{'value':>10}")
-    print(f"  {'-' * 44}")
-    for split, m in manifests.items():
-        counts = f"{m['accepted']}/{m['input_rows']}"
-        print(f"  {'pipeline ' + split + ': accepted/input':<34}{counts:>10}")
-    for name, metric, value in _metric_rows(results):
-        print(f"  {name + ' ' + metric:<34}{value:>10.3f}")
-    print(f"  {'wall time (s)':<34}{elapsed_s:>10.0f}")
+    rows = [(f"pipeline {split}: accepted/input", f"{m['accepted']}/{m['input_rows']}")
+            for split, m in manifests.items()]
+    rows += [(f"{name} {metric}", f"{value:.3f}") for name, metric, value in _metric_rows(results)]
+    rows.append(("wall time (s)", f"{elapsed_s:.0f}"))
+    width = max(len(what) for what, _ in rows) + 2
+    print(f"  {'what':<{width}}{'value':>10}")
+    print(f"  {'-' * (width + 10)}")
+    for what, value in rows:
+        print(f"  {what:<{width}}{value:>10}")
     print(f"\n  report: {report}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ from training.loss import LOGIT_SCALE_MAX
 from training.model import create_model
 
 EOT = 49407
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_clip(**kw):
@@ -208,6 +212,17 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
             grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
                      for n, p in loop.module.named_parameters() if p.grad is not None}
             torch.save({"loss": loss, "grads": grads}, os.path.join(out_dir, f"{strategy}-rank{rank}.pt"))
+        # A ResNet under DDP for two whole steps: the warnings raised, and the weights it ends with.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.manual_seed(0)
+            loop = TrainLoop(create_model("RN-Tiny"), LoopSettings(total_steps=10, warmup=0, lr=1e-3))
+            for step in range(2):  # local batch 64: the size at which the CPU kernels pick channels-last
+                images, tokens = batch(128, seed=step)
+                loop.step(images[rank * 64:(rank + 1) * 64], tokens[rank * 64:(rank + 1) * 64])
+        torch.save({"warnings": [str(w.message) for w in caught],
+                    "params": {n: p.detach().clone() for n, p in loop.module.named_parameters()}},
+                   os.path.join(out_dir, f"resnet-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -232,3 +247,14 @@ def test_two_ranks_accumulating_micro_batches_match_one_process_with_the_whole_b
             torch.testing.assert_close(got["grads"][name], g, atol=1e-5, rtol=1e-4, msg=f"rank {rank}: {name}")
     mean_loss = sum(torch.load(two_rank_results / f"{strategy}-rank{r}.pt")["loss"] for r in range(WORLD)) / WORLD
     assert mean_loss.item() == pytest.approx(big_loss.item(), abs=1e-5)
+
+
+def test_resnet_under_ddp_steps_without_layout_warnings_and_ranks_stay_identical(two_rank_results):
+    ranks = [torch.load(two_rank_results / f"resnet-rank{r}.pt") for r in range(WORLD)]
+    for r in ranks:
+        assert not [w for w in r["warnings"] if "strides" in w], r["warnings"]
+    for name, value in ranks[0]["params"].items():
+        torch.testing.assert_close(ranks[1]["params"][name], value, rtol=0, atol=0, msg=name)
+    torch.manual_seed(0)
+    start = create_model("RN-Tiny")  # the weights both ranks began with: two steps moved them
+    assert any(not torch.equal(ranks[0]["params"][f"clip.{n}"], p) for n, p in start.named_parameters())

@@ -51,6 +51,9 @@ class TrainConfig(BaseModel):
     keep_checkpoints: PositiveInt = 3
     max_failures: int = Field(0, ge=-1)
     log_every: PositiveInt = 10
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="level of Ray Train's own console logs (INFO shows every report); clipray prints "
+                               "a progress line either way")
     val_every: Optional[PositiveInt] = Field(None, description="steps between validations (needs val_data)")
     val_batch_size: Optional[PositiveInt] = Field(None, description="pairs per validation-loss chunk (default: batch_size)")
     zeroshot_data: Optional[str] = Field(None, description="labelled set for zero-shot accuracy at each validation")

@@ -172,6 +172,15 @@ class TrainLoop:
         self.fsdp = settings.strategy == "fsdp" and self.world_size > 1
         self._replicated = [p for p in self.module.parameters() if p.ndim == 0] if self.fsdp else []
         self.wrapped = self._wrap(self.module)
+        self._grads_in_buckets = isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
+        if self._grads_in_buckets:
+            # DDP keeps the gradients as views into its all-reduce buckets (`_wrap`). Made here with
+            # the parameters' own layout, and zeroed rather than freed after each step, they stay
+            # those views: no copy per step, and no stride mismatch with a bucket when a CPU kernel
+            # hands back a 1x1 convolution's gradient in channels-last strides.
+            for param in self.module.parameters():
+                if param.requires_grad:
+                    param.grad = torch.zeros_like(param, memory_format=torch.contiguous_format)
         self.forward_module = torch.compile(self.wrapped) if settings.compile else self.wrapped
         fused = self.device.type == "cuda" and not self.fsdp
         self.optimizer = torch.optim.AdamW(
@@ -202,7 +211,7 @@ class TrainLoop:
             fully_shard(module, ignored_params=set(self._replicated))
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
 
     def _autocast(self):
         if self.settings.precision == "fp32":
@@ -274,7 +283,7 @@ class TrainLoop:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.settings.grad_clip).detach()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self._grads_in_buckets)
         self.scheduler.step()
         clamp_logit_scale_(self.module.clip.logit_scale)
         self.step_count += 1

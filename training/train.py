@@ -13,11 +13,14 @@ model_config.json, trainer_state.pt), `metrics.jsonl`, `tensorboard/`, `final/`.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -26,6 +29,22 @@ from training.config import ModelConfig, TrainConfig
 log = logging.getLogger(__name__)
 
 FINAL_DIR = "final"
+POSITION_FILE = "data_position.json"  # in each checkpoint: step, plan fingerprint, every worker's position
+
+
+@contextmanager
+def _no_folder():
+    yield None
+
+
+def _read_position(folder: Optional[str]) -> Optional[dict]:
+    if folder is None:
+        return None
+    path = os.path.join(folder, POSITION_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {folder} has no {POSITION_FILE}: it was not written by clipray's trainer")
+    with open(path) as fh:
+        return json.load(fh)
 
 
 @dataclass
@@ -131,6 +150,7 @@ def run_training(model: ModelConfig, train: TrainConfig, *, callbacks: Optional[
              len(shards), total_samples, math.ceil(train.samples / train.batch_size), train.batch_size, actors)
 
     metrics_cb = MetricsCallback(storage)
+    progress_cb = ProgressCallback(train.name, math.ceil(train.samples / train.batch_size))
     config = {
         "model": model.model_dump(mode="json"), "model_dict": model_dict, "train": train.model_dump(mode="json"),
         "shards": shards, "data_fs": data_fs, "val_shards": val_shards, "val_fs": val_fs,
@@ -156,7 +176,8 @@ def run_training(model: ModelConfig, train: TrainConfig, *, callbacks: Optional[
             storage_filesystem=None if storage.local else storage.filesystem,
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
-            callbacks=[metrics_cb, *(callbacks or [])],
+            callbacks=[metrics_cb, progress_cb, *(callbacks or [])],
+            logging_config=ray.train.LoggingConfig(log_level=train.log_level),
         ),
     )
     data_context()  # Ray Train reads it in fit(); built here without Ray 2.60's spurious warnings
@@ -207,6 +228,63 @@ class MetricsCallback(_user_callback_base()):
             from training.metrics import upload_folder
 
             upload_folder(self._staging, self.storage.filesystem, self.storage.fs_path)
+        if metrics[0].get("_last"):
+            self._close()
+
+    def after_exception(self, run_context, worker_exceptions: dict) -> None:
+        # Keep what was logged (a failed run's metrics matter most), then close: if Ray Train
+        # restarts the worker group (train.max_failures), the next report reopens the writer.
+        if not self.storage.local and self._staging is not None:
+            from training.metrics import upload_folder
+
+            upload_folder(self._staging, self.storage.filesystem, self.storage.fs_path)
+        self._close()
+
+    def _close(self) -> None:
+        """Close the writer; a remote run's staging folder is already uploaded and goes."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+
+
+class ProgressCallback(_user_callback_base()):
+    """On the Ray Train controller: one short progress line per report (at most one every
+    `every_s` seconds, and always for checkpoints and the last step), in place of Ray Train's
+    per-report log records (`train.log_level` hides those)."""
+
+    def __init__(self, name: str, total_steps: int, every_s: float = 10.0):
+        self.name, self.total_steps, self.every_s = name, total_steps, every_s
+        self._last_print = -math.inf
+
+    def after_report(self, run_context, metrics: list, checkpoint) -> None:
+        if not metrics:
+            return
+        row, now = metrics[0], time.monotonic()
+        if checkpoint is None and not row.get("_last") and now - self._last_print < self.every_s:
+            return
+        self._last_print = now
+        print(progress_line(self.name, self.total_steps, row, checkpoint is not None), flush=True)
+
+
+def progress_line(name: str, total_steps: int, row: dict, checkpointed: bool = False) -> str:
+    """`train demo: step 100/391 (26%) loss 2.141 | 342 samples/s | data wait 1% | checkpoint`"""
+    step = row.get("step", 0)
+    parts = [f"train {name}: step {step}/{total_steps} ({100 * step / max(total_steps, 1):.0f}%)"]
+    if isinstance(row.get("loss"), (int, float)):
+        parts[0] += f" loss {row['loss']:.3f}"
+    if isinstance(row.get("val_loss"), (int, float)):
+        parts.append(f"val loss {row['val_loss']:.3f}")
+    if isinstance(row.get("samples_per_s"), (int, float)):
+        parts.append(f"{row['samples_per_s']:,.0f} samples/s")
+    wait, step_time = row.get("data_wait_s"), row.get("step_time_s")
+    if isinstance(wait, (int, float)) and isinstance(step_time, (int, float)) and step_time > 0:
+        parts.append(f"data wait {100 * wait / step_time:.0f}%")
+    if checkpointed:
+        parts.append("checkpoint")
+    return " | ".join(parts)
 
 
 # ------------------------------------------------------------------------------- worker side
@@ -214,81 +292,105 @@ def _train_worker(config: dict) -> None:
     _Worker(config).run()
 
 
+def _apply_report_log_level(level: str) -> None:
+    """`train.log_level` for the per-report records on the workers too. Ray 2.60 logs them through
+    a logger named after the file (`logging.getLogger(__file__)`), outside `ray.train`, so
+    RunConfig's LoggingConfig does not reach them."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: nothing to adjust
+        return
+    logging.getLogger(train_context.__file__).setLevel(level)
+
+
 class _Worker:
+    """One Ray Train worker. The data stream starts first (its actors start up while the model is
+    built and the checkpoint restored), from the position stored in the checkpoint."""
+
     def __init__(self, config: dict):
         import numpy as np
         import ray.train
         import ray.train.torch
         import torch
 
-        from training.data import DataPosition, PreprocessSettings, StreamSettings
+        from training.data import PreprocessSettings, ShardStream, StreamSettings
         from training.loop import LoopSettings, TrainLoop, gather_objects, load_checkpoint
         from training.model import create_model, load_model
 
         self.config = config
         self.train = train = TrainConfig.model_validate(config["train"])
         model = ModelConfig.model_validate(config["model"])
+        _apply_report_log_level(train.log_level)
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        torch.manual_seed(train.seed)  # the same initial weights on every rank
-        clip = create_model(config["model_dict"], temperature_init=train.temperature_init,
-                            learn_temperature=train.learn_temperature, patch_dropout=model.patch_dropout,
-                            grad_checkpointing=model.grad_checkpointing)
-        if model.pretrained:
-            clip.load_state_dict(load_model(model.pretrained).state_dict(), strict=True)
-        # From here on every rank draws its own random numbers (patch dropout).
-        torch.manual_seed(train.seed * 1000 + self.rank + 1)
-        np.random.seed((train.seed * 1000 + self.rank + 1) % 2 ** 32)
+        torch.set_num_threads(max(1, int(train.cpus_per_worker)))  # the CPUs this worker holds
         self.total_steps = math.ceil(train.samples / train.batch_size)
         self.local_batch = train.batch_size // self.world_size
-        self.loop = TrainLoop(clip, LoopSettings.from_train_config(train, self.total_steps), self.device)
         self.gather = gather_objects
-        self.pids = gather_objects(os.getpid())
 
-        start = DataPosition(0, 0)
         checkpoint = ray.train.get_checkpoint()
-        self.restored_from = None
-        if checkpoint is not None:
-            with checkpoint.as_directory() as folder:
-                extra = load_checkpoint(self.loop, folder)
-            self.restored_from = self.loop.step_count
-            positions = extra.get("data_positions") or []
-            if extra.get("plan") == config["plan"] and len(positions) == self.world_size:
-                start = DataPosition.from_dict(positions[self.rank])
-            else:
-                # Other shards or another worker count: positions do not map; start a fresh pass.
-                next_pass = 1 + max((p["pass"] for p in positions), default=-1)
-                start = DataPosition(next_pass, 0)
-                if self.rank == 0:
-                    log.warning("train: the shards or train.num_workers changed since the checkpoint; the data "
-                                "position cannot be kept, continuing with pass %d from its start", next_pass)
-        self.position = start
-        preprocess = PreprocessSettings(image_size=clip.image_size, context_length=clip.context_length,
-                                        train=True, seed=train.seed, crop_scale_min=train.crop_scale_min,
-                                        decoder=train.decoder)
-        self.stream_settings = StreamSettings(
-            local_batch=self.local_batch, preprocess=preprocess, num_actors=config["preprocess_actors"],
-            cpus_per_actor=train.preprocess_cpus, prefetch_batches=train.prefetch_batches,
-            pin_memory=self.device.type == "cuda", data_cpus=config["data_cpus"], shuffle_rows=train.shuffle_rows)
+        with (checkpoint.as_directory() if checkpoint is not None else _no_folder()) as folder:
+            saved = _read_position(folder)
+            self.position, done = self._start_position(saved)
+            vision, text = config["model_dict"]["vision_cfg"], config["model_dict"]["text_cfg"]
+            preprocess = PreprocessSettings(image_size=vision["image_size"], context_length=text["context_length"],
+                                            train=True, seed=train.seed, crop_scale_min=train.crop_scale_min,
+                                            decoder=train.decoder)
+            self.stream_settings = StreamSettings(
+                local_batch=self.local_batch, preprocess=preprocess, num_actors=config["preprocess_actors"],
+                cpus_per_actor=train.preprocess_cpus, prefetch_batches=train.prefetch_batches,
+                pin_memory=self.device.type == "cuda", data_cpus=config["data_cpus"], shuffle_rows=train.shuffle_rows)
+            self.stream = None
+            if done < self.total_steps:
+                self.stream = ShardStream(config["shards"], config["data_fs"], rank=self.rank,
+                                          world_size=self.world_size, seed=train.seed, start=self.position,
+                                          settings=self.stream_settings,
+                                          rows_needed=(self.total_steps - done) * self.local_batch).start()
+
+            torch.manual_seed(train.seed)  # the same initial weights on every rank
+            clip = create_model(config["model_dict"], temperature_init=train.temperature_init,
+                                learn_temperature=train.learn_temperature, patch_dropout=model.patch_dropout,
+                                grad_checkpointing=model.grad_checkpointing)
+            if model.pretrained and folder is None:
+                clip.load_state_dict(load_model(model.pretrained).state_dict(), strict=True)
+            # From here on every rank draws its own random numbers (patch dropout).
+            torch.manual_seed(train.seed * 1000 + self.rank + 1)
+            np.random.seed((train.seed * 1000 + self.rank + 1) % 2 ** 32)
+            self.loop = TrainLoop(clip, LoopSettings.from_train_config(train, self.total_steps), self.device)
+            self.pids = gather_objects(os.getpid())
+            self.restored_from = None
+            if folder is not None:
+                load_checkpoint(self.loop, folder)
+                self.restored_from = self.loop.step_count
         self.val_data = None
         self.val_loaded = False
         self.zeroshot = None
+
+    def _start_position(self, saved: Optional[dict]):
+        """(this worker's DataPosition, steps already done) from a checkpoint's data_position.json."""
+        from training.data import DataPosition
+
+        if saved is None:
+            return DataPosition(0, 0), 0
+        positions = saved.get("positions") or []
+        if saved.get("plan") == self.config["plan"] and len(positions) == self.world_size:
+            return DataPosition.from_dict(positions[self.rank]), int(saved["step"])
+        # Other shards or another worker count: positions do not map; start a fresh pass.
+        next_pass = 1 + max((p["pass"] for p in positions), default=-1)
+        if self.rank == 0:
+            log.warning("train: the shards or train.num_workers changed since the checkpoint; the data position "
+                        "cannot be kept, continuing with pass %d from its start", next_pass)
+        return DataPosition(next_pass, 0), int(saved["step"])
 
     # ------------------------------------------------------------------------- main loop
     def run(self) -> None:
         import torch
 
-        from training.data import ShardStream
-
-        train, loop = self.train, self.loop
-        if loop.step_count < self.total_steps:
-            stream = ShardStream(self.config["shards"], self.config["data_fs"], rank=self.rank,
-                                 world_size=self.world_size, seed=train.seed, start=self.position,
-                                 settings=self.stream_settings,
-                                 rows_needed=(self.total_steps - loop.step_count) * self.local_batch)
+        train, loop, stream = self.train, self.loop, self.stream
+        if stream is not None:
             self._window_start(stream)
             loss_sum = torch.zeros((), device=self.device)
             steps_in_window = 0
@@ -375,9 +477,13 @@ class _Worker:
         if not with_checkpoint:
             ray.train.report(metrics)
             return
-        extra = {"data_positions": self.gather(self.position.as_dict()), "plan": self.config["plan"]}
+        saved = {"step": self.loop.step_count, "plan": self.config["plan"],
+                 "positions": self.gather(self.position.as_dict())}
         with tempfile.TemporaryDirectory(prefix="clipray-ckpt-") as folder:
-            save_checkpoint(self.loop, folder, extra)
+            save_checkpoint(self.loop, folder, {"data": saved})
+            if self.rank == 0:
+                with open(os.path.join(folder, POSITION_FILE), "w") as fh:
+                    json.dump(saved, fh)
             checkpoint = ray.train.Checkpoint.from_directory(folder) if self.rank == 0 else None
             ray.train.report(metrics, checkpoint=checkpoint,
                              checkpoint_dir_name=f"checkpoint_{self.loop.step_count:09d}")
