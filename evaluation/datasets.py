@@ -82,9 +82,9 @@ class EvalDataset:
         inside Ray tasks (image bytes never pass through the driver)."""
         import ray
 
-        from evaluation.embed import ray_data_context
+        from training.data import data_context
 
-        ray_data_context()
+        data_context()
         if not self.image_in_parquet:
             table = self.meta.select(["row_id", "image"])
             return ray.data.from_arrow([table.slice(c.row_start, c.num_rows) for c in self.chunks])

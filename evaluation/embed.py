@@ -186,27 +186,6 @@ def embed_local(fn: Callable[[Batch], Batch], batches: Iterable[Batch],
     return concat_batches(outputs)
 
 
-# Ray 2.60's DataContext warns about these three fields whenever it is first built, although
-# nothing sets them (its own `__setattr__` sees the defaults during construction).
-_RAY_SPURIOUS_DEPRECATIONS = ("`use_push_based_shuffle` is deprecated", "`use_polars` is deprecated",
-                              "`use_arrow_tensor_v2` is deprecated")
-
-
-def ray_data_context():
-    """Ray Data's current DataContext, built without Ray 2.60's spurious deprecation warnings.
-
-    Only those three messages, only while the context is built; any other warning still shows.
-    """
-    import warnings
-
-    import ray
-
-    with warnings.catch_warnings():
-        for message in _RAY_SPURIOUS_DEPRECATIONS:
-            warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
-        return ray.data.DataContext.get_current()
-
-
 def embed_ray(ds, embedder_cls: type, constructor_kwargs: dict[str, Any], *, batch_size: int,
               use_gpu: bool = False, num_actors: Optional[int] = None, cpus_per_actor: float = 1.0) -> Batch:
     """Run the per-batch class as a Ray Data actor-pool stage over `ds`; rows come back in order.

@@ -82,9 +82,9 @@ def embed_texts(texts: list[str], model: torch.nn.Module, cfg: EvalConfig) -> np
     if choose_engine(cfg, len(texts)) == "ray":
         import ray
 
-        from evaluation.embed import ray_data_context
+        from training.data import data_context
 
-        ray_data_context()
+        data_context()
         rows = np.arange(len(texts))
         ds = ray.data.from_items([{"row_id": int(i), "text": t} for i, t in zip(rows, texts)],
                                  override_num_blocks=max(1, min(64, len(texts) // max(cfg.batch_size, 1))))
