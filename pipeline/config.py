@@ -48,7 +48,8 @@ class FiltersConfig(BaseModel):
     min_image_side: Optional[int] = Field(None, ge=1, description="on the original image, pixels")
     max_aspect_ratio: Optional[float] = Field(None, ge=1.0, description="long side / short side of the original")
     dedup_sha256: bool = Field(False, description="drop all but the first row (by key) with the same image bytes")
-    dedup_url_caption: bool = Field(False, description="drop all but the first row (by key) with the same url and caption")
+    dedup_url_caption: bool = Field(
+        False, description="drop all but the first row (by key) with the same url and caption, before downloading")
     clip_score: Optional[ClipScoreFilterConfig] = None
 
     @model_validator(mode="after")
@@ -61,8 +62,9 @@ class FiltersConfig(BaseModel):
 
     @property
     def needs_global_pass(self) -> bool:
-        """Filters that need every shard before they can decide (dedup, CLIP score)."""
-        return self.dedup_sha256 or self.dedup_url_caption or self.clip_score is not None
+        """Filters that need every downloaded shard before they can decide (image dedup, CLIP score).
+        The (url, caption) dedup is decided before the download, from the input alone."""
+        return self.dedup_sha256 or self.clip_score is not None
 
 
 class DataConfig(BaseModel):
@@ -134,10 +136,11 @@ class DataConfig(BaseModel):
             if len(set(self.columns)) != len(self.columns) or not all(self.columns):
                 raise ValueError(f"data.columns {self.columns} must be distinct non-empty names")
         reserved = {"key", "url", "caption", "jpg", "width", "height", "original_width", "original_height",
-                    "sha256", "stage", "reason", "detail"}
+                    "sha256", "stage", "reason", "detail", "caption_ok", "source_error"}
         clash = sorted(set(self.extra_cols) & (reserved | {self.url_col, self.caption_col}))
         if clash:
-            raise ValueError(f"data.extra_cols {clash} clash with output columns {sorted(reserved)}")
+            raise ValueError(f"data.extra_cols {clash} clash with the pipeline's output or internal columns "
+                             f"{sorted(reserved)}")
         return self
 
     def fsspec_options(self) -> dict[str, Any]:

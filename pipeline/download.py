@@ -24,10 +24,9 @@ import pyarrow as pa
 
 from pipeline.address_guard import AddressGuard, Resolver, system_resolver
 from pipeline.config import DataConfig
-from pipeline.dedup import pair_digests
 from pipeline.fetch import Fetcher
 from pipeline.filters import RowFilters
-from pipeline.reasons import DECODE, DOWNLOAD, FILTER, Rejection
+from pipeline.reasons import DECODE, DEDUP, DOWNLOAD, FILTER, Rejection
 from pipeline.resize import ImageProcessor, ImageReject
 from pipeline.resume import DOWNLOAD as DOWNLOAD_PHASE
 from pipeline.resume import ShardSpec, marker
@@ -78,7 +77,10 @@ class RowProcessor:
     def __init__(self, data: DataConfig, resolver: Resolver = system_resolver, cpu_slots: Optional[int] = None):
         # At most `cpu_slots` threads decode at once: the actor holds that many CPUs, and more
         # concurrent decoders only add context switches and cache misses (downloads go on meanwhile).
-        self.cpu_slots = threading.BoundedSemaphore(cpu_slots) if cpu_slots else None
+        # One slot is a plain Lock: a C lock, where a Semaphore is Python code over a Condition
+        # (with 32 threads queueing on it, that costs a tenth of the per-image CPU).
+        self.cpu_slots = (None if not cpu_slots else threading.Lock() if cpu_slots == 1
+                          else threading.BoundedSemaphore(cpu_slots))
         self.filters = RowFilters(data.filters)
         self.fetcher = fetcher(data, resolver)
         self.images = image_processor(data)
@@ -137,16 +139,27 @@ class ShardDownloader:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.rows.close()
 
-    def iter_outcomes(self, table: pa.Table) -> Iterator[RowOutcome]:
-        """One outcome per row of a staged input table (columns url, caption, caption_ok), in row
-        order, each as soon as it and all rows before it are done."""
+    def iter_outcomes(self, table: pa.Table, duplicates: Optional[dict[int, str]] = None) -> Iterator[RowOutcome]:
+        """One outcome per row of a staged input table (columns url, caption, caption_ok and
+        source_error), in row order, each as soon as it and all rows before it are done.
+
+        Decided without a request: malformed source rows, caption filters, and `duplicates`
+        ({row: key of the first row with the same url and caption}, from the run's pair dedup)."""
         urls = table.column("url").to_pylist()
         captions = table.column("caption").to_pylist()
         oks = table.column("caption_ok").to_pylist()
+        errors = (table.column("source_error").to_pylist() if "source_error" in table.column_names
+                  else [None] * table.num_rows)
+        duplicates = duplicates or {}
         early: dict[int, Rejection] = {}
         todo = []
-        for i, (caption, ok) in enumerate(zip(captions, oks)):
-            rejection = self.rows.caption_check(caption, bool(ok))
+        for i, (caption, ok, error) in enumerate(zip(captions, oks, errors)):
+            if error is not None:
+                rejection = Rejection(FILTER, "malformed_row", error)
+            else:
+                rejection = self.rows.caption_check(caption, bool(ok))
+            if rejection is None and i in duplicates:
+                rejection = Rejection(DEDUP, "duplicate", f"same url and caption as key {duplicates[i]}")
             if rejection is not None:
                 early[i] = rejection
             else:
@@ -155,8 +168,11 @@ class ShardDownloader:
         for i in range(table.num_rows):
             yield early[i] if i in early else next(fetched)
 
-    def process(self, spec: ShardSpec) -> dict[str, Any]:
+    def process(self, spec: ShardSpec, duplicates: Optional[dict[int, str]] = None) -> dict[str, Any]:
         """Download and commit one shard; returns the stats written to its marker.
+
+        duplicates: {row: first key} of the shard's rows that repeat an earlier (url, caption);
+        they are rejected as `dedup/duplicate` without being fetched.
 
         Accepted rows are written in row order, a row group at a time, as soon as they and the
         rows before them are done (memory for encoded images is reused instead of growing)."""
@@ -199,15 +215,12 @@ class ShardDownloader:
                 sink = out.parquet_sink(spec.accepted_file, schema, ROW_GROUP_ROWS)
             sink.write(pa.table(columns, schema=schema))
             if spec.global_pass:
-                index_parts.append(pa.table({
-                    "key": keys, "sha256": columns["sha256"],
-                    "pair": pair_digests(columns["url"].to_pylist(), columns["caption"].to_pylist()),
-                }, schema=INDEX_SCHEMA))
+                index_parts.append(pa.table({"key": keys, "sha256": columns["sha256"]}, schema=INDEX_SCHEMA))
             batch_rows.clear()
             batch_images.clear()
 
         try:
-            for i, outcome in enumerate(self.iter_outcomes(table)):
+            for i, outcome in enumerate(self.iter_outcomes(table, duplicates)):
                 if isinstance(outcome, StoredImage):
                     batch_rows.append(i)
                     batch_images.append(outcome)

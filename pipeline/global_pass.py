@@ -1,8 +1,9 @@
-"""The global pass: filters that need every shard before they can decide (CLIP-score top
-fraction, exact dedup), applied shard by shard once the decisions are made.
+"""The global pass: filters that need every downloaded shard before they can decide (CLIP-score
+top fraction, exact image dedup by sha256), applied shard by shard once the decisions are made.
+(The (url, caption) dedup needs no download: `run._pair_duplicates` decides it before.)
 
 Order: the CLIP-score cut first (rows below the cut are rejected as `filter/clip_score`), then
-dedup among the rows that pass it (`dedup/duplicate`, the first row by key is kept). The
+image dedup among the rows that pass it (`dedup/duplicate`, the first row by key is kept). The
 decisions (`cut` and the duplicate keys) are computed once and committed in
 `_state/global/decisions.json` + `_state/global/duplicates.parquet`, so a resumed run applies
 the same decisions to the shards it had not finished.

@@ -11,10 +11,13 @@ DECODE = "decode"
 FILTER = "filter"
 DEDUP = "dedup"
 
-STAGES = (DOWNLOAD, DECODE, FILTER, DEDUP)
+STAGES = (DOWNLOAD, DECODE, FILTER, DEDUP)  # DESIGN.md's contract: no other stage
 
 # code -> (stage, what it means). `http_<status>` codes (http_404, http_500, ...) are generated.
 REASONS: dict[str, tuple[str, str]] = {
+    # filter: rows the input itself makes unusable (checked before any download)
+    "malformed_row": (FILTER, "the input line cannot be read as a row: wrong number of fields, bad CSV quoting, "
+                              "not a JSON object, or a URL that is not valid UTF-8 (the detail names file and line)"),
     # download
     "invalid_url": (DOWNLOAD, "the URL cannot be parsed or has no host"),
     "unsupported_scheme": (DOWNLOAD, "not an http:// or https:// URL (file://, ftp://, data:, ...)"),
@@ -46,7 +49,8 @@ REASONS: dict[str, tuple[str, str]] = {
     "caption_too_many_words": (FILTER, "more words than data.filters.max_caption_words"),
     "clip_score": (FILTER, "CLIP image-caption similarity below the threshold or outside the top fraction"),
     # dedup
-    "duplicate": (DEDUP, "same image sha256 or same (url, caption) as a row with a smaller key"),
+    "duplicate": (DEDUP, "same image sha256 or same (url, caption) as a row with a smaller key "
+                         "(a (url, caption) duplicate is rejected before it is downloaded)"),
     # any stage
     "internal_error": (DOWNLOAD, "a bug in the pipeline while handling this row (the detail has the traceback)"),
 }

@@ -27,7 +27,7 @@ from pipeline.storage import OutputDir
 
 PLAN = "_state/plan.json"
 STAGING = "_work/input"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: staged rows carry source_error; (url, caption) dedup before the download
 
 # Config keys that change which rows are accepted or what is stored. The others (timeouts,
 # retries, threads, actors, progress, credentials) may change between a run and its resume.
@@ -143,7 +143,9 @@ class Plan:
     @staticmethod
     def from_json(d: dict[str, Any]) -> "Plan":
         if d.get("version") != PLAN_VERSION:
-            raise ValueError(f"{PLAN} has version {d.get('version')}, this pipeline writes {PLAN_VERSION}")
+            raise ValueError(f"{PLAN} has version {d.get('version')}, this pipeline writes {PLAN_VERSION}: the run "
+                             "was started by another version of clipray; finish it with that version, or use "
+                             "a new data.output")
         schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(d["extra_schema"])))
         return Plan(d["fingerprint"], d["files"], [ShardSpec.from_dict(s) for s in d["shards"]], schema)
 

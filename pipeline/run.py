@@ -3,14 +3,18 @@
 Phases, each resumable shard by shard (see `resume.py`):
 
 1. plan      list the input files, stage each into shard-sized Arrow files (one Ray task per
-             file; a single file is staged in the driver), check columns, commit `_state/plan.json`. Bad input stops here, before any
-             download.
+             file; a single file is staged in the driver), check columns, commit `_state/plan.json`.
+             Bad input stops here, before any download (a malformed row is not bad input: it
+             becomes a `filter/malformed_row` reject).
+   pairs     (`filters.dedup_url_caption` only) find the rows that repeat an earlier (url, caption)
+             over the whole input (Ray Data groupby per hash bucket), commit them in `_state/pairs/`;
+             the download rejects them without fetching.
 2. download  Ray Data `map_batches` over the shards still to do, on an actor pool
              (`ActorPoolStrategy`, one actor per CPU by default); each actor downloads its shard
              with `data.threads_per_actor` threads and keep-alive connections, writes the shard's
              accepted rows and rejects, and commits it.
 3. score     (CLIP-score filter only) an actor pool (GPU if asked) scores the accepted rows.
-4. global    (dedup / CLIP score) decide the cut and the duplicates over all shards (Ray Data
+4. global    (image dedup / CLIP score) decide the cut and the duplicates over all shards (Ray Data
              groupby per hash bucket), commit the decisions, then rewrite each shard without the
              rejected rows (Ray Data tasks).
 5. manifest  assembled from the markers; stray files of interrupted attempts are removed.
@@ -30,7 +34,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import DataConfig
-from pipeline.dedup import bucket_prefix_length, later_duplicates, with_bucket
+from pipeline.dedup import (PAIR_DECISIONS, PAIR_DUPLICATES, bucket_prefix_length, later_duplicates, pair_index,
+                            with_bucket)
 from pipeline.download import ShardDownloader
 from pipeline.filters import clip_score_cut
 from pipeline.global_pass import (DECISIONS, DUPLICATE_SCHEMA, DUPLICATES, apply_to_shard, describe_cut,
@@ -74,11 +79,12 @@ def _run(data: DataConfig) -> dict[str, Any]:
     downloads = _markers(out, DOWNLOAD, plan.shards)
     already_done = len(downloads)
     todo = [s for s in plan.shards if s.name not in downloads]
+    pair_duplicates = _pair_duplicates(data, out, plan) if data.filters.dedup_url_caption else {}
     phase_start = time.time()
     processed_rows = 0
     processed_accepted = 0
     if todo:
-        for stats in _download(data, out, plan, todo):
+        for stats in _download(data, out, plan, todo, pair_duplicates):
             downloads[stats["shard"]] = stats
             processed_rows += stats["rows"]
             processed_accepted += stats["accepted"]
@@ -178,11 +184,15 @@ class _DownloadUDF:
         self.downloader = ShardDownloader(data, out, extra_schema, cpu_slots=1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        stats = [self.downloader.process(ShardSpec.from_dict(json.loads(s))) for s in batch["spec"]]
+        stats = []
+        for spec, dups in zip(batch["spec"], batch["duplicates"]):
+            duplicates = {int(row): first for row, first in json.loads(dups)}
+            stats.append(self.downloader.process(ShardSpec.from_dict(json.loads(spec)), duplicates))
         return {"stats": [json.dumps(s) for s in stats]}
 
 
-def _download(data: DataConfig, out: OutputDir, plan: Plan, todo: list[ShardSpec]) -> Iterable[dict]:
+def _download(data: DataConfig, out: OutputDir, plan: Plan, todo: list[ShardSpec],
+              pair_duplicates: dict[str, list]) -> Iterable[dict]:
     import ray
 
     actors = data.num_download_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -191,7 +201,8 @@ def _download(data: DataConfig, out: OutputDir, plan: Plan, todo: list[ShardSpec
     # first waits on its slowest URLs. With fewer shards, one each, or one actor would take two
     # while another idles.
     per_actor = 2 if len(todo) >= 2 * actors else 1
-    ds = ray.data.from_items([{"spec": json.dumps(s.to_dict())} for s in todo], override_num_blocks=len(todo))
+    ds = ray.data.from_items([{"spec": json.dumps(s.to_dict()), "duplicates": json.dumps(pair_duplicates.get(s.name, []))}
+                              for s in todo], override_num_blocks=len(todo))
     results = ds.map_batches(
         _DownloadUDF,
         fn_constructor_kwargs={"data": data, "out": out, "extra_schema": plan.extra_schema},
@@ -245,16 +256,32 @@ class _ScoreUDF:
 
 
 def _load_index(batch: dict[str, np.ndarray], out: OutputDir, cut: Optional[float]) -> pa.Table:
-    """Ray Data UDF: the dedup index rows (key, sha256, pair) of some shards, CLIP cut applied."""
+    """Ray Data UDF: the image-dedup index rows (key, sha256) of some shards, CLIP cut applied."""
     tables = []
     for spec_json in batch["spec"]:
         spec = ShardSpec.from_dict(json.loads(spec_json))
-        index = out.read_parquet(spec.index_file)
+        index = out.read_parquet(spec.index_file, columns=["key", "sha256"])
         if cut is not None:
             scores = out.read_parquet(spec.score_file, columns=["score"]).column("score").to_numpy(zero_copy_only=False)
             index = index.filter(pa.array(scores >= cut))
         tables.append(index)
-    return pa.concat_tables(tables) if tables else pa.table({"key": [], "sha256": [], "pair": []})
+    return pa.concat_tables(tables) if tables else pa.table({"key": pa.array([], pa.string()),
+                                                              "sha256": pa.array([], pa.string())})
+
+
+def _load_pairs(batch: dict[str, np.ndarray], out: OutputDir, data: DataConfig) -> pa.Table:
+    """Ray Data UDF: (key, pair digest) of the staged input rows of some shards that would be
+    downloaded (see `dedup.pair_index`)."""
+    from pipeline.filters import RowFilters
+
+    filters = RowFilters(data.filters)
+    tables = []
+    for spec_json in batch["spec"]:
+        spec = ShardSpec.from_dict(json.loads(spec_json))
+        table = out.read_arrow(spec.input)
+        tables.append(pair_index(table, [spec.key(r) for r in range(table.num_rows)], filters))
+    return pa.concat_tables(tables) if tables else pa.table({"key": pa.array([], pa.string()),
+                                                              "pair": pa.array([], pa.string())})
 
 
 def _duplicates_in_bucket(group: pa.Table, digest_col: str, by: str) -> pa.Table:
@@ -263,42 +290,57 @@ def _duplicates_in_bucket(group: pa.Table, digest_col: str, by: str) -> pa.Table
                      "by": pa.array([by] * found.num_rows, pa.string())}, schema=DUPLICATE_SCHEMA)
 
 
-def _find_duplicates(data: DataConfig, out: OutputDir, shards: list[ShardSpec], rows: int,
-                     cut: Optional[float]) -> pa.Table:
+def _duplicates_on_ray(shards: list[ShardSpec], loader, loader_kwargs: dict, digest_col: str, by: str,
+                       rows: int) -> pa.Table:
+    """Rows whose `digest_col` appeared with a smaller key, over the index rows `loader` makes of
+    `shards` (a Ray Data UDF), grouped per hash bucket so no process holds every key; sorted by key."""
     import ray
 
     if not shards:
         return DUPLICATE_SCHEMA.empty_table()
     index = ray.data.from_items([{"spec": json.dumps(s.to_dict())} for s in shards],
                                 override_num_blocks=min(len(shards), 200))
-    index = index.map_batches(_load_index, fn_kwargs={"out": out, "cut": cut}, batch_size=16,
-                              batch_format="numpy").materialize()
+    index = index.map_batches(loader, fn_kwargs=loader_kwargs, batch_size=16, batch_format="numpy")
     prefix = bucket_prefix_length(rows)
     # Hash-shuffle partitions: a few per million rows (Ray's default of 200 costs more than the
     # work below a few million rows); each holds whole buckets.
     partitions = max(1, min(200, 16 ** prefix, rows // 250_000 + 1))
-    found = []
-    criteria = []
-    if data.filters.dedup_sha256:
-        criteria.append(("sha256", "image sha256"))
-    if data.filters.dedup_url_caption:
-        criteria.append(("pair", "url and caption"))
-    for digest_col, by in criteria:
-        bucketed = index.map_batches(with_bucket, fn_kwargs={"digest_col": digest_col, "prefix": prefix},
-                                     batch_format="pyarrow")
-        dups = bucketed.groupby("bucket", num_partitions=partitions).map_groups(
-            _duplicates_in_bucket, fn_kwargs={"digest_col": digest_col, "by": by}, batch_format="pyarrow")
-        found.extend(ray.get(ref) for ref in dups.to_arrow_refs())
-    if not found:
-        return DUPLICATE_SCHEMA.empty_table()
-    table = pa.concat_tables([t.cast(DUPLICATE_SCHEMA) for t in found if t.num_rows] or [DUPLICATE_SCHEMA.empty_table()])
-    # A row can duplicate one row by image and another by (url, caption): report it once.
-    seen: set = set()
-    keep = []
-    for i, key in enumerate(table.column("key").to_pylist()):
-        keep.append(key not in seen)
-        seen.add(key)
-    return table.filter(pa.array(keep)).sort_by("key")
+    bucketed = index.map_batches(with_bucket, fn_kwargs={"digest_col": digest_col, "prefix": prefix},
+                                 batch_format="pyarrow")
+    dups = bucketed.groupby("bucket", num_partitions=partitions).map_groups(
+        _duplicates_in_bucket, fn_kwargs={"digest_col": digest_col, "by": by}, batch_format="pyarrow")
+    found = [ray.get(ref) for ref in dups.to_arrow_refs()]
+    tables = [t.cast(DUPLICATE_SCHEMA) for t in found if t.num_rows]
+    return pa.concat_tables(tables).sort_by("key") if tables else DUPLICATE_SCHEMA.empty_table()
+
+
+def _find_duplicates(data: DataConfig, out: OutputDir, shards: list[ShardSpec], rows: int,
+                     cut: Optional[float]) -> pa.Table:
+    """Image duplicates (same sha256) among the downloaded rows that pass the CLIP cut."""
+    return _duplicates_on_ray(shards, _load_index, {"out": out, "cut": cut}, "sha256", "image sha256", rows)
+
+
+def _pair_duplicates(data: DataConfig, out: OutputDir, plan: Plan) -> dict[str, list]:
+    """{shard name: [[row, first key], ...]} of the rows that repeat an earlier (url, caption).
+
+    Decided once over the whole input before any download and committed (`dedup.PAIR_DECISIONS`
+    written after `PAIR_DUPLICATES`), so a resumed run rejects the same rows; which copy is kept
+    (the smallest key) does not depend on timing."""
+    if not out.exists(PAIR_DECISIONS):
+        start = time.time()
+        duplicates = _duplicates_on_ray(plan.shards, _load_pairs, {"out": out, "data": data}, "pair",
+                                        "url and caption", plan.input_rows)
+        out.write_parquet(PAIR_DUPLICATES, duplicates, row_group_rows=65_536)
+        out.write_json(PAIR_DECISIONS, {"duplicates": duplicates.num_rows,
+                                        "duration_s": round(time.time() - start, 3)})  # the commit
+        _say(data, f"dedup (url, caption): {duplicates.num_rows} repeated rows will not be downloaded")
+    per_shard = split_by_shard(out.read_parquet(PAIR_DUPLICATES), plan.shards)
+    result = {}
+    for name, table in per_shard.items():
+        width = len(name)
+        result[name] = [[int(key[width:]), first] for key, first in
+                        zip(table.column("key").to_pylist(), table.column("first_key").to_pylist())]
+    return result
 
 
 def _apply_batch(batch: dict[str, np.ndarray], out: OutputDir, cut: Optional[float], cut_detail: str) -> dict:
@@ -338,7 +380,7 @@ def _global_pass(data: DataConfig, out: OutputDir, plan: Plan, downloads: dict[s
             cut = clip_score_cut(scores, f.clip_score.threshold, f.clip_score.top_fraction)
             cut_detail = describe_cut(f.clip_score.threshold, f.clip_score.top_fraction, cut, scored_rows)
         duplicates = DUPLICATE_SCHEMA.empty_table()
-        if f.dedup_sha256 or f.dedup_url_caption:
+        if f.dedup_sha256:
             rows = sum(downloads[s.name]["accepted"] for s in with_rows)
             duplicates = _find_duplicates(data, out, with_rows, rows, cut)
         out.write_parquet(DUPLICATES, duplicates, row_group_rows=65_536)
@@ -397,7 +439,7 @@ def _sweep(out: OutputDir, manifest: dict[str, Any]) -> None:
         log.warning("removing %d files no committed shard owns: %s", len(stray), ", ".join(stray[:5]))
         out.remove(stray)
     # temporary files of writers that were killed before their rename (local disks only)
-    for folder in ("shards", "rejects", "_state", "_state/download", "_state/score", "_state/global"):
+    for folder in ("shards", "rejects", "_state", "_state/pairs", "_state/download", "_state/score", "_state/global"):
         out.remove([n for n in out.list(folder, ".tmp", hidden=True) if n.rsplit("/", 1)[-1].startswith(".")])
     out.remove_tree("_work")
 

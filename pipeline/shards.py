@@ -1,5 +1,5 @@
 """The tables the pipeline writes: accepted rows (`shards/`), rejected rows (`rejects/`) and the
-small per-shard index the global pass (dedup, CLIP-score cut) reads. Column names and types are
+small per-shard index the global pass (image dedup, CLIP-score cut) reads. Column names and types are
 the "Pipeline outputs" contract of DESIGN.md.
 """
 from __future__ import annotations
@@ -31,7 +31,6 @@ REJECT_SCHEMA = pa.schema([
 INDEX_SCHEMA = pa.schema([
     pa.field("key", pa.string()),
     pa.field("sha256", pa.string()),
-    pa.field("pair", pa.string()),  # blake2b-128 of (url, caption), see dedup.pair_digests
 ])
 
 

@@ -2,22 +2,34 @@
 local or any fsspec URL.
 
 Every reader yields `pyarrow.Table` batches in one normal form, whatever the input looked like:
-`url` (string), `caption` (string), `caption_ok` (bool: the caption was a valid UTF-8 string) and
-the requested extra columns. Captions that are missing, not strings, or not valid UTF-8 keep a
-printable stand-in (invalid bytes replaced by U+FFFD) and `caption_ok = false`, so the filters can
-reject them with a reason instead of the reader failing or dropping them.
+`url` (string), `caption` (string), `caption_ok` (bool: the caption was a valid UTF-8 string),
+`source_error` (string, null for a readable row) and the requested extra columns. Captions that are
+missing, not strings, or not valid UTF-8 keep a printable stand-in (invalid bytes replaced by
+U+FFFD) and `caption_ok = false`, so the filters can reject them with a reason instead of the
+reader failing or dropping them.
 
-Bad input is found before any download: a missing column, an empty list or an unreadable file
-raises `InputError` (a ValueError) naming the file, the column and what to do.
+Rows, and what a malformed one becomes: in csv/tsv/jsonl every non-blank line after the header is
+one input row (blank lines are not rows). A line with the wrong number of fields, bad CSV quoting,
+a JSON line that does not parse or is not an object, or a URL that is not valid UTF-8 stays a row,
+with `source_error` naming the file, the line and the problem; the download phase rejects it as
+`filter/malformed_row`, so it is counted like any other reject. A quoted CSV field cannot span
+lines (each of its lines is then a malformed row).
+
+Bad input as a whole is found before any download: a missing column, an empty list, a file that
+cannot be opened or parsed at all (a parquet/JSON-array file that does not parse, a text file none
+of whose lines is a valid row) raises `InputError` (a ValueError) naming the file, the column and
+what to do.
 """
 from __future__ import annotations
 
+import csv
 import io
 import json
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -134,14 +146,27 @@ def read_file(file: InputFile, data: DataConfig, batch_rows: int = BATCH_ROWS) -
     """Normalised batches (see module doc) of one input file, in file order."""
     readers = {"parquet": _read_parquet, "csv": _read_delimited, "tsv": _read_delimited,
                "json": _read_json, "jsonl": _read_json}
+    valid = malformed = 0
+    first_problem = None
     try:
         for batch in readers[file.format](file, data, batch_rows):
-            yield normalise(batch, data)
-    except InputError:
-        raise
+            table = normalise(batch, data, file)
+            errors = table.column("source_error")
+            malformed += len(errors) - errors.null_count
+            valid += errors.null_count
+            if first_problem is None and errors.null_count < len(errors):
+                first_problem = next(e for e in errors.to_pylist() if e is not None)
+            yield table
+        if valid == 0 and malformed:
+            raise InputError(
+                f"{file.url}: none of its {malformed} row(s) can be read as {file.format} ({first_problem}); "
+                f"is it really a {file.format} file (compression, delimiter, data.columns)?")
+    except InputError as exc:
+        message = str(exc)
+        raise InputError(message if file.url in message else f"{file.url}: {message}") from None
     except FileNotFoundError:
         raise InputError(f"{file.url} does not exist (listed from data.input {data.input!r})") from None
-    except Exception as exc:  # noqa: BLE001 - any parse error is an unreadable file
+    except Exception as exc:  # noqa: BLE001 - any other parse error is an unreadable file
         raise InputError(
             f"{file.url} cannot be read as {file.format}"
             f"{' (' + file.compression + ')' if file.compression else ''}: {type(exc).__name__}: {exc}"
@@ -149,117 +174,270 @@ def read_file(file: InputFile, data: DataConfig, batch_rows: int = BATCH_ROWS) -
 
 
 def _read_parquet(file: InputFile, data: DataConfig, batch_rows: int) -> Iterator[pa.Table]:
+    """Parquet rows as they are (a null URL is a row: the download rejects it as `invalid_url`)."""
     with _open(file, data) as fh:
         source = io.BytesIO(fh.read()) if file.compression else fh
         pf = pq.ParquetFile(source)
         _check_columns(file, pf.schema_arrow.names, data)
+        row = 0
         for batch in pf.iter_batches(batch_size=batch_rows, columns=_wanted(data)):
-            yield pa.Table.from_batches([batch])
+            table = pa.Table.from_batches([batch])
+            yield table.append_column(_POSITION, pa.array(range(row, row + table.num_rows), pa.int64()))
+            row += table.num_rows
 
 
-def _header(file: InputFile, data: DataConfig, delimiter: str) -> list[str]:
-    with _open(file, data) as fh:
-        line = fh.readline()
-    text = line.decode("utf-8", errors="replace").rstrip("\r\n")
-    return [c.strip().strip('"') for c in text.split(delimiter)]
+# --- csv / tsv: read in blocks of whole lines; a malformed line becomes a reject, not an error
+
+BLOCK_BYTES = 8 << 20  # bytes per block of lines (also the longest line accepted)
+
+
+def _blocks(fh, block_bytes: Optional[int] = None) -> Iterator[tuple[int, bytes]]:
+    """(number of the block's first line, block) with blocks cut after a newline; the last block
+    may lack its final newline. Lines are separated by b"\n" only (a lone CR is data)."""
+    block_bytes = block_bytes or BLOCK_BYTES
+    line = 1
+    rest = b""
+    while True:
+        chunk = fh.read(block_bytes)
+        if not chunk:
+            if rest:
+                yield line, rest
+            return
+        rest += chunk
+        cut = rest.rfind(b"\n")
+        if cut < 0:
+            if len(rest) > block_bytes:
+                raise InputError(f"line {line} is longer than {block_bytes >> 20} MiB: not a URL list?")
+            continue
+        block, rest = rest[: cut + 1], rest[cut + 1:]
+        yield line, block
+        line += block.count(b"\n")
+
+
+def _split_fields(line: bytes, fmt: str) -> list[bytes]:
+    """The fields of one line (without its newline); csv.Error for bad quoting."""
+    sep = b"\t" if fmt == "tsv" else b","
+    if fmt == "tsv" or b'"' not in line:
+        return line.split(sep)
+    # Standard CSV quoting, strictly, one line at a time: an unterminated quote is an error on
+    # this line instead of swallowing the next ones. Bytes survive as surrogate escapes.
+    row = next(csv.reader([line.decode("utf-8", "surrogateescape")], strict=True))
+    return [f.encode("utf-8", "surrogateescape") for f in row]
+
+
+def _header_names(line: bytes, fmt: str) -> list[str]:
+    line = line.rstrip(b"\r")
+    try:
+        fields = _split_fields(line, fmt)
+    except csv.Error:
+        fields = line.split(b"\t" if fmt == "tsv" else b",")
+    names = [f.decode("utf-8", "replace").strip().strip('"') for f in fields]
+    if names:
+        names[0] = names[0].lstrip("\ufeff")  # a byte-order mark
+    return names
 
 
 def _read_delimited(file: InputFile, data: DataConfig, batch_rows: int) -> Iterator[pa.Table]:
-    delimiter = "\t" if file.format == "tsv" else ","
-    if data.columns:
-        names = list(data.columns)
-        read_options = pacsv.ReadOptions(column_names=names, block_size=8 << 20)
-    else:
-        names = _header(file, data, delimiter)
-        read_options = pacsv.ReadOptions(block_size=8 << 20)
-    _check_columns(file, names, data)
+    """csv (standard quoting) or tsv (no quoting: CC3M/CC12M captions hold bare quotes).
+
+    A block of lines goes through pyarrow's parser when nothing in it can be ambiguous (no quote
+    character, no blank line, no lone CR) and every line has the right number of fields; any other
+    block is parsed line by line in Python, where a line with the wrong number of fields or bad
+    quoting becomes a row whose `source_error` names the file and line. Blank lines are not rows.
+    Everything is read as bytes: text is validated as UTF-8 in `normalise`.
+    """
+    fmt = file.format
     wanted = _wanted(data)
-    # Everything is read as bytes: captions are validated as UTF-8 row by row in `normalise`,
-    # and a CSV has no types to keep anyway. Tab-separated files are not quoted (CC3M/CC12M
-    # captions contain bare quotes); comma-separated files use standard CSV quoting.
-    parse_options = pacsv.ParseOptions(delimiter=delimiter, quote_char=False if file.format == "tsv" else '"')
-    convert_options = pacsv.ConvertOptions(
-        column_types={c: pa.binary() for c in wanted}, include_columns=wanted,
-        strings_can_be_null=False, quoted_strings_can_be_null=False,
-    )
     with _open(file, data) as fh:
-        reader = pacsv.open_csv(fh, read_options=read_options, parse_options=parse_options,
-                                convert_options=convert_options)
-        for batch in reader:
-            if batch.num_rows:
-                yield pa.Table.from_batches([batch])
+        blocks = _blocks(fh)
+        names = list(data.columns) if data.columns else None
+        for first_line, block in blocks:
+            if names is None:
+                cut = block.find(b"\n")
+                header, block = (block, b"") if cut < 0 else (block[:cut], block[cut + 1:])
+                names = _header_names(header, fmt)
+                _check_columns(file, names, data)
+                first_line += 1
+                if not block:
+                    continue
+            elif first_line == 1:
+                _check_columns(file, names, data)
+            table = _parse_block_fast(block, first_line, names, wanted, fmt)
+            if table is None:
+                table = _parse_block_slowly(file, block, first_line, names, wanted, fmt)
+            if table.num_rows:
+                yield table
+
+
+def _parse_block_fast(block: bytes, first_line: int, names: list[str], wanted: list[str],
+                      fmt: str) -> Optional[pa.Table]:
+    """pyarrow's parser on a block where it cannot misread anything (no quotes, no lone CR, the
+    right number of fields on every line, no blank line); None: use the slow path."""
+    # (Blank lines need no search: pyarrow skips them, so the row count below tells.)
+    if fmt == "csv" and b'"' in block:
+        return None
+    crs = block.count(b"\r")
+    if crs and crs != block.count(b"\r\n"):
+        return None
+    lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+    invalid = []
+    try:
+        table = pacsv.read_csv(
+            pa.py_buffer(block),
+            read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 20),
+            parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", quote_char=False,
+                                             invalid_row_handler=lambda row: invalid.append(row) or "skip"),
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.binary() for c in wanted},
+                                                 include_columns=wanted, strings_can_be_null=False),
+        )
+    except (pa.ArrowInvalid, ValueError):
+        return None
+    if invalid or table.num_rows != lines:
+        return None
+    return table.append_column("source_error", pa.nulls(lines, pa.string())).append_column(
+        _POSITION, pa.array(np.arange(first_line, first_line + lines, dtype=np.int64)))
+
+
+def _parse_block_slowly(file: InputFile, block: bytes, first_line: int, names: list[str], wanted: list[str],
+                        fmt: str) -> pa.Table:
+    index = [names.index(c) for c in wanted]
+    columns: list[list] = [[] for _ in wanted]
+    errors: list[Optional[str]] = []
+    positions: list[int] = []
+    lines = block.split(b"\n")
+    if block.endswith(b"\n"):
+        lines.pop()
+    for offset, line in enumerate(lines):
+        line = line[:-1] if line.endswith(b"\r") else line
+        if not line:
+            continue  # a blank line is not a row
+        number = first_line + offset
+        problem = None
+        try:
+            fields = _split_fields(line, fmt)
+            if len(fields) != len(names):
+                problem = f"{len(fields)} field(s), expected {len(names)} ({', '.join(names)})"
+        except csv.Error as exc:
+            problem = f"bad quoting: {exc}"
+        positions.append(number)
+        if problem is None:
+            errors.append(None)
+            for col, i in zip(columns, index):
+                col.append(fields[i])
+            continue
+        shown = line[:200].decode("utf-8", "replace")
+        errors.append(f"{file.url} line {number}: {problem}: {shown!r}")
+        for col in columns:
+            col.append(None)
+    arrays = {c: pa.array(col, pa.binary()) for c, col in zip(wanted, columns)}
+    arrays["source_error"] = pa.array(errors, pa.string())
+    arrays[_POSITION] = pa.array(positions, pa.int64())
+    return pa.table(arrays)
+
+
+# --- json / jsonl
 
 
 def _read_json(file: InputFile, data: DataConfig, batch_rows: int) -> Iterator[pa.Table]:
-    """JSON lines, or one JSON array of objects (a `.json` file may be either)."""
+    """JSON lines, or one JSON array of objects (a `.json` file may be either).
+
+    JSON lines: a line that is not JSON, or not a JSON object, becomes a row whose `source_error`
+    names the file and line; blank lines are not rows. A JSON array is one document: if it does not
+    parse, the file is unreadable (InputError). Invalid UTF-8 is kept as surrogate escapes, so a
+    caption with bad bytes is flagged like in a TSV file.
+    """
     wanted = _wanted(data)
     checked = False
+    rows: list[Any] = []
+    errors: list[Optional[str]] = []
+    positions: list[int] = []
 
-    def rows_to_table(rows: list[Any]) -> pa.Table:
+    def flush() -> pa.Table:
+        cols: dict[str, pa.Array] = {}
+        for c in wanted:
+            conv = _json_caption if c == data.caption_col else _json_cell
+            cols[c] = pa.array([None if r is None else conv(r.get(c)) for r in rows], type=pa.binary())
+        cols["source_error"] = pa.array(errors, pa.string())
+        cols[_POSITION] = pa.array(positions, pa.int64())
+        table = pa.table(cols)
+        rows.clear(), errors.clear(), positions.clear()
+        return table
+
+    def add(value: Any, position: int, where: str) -> None:
         nonlocal checked
-        if not checked and rows:
-            if not isinstance(rows[0], dict):
-                raise InputError(f"{file.url}: expected JSON objects, got {type(rows[0]).__name__}")
-            _check_columns(file, list(rows[0].keys()), data)
-            checked = True
-        cols: dict[str, list] = {c: [] for c in wanted}
-        for r in rows:
-            if not isinstance(r, dict):
-                raise InputError(f"{file.url}: expected JSON objects, got {type(r).__name__}")
-            for c in wanted:
-                cols[c].append(r.get(c))
-        # Values keep their JSON type (a number caption stays a number until `normalise`).
-        return pa.table({c: pa.array([_json_cell(v) for v in vals], type=pa.string()) if c != data.caption_col
-                         else pa.array([_json_caption(v) for v in vals], type=pa.binary())
-                         for c, vals in cols.items()}) if rows else pa.table({})
+        if isinstance(value, dict):
+            if not checked:
+                _check_columns(file, list(value.keys()), data)
+                checked = True
+            rows.append(value)
+            errors.append(None)
+        else:
+            rows.append(None)
+            errors.append(f"{file.url} {where}: a JSON {type(value).__name__}, not an object: {str(value)[:200]!r}")
+        positions.append(position)
 
     with _open(file, data) as fh:
-        stream = io.TextIOWrapper(fh, encoding="utf-8", errors="strict")
-        first = ""
+        head = b""
         while True:
-            ch = stream.read(1)
+            ch = fh.read(1)
             if not ch or not ch.isspace():
-                first = ch
+                head = ch
                 break
-        if first == "[":
-            rows = json.loads(first + stream.read())
-            for i in range(0, len(rows), batch_rows):
-                yield rows_to_table(rows[i:i + batch_rows])
+        if head == b"[":
+            document = json.loads((head + fh.read()).decode("utf-8", "surrogateescape"))
+            for i, value in enumerate(document):
+                add(value, i, f"item {i}")
+                if len(rows) >= batch_rows:
+                    yield flush()
+            if rows:
+                yield flush()
             return
-        buffer: list[Any] = []
-        pending = first
-        for line_no, line in enumerate(stream, start=1):
-            line = pending + line
-            pending = ""
-            if not line.strip():
+        for line_no, raw in enumerate(fh, start=1):
+            if line_no == 1:
+                raw = head + raw
+            text = raw.decode("utf-8", "surrogateescape").strip()
+            if not text:
                 continue
             try:
-                buffer.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{file.url} line {line_no}: not JSON ({exc}); fix or remove the line") from None
-            if len(buffer) >= batch_rows:
-                yield rows_to_table(buffer)
-                buffer = []
-        if pending.strip():
-            buffer.append(json.loads(pending))
-        if buffer:
-            yield rows_to_table(buffer)
+                value = json.loads(text)
+            except (json.JSONDecodeError, RecursionError) as exc:
+                rows.append(None)
+                errors.append(f"{file.url} line {line_no}: not JSON ({exc}): {text[:200]!r}")
+                positions.append(line_no)
+            else:
+                add(value, line_no, f"line {line_no}")
+            if len(rows) >= batch_rows:
+                yield flush()
+        if rows:
+            yield flush()
 
 
 _NOT_TEXT = b"\x00clipray-not-text\x00"
+_POSITION = "__position"  # a reader's line (text formats) or row (parquet) number, for messages
 
 
-def _json_cell(value: Any) -> Optional[str]:
-    if value is None or isinstance(value, str):
-        return value
-    return json.dumps(value)
+def _text_bytes(value: str) -> bytes:
+    """A str decoded with surrogateescape (or holding JSON-escaped lone surrogates) back to bytes;
+    invalid UTF-8 stays invalid, so `normalise` flags it."""
+    try:
+        return value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass")
+
+
+def _json_cell(value: Any) -> Optional[bytes]:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return _text_bytes(value)
+    return json.dumps(value).encode()
 
 
 def _json_caption(value: Any) -> Optional[bytes]:
     if value is None:
         return None
     if isinstance(value, str):
-        return value.encode("utf-8", errors="surrogatepass")
+        return _text_bytes(value)
     return _NOT_TEXT + json.dumps(value).encode()
 
 
@@ -299,11 +477,30 @@ def _as_text(column: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
     return pa.array(texts, type=pa.string()), pa.array(oks, type=pa.bool_())
 
 
-def normalise(table: pa.Table, data: DataConfig) -> pa.Table:
-    """`url`, `caption`, `caption_ok` and the extra columns, from any reader's batch."""
-    url, _ = _as_text(table.column(data.url_col))
+def normalise(table: pa.Table, data: DataConfig, file: Optional[InputFile] = None) -> pa.Table:
+    """`url`, `caption`, `caption_ok`, `source_error` and the extra columns, from any reader's batch.
+
+    `source_error` is null for a readable row; otherwise it says why the row cannot be used (a
+    malformed line, a URL that is not valid UTF-8) and where, and the download rejects the row
+    as `filter/malformed_row` without fetching anything.
+    """
+    url, url_ok = _as_text(table.column(data.url_col))
     caption, ok = _as_text(table.column(data.caption_col))
-    columns = {"url": url, "caption": caption, "caption_ok": pc.fill_null(ok, False)}
+    if "source_error" in table.column_names:
+        errors = table.column("source_error").combine_chunks()
+    else:
+        errors = pa.nulls(table.num_rows, pa.string())
+    bad_url = pc.and_(pc.invert(pc.fill_null(url_ok, False)), url.is_valid())
+    if pc.any(bad_url).as_py():
+        unit = "row" if file is None or file.format == "parquet" else "line"
+        positions = (table.column(_POSITION).to_pylist() if _POSITION in table.column_names
+                     else list(range(table.num_rows)))
+        name = file.url if file is not None else "input"
+        texts, flags, old = url.to_pylist(), bad_url.to_pylist(), errors.to_pylist()
+        errors = pa.array([
+            e if e is not None or not flag else f"{name} {unit} {pos}: the url is not valid UTF-8: {text[:200]!r}"
+            for e, flag, pos, text in zip(old, flags, positions, texts)], pa.string())
+    columns = {"url": url, "caption": caption, "caption_ok": pc.fill_null(ok, False), "source_error": errors}
     for col in data.extra_cols:
         values = table.column(col)
         if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):

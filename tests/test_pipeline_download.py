@@ -49,3 +49,28 @@ def test_shard_is_written_in_row_order_in_row_groups_and_committed_last(tmp_path
     assert [(r["key"], r["reason"]) for r in rejects] == [("000074", "http_404"), ("000077", "caption_empty")]
     assert json.loads((tmp_path / "_state" / "download" / "00007.json").read_text())["accepted"] == 8
     assert not [p for p in tmp_path.rglob(".*.tmp")]  # no temporary file left behind
+
+
+def test_malformed_and_duplicate_rows_are_rejected_without_a_request(tmp_path):
+    with HTTPTestServer({f"/{i}.jpg": jpeg_bytes(40, 30, seed=i) for i in range(4)}) as server:
+        out = OutputDir(str(tmp_path))
+        out.write_arrow("_work/input/x.arrow", pa.table({
+            "url": [server.url("/0.jpg"), None, server.url("/0.jpg"), server.url("/3.jpg")],
+            "caption": ["zero", None, "zero", "three"], "caption_ok": [True, False, True, True],
+            "source_error": [None, "list.csv line 3: 3 field(s), expected 2 (url, caption): 'a,b,c'", None, None]}))
+        data = DataConfig(input="x", output=str(tmp_path), allow_private_addresses=True, retries=0, image_size=32,
+                          filters={"dedup_url_caption": True})
+        spec = ShardSpec(id=0, name="00000", input="_work/input/x.arrow", rows=4, source="x", first_row=0,
+                         row_digits=1, global_pass=False)
+        shard = download.ShardDownloader(data, out, pa.schema([]), cpu_slots=1)
+        try:
+            stats = shard.process(spec, duplicates={2: "000000"})
+        finally:
+            shard.close()
+        assert sorted(server.paths()) == ["/0.jpg", "/3.jpg"]
+    assert (stats["accepted"], stats["reasons"], stats["stages"]) == (
+        2, {"malformed_row": 1, "duplicate": 1}, {"filter": 1, "dedup": 1})
+    rejects = pq.read_table(tmp_path / spec.rejects_file).to_pylist()
+    assert [(r["key"], r["stage"], r["reason"], r["detail"]) for r in rejects] == [
+        ("000001", "filter", "malformed_row", "list.csv line 3: 3 field(s), expected 2 (url, caption): 'a,b,c'"),
+        ("000002", "dedup", "duplicate", "same url and caption as key 000000")]

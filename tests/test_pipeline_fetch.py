@@ -190,3 +190,49 @@ def test_https_is_pinned_to_the_checked_address_and_verifies_the_certificate(tmp
         assert make_fetcher(pool=ConnectionPool(context=trusting)).fetch(server.url("/a.jpg")).reason == "tls_error"
         # and a certificate nobody trusts fails too
         assert make_fetcher(guard=guard).fetch(f"https://images.test:{server.port}/a.jpg").reason == "tls_error"
+
+
+def _raw(response: bytes, close: bool = False):
+    """A route handler that writes `response` verbatim (then closes the connection if asked)."""
+    def handler(h):
+        h.wfile.write(response)
+        h.wfile.flush()
+        if close:
+            h.close_connection = True
+    return handler
+
+
+def _chunked(body: bytes, size: int = 1000) -> bytes:
+    chunks = b"".join(b"%x;ext=1\r\n" % len(body[i:i + size]) + body[i:i + size] + b"\r\n"
+                      for i in range(0, len(body), size))
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + chunks + b"0\r\nX-Trailer: yes\r\n\r\n")
+
+
+@pytest.mark.parametrize("response, close, reason, reusable", [
+    (_chunked(IMAGE), False, None, True),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(IMAGE) + IMAGE, False, None, True),
+    (b"HTTP/1.0 200 OK\r\nContent-Type: image/jpeg\r\n\r\n" + IMAGE, True, None, False),  # body until close
+    (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(IMAGE) + IMAGE, True, None, False),
+    (b"HTTP/1.1 200 OK\r\nX-Robots-Tag: noindex\r\nX-Robots-Tag: other\r\n  folded\r\nContent-Length: 1\r\n\r\nx",
+     False, "optout", False),
+    (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", True, "http_error", False),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", True, "http_error", False),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n100000\r\n" + b"x" * 100, True, "connection_error", False),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 1", True, "connection_error", False),  # headers never end
+])
+def test_response_framings_are_read_or_rejected(response, close, reason, reusable):
+    with HTTPTestServer({"/r": Route(handler=_raw(response, close)), "/ok.jpg": IMAGE}) as srv:
+        fetcher = make_fetcher(retries=0, max_response_bytes=1 << 20)
+        result = fetcher.fetch(srv.url("/r"))
+        assert result.reason == reason, result.detail
+        if reason is None:
+            assert result.body == IMAGE
+        assert fetcher.fetch(srv.url("/ok.jpg")).body == IMAGE  # the next request works either way
+        assert (fetcher.pool.opened == 1) == reusable
+
+
+def test_a_chunked_body_over_the_cap_is_too_large():
+    with HTTPTestServer({"/r": Route(handler=_raw(_chunked(b"\xff" * 5000), True))}) as srv:
+        result = make_fetcher(max_response_bytes=3000).fetch(srv.url("/r"))
+    assert result.reason == "response_too_large"

@@ -159,6 +159,100 @@ def test_every_misbehaving_row_ends_accepted_or_rejected_with_its_reason(ray_loc
            {k: v for k, v in manifest.items() if k not in ("duration_s", "run")}
 
 
+def test_malformed_source_rows_are_counted_rejects_in_every_format(ray_local, servers, tmp_path):
+    """Bad lines in csv/tsv/jsonl and a null URL in parquet end as rejects with file and line;
+    the run goes on and accepted + rejected == input_rows (a malformed line counts as one row)."""
+    import pyarrow as pa
+
+    main, _ = servers
+    ok, cmyk = main.url("/ok.jpg").encode(), main.url("/cmyk.jpg").encode()
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "a.csv").write_bytes(
+        b"url,caption\n"
+        + ok + b',"a photo, with a comma"\n'       # line 2: accepted
+        + ok + b",three,fields\n"                   # line 3: malformed
+        + b"\n"                                      # line 4: blank, not a row
+        + ok + b',"unterminated quote\n'            # line 5: malformed
+        + b"http://127.0.0.1/\xff\xfe.jpg,bad url\n"  # line 6: malformed (url not UTF-8)
+        + cmyk + b",print colours\r\n")              # line 7: accepted
+    (lists / "b.jsonl").write_bytes(
+        b'{"url": "' + ok + b'", "caption": "json one"}\n'  # line 1: accepted
+        + b'{"url": "' + ok + b'", "caption": \n'            # line 2: malformed
+        + b"42\n"                                            # line 3: malformed
+        + b'{"url": "' + cmyk + b'", "caption": "json four"}')  # line 4: accepted
+    pq.write_table(pa.table({"url": [ok.decode(), None], "caption": ["parquet one", "no url"]}), lists / "c.parquet")
+    (lists / "d.tsv").write_bytes(b"url\tcaption\n" + ok + b"\ttsv one\n" + ok + b"\tragged\tline\n")
+    data = config(tmp_path, lists, rows_per_shard=4)
+    manifest = run_pipeline(data)
+
+    assert manifest["input_rows"] == 5 + 4 + 2 + 2
+    assert manifest["accepted"] + manifest["rejected"] == manifest["input_rows"]
+    assert manifest["accepted"] == 2 + 2 + 1 + 1
+    assert manifest["reasons"] == {"malformed_row": 6, "invalid_url": 1}
+    assert manifest["stages"] == {"filter": 6, "download": 1}
+    rejects = read_table(tmp_path / "out" / "rejects").to_pylist()
+    details = sorted(r["detail"] for r in rejects if r["reason"] == "malformed_row")
+    assert all(r["stage"] == "filter" for r in rejects if r["reason"] == "malformed_row")
+    expected = [(lists / "a.csv", 3), (lists / "a.csv", 5), (lists / "a.csv", 6), (lists / "b.jsonl", 2),
+                (lists / "b.jsonl", 3), (lists / "d.tsv", 3)]
+    assert [d.split(":", 1)[0] for d in details] == [f"{path} line {line}" for path, line in expected]
+    null_url = [r for r in rejects if r["reason"] == "invalid_url"]
+    assert null_url[0]["caption"] == "no url" and null_url[0]["stage"] == "download"
+    keys = read_table(tmp_path / "out" / "shards").column("key").to_pylist() + [r["key"] for r in rejects]
+    assert len(keys) == len(set(keys)) == manifest["input_rows"]
+
+    # A rerun finds every shard committed and reports the same.
+    again = run_pipeline(data)
+    assert again["run"]["rows_processed"] == 0
+    assert {k: v for k, v in again.items() if k not in ("duration_s", "run")} == \
+           {k: v for k, v in manifest.items() if k not in ("duration_s", "run")}
+
+
+def test_repeated_url_caption_rows_are_rejected_before_download(ray_local, tmp_path):
+    image = jpeg_bytes(64, 64, seed=11)
+    with HTTPTestServer({"/a.jpg": image, "/b.jpg": jpeg_bytes(64, 64, seed=12), "/d.jpg": jpeg_bytes(64, 64, seed=13),
+                         "/gone.jpg": Route(status=404)}) as server:
+        u = lambda p: server.url(p).encode()  # noqa: E731
+        rows = [
+            (u("/a.jpg"), b"cap A", "accepted"),                 # 0
+            (u("/a.jpg"), b"cap A", ("duplicate", 0)),           # 1
+            (u("/a.jpg"), b"cap A2", "accepted"),                # 2: same url, other caption: kept
+            (u("/b.jpg"), b"cap B", "accepted"),                 # 3
+            (u("/a.jpg"), b"cap A", ("duplicate", 0)),           # 4: in another shard
+            (u("/b.jpg"), b"cap B", ("duplicate", 3)),           # 5
+            (u("/d.jpg"), b"", "caption_empty"),                 # 6
+            (u("/d.jpg"), b"", "caption_empty"),                 # 7: keeps its own reason
+            (u("/d.jpg"), b"cap D", "accepted"),                 # 8
+            (u("/d.jpg"), b"cap D", ("duplicate", 8)),           # 9
+            (u("/gone.jpg"), b"x", "http_404"),                  # 10
+            (u("/gone.jpg"), b"x", ("duplicate", 10)),           # 11: not fetched although 10 failed
+        ]
+        write_tsv(tmp_path / "list.tsv", rows)
+        data = config(tmp_path, tmp_path / "list.tsv", rows_per_shard=3, filters={"dedup_url_caption": True})
+        manifest = run_pipeline(data)
+        from collections import Counter
+
+        assert Counter(server.paths()) == {"/a.jpg": 2, "/b.jpg": 1, "/d.jpg": 1, "/gone.jpg": 1}
+        assert (manifest["accepted"], manifest["reasons"]) == (4, {"duplicate": 5, "caption_empty": 2, "http_404": 1})
+        key = lambda i: f"{i // 3:05d}{i % 3}"  # noqa: E731
+        rejects = {r["key"]: r for r in read_table(tmp_path / "out" / "rejects").to_pylist()}
+        for i, (_, _, expected) in enumerate(rows):
+            if isinstance(expected, tuple):
+                assert (rejects[key(i)]["stage"], rejects[key(i)]["reason"]) == ("dedup", "duplicate")
+                assert rejects[key(i)]["detail"] == f"same url and caption as key {key(expected[1])}"
+            elif expected != "accepted":
+                assert rejects[key(i)]["reason"] == expected
+        shards = read_table(tmp_path / "out" / "shards")
+        assert shards.column("key").to_pylist() == [key(i) for i in (0, 2, 3, 8)]
+        assert not (tmp_path / "out" / "_work").exists()
+        # The decisions are committed: a rerun fetches nothing and reports the same.
+        before = server.request_count()
+        again = run_pipeline(data)
+        assert server.request_count() == before
+        assert (again["accepted"], again["reasons"]) == (manifest["accepted"], manifest["reasons"])
+
+
 def test_loopback_urls_are_refused_and_the_server_sees_no_request(ray_local, tmp_path):
     with HTTPTestServer({"/a.jpg": jpeg_bytes()}) as server:
         port = server.port
@@ -226,15 +320,24 @@ def test_run_killed_halfway_resumes_to_the_same_keys(ray_local, tmp_path):
     routes = {f"/{i}.jpg": Route(body=jpeg_bytes(64, 48, seed=i), delay_s=0.1) for i in range(n)}
     routes.update({f"/gone{i}.jpg": Route(status=404, delay_s=0.1) for i in range(n)})
     with HTTPTestServer(routes) as server:
-        rows = [(server.url(f"/{i}.jpg" if i % 5 else f"/gone{i}.jpg").encode(), f"image {i}".encode(), None)
-                for i in range(n)]
+        def row(i: int):
+            if i % 12 == 3:  # a line with 3 fields: a malformed row
+                return b"http://127.0.0.1/ragged\tmore", b"fields", "malformed"
+            if i % 12 == 7:  # the same url and caption as row i - 6: a duplicate, never fetched
+                return row(i - 6)[:2] + ("duplicate",)
+            return server.url(f"/{i}.jpg" if i % 5 else f"/gone{i}.jpg").encode(), f"image {i}".encode(), "fetched"
+
+        rows = [row(i) for i in range(n)]
         write_tsv(tmp_path / "list.tsv", rows)
         common = dict(input=str(tmp_path / "list.tsv"), allow_private_addresses=True, rows_per_shard=4,
                       num_download_actors=1, threads_per_actor=2, image_size=32, timeout_s=5, retries=0,
-                      progress=False)
+                      progress=False, filters={"dedup_url_caption": True})
 
         # An uninterrupted run for reference.
         reference = run_pipeline(DataConfig(output=str(tmp_path / "reference"), **common))
+        assert len(server.requests) == sum(kind == "fetched" for *_, kind in rows)  # duplicates not fetched
+        assert reference["reasons"]["malformed_row"] == n // 12
+        assert reference["reasons"]["duplicate"] == n // 12
 
         # The same job from the CLI, killed with SIGKILL once some shards are committed.
         out = tmp_path / "killed"
@@ -276,7 +379,8 @@ def test_run_killed_halfway_resumes_to_the_same_keys(ray_local, tmp_path):
         done = sorted(p.stem for p in markers.glob("*.json"))
         assert 3 <= len(done) < n // 4, f"{len(done)} of {n // 4} shards were committed at the kill"
         assert not (out / "manifest.json").exists()
-        committed_urls = {rows[int(name) * 4 + r][0].decode() for name in done for r in range(4)}
+        committed_urls = {rows[int(name) * 4 + r][0].decode() for name in done for r in range(4)
+                          if rows[int(name) * 4 + r][2] == "fetched"}
         seen_before = len(server.requests)
 
         # The rerun finishes without redoing committed shards.

@@ -44,7 +44,8 @@ def test_every_format_reads_to_the_same_rows(tmp_path, fmt, gz):
     path.write_bytes(gzip.compress(raw) if gz else raw)
     data = DataConfig(input=str(path), url_col="link", caption_col="text", extra_cols=["score"])
     out = read_all(data)
-    assert out.column_names == ["url", "caption", "caption_ok", "score"]
+    assert out.column_names == ["url", "caption", "caption_ok", "source_error", "score"]
+    assert out.column("source_error").null_count == 3
     assert out.column("url").to_pylist() == [u for u, _ in ROWS]
     assert out.column("caption").to_pylist() == [c for _, c in ROWS]
     assert out.column("caption_ok").to_pylist() == [True] * 3
@@ -109,9 +110,16 @@ def test_empty_and_unreadable_inputs_are_clear_errors(tmp_path):
     (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(InputError, match="broken.parquet cannot be read as parquet"):
         read_all(DataConfig(input=str(tmp_path / "broken.parquet")))
-    (tmp_path / "ragged.tsv").write_text("url\tcaption\nhttp://a/1\tx\textra\n")
-    with pytest.raises(InputError, match="ragged.tsv cannot be read as tsv"):
-        read_all(DataConfig(input=str(tmp_path / "ragged.tsv")))
+    # A text file none of whose lines is a row (here: gzip bytes without a .gz name) is unreadable as a whole.
+    (tmp_path / "packed.tsv").write_bytes(gzip.compress(b"http://a/1\tx\n" * 50))
+    with pytest.raises(InputError, match=r"packed.tsv: none of its \d+ row\(s\) can be read as tsv"):
+        read_all(DataConfig(input=str(tmp_path / "packed.tsv"), columns=["url", "caption"]))
+    (tmp_path / "nojson.jsonl").write_text("url,caption\nhttp://a/1,x\n")
+    with pytest.raises(InputError, match=r"nojson.jsonl: none of its 2 row\(s\) can be read as jsonl"):
+        read_all(DataConfig(input=str(tmp_path / "nojson.jsonl")))
+    (tmp_path / "broken.json").write_text('[{"url": "http://a/1", "caption": "x"}, {"url": ')
+    with pytest.raises(InputError, match="broken.json cannot be read as json"):
+        read_all(DataConfig(input=str(tmp_path / "broken.json")))
     with pytest.raises(InputError, match="data.input is not set"):
         list_input_files(DataConfig())
 
@@ -140,3 +148,85 @@ def test_storage_refuses_names_outside_the_output_folder(tmp_path):
     out.write_bytes("shards/ok.parquet", b"x")
     assert (tmp_path / "out" / "shards" / "ok.parquet").read_bytes() == b"x"
     assert [p.name for p in (tmp_path / "out" / "shards").iterdir()] == ["ok.parquet"]  # no temp file left
+
+
+MESSY_CSV = (b"url,caption,uid\n"
+             b"http://a/1,one,u1\n"                 # line 2
+             b"http://a/2,two,u2,extra\n"           # line 3: 4 fields
+             b"\n"                                  # line 4: blank, not a row
+             b'http://a/3,"three, quoted",u3\n'     # line 5
+             b'http://a/4,"unterminated,u4\n'       # line 6: bad quoting
+             b'http://a/5,"a"b,u5\n'                # line 7: text after a closing quote
+             b"http://\xff\xfe/6,six,u6\n"          # line 8: url not UTF-8
+             b"http://a/7,caf\xe9,u7\n"             # line 9: caption not UTF-8 (a filter's business)
+             b"only-one-field\n"                    # line 10: 1 field
+             b"http://a/9,nine,u9\r\n")             # line 11: CRLF
+
+
+def test_malformed_csv_lines_become_rows_that_name_file_and_line(tmp_path):
+    (tmp_path / "messy.csv").write_bytes(MESSY_CSV)
+    data = DataConfig(input=str(tmp_path / "messy.csv"), extra_cols=["uid"])
+    out = read_all(data)
+    assert out.num_rows == 9  # every non-blank line after the header is a row
+    errors = out.column("source_error").to_pylist()
+    bad = {i: e for i, e in enumerate(errors) if e is not None}
+    assert sorted(bad) == [1, 3, 4, 5, 7]
+    path = str(tmp_path / "messy.csv")
+    assert bad[1].startswith(f"{path} line 3: 4 field(s), expected 3 (url, caption, uid)")
+    assert bad[3].startswith(f"{path} line 6: bad quoting")
+    assert bad[4].startswith(f"{path} line 7: bad quoting")
+    assert bad[5].startswith(f"{path} line 8: the url is not valid UTF-8")
+    assert bad[7].startswith(f"{path} line 10: 1 field(s), expected 3")
+    good = [i for i in range(9) if i not in bad]
+    assert [out.column("url")[i].as_py() for i in good] == ["http://a/1", "http://a/3", "http://a/7", "http://a/9"]
+    assert [out.column("caption")[i].as_py() for i in good] == ["one", "three, quoted", "caf\ufffd", "nine"]
+    assert [out.column("caption_ok")[i].as_py() for i in good] == [True, True, False, True]
+    assert [out.column("uid")[i].as_py() for i in good] == ["u1", "u3", "u7", "u9"]
+
+
+def test_block_size_and_parser_path_do_not_change_what_is_read(tmp_path, monkeypatch):
+    """pyarrow's fast path and the line-by-line path agree, and where blocks end does not matter."""
+    import pipeline.sources as sources
+
+    rows = "".join(f"http://a/{i}\tcaption {i} \"quoted\"\tu{i}\n" for i in range(300))
+    (tmp_path / "clean.tsv").write_text("url\tcaption\tuid\n" + rows)
+    (tmp_path / "messy.csv").write_bytes(MESSY_CSV * 3)
+    for name in ("clean.tsv", "messy.csv"):
+        data = DataConfig(input=str(tmp_path / name), extra_cols=["uid"])
+        reference = read_all(data)
+        monkeypatch.setattr(sources, "BLOCK_BYTES", 64)
+        small_blocks = read_all(data)
+        monkeypatch.setattr(sources, "_parse_block_fast", lambda *a: None)
+        slow = read_all(data)
+        monkeypatch.undo()
+        assert small_blocks.equals(reference) and slow.equals(reference), name
+    assert reference.num_rows - reference.column("source_error").null_count == 3 * 5  # (repeated headers are rows)
+
+
+def test_malformed_json_lines_become_rows_that_name_file_and_line(tmp_path):
+    lines = [b'{"url": "http://a/1", "caption": "one"}',    # line 1
+             b'{"url": "http://a/2", "caption": "two"',      # line 2: not JSON
+             b"",                                            # line 3: blank
+             b"[1, 2]",                                      # line 4: not an object
+             b'{"url": "http://a/5", "caption": "f\xffve"}',  # line 5: caption not UTF-8
+             b'{"url": "http://a/\xff6", "caption": "six"}',  # line 6: url not UTF-8
+             b'{"caption": "no url"}',                       # line 7: a row without a URL
+             b'{"url": "http://a/8", "caption": "eight"}']   # line 8
+    (tmp_path / "l.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    out = read_all(DataConfig(input=str(tmp_path / "l.jsonl")))
+    assert out.num_rows == 7
+    errors = out.column("source_error").to_pylist()
+    path = str(tmp_path / "l.jsonl")
+    assert errors[1].startswith(f"{path} line 2: not JSON")
+    assert errors[2].startswith(f"{path} line 4: a JSON list, not an object")
+    assert errors[4].startswith(f"{path} line 6: the url is not valid UTF-8")
+    assert [errors[i] for i in (0, 3, 5, 6)] == [None] * 4
+    assert out.column("caption_ok").to_pylist()[3] is False
+    assert out.column("url").to_pylist()[5] is None  # rejected as invalid_url by the download
+
+
+def test_parquet_null_url_stays_a_row(tmp_path):
+    pq.write_table(pa.table({"url": ["http://a/1", None], "caption": ["x", "y"]}), tmp_path / "u.parquet")
+    out = read_all(DataConfig(input=str(tmp_path / "u.parquet")))
+    assert out.column("url").to_pylist() == ["http://a/1", None]
+    assert out.column("source_error").to_pylist() == [None, None]
