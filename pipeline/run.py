@@ -55,7 +55,9 @@ def run_pipeline(data: DataConfig) -> dict[str, Any]:
     if not data.output:
         raise ValueError("data.output is not set: give a folder (local or s3://...) for shards/, rejects/ "
                          "and manifest.json")
-    ctx = _data_context()
+    from training.data import data_context  # Ray Data's context, without Ray 2.60's spurious deprecations
+
+    ctx = data_context()
     previous = ctx.enable_progress_bars
     # One tqdm bar per phase in rows/accepted/images per second instead of Ray Data's, whose
     # "rows" here would be shards. Datasets copy the context when they are created.
@@ -121,22 +123,6 @@ def _with_absolute_paths(data: DataConfig) -> DataConfig:
         filters = data.filters.model_copy(update={"clip_score": clip.model_copy(update={"model": absolute(clip.model)})})
         update["filters"] = filters
     return data.model_copy(update=update)
-
-
-def _data_context():
-    """Ray Data's current DataContext.
-
-    Ray 2.60's DataContext() constructor warns about its own deprecated fields as it assigns their
-    defaults (use_push_based_shuffle, use_polars, use_arrow_tensor_v2); nothing here sets them, so
-    those DeprecationWarnings of ray.data.context are silenced while the default context is made.
-    """
-    import warnings
-
-    import ray
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.data\.context")
-        return ray.data.DataContext.get_current()
 
 
 # --- phase 1: plan
