@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import platform
 import statistics
 import sys
@@ -124,8 +125,12 @@ def bench(name: str, batch: int, rounds: int, steps: int, captions: str, device:
     if theirs is not None:
         # Paired per-round ratios are less sensitive to load that changes from round to round.
         paired = statistics.median(a / b for a, b in zip(times["clipray"], times["open_clip"]))
+        # The best round of each is the one least slowed by other jobs: closest to an idle machine.
+        best = {k: max(v) for k, v in times.items()}
         line += (f", open_clip {med['open_clip']:.2f}, ratio of medians "
-                 f"{med['clipray'] / med['open_clip']:.2f}x, median of per-round ratios {paired:.2f}x")
+                 f"{med['clipray'] / med['open_clip']:.2f}x, median of per-round ratios {paired:.2f}x; "
+                 f"best rounds: clipray {best['clipray']:.2f}, open_clip {best['open_clip']:.2f}, "
+                 f"ratio {best['clipray'] / best['open_clip']:.2f}x")
     print(line)
     del ours, theirs, steps_fn
     gc.collect()
@@ -149,10 +154,16 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
-          f"python {platform.python_version()}")
+          f"python {platform.python_version()}, load average {_load()}")
     for name in args.models:
         bench(name, args.batch, args.rounds, args.steps, args.captions, args.device, args.precision,
               args.compile, args.cpu_clock)
+        print(f"load average after {name}: {_load()}")
+
+
+def _load() -> str:
+    """1/5/15-minute load average: wall-clock numbers mean little on a machine busy with other jobs."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
 
 
 if __name__ == "__main__":

@@ -27,10 +27,14 @@ def _random_texts(n: int, seed: int) -> list[str]:
         "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", "0123456789", " \t\n\r\x0c  ",
         "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~", "éèêëàâäôöùûüçñÉÀßøåæœ", "αβγδεζηθΣσςΩ", "абвгдежзийклмнопрЖЩЯ",
         "日本語中文한국어のキャプション", "🐶🐱🚀👍🏽❤️‍🔥", "\u0301\u0308\u200b\u200d\u00a0\u2028\u3000",
-        "“”‘’«»—–…", "ﬁﬂＡＢＣ１２３", "\x00\x01\x07\x1b\x7f\x85\x9c",
+        "“”‘’«»—–…", "ﬁﬂＡＢＣ１２３", "\x00\x01\x07\x1b\x7f\x85\x9c", "\x1c\x1d\x1e\x1f\u2003\u202f\u205f",
+        "ΣσςΑΟΔ", "ÂÃÎÐØÙ€£¢©®°·»×²³", "ǅǈǋ\u0345ᾼ",
     ]
     fragments = ["&amp;", "&lt;b&gt;", "&#39;", "&quot;", "cafÃ©", "Ã ", "'s", "'LL", "'re", "<end_of_text>",
-                 "<start_of_text>", "http://x.y/z?a=1&b=2", "don't", "ſ", "İstanbul", "ΣΑΣ"]
+                 "<start_of_text>", "http://x.y/z?a=1&b=2", "don't", "ſ", "İstanbul", "ΣΑΣ",
+                 "&ldquo;", "&rsquo;", "&eacute;", "&EACUTE;", "&#x2019;", "&#8220;", "&amp;amp;", "&AMP;",
+                 "&nbsp;", "&#27;", "&#10;", "&#150;", "&#xe9;", "&hellip;", "<", "ОДОΣ ", " Σ", "вЂ",
+                 "â€™", "Ã¡", "Â "]
     texts = []
     for _ in range(n):
         parts = []
@@ -95,21 +99,81 @@ def test_ascii_shortcut_cleans_exactly_like_ftfy_and_html():
         assert clean_text(text) == _full_clean(text), repr(text)
 
 
-def test_ftfy_shortcut_skips_only_text_that_ftfy_leaves_unchanged():
-    from training.tokenizer import _FTFY_NOOP, _clean_text_fast
+_SHORTCUT_CASES = [
+    "café", "東京タワー", "naïve", "Straße", "e\u0301", "ﬁne", "ＡＢＣ", "’s", "“q”", "a\u2028b", "x\x85y",
+    "cafÃ©", "Ã\xa0 la", "\x9c", "ｶﾀｶﾅ", "\u0130stanbul", "ΣΑΣ", "😀", "\ud83d", "x\u00a0y", "tab\there",
+    "line\nbreak", "&amp; é", "\x1b[1mé", "\u200bzero", "dž", "ǅ", "Ã la", "a Ã la", "“Ã ”", "‘cafÃ©’",
+    "&ldquo;quoted&rdquo;", "it&rsquo;s", "P&EACUTE;REZ", "&amp;amp;amp;", "a &lt;b&gt; c", "<b>&amp;</b>",
+    "x &#27; y", "x&#10;y", "&#150;", "&#x1F600;", "AT&T", "&notanentity;", "caf&eacute; “x”", "naïve &amp; “x”",
+    "ΟΔΟΣ", "“\u0301", "\u2018\u0308a",
+]
 
-    assert _FTFY_NOOP is not None, "ftfy's fixer list changed: the shortcut is off, re-check it"
-    texts = _random_texts(4000, seed=5) + [
-        "café", "東京タワー", "naïve", "Straße", "e\u0301", "ﬁne", "ＡＢＣ", "’s", "“q”", "a\u2028b", "x\x85y",
-        "cafÃ©", "Ã\xa0 la", "\x9c", "ｶﾀｶﾅ", "\u0130stanbul", "ΣΑΣ", "😀", "\ud83d", "x\u00a0y", "tab\there",
-        "line\nbreak", "&amp; é", "\x1b[1mé", "\u200bzero", "dž", "ǅ",
-    ]
-    skipped = [t for t in texts if not t.isascii() and _FTFY_NOOP(t)]
-    assert len(skipped) > 300  # the shortcut is exercised, not vacuous
+
+def test_fast_badness_test_agrees_with_ftfy_is_bad():
+    from ftfy.badness import is_bad
+
+    from training.tokenizer import _FTFY_SHORTCUT
+
+    bad = _FTFY_SHORTCUT.bad
+    assert bad is not is_bad, "BADNESS_RE changed shape: the windowed search is off, re-check it"
+    texts = _random_texts(6000, seed=6) + _SHORTCUT_CASES
+    flagged = sum(map(is_bad, texts))
+    assert flagged > 1000 and len(texts) - flagged > 1000  # both answers exercised
     for text in texts:
+        assert bad(text) == is_bad(text), repr(text)
+
+
+def test_ftfy_shortcut_predicts_fix_text_exactly():
+    from training.tokenizer import _FTFY_SHORTCUT, _clean_text_fast
+
+    assert _FTFY_SHORTCUT is not None, "ftfy's fixer list changed: the shortcut is off, re-check it"
+    texts = _random_texts(4000, seed=5) + _SHORTCUT_CASES
+    kinds = {"unchanged": 0, "quotes": 0, "entities": 0, "ftfy": 0}
+    for text in texts:
+        fixed = _FTFY_SHORTCUT.fix(text)
+        if fixed is None:
+            kinds["ftfy"] += 1
+        else:
+            assert fixed == ftfy.fix_text(text), repr(text)
+            kinds["unchanged" if fixed == text else "entities" if "&" in text else "quotes"] += 1
         assert _clean_text_fast(text) == _full_clean(text), repr(text)
-        if _FTFY_NOOP(text):
-            assert ftfy.fix_text(text) == text and html.unescape(text) == text, repr(text)
+    assert min(kinds.values()) > 50, kinds  # every case is exercised, not vacuous
+    assert _FTFY_SHORTCUT.fix("“naïve” caf&eacute; &amp;amp;") == "\"naïve\" café &"
+    assert _FTFY_SHORTCUT.fix("cafÃ©") is None and _FTFY_SHORTCUT.fix("a\nb") is None
+
+
+def test_batch_calls_ftfy_only_for_captions_the_shortcut_cannot_predict(monkeypatch):
+    import training.tokenizer as tokenizer_module
+
+    calls = []
+    real_fix_text = tokenizer_module.ftfy.fix_text
+    monkeypatch.setattr(tokenizer_module.ftfy, "fix_text", lambda t: calls.append(t) or real_fix_text(t))
+    texts = ["a dog", "a café in Paris", "the “best” dog", "cats &amp; dogs", "東京タワー", "cafÃ© Ã  la carte"]
+    ids = Tokenizer()(texts)
+    assert calls == ["cafÃ© Ã  la carte"]
+    monkeypatch.setattr(tokenizer_module.ftfy, "fix_text", real_fix_text)
+    assert torch.equal(ids, Tokenizer(fast=False)(texts))
+
+
+def test_str_split_and_clip_whitespace_differ_only_on_characters_the_batch_path_refuses():
+    from training.tokenizer import _BATCH_UNSAFE
+
+    every_char = "".join(map(chr, range(0x110000)))
+    split_at = {c for c in every_char if c.isspace()}  # what str.split() splits at
+    differ = split_at ^ set(regex.findall(r"\s", every_char))
+    assert differ and all(_BATCH_UNSAFE.match(c) for c in differ)
+    for c in differ:  # ftfy removes them, html.unescape never makes them
+        assert ftfy.fix_text(f"a{c}b") == "ab" and html.unescape(f"&#{ord(c)};") == ""
+
+
+def test_captions_the_batch_path_cannot_take_are_encoded_one_by_one(monkeypatch):
+    import training.tokenizer as tokenizer_module
+
+    real = tokenizer_module._fix_text_fast
+    monkeypatch.setattr(tokenizer_module, "_fix_text_fast", lambda t: "odd\x1c text" if t == "ödd" else real(t))
+    texts = ["a dog", "ödd", "naïve café"]
+    ids = Tokenizer()(texts)
+    assert torch.equal(ids, Tokenizer(fast=False)(texts))  # "ödd" went through the reference path
 
 
 def test_cleaning_fixes_mojibake_entities_whitespace_and_case():

@@ -13,9 +13,13 @@ case-insensitive) and each word is byte-level BPE encoded with CLIP's merges fil
 Speed (the default `fast=True` path), all id-identical to CLIP's definition:
 - ASCII captions with no '&' and no control character are left unchanged by ftfy and
   html.unescape (the tests check this over random ASCII), so they skip both;
+- most other captions skip ftfy too: `_FtfyShortcut` runs ftfy's fixing loop where each step's
+  result is known from ftfy's own tables (accents, CJK, emoji: unchanged; curly quotes: uncurled;
+  HTML entities: ftfy's own unescaping), with ftfy's mojibake test `is_bad` searched only around
+  the characters its matches must contain; mojibake and the rest go through ftfy itself;
 - no pattern match spans whitespace, so a caption's ids are the concatenation of the ids of its
-  space-separated chunks: ids are cached per chunk ("dog," -> [1929, 267]) and a caption of known
-  chunks costs a split and a few dict lookups;
+  space-separated chunks: ids are cached per chunk ("dog," -> [1929, 267]); a batch is joined,
+  lower-cased and split once, and its chunks are mapped to ids in one pass;
 - chunks not seen yet are split into words with CLIP's pattern and their BPE runs in HF
   `tokenizers` (Rust), one batch per call.
 `ReferenceBPE` is the plain-Python BPE (the definition the tests hold the fast path to;
@@ -82,20 +86,148 @@ def clean_text(text: str) -> str:
     return _WHITESPACE_RE.sub(" ", text).strip().lower()
 
 
-def _build_ftfy_noop_test():
-    """A fast, conservative test that `ftfy.fix_text(text) == text` and that html.unescape is a no-op.
+# ---------------------------------------------------------------------------------------------
+# Exact shortcuts for ftfy. Each one predicts `ftfy.fix_text(text)` from ftfy's own tables and
+# functions for a class of texts, and is built only for the ftfy version it was written against.
 
-    ftfy runs, per line: HTML unescaping (needs '&'), mojibake repair (returns the text unchanged
-    when `ftfy.badness.is_bad` finds nothing), then character-table fixes (C1 controls,
-    ligatures, character width, curly quotes, line breaks, surrogates, terminal escapes, control
-    characters) and NFC. A text with none of the characters those fixes act on (taken from ftfy's
-    own tables), no newline, no '&', not `is_bad` and already NFC passes every step unchanged.
-    Returns None (no shortcut) unless ftfy's fixer list and defaults are the ones this was written
-    against, so a future ftfy falls back to calling ftfy on every such caption.
+def _parse_regex(pattern: re.Pattern):
+    """The `re` parse tree of a compiled str pattern, or None where it cannot be read plainly."""
+    try:
+        from re import _parser  # Python >= 3.11
+    except ImportError:
+        return None
+    if not isinstance(pattern.pattern, str) or pattern.flags & re.IGNORECASE:
+        return None
+    return _parser.parse(pattern.pattern, pattern.flags)
+
+
+def _item_codepoints(item) -> Optional[set[int]]:
+    """The code points one parsed regex item matches if it is a literal or a plain character class."""
+    from re import _constants as sre
+
+    op, av = item
+    if op == sre.LITERAL:
+        return {av}
+    if op != sre.IN:
+        return None
+    points: set[int] = set()
+    for sub_op, sub_av in av:
+        if sub_op == sre.LITERAL:
+            points.add(sub_av)
+        elif sub_op == sre.RANGE:
+            points.update(range(sub_av[0], sub_av[1] + 1))
+        else:  # NEGATE, CATEGORY (\s, \w): not a plain set
+            return None
+    return points
+
+
+def _char_class(points: Iterable[int]) -> re.Pattern:
+    """A regex matching any one of `points` (consecutive code points written as ranges)."""
+    ranges, points = [], sorted(set(points))
+    start = prev = points[0]
+    for cp in points[1:] + [None]:
+        if cp is not None and cp == prev + 1:
+            prev = cp
+            continue
+        ranges.append(f"\\U{start:08x}-\\U{prev:08x}" if prev > start else f"\\U{start:08x}")
+        if cp is not None:
+            start = prev = cp
+    return re.compile("[" + "".join(ranges) + "]")
+
+
+def _build_bad_test():
+    """`ftfy.badness.is_bad`, made fast by searching only near the characters a match must contain.
+
+    is_bad(text) is `BADNESS_RE.search(text)`: one alternation of short sequences, slow per
+    character. Each alternative has an element that is a class of non-ASCII characters only (an
+    accented capital, a currency sign, a box-drawing character...), so each of its matches contains
+    one of them; `required` is the union of one such class per alternative, read from the parsed
+    pattern. A match is at most `width` characters long, hence lies within `width - 1` characters of
+    a required character, and searching those windows with `search(text, pos, endpos)` (which keeps
+    '^' at the real start of the text) finds a match exactly when searching the whole text does.
+    Where the pattern is not of that shape this returns is_bad itself.
     """
+    from ftfy.badness import BADNESS_RE, is_bad
+
+    parsed = _parse_regex(BADNESS_RE)
+    if parsed is None or len(parsed.data) != 1 or parsed.getwidth()[1] > 64:
+        return is_bad
+    from re import _constants as sre
+
+    op, av = parsed.data[0]
+    alternatives = av[1] if op == sre.BRANCH else [parsed]
+    required: set[int] = set()
+    for alternative in alternatives:
+        classes = [points for points in map(_item_codepoints, alternative)
+                   if points and min(points) >= 0x80]
+        if not classes:
+            return is_bad
+        required |= min(classes, key=len)
+    width = parsed.getwidth()[1]
+    finder, search = _char_class(required), BADNESS_RE.search
+
+    def bad(text: str) -> bool:
+        windows: list[list[int]] = []
+        for m in finder.finditer(text):
+            lo, hi = max(0, m.start() - width + 1), m.start() + width
+            if windows and lo <= windows[-1][1]:
+                windows[-1][1] = hi
+            else:
+                windows.append([lo, hi])
+        return any(search(text, lo, hi) is not None for lo, hi in windows)
+
+    return bad
+
+
+class _FtfyShortcut:
+    """`ftfy.fix_text(text)` for the texts where its result follows from ftfy's tables, else None.
+
+    ftfy fixes a text line by line; each line goes through a loop that repeats until nothing
+    changes: HTML unescaping (with '&', unless the text has '<': 'auto' mode), mojibake repair
+    (changes nothing unless the text is non-ASCII and `ftfy.badness.is_bad`), then fixes from
+    character tables (C1 controls, ligatures, character width, curly quotes, line breaks,
+    surrogates, terminal escapes, control characters) and NFC. `touched` is every character
+    those table fixes act on, line breaks included. `fix` runs the same loop where each step is
+    known: a round whose text (after unescaping) has no touched character but curly quotes, is
+    not is_bad, and is NFC after uncurling, gives the uncurled text; anything else gives None.
+    So an accented, CJK or emoji caption comes back unchanged, one with curly quotes uncurled,
+    and one with HTML entities unescaped (repeatedly), without running ftfy.
+    """
+
+    def __init__(self, touched: set[int], quotes: set[int], bad, max_length: int):
+        from ftfy.fixes import uncurl_quotes, unescape_html
+
+        self.touched = _char_class(touched - quotes - {ord("&")})
+        self.quote = _char_class(quotes)
+        self.bad = bad
+        self.max_length = max_length  # ftfy cuts longer lines into segments: not predicted here
+        self.uncurl_quotes, self.unescape_html = uncurl_quotes, unescape_html
+
+    def fix(self, text: str) -> Optional[str]:
+        if len(text) > self.max_length:
+            return None
+        unescape = "<" not in text
+        while True:
+            fixed = self.unescape_html(text) if unescape and "&" in text else text
+            if self.touched.search(fixed) is not None:
+                return None
+            if not fixed.isascii():
+                if self.bad(fixed):
+                    return None
+                if self.quote.search(fixed) is not None:
+                    fixed = self.uncurl_quotes(fixed)
+                if not unicodedata.is_normalized("NFC", fixed):
+                    return None
+            if fixed == text:
+                return text
+            text = fixed
+
+
+def _build_ftfy_shortcut() -> Optional[_FtfyShortcut]:
+    """The shortcut for the installed ftfy, or None (always call ftfy) unless its fixer list,
+    defaults and tables are the ones `_FtfyShortcut` was written against."""
     try:
         from ftfy import FIXERS, TextFixerConfig, chardata
-        from ftfy.badness import is_bad
     except ImportError:
         return None
     known = {"decode_inconsistent_utf8", "fix_c1_controls", "fix_character_width", "fix_latin_ligatures",
@@ -105,38 +237,37 @@ def _build_ftfy_noop_test():
     if set(FIXERS) != known or defaults.normalization != "NFC" or not all(
             getattr(defaults, f) for f in known if f != "unescape_html") or defaults.unescape_html != "auto":
         return None
-    codepoints = set(range(0x80, 0xA0)) | set(range(0x2018, 0x2020)) | set(range(0xD800, 0xE000))
-    codepoints |= {ord(c) for c in "&\n\r\x1b\x85\u02bc\u2028\u2029"}
+    touched = set(range(0x80, 0xA0)) | set(range(0xD800, 0xE000))
+    touched |= {ord(c) for c in "&\n\r\x1b\x85\u2028\u2029"}
     for table in (chardata.LIGATURES, chardata.WIDTH_MAP, chardata.CONTROL_CHARS):
-        codepoints |= {k if isinstance(k, int) else ord(k) for k in table}
-    ranges, points = [], sorted(codepoints)
-    start = prev = points[0]
-    for cp in points[1:] + [None]:
-        if cp is not None and cp == prev + 1:
-            prev = cp
-            continue
-        ranges.append(f"\\U{start:08x}-\\U{prev:08x}" if prev > start else f"\\U{start:08x}")
-        if cp is not None:
-            start = prev = cp
-    touched = re.compile("[" + "".join(ranges) + "]")
-
-    def noop(text: str) -> bool:
-        return (touched.search(text) is None and not is_bad(text)
-                and unicodedata.is_normalized("NFC", text))
-
-    return noop
+        touched |= {k if isinstance(k, int) else ord(k) for k in table}
+    quotes = set()
+    for quote_re in (chardata.SINGLE_QUOTE_RE, chardata.DOUBLE_QUOTE_RE):
+        parsed = _parse_regex(quote_re)
+        points = _item_codepoints(parsed.data[0]) if parsed is not None and len(parsed.data) == 1 else None
+        if points is None:
+            return None
+        quotes |= points
+    return _FtfyShortcut(touched | quotes, quotes, _build_bad_test(), defaults.max_decode_length)
 
 
-_FTFY_NOOP = _build_ftfy_noop_test()
+_FTFY_SHORTCUT = _build_ftfy_shortcut()
+
+
+def _fix_text_fast(text: str) -> str:
+    """`html.unescape(html.unescape(ftfy.fix_text(text)))`, skipping ftfy where `_FTFY_SHORTCUT`
+    knows its result (html.unescape does nothing to text without '&')."""
+    fixed = _FTFY_SHORTCUT.fix(text) if _FTFY_SHORTCUT is not None else None
+    if fixed is None:
+        fixed = ftfy.fix_text(text)
+    return html.unescape(html.unescape(fixed)) if "&" in fixed else fixed
 
 
 def _clean_text_fast(text: str) -> str:
-    """clean_text(text), skipping ftfy and html where `_FTFY_NOOP` shows they change nothing."""
+    """clean_text(text), with ftfy skipped where `_FTFY_SHORTCUT` knows its result."""
     if text.isascii() and not _ASCII_NEEDS_CLEANING.search(text):
         return " ".join(text.split()).lower()
-    if _FTFY_NOOP is None or not _FTFY_NOOP(text):
-        text = html.unescape(html.unescape(ftfy.fix_text(text)))
-    return _WHITESPACE_RE.sub(" ", text.strip()).strip().lower()
+    return _WHITESPACE_RE.sub(" ", _fix_text_fast(text).strip()).strip().lower()
 
 
 def _clean_chunks(text: str) -> list[str]:
@@ -351,32 +482,82 @@ class Tokenizer:
             rows = self.encode_batch(texts)
             _place(out, np.arange(len(texts)), _with_row_ends(rows), context_length)
             return torch.from_numpy(out)
-        ascii_rows, single = [], []
-        for i, t in enumerate(texts):
-            if t.__class__ is str and t.isascii():
-                ascii_rows.append(i)
-            else:
-                _check_text(t, i)
-                single.append(i)
-        bulk = ascii_rows
-        if ascii_rows:
-            # One scan of the joined ASCII captions finds those with '&' or control characters.
-            ascii_texts = [texts[i] for i in ascii_rows]
-            flagged = [m.start() for m in _ASCII_NEEDS_CLEANING.finditer("".join(ascii_texts))]
-            if flagged:
-                ends = np.cumsum(np.fromiter(map(len, ascii_texts), dtype=np.int64, count=len(ascii_texts)))
-                dirty = set(np.searchsorted(ends, flagged, side="right").tolist())
-                bulk = [r for k, r in enumerate(ascii_rows) if k not in dirty]
-                single = sorted(single + [ascii_rows[k] for k in dirty])
-        if bulk:
-            # Plain-ASCII captions need no ftfy/html: lower-case and split the whole batch at once,
-            # each caption followed by a row-end chunk, and map chunks to ids in one pass.
-            joined = f" {_ROW_END} ".join([texts[i] for i in bulk]) + f" {_ROW_END}"
-            _place(out, np.asarray(bulk), self._bulk_ids(joined.lower().split()), context_length)
-        if single:
-            rows = self.encode_batch([texts[i] for i in single])
-            _place(out, np.asarray(single), _with_row_ends(rows), context_length)
+        # Each caption is fixed (ftfy, html) on its own where needed; then the captions are
+        # lower-cased and split in two batches (ASCII, then the few others: str methods are
+        # slower on a wide string), and each batch's chunks are mapped to ids in one pass.
+        fixed, wide, odd = _fix_batch(texts)
+        narrow = list(fixed)
+        for i in chain(wide, odd):
+            narrow[i] = ""
+        self._place_texts(out, np.arange(len(texts)), narrow, context_length)
+        if wide:
+            out[wide] = 0
+            self._place_texts(out, np.asarray(wide), [fixed[i] for i in wide], context_length)
+        if odd:
+            rows = [self.reference.encode(clean_text(texts[i])) for i in odd]
+            out[odd] = 0
+            _place(out, np.asarray(odd), _with_row_ends(rows), context_length)
         return torch.from_numpy(out)
+
+    def _place_texts(self, out: np.ndarray, rows: np.ndarray, fixed: list[str], context_length: int) -> None:
+        """Write the ids of fixed captions (`_fix_batch`) into out[rows]: lower-case and split
+        them all at once, each caption followed by a row-end chunk."""
+        joined = f" {_ROW_END} ".join(fixed) + f" {_ROW_END}"
+        _place(out, rows, self._bulk_ids(joined.lower().split()), context_length)
+
+
+# Characters the batch path cannot take in a fixed caption: the row-end chunk, and the separators
+# that str.split() splits at but CLIP's `\s` does not. ftfy removes them and html.unescape never
+# makes them, so no caption is expected to have them; those that did would be encoded one by one.
+_BATCH_UNSAFE = re.compile("[\x00\x1c-\x1f]")
+# Bytes after which an ASCII caption needs no ftfy or html: printable ASCII, tab, newline, form feed,
+# carriage return (bytes.translate deletes these; what is left flags captions to fix).
+_PLAIN_ASCII_BYTES = bytes(range(0x20, 0x7f)).replace(b"&", b"") + b"\t\n\x0c\r"
+
+
+def _positions(data: bytes, values: set[int]) -> list[int]:
+    """Where the bytes `values` occur in data (one memchr scan per value: few values are expected)."""
+    out = []
+    for value in values:
+        byte = bytes([value])
+        pos = data.find(byte)
+        while pos >= 0:
+            out.append(pos)
+            pos = data.find(byte, pos + 1)
+    return out
+
+
+def _fix_batch(texts: Sequence[str]) -> tuple[list[str], list[int], list[int]]:
+    """(each text after ftfy and html.unescape, rows whose fixed text is not ASCII, rows whose
+    fixed text the batch path cannot take).
+
+    Plain ASCII captions (no '&', no control character) are left as they are: ftfy and html would
+    not change them. Lower-casing the joined batch and splitting it at whitespace then gives each
+    caption's CLIP-cleaned chunks: str.split() and CLIP's `\\s+` agree on every character except
+    `_BATCH_UNSAFE`, and lower-casing is per character except for a final sigma, whose context
+    ends at whitespace.
+    """
+    try:
+        joined = "".join(texts)
+    except TypeError:
+        for i, t in enumerate(texts):
+            _check_text(t, i)
+        raise
+    rows = set() if joined.isascii() else {i for i, t in enumerate(texts) if not t.isascii()}
+    data = joined.encode("ascii", "replace")  # one byte per character
+    flagged = data.translate(None, _PLAIN_ASCII_BYTES)  # '&' and control characters
+    if flagged:
+        ends = np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)))
+        rows.update(np.searchsorted(ends, _positions(data, set(flagged)), side="right").tolist())
+    fixed = list(texts)
+    wide, odd = [], []
+    for i in sorted(rows):
+        fixed[i] = _fix_text_fast(texts[i])
+        if _BATCH_UNSAFE.search(fixed[i]):
+            odd.append(i)
+        elif not fixed[i].isascii():
+            wide.append(i)
+    return fixed, wide, odd
 
 
 def _with_row_ends(rows: list[list[int]]) -> np.ndarray:
