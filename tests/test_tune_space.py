@@ -223,3 +223,22 @@ def test_grid_widths_that_cannot_fit_are_named_up_front():
     (reason,) = impossible_widths(cfg.model, cfg.train, cfg.tune, memory=24 * 2**30)
     assert "model.width_mult=4096" in reason
     assert impossible_widths(cfg.model, cfg.train, _tune(width_mult="{uniform: [0.5, 2]}"), memory=1) == []
+
+
+def test_trials_get_absolute_local_paths_because_tune_runs_them_in_their_own_folder(tmp_path, monkeypatch):
+    from training.tune.runner import absolute_local_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.json").write_text("{}")
+    (tmp_path / "templates.txt").write_text("a {c}\n")
+    model = ModelConfig(name="model.json", pretrained="missing.pt")
+    train = TrainConfig(data=["shards/train", "s3://bucket/shards"], val_data=["shards/val"],
+                        zeroshot_templates="templates.txt", zeroshot_classnames="imagenet")
+    trial_model, trial_train = absolute_local_paths(model, train)
+    assert trial_model.name == str(tmp_path / "model.json")
+    assert trial_model.pretrained == "missing.pt"  # not a file here: left for the loader to report
+    assert trial_train.data == [str(tmp_path / "shards/train"), "s3://bucket/shards"]
+    assert trial_train.val_data == [str(tmp_path / "shards/val")]
+    assert trial_train.zeroshot_templates == str(tmp_path / "templates.txt")
+    assert trial_train.zeroshot_classnames == "imagenet"  # a built-in name, not a path
+    assert model.name == "model.json" and train.data[0] == "shards/train"  # the user's sections unchanged

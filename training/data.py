@@ -531,7 +531,8 @@ def units_dataset(units: list[dict], filesystem: Any, settings: StreamSettings, 
         ShardReader, fn_constructor_kwargs={"settings": preprocess, "filesystem": filesystem,
                                             "rows_per_batch": settings.rows_per_batch},
         batch_size=1, batch_format="numpy", num_cpus=settings.cpus_per_actor,
-        compute=ray.data.ActorPoolStrategy(size=settings.num_actors))
+        # No more actors than read units: a short segment or validation set would start idle ones.
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(settings.num_actors, len(units)))))
 
 
 class ShardStream:

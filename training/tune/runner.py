@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -247,6 +248,29 @@ def asha_rungs(grace: int, reduction_factor: float, max_t: int) -> list[int]:
     return rungs
 
 
+def absolute_local_paths(model: ModelConfig, train: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
+    """The sections the trials get: local relative paths made absolute against the driver's working
+    directory, because Ray Tune runs each trial in its own trial folder. Shard folders always;
+    model JSON, checkpoint and zero-shot files when they exist here (else they are registered names).
+    URLs (s3://...) stay as they are. results.csv and best.json keep the paths as the user wrote them."""
+
+    def local_relative(path: str) -> bool:
+        return "://" not in path and not os.path.isabs(path)
+
+    def pinned(path: Optional[str], must_exist: bool) -> Optional[str]:
+        if path is None or not local_relative(path) or (must_exist and not os.path.exists(path)):
+            return path
+        return os.path.abspath(path)
+
+    model = model.model_copy(update={"name": pinned(model.name, True), "pretrained": pinned(model.pretrained, True)})
+    train = train.model_copy(update={
+        "data": [pinned(p, False) for p in train.data], "val_data": [pinned(p, False) for p in train.val_data],
+        **{key: pinned(getattr(train, key), True)
+           for key in ("zeroshot_data", "zeroshot_classnames", "zeroshot_templates")},
+    })
+    return model, train
+
+
 def run_sweep(model: ModelConfig, train: TrainConfig, tune: TuneConfig) -> dict:
     """Run or resume the sweep; write results.csv, best.json, sweep.png; return the summary."""
     from ray.tune import Tuner
@@ -273,7 +297,8 @@ def run_sweep(model: ModelConfig, train: TrainConfig, tune: TuneConfig) -> dict:
     for warning in impossible_widths(model, train, tune, memory):
         print(f"  warning: that trial will fail: {warning}", file=sys.stderr, flush=True)
 
-    sweep = {"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json"),
+    trial_model, trial_train = absolute_local_paths(model, train)
+    sweep = {"model": trial_model.model_dump(mode="json"), "train": trial_train.model_dump(mode="json"),
              "metric": tune.metric, "runs_dir": storage.runs_uri, "node_memory_bytes": memory,
              "preprocess_actors": plan.preprocess_actors}
     trainable = rt.with_resources(make_trainable(sweep), {"CPU": tune.trial_cpus})
