@@ -5,8 +5,10 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
+from training.config import FsspecStorage
 
-class EvalConfig(BaseModel):
+
+class EvalConfig(FsspecStorage, BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Optional[str] = Field(None, description="run dir, final/ dir or state-dict file")
@@ -54,12 +56,3 @@ class EvalConfig(BaseModel):
         if not low < high:
             raise ValueError(f"eval.probe_c_range {list(self.probe_c_range)} must be [low, high] with low < high")
         return self
-
-    def fsspec_options(self) -> dict[str, Any]:
-        """Storage options for fsspec: `storage_options` plus `s3_endpoint_url` when set."""
-        options = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.storage_options.items()}
-        if self.s3_endpoint_url:
-            client_kwargs = dict(options.get("client_kwargs") or {})
-            client_kwargs.setdefault("endpoint_url", self.s3_endpoint_url)
-            options["client_kwargs"] = client_kwargs
-        return options

@@ -5,6 +5,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
+from training.config import FsspecStorage
+
 INTERPOLATIONS = Literal["nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4"]
 
 
@@ -67,7 +69,7 @@ class FiltersConfig(BaseModel):
         return self.dedup_sha256 or self.clip_score is not None
 
 
-class DataConfig(BaseModel):
+class DataConfig(FsspecStorage, BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # --- what to read
@@ -142,12 +144,3 @@ class DataConfig(BaseModel):
             raise ValueError(f"data.extra_cols {clash} clash with the pipeline's output or internal columns "
                              f"{sorted(reserved)}")
         return self
-
-    def fsspec_options(self) -> dict[str, Any]:
-        """Storage options for fsspec: `storage_options` plus `s3_endpoint_url` when set."""
-        options = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.storage_options.items()}
-        if self.s3_endpoint_url:
-            client_kwargs = dict(options.get("client_kwargs") or {})
-            client_kwargs.setdefault("endpoint_url", self.s3_endpoint_url)
-            options["client_kwargs"] = client_kwargs
-        return options
