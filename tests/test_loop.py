@@ -2,6 +2,7 @@
 process and 2 gloo ranks against one big batch), precision modes and checkpoint round trips."""
 from __future__ import annotations
 
+import gc
 import math
 import os
 import socket
@@ -203,28 +204,34 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        torch.set_num_threads(1)
-        images, tokens = batch(8)
-        local = slice(rank * 4, (rank + 1) * 4)
-        for strategy in ("ddp", "fsdp"):
-            loop = TrainLoop(tiny_clip(), LoopSettings(total_steps=10, micro_batch_size=2, strategy=strategy))
-            loss = loop.compute_gradients(images[local], tokens[local])
-            grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
-                     for n, p in loop.module.named_parameters() if p.grad is not None}
-            torch.save({"loss": loss, "grads": grads}, os.path.join(out_dir, f"{strategy}-rank{rank}.pt"))
-        # A ResNet under DDP for two whole steps: the warnings raised, and the weights it ends with.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.manual_seed(0)
-            loop = TrainLoop(create_model("RN-Tiny"), LoopSettings(total_steps=10, warmup=0, lr=1e-3))
-            for step in range(2):  # local batch 64: the size at which the CPU kernels pick channels-last
-                images, tokens = batch(128, seed=step)
-                loop.step(images[rank * 64:(rank + 1) * 64], tokens[rank * 64:(rank + 1) * 64])
-        torch.save({"warnings": [str(w.message) for w in caught],
-                    "params": {n: p.detach().clone() for n, p in loop.module.named_parameters()}},
-                   os.path.join(out_dir, f"resnet-rank{rank}.pt"))
+        _rank_work(rank, out_dir)
+        gc.collect()  # its DDP models must be gone before the group is: one outliving it can abort
+        dist.barrier()  # the process at exit ("terminate called without an active exception")
     finally:
         dist.destroy_process_group()
+
+
+def _rank_work(rank: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    images, tokens = batch(8)
+    local = slice(rank * 4, (rank + 1) * 4)
+    for strategy in ("ddp", "fsdp"):
+        loop = TrainLoop(tiny_clip(), LoopSettings(total_steps=10, micro_batch_size=2, strategy=strategy))
+        loss = loop.compute_gradients(images[local], tokens[local])
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                 for n, p in loop.module.named_parameters() if p.grad is not None}
+        torch.save({"loss": loss, "grads": grads}, os.path.join(out_dir, f"{strategy}-rank{rank}.pt"))
+    # A ResNet under DDP for two whole steps: the warnings raised, and the weights it ends with.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.manual_seed(0)
+        loop = TrainLoop(create_model("RN-Tiny"), LoopSettings(total_steps=10, warmup=0, lr=1e-3))
+        for step in range(2):  # local batch 64: the size at which the CPU kernels pick channels-last
+            images, tokens = batch(128, seed=step)
+            loop.step(images[rank * 64:(rank + 1) * 64], tokens[rank * 64:(rank + 1) * 64])
+    torch.save({"warnings": [str(w.message) for w in caught],
+                "params": {n: p.detach().clone() for n, p in loop.module.named_parameters()}},
+               os.path.join(out_dir, f"resnet-rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")

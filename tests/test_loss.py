@@ -2,6 +2,7 @@
 equal to one process holding the concatenated batch, loss and gradients, to 1e-5."""
 from __future__ import annotations
 
+import gc
 import math
 import os
 import socket
@@ -114,28 +115,34 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        torch.set_num_threads(1)
-        for kind in ("clip", "siglip"):
-            x, t = _inputs()
-            local = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
-            # Features as leaves: the gradient each rank gets back for its own rows.
-            img, txt = _features(9)
-            img = img[local].float().clone().requires_grad_(True)
-            txt = txt[local].float().clone().requires_grad_(True)
-            scale, bias = torch.tensor(14.0), torch.tensor(-5.0)
-            feature_loss = contrastive_loss(kind, img, txt, scale, bias)
-            feature_loss.backward()
-            # A DDP model: parameter gradients after DDP's averaging.
-            model = nn.parallel.DistributedDataParallel(Towers(kind))
-            out = model(x[local], t[local])
-            loss = contrastive_loss(kind, *out)
-            loss.backward()
-            torch.save({"feature_loss": feature_loss.detach(), "img_grad": img.grad, "txt_grad": txt.grad,
-                        "loss": loss.detach(),
-                        "grads": {n: p.grad for n, p in model.module.named_parameters()}},
-                       os.path.join(out_dir, f"{kind}-rank{rank}.pt"))
+        _rank_work(rank, out_dir)
+        gc.collect()  # its DDP models must be gone before the group is: one outliving it can abort
+        dist.barrier()  # the process at exit ("terminate called without an active exception")
     finally:
         dist.destroy_process_group()
+
+
+def _rank_work(rank: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    for kind in ("clip", "siglip"):
+        x, t = _inputs()
+        local = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
+        # Features as leaves: the gradient each rank gets back for its own rows.
+        img, txt = _features(9)
+        img = img[local].float().clone().requires_grad_(True)
+        txt = txt[local].float().clone().requires_grad_(True)
+        scale, bias = torch.tensor(14.0), torch.tensor(-5.0)
+        feature_loss = contrastive_loss(kind, img, txt, scale, bias)
+        feature_loss.backward()
+        # A DDP model: parameter gradients after DDP's averaging.
+        model = nn.parallel.DistributedDataParallel(Towers(kind))
+        out = model(x[local], t[local])
+        loss = contrastive_loss(kind, *out)
+        loss.backward()
+        torch.save({"feature_loss": feature_loss.detach(), "img_grad": img.grad, "txt_grad": txt.grad,
+                    "loss": loss.detach(),
+                    "grads": {n: p.grad for n, p in model.module.named_parameters()}},
+                   os.path.join(out_dir, f"{kind}-rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
