@@ -280,19 +280,19 @@ def _parse_block_fast(block: bytes, first_line: int, names: list[str], wanted: l
     if crs and crs != block.count(b"\r\n"):
         return None
     lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
-    invalid = []
     try:
+        # A line with the wrong number of fields raises (no invalid_row_handler: pyarrow would
+        # decode the line to text for it, which fails, unraisably, on bytes that are not UTF-8).
         table = pacsv.read_csv(
             pa.py_buffer(block),
             read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 20),
-            parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", quote_char=False,
-                                             invalid_row_handler=lambda row: invalid.append(row) or "skip"),
+            parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", quote_char=False),
             convert_options=pacsv.ConvertOptions(column_types={c: pa.binary() for c in wanted},
                                                  include_columns=wanted, strings_can_be_null=False),
         )
     except (pa.ArrowInvalid, ValueError):
         return None
-    if invalid or table.num_rows != lines:
+    if table.num_rows != lines:
         return None
     return table.append_column("source_error", pa.nulls(lines, pa.string())).append_column(
         _POSITION, pa.array(np.arange(first_line, first_line + lines, dtype=np.int64)))
