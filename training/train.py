@@ -224,21 +224,23 @@ class MetricsCallback(_user_callback_base()):
         row = {k: v for k, v in metrics[0].items() if not k.startswith("_")}
         writer = self._open()
         writer.write(row)
-        if not self.storage.local and (checkpoint is not None or metrics[0].get("_last")):
-            from training.metrics import upload_folder
-
-            upload_folder(self._staging, self.storage.filesystem, self.storage.fs_path)
+        if checkpoint is not None or metrics[0].get("_last"):
+            self._upload()
         if metrics[0].get("_last"):
             self._close()
 
     def after_exception(self, run_context, worker_exceptions: dict) -> None:
         # Keep what was logged (a failed run's metrics matter most), then close: if Ray Train
         # restarts the worker group (train.max_failures), the next report reopens the writer.
+        self._upload()
+        self._close()
+
+    def _upload(self) -> None:
+        """A remote run: copy the staging folder (metrics.jsonl, tensorboard/) to the run folder."""
         if not self.storage.local and self._staging is not None:
             from training.metrics import upload_folder
 
             upload_folder(self._staging, self.storage.filesystem, self.storage.fs_path)
-        self._close()
 
     def _close(self) -> None:
         """Close the writer; a remote run's staging folder is already uploaded and goes."""
