@@ -18,7 +18,7 @@ import time
 import urllib.parse
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 from pipeline import img2dataset_parts
 from pipeline.address_guard import AddressGuard, AddressRefused, ResolveError
@@ -33,7 +33,7 @@ _MAX_DISCARD = 1 << 16  # redirect bodies larger than this close the connection 
 
 @dataclass
 class FetchResult:
-    body: Optional[bytes]
+    body: Optional[Union[bytes, bytearray]]  # a body read by its Content-Length comes as a bytearray (no copy)
     reason: Optional[str] = None  # None: success
     detail: str = ""
     status: Optional[int] = None
@@ -110,11 +110,21 @@ class ConnectionPool:
 
     def __init__(self, max_idle: int = 256, context: Optional[ssl.SSLContext] = None):
         self.max_idle = max_idle
-        self.context = context or ssl.create_default_context()
+        self._context = context
         self._idle: "OrderedDict[tuple, list[PinnedConnection]]" = OrderedDict()
         self._count = 0
         self._lock = threading.Lock()
         self.opened = 0  # connections created (for tests and benchmarks)
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        """The TLS context, made on the first https request (loading the system's CA certificates
+        costs ~50 ms of CPU, for nothing in a run over http only)."""
+        if self._context is None:
+            with self._lock:
+                if self._context is None:
+                    self._context = ssl.create_default_context()
+        return self._context
 
     def get(self, scheme: str, host: str, port: int, ip: str, timeout: float) -> tuple[PinnedConnection, bool]:
         """(connection, reused)."""
@@ -128,7 +138,7 @@ class ConnectionPool:
                     del self._idle[key]
                 return conn, True
             self.opened += 1
-        return PinnedConnection(scheme, host, port, ip, timeout, self.context), False
+        return PinnedConnection(scheme, host, port, ip, timeout, self.context if scheme == "https" else None), False
 
     def put(self, scheme: str, host: str, port: int, ip: str, conn: PinnedConnection) -> None:
         key = (scheme, host, port, ip)
@@ -456,14 +466,32 @@ def _read_head(conn: PinnedConnection, deadline: float) -> _Response:
         return _Response(status, parts[2] if len(parts) > 2 else "", headers, length, chunked, will_close)
 
 
-def _read_exactly(conn: PinnedConnection, n: int, deadline: float) -> bytes:
+def _read_exactly(conn: PinnedConnection, n: int, deadline: float) -> Union[bytes, bytearray]:
+    """The next `n` bytes of the stream. A body larger than what is buffered is received straight
+    into its own buffer (no copy through `conn.buffer`), and never past its end, so the bytes of a
+    next response stay in the socket."""
     buf = conn.buffer
-    while len(buf) < n:
-        if not _receive(conn, deadline):
-            raise _Incomplete(f"{len(buf)} of {n} bytes read")
-    data = bytes(buf[:n])
-    del buf[:n]
-    return data
+    have = len(buf)
+    if have >= n:
+        data = bytes(buf[:n])
+        del buf[:n]
+        return data
+    out = bytearray(n)
+    out[:have] = buf
+    buf.clear()
+    view = memoryview(out)
+    got = have
+    while got < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout()
+        conn.sock.settimeout(remaining)
+        received = conn.sock.recv_into(view[got:], n - got)
+        if not received:
+            raise _Incomplete(f"{got} of {n} bytes read")
+        got += received
+    view.release()
+    return out
 
 
 def _read_line(conn: PinnedConnection, deadline: float, limit: int = 4096) -> bytes:

@@ -236,3 +236,37 @@ def test_a_chunked_body_over_the_cap_is_too_large():
     with HTTPTestServer({"/r": Route(handler=_raw(_chunked(b"\xff" * 5000), True))}) as srv:
         result = make_fetcher(max_response_bytes=3000).fetch(srv.url("/r"))
     assert result.reason == "response_too_large"
+
+
+def test_a_body_is_read_to_its_length_and_no_further():
+    """Content-Length bodies are received straight into their own buffer, a partial one first
+    from what the header read left over; the bytes after the body (the next pipelined response)
+    stay for the next read, and a stream that ends early is `_Incomplete`."""
+    import socket
+
+    from pipeline.fetch import PinnedConnection, _Incomplete, _read_exactly, _read_head
+
+    body = bytes(range(256)) * 1000  # 256 kB: more than one recv
+    first = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+    second = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"
+    ours, theirs = socket.socketpair()
+    try:
+        conn = PinnedConnection("http", "example.test", 80, "127.0.0.1", 5.0)
+        conn.sock = ours
+        theirs.sendall(first + body[:1000])
+        deadline = time.monotonic() + 5
+        head = _read_head(conn, deadline)
+        assert head.length == len(body)
+        sender = __import__("threading").Thread(target=lambda: theirs.sendall(body[1000:] + second))
+        sender.start()
+        assert bytes(_read_exactly(conn, head.length, deadline)) == body
+        sender.join()
+        assert conn.buffer == b""  # nothing of the next response was taken with the body
+        nxt = _read_head(conn, deadline)
+        assert nxt.length == 3 and bytes(_read_exactly(conn, 3, deadline)) == b"abc"
+        theirs.sendall(b"xy")
+        theirs.close()
+        with pytest.raises(_Incomplete):
+            _read_exactly(conn, 5, deadline)
+    finally:
+        ours.close()
