@@ -12,8 +12,12 @@ Rows, and what a malformed one becomes: in csv/tsv/jsonl every non-blank line af
 one input row (blank lines are not rows). A line with the wrong number of fields, bad CSV quoting,
 a JSON line that does not parse or is not an object, or a URL that is not valid UTF-8 stays a row,
 with `source_error` naming the file, the line and the problem; the download phase rejects it as
-`filter/malformed_row`, so it is counted like any other reject. A quoted CSV field cannot span
-lines (each of its lines is then a malformed row).
+`filter/malformed_row`, so it is counted like any other reject. In csv, a quoted field may span
+lines (a caption with line breaks, as pandas and pyarrow read it): a line whose quote is still open
+at its end is read together with the next lines until the quote closes, up to
+`MAX_RECORD_LINES`; the row is numbered by its first line. If the quote does not close there, or
+the joined lines are not one valid row, the first line alone is the row (malformed: bad quoting)
+and reading goes on with the next line, so a stray quote cannot swallow the rest of the file.
 
 Bad input as a whole is found before any download: a missing column, an empty list, a file that
 cannot be opened or parsed at all (a parquet/JSON-array file that does not parse, a text file none
@@ -26,7 +30,7 @@ import csv
 import io
 import json
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import fsspec
 import numpy as np
@@ -249,9 +253,10 @@ def _read_delimited(file: InputFile, data: DataConfig, batch_rows: int) -> Itera
     fmt = file.format
     wanted = _wanted(data)
     with _open(file, data) as fh:
-        blocks = _blocks(fh)
+        blocks = _with_last(_blocks(fh))
         names = list(data.columns) if data.columns else None
-        for first_line, block in blocks:
+        carried, carried_line = b"", 0  # lines of a quoted field still open at the last block's end
+        for first_line, block, last in blocks:
             if names is None:
                 cut = block.find(b"\n")
                 header, block = (block, b"") if cut < 0 else (block[:cut], block[cut + 1:])
@@ -262,11 +267,26 @@ def _read_delimited(file: InputFile, data: DataConfig, batch_rows: int) -> Itera
                     continue
             elif first_line == 1:
                 _check_columns(file, names, data)
+            if carried:
+                block, first_line, carried = carried + block, carried_line, b""
             table = _parse_block_fast(block, first_line, names, wanted, fmt)
             if table is None:
-                table = _parse_block_slowly(file, block, first_line, names, wanted, fmt)
+                table, rest = _parse_block_slowly(file, block, first_line, names, wanted, fmt, last)
+                if rest is not None:
+                    carried_line, carried = rest
             if table.num_rows:
                 yield table
+
+
+def _with_last(blocks: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes, bool]]:
+    """(line, block, is the last block)."""
+    previous = None
+    for item in blocks:
+        if previous is not None:
+            yield (*previous, False)
+        previous = item
+    if previous is not None:
+        yield (*previous, True)
 
 
 def _parse_block_fast(block: bytes, first_line: int, names: list[str], wanted: list[str],
@@ -298,8 +318,13 @@ def _parse_block_fast(block: bytes, first_line: int, names: list[str], wanted: l
         _POSITION, pa.array(np.arange(first_line, first_line + lines, dtype=np.int64)))
 
 
+MAX_RECORD_LINES = 256  # lines one csv row may span (a quoted field with line breaks)
+
+
 def _parse_block_slowly(file: InputFile, block: bytes, first_line: int, names: list[str], wanted: list[str],
-                        fmt: str) -> pa.Table:
+                        fmt: str, last: bool = True) -> tuple[pa.Table, Optional[tuple[int, bytes]]]:
+    """Rows of a block, line by line; and, when the block ends inside a quoted field that may go on
+    in the next block (not `last`), (number of its first line, its lines) to read with that block."""
     index = [names.index(c) for c in wanted]
     columns: list[list] = [[] for _ in wanted]
     errors: list[Optional[str]] = []
@@ -307,18 +332,29 @@ def _parse_block_slowly(file: InputFile, block: bytes, first_line: int, names: l
     lines = block.split(b"\n")
     if block.endswith(b"\n"):
         lines.pop()
-    for offset, line in enumerate(lines):
-        line = line[:-1] if line.endswith(b"\r") else line
+    offset = 0
+    while offset < len(lines):
+        raw = lines[offset]
+        line = raw[:-1] if raw.endswith(b"\r") else raw
+        number = first_line + offset
+        offset += 1
         if not line:
             continue  # a blank line is not a row
-        number = first_line + offset
         problem = None
         try:
             fields = _split_fields(line, fmt)
-            if len(fields) != len(names):
-                problem = f"{len(fields)} field(s), expected {len(names)} ({', '.join(names)})"
         except csv.Error as exc:
-            problem = f"bad quoting: {exc}"
+            fields, problem = None, f"bad quoting: {exc}"
+            if fmt == "csv" and line.count(b'"') % 2:  # a quote still open at the end of the line
+                joined = _open_quote_record(lines, offset - 1, len(names))
+                if joined is None and not last and len(lines) - (offset - 1) < MAX_RECORD_LINES:
+                    rest = b"\n".join(lines[offset - 1:]) + (b"\n" if block.endswith(b"\n") else b"")
+                    return _slow_table(wanted, columns, errors, positions), (number, rest)
+                if joined:
+                    (fields, more_lines), problem = joined, None
+                    offset += more_lines
+        if fields is not None and len(fields) != len(names):
+            problem = f"{len(fields)} field(s), expected {len(names)} ({', '.join(names)})"
         positions.append(number)
         if problem is None:
             errors.append(None)
@@ -329,6 +365,35 @@ def _parse_block_slowly(file: InputFile, block: bytes, first_line: int, names: l
         errors.append(f"{file.url} line {number}: {problem}: {shown!r}")
         for col in columns:
             col.append(None)
+    return _slow_table(wanted, columns, errors, positions), None
+
+
+def _open_quote_record(lines: list[bytes], start: int, fields: int) -> Union[tuple[list[bytes], int], bool, None]:
+    """The csv row that starts at `lines[start]`, whose quoted field goes on over the next lines:
+    (its fields, how many lines after the first it takes) when the lines up to the one that closes
+    the quote (at most MAX_RECORD_LINES) read as one row of `fields` fields; False when they do not;
+    None when the quote is still open after the last of `lines` (the row may go on in the next block)."""
+    quotes = lines[start].count(b'"')
+    end = start
+    while quotes % 2:
+        end += 1
+        if end >= len(lines):
+            return None
+        if end - start >= MAX_RECORD_LINES:
+            return False
+        quotes += lines[end].count(b'"')
+    record = b"\n".join(lines[start:end + 1])
+    record = record[:-1] if record.endswith(b"\r") else record
+    try:
+        row = next(csv.reader([record.decode("utf-8", "surrogateescape")], strict=True))
+    except csv.Error:
+        return False
+    if len(row) != fields:
+        return False
+    return [f.encode("utf-8", "surrogateescape") for f in row], end - start
+
+
+def _slow_table(wanted: list[str], columns: list[list], errors: list[Optional[str]], positions: list[int]) -> pa.Table:
     arrays = {c: pa.array(col, pa.binary()) for c, col in zip(wanted, columns)}
     arrays["source_error"] = pa.array(errors, pa.string())
     arrays[_POSITION] = pa.array(positions, pa.int64())

@@ -203,6 +203,49 @@ def test_block_size_and_parser_path_do_not_change_what_is_read(tmp_path, monkeyp
     assert reference.num_rows - reference.column("source_error").null_count == 3 * 5  # (repeated headers are rows)
 
 
+MULTILINE_CSV = (b"url,caption,uid\n"
+                 b'http://a/1,"first line\nsecond line",u1\n'        # lines 2-3: one row
+                 b"http://a/2,two,u2\n"                                # line 4
+                 b'http://a/3,"with a blank line\r\n\r\nand ""quotes""",u3\r\n'  # lines 5-7, CRLF
+                 b'http://a/4,"stray quote,u4\n'                       # line 8: never closes...
+                 b"http://a/5,five,u5\n"                               # line 9: ...so this one is its own row
+                 b'http://a/6,"closes, but then",u6\n'                 # line 10
+                 b'http://a/7,"opens\nhttp://a/8,"x",u8\n'            # line 11: its quote never closes;
+                 b"http://a/9,nine,u9\n")                              # line 12 is a row, line 13 too
+
+
+def test_a_quoted_csv_field_may_span_lines(tmp_path):
+    """As pandas/pyarrow read it, with a stray quote kept to its own line (not swallowing the file)."""
+    (tmp_path / "multi.csv").write_bytes(MULTILINE_CSV)
+    data = DataConfig(input=str(tmp_path / "multi.csv"), extra_cols=["uid"])
+    out = read_all(data)
+    errors = out.column("source_error").to_pylist()
+    assert out.column("uid").to_pylist() == ["u1", "u2", "u3", None, "u5", "u6", None, "u8", "u9"]
+    assert out.column("caption").to_pylist()[:3] == ["first line\nsecond line", "two",
+                                                      'with a blank line\r\n\r\nand "quotes"']
+    path = str(tmp_path / "multi.csv")
+    bad = {i: e for i, e in enumerate(errors) if e is not None}
+    assert sorted(bad) == [3, 6]
+    # line 8's quote would close on line 11, but lines 8-11 are not one valid row
+    assert bad[3].startswith(f"{path} line 8: bad quoting")
+    assert bad[6].startswith(f"{path} line 11: bad quoting")
+    assert out.num_rows == 9
+
+
+def test_a_multi_line_field_across_block_ends_reads_the_same(tmp_path, monkeypatch):
+    import pipeline.sources as sources
+
+    (tmp_path / "multi.csv").write_bytes(MULTILINE_CSV * 3)
+    data = DataConfig(input=str(tmp_path / "multi.csv"), extra_cols=["uid"])
+    reference = read_all(data)
+    for block_bytes in (48, 64, 100, 160):  # blocks of a few lines (not less than the longest line)
+        monkeypatch.setattr(sources, "BLOCK_BYTES", block_bytes)
+        assert read_all(data).equals(reference), block_bytes
+    monkeypatch.setattr(sources, "MAX_RECORD_LINES", 2)  # a row may span at most 2 lines now
+    capped = read_all(data)
+    assert capped.column("uid").to_pylist()[:3] == ["u1", "u2", None]  # the 3-line row is not read whole
+
+
 def test_malformed_json_lines_become_rows_that_name_file_and_line(tmp_path):
     lines = [b'{"url": "http://a/1", "caption": "one"}',    # line 1
              b'{"url": "http://a/2", "caption": "two"',      # line 2: not JSON
