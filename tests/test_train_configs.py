@@ -36,3 +36,10 @@ def test_laion_config_has_the_clip_papers_hyperparameters_and_fits_one_node_with
 def test_impossible_train_sections_are_refused_naming_the_keys(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides=overrides)
+
+
+@pytest.mark.parametrize("samples, batch, steps", [(1024, 128, 8), (1025, 128, 9), (128, 128, 1)])
+def test_a_run_is_its_samples_in_whole_global_batches(samples, batch, steps):
+    from training.config import TrainConfig
+
+    assert TrainConfig(data=["x"], samples=samples, batch_size=batch, num_workers=1).total_steps == steps

@@ -82,6 +82,11 @@ class TrainConfig(BaseModel):
     decoder: Literal["cv2", "pil"] = "cv2"
     s3_endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint for s3:// paths (default: AWS_ENDPOINT_URL)")
 
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the run: `samples` rounded up to whole global batches."""
+        return -(-self.samples // self.batch_size)
+
     @_train_model_validator(mode="after")
     def _check_batches(self) -> "TrainConfig":
         local, rest = divmod(self.batch_size, self.num_workers)

@@ -147,10 +147,10 @@ def run_training(model: ModelConfig, train: TrainConfig, *, callbacks: Optional[
                     train.preprocess_cpus, needed, cluster_cpus)
     total_samples = sum(s.rows for s in shards)
     log.info("train: %d shards, %d rows; %d steps of %d; %d preprocessing actors per worker",
-             len(shards), total_samples, math.ceil(train.samples / train.batch_size), train.batch_size, actors)
+             len(shards), total_samples, train.total_steps, train.batch_size, actors)
 
     metrics_cb = MetricsCallback(storage)
-    progress_cb = ProgressCallback(train.name, math.ceil(train.samples / train.batch_size))
+    progress_cb = ProgressCallback(train.name, train.total_steps)
     config = {
         "model": model.model_dump(mode="json"), "model_dict": model_dict, "train": train.model_dump(mode="json"),
         "shards": shards, "data_fs": data_fs, "val_shards": val_shards, "val_fs": val_fs,
@@ -329,7 +329,7 @@ class _Worker:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         torch.set_num_threads(max(1, int(train.cpus_per_worker)))  # the CPUs this worker holds
-        self.total_steps = math.ceil(train.samples / train.batch_size)
+        self.total_steps = train.total_steps
         self.local_batch = train.batch_size // self.world_size
         self.gather = gather_objects
 
