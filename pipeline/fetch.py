@@ -472,8 +472,12 @@ def _read_exactly(conn: PinnedConnection, n: int, deadline: float) -> Union[byte
     next response stay in the socket."""
     buf = conn.buffer
     have = len(buf)
-    if have >= n:
-        data = bytes(buf[:n])
+    if have == n:  # the usual case: the rest of the response came with its head; take it whole
+        conn.buffer = bytearray()
+        return buf
+    if have > n:
+        with memoryview(buf) as view:
+            data = bytes(view[:n])
         del buf[:n]
         return data
     out = bytearray(n)
