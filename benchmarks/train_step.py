@@ -12,6 +12,7 @@ CUDA device it says so and exits 0, unless `--device cpu` asks for a CPU smoke r
 
     python benchmarks/train_step.py                       # ViT-B-32 and ViT-B-16, eager then compiled
     python benchmarks/train_step.py --no-compile --models ViT-B-32 --batch 512
+    python benchmarks/train_step.py --models ViT-B-32 --batch 1024 2048 --compile-mode max-autotune-no-cudagraphs
     python benchmarks/train_step.py --device cpu --models ViT-Tiny --batch 16 --steps 3 --no-compile
 
 Eager runs come first; compiled runs follow while `--time-budget` seconds allow (compilation takes
@@ -71,8 +72,9 @@ def executed_text_tokens(tokens, context_length: int) -> int:
     return min(context_length, -(-last // 8) * 8)
 
 
-def run_one(name: str, batch: int, *, steps: int, warmup: int, precision: str, compile_model: bool,
+def run_one(name: str, batch: int, *, steps: int, warmup: int, precision: str, compile_model,
             captions: str, device) -> dict:
+    """compile_model: False (eager), True or a torch.compile mode (`train.compile`'s values)."""
     import torch
 
     from training.flops import clip_forward_flops, mfu, peak_flops
@@ -125,12 +127,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-B-16"])
-    parser.add_argument("--batch", type=int, default=None, help="per-step batch (default: 1024 for B/32, 512 for B/16)")
+    parser.add_argument("--batch", type=int, nargs="+", default=None,
+                        help="per-step batch, one or more (default: 1024 for B/32, 512 for B/16)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--precision", default="amp_bf16", choices=["fp32", "amp_bf16", "amp_fp16"])
     parser.add_argument("--captions", default="cc3m", choices=["cc3m", "full"])
     parser.add_argument("--no-compile", action="store_true", help="eager runs only")
+    from training.loop import COMPILE_MODES  # torch and numpy only
+
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                        help="torch.compile mode of the compiled runs (train.compile's values)")
+    parser.add_argument("--no-eager", action="store_true", help="compiled runs only")
     parser.add_argument("--time-budget", type=float, default=170.0,
                         help="seconds; compiled runs start only while the elapsed time is below it")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -150,13 +158,15 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = True
         print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     start = time.perf_counter()
-    plan = [(m, False) for m in args.models] + ([] if args.no_compile else [(m, True) for m in args.models])
+    batches = {m: args.batch or [DEFAULT_BATCH.get(m, 64)] for m in args.models}
+    plan = ([] if args.no_eager else [(m, b, False) for m in args.models for b in batches[m]]) + \
+        ([] if args.no_compile else [(m, b, args.compile_mode) for m in args.models for b in batches[m]])
     results = []
-    for name, compiled in plan:
+    for name, batch, compiled in plan:
         if compiled and time.perf_counter() - start > args.time_budget:
-            print(f"{name} compiled: skipped, {time.perf_counter() - start:.0f} s spent of the {args.time_budget:.0f} s budget")
+            print(f"{name} batch {batch} compiled: skipped, {time.perf_counter() - start:.0f} s spent of the "
+                  f"{args.time_budget:.0f} s budget")
             continue
-        batch = args.batch or DEFAULT_BATCH.get(name, 64)
         try:
             r = run_one(name, batch, steps=args.steps, warmup=args.warmup, precision=args.precision,
                         compile_model=compiled, captions=args.captions, device=device)
@@ -165,7 +175,7 @@ def main(argv=None) -> int:
             continue
         results.append(r)
         mfu_text = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        print(f"{name:9s} {'compiled' if compiled else 'eager':8s} batch {batch:5d}  {r['samples_per_s']:9.1f} samples/s  "
+        print(f"{name:9s} {compiled or 'eager':8s} batch {batch:5d}  {r['samples_per_s']:9.1f} samples/s  "
               f"{1000 * r['step_s']:7.1f} ms/step  {r['achieved_tflops']:6.1f} TFLOP/s  MFU {mfu_text}  "
               f"(text {r['text_tokens']} tokens, warmup {r['warmup_s']:.0f} s)", flush=True)
         print("RESULT " + json.dumps(r), flush=True)

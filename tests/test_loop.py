@@ -265,3 +265,18 @@ def test_resnet_under_ddp_steps_without_layout_warnings_and_ranks_stay_identical
     torch.manual_seed(0)
     start = create_model("RN-Tiny")  # the weights both ranks began with: two steps moved them
     assert any(not torch.equal(ranks[0]["params"][f"clip.{n}"], p) for n, p in start.named_parameters())
+
+
+@pytest.mark.parametrize("compile_setting, mode", [(True, None), ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")])
+def test_the_compile_setting_reaches_torch_compile(monkeypatch, compile_setting, mode):
+    seen = {}
+
+    def fake_compile(module, **kwargs):
+        seen.update(kwargs)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    TrainLoop(tiny_clip(), LoopSettings(total_steps=2, compile=compile_setting))
+    assert seen == {"mode": mode}
+    with pytest.raises(ValueError, match="compile 'fast'"):
+        LoopSettings(total_steps=2, compile="fast")

@@ -43,3 +43,15 @@ def test_a_run_is_its_samples_in_whole_global_batches(samples, batch, steps):
     from training.config import TrainConfig
 
     assert TrainConfig(data=["x"], samples=samples, batch_size=batch, num_workers=1).total_steps == steps
+
+
+@pytest.mark.parametrize("value, expected", [("true", True), ("false", False), ("max-autotune", "max-autotune"),
+                                             ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")])
+def test_compile_is_a_switch_or_a_torch_compile_mode(value, expected):
+    cfg = load_config(None, overrides=[f"train.compile={value}"])
+    assert cfg.train.compile == expected
+
+
+def test_a_misspelt_compile_mode_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="train.compile"):
+        load_config(None, overrides=["train.compile=max-autotun"])

@@ -59,7 +59,9 @@ class TrainConfig(BaseModel):
     loss: Literal["clip", "siglip"] = "clip"
     temperature_init: PositiveFloat = 0.07
     learn_temperature: bool = True
-    compile: bool = False
+    compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = Field(
+        False, description="torch.compile the model: true (mode 'default') or a torch.compile mode; "
+                           "'reduce-overhead' and 'max-autotune' add CUDA graphs (one GPU, fixed shapes)")
     strategy: Literal["ddp", "fsdp"] = "ddp"
     checkpoint_every: PositiveInt = 1000
     keep_checkpoints: PositiveInt = 3

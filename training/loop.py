@@ -22,7 +22,7 @@ import os
 import random
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")
 STRATEGIES = ("ddp", "fsdp")
 TRAINER_STATE_FILE = "trainer_state.pt"
 SIGLIP_BIAS_INIT = -10.0
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -52,7 +55,7 @@ class LoopSettings:
     precision: str = "fp32"
     loss: str = "clip"
     micro_batch_size: Optional[int] = None
-    compile: bool = False
+    compile: Union[bool, str] = False  # False, True (torch.compile's default mode) or a torch.compile mode
     strategy: str = "ddp"
 
     def __post_init__(self) -> None:
@@ -66,6 +69,8 @@ class LoopSettings:
             raise ValueError(f"strategy {self.strategy!r}: expected one of {', '.join(STRATEGIES)}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0 steps, got {self.warmup}")
+        if not isinstance(self.compile, bool) and self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile {self.compile!r}: expected true, false or one of {', '.join(COMPILE_MODES)}")
 
     @classmethod
     def from_train_config(cls, train: Any, total_steps: int) -> "LoopSettings":
@@ -181,7 +186,11 @@ class TrainLoop:
             for param in self.module.parameters():
                 if param.requires_grad:
                     param.grad = torch.zeros_like(param, memory_format=torch.contiguous_format)
-        self.forward_module = torch.compile(self.wrapped) if settings.compile else self.wrapped
+        if settings.compile:
+            mode = None if settings.compile is True else settings.compile
+            self.forward_module = torch.compile(self.wrapped, mode=mode)
+        else:
+            self.forward_module = self.wrapped
         fused = self.device.type == "cuda" and not self.fsdp
         self.optimizer = torch.optim.AdamW(
             parameter_groups(self.module, settings.weight_decay), lr=settings.lr, betas=settings.betas,
