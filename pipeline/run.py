@@ -55,13 +55,13 @@ def run_pipeline(data: DataConfig) -> dict[str, Any]:
     if not data.output:
         raise ValueError("data.output is not set: give a folder (local or s3://...) for shards/, rejects/ "
                          "and manifest.json")
-    from training.data import data_context  # Ray Data's context, without Ray 2.60's spurious deprecations
+    from training.data import data_context, disable_progress_bars  # without Ray 2.60's spurious deprecations
 
     ctx = data_context()
     previous = ctx.enable_progress_bars
     # One tqdm bar per phase in rows/accepted/images per second instead of Ray Data's, whose
     # "rows" here would be shards. Datasets copy the context when they are created.
-    ctx.enable_progress_bars = False
+    disable_progress_bars(ctx)
     try:
         return _run(data)
     finally:

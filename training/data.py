@@ -509,6 +509,14 @@ def data_context():
         return DataContext.get_current()
 
 
+def disable_progress_bars(ctx) -> None:
+    """No Ray Data progress bars in this process, and no notice about it: Ray Data would log
+    "Progress bars disabled. To enable, set ..." once per process, telling users to undo a choice
+    made for them (the pipeline shows its own bars; training workers show none)."""
+    ctx.enable_progress_bars = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
 def configure_data_context(settings: StreamSettings) -> None:
     """Ray Data settings of this process: ordered output (deterministic streams), no progress
     bars, and a CPU limit so the Train workers' executors share the cluster without starving."""
@@ -516,7 +524,7 @@ def configure_data_context(settings: StreamSettings) -> None:
 
     ctx = data_context()
     ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
+    disable_progress_bars(ctx)
     ctx.print_on_execution_start = False
     if settings.data_cpus is not None:
         ctx.execution_options.resource_limits = ExecutionResources(cpu=settings.data_cpus)
