@@ -17,7 +17,7 @@ service actors already up (as after any earlier Data job on a cluster; `--cold-r
 start too); its download actors start inside the timed call, as img2dataset's processes do.
 
 Images are 512x384 photo-like JPEGs (a coarse random field, blurred, with sensor-like noise;
-about 60 kB each at quality 90); `--distinct` of them are generated and the URLs cycle through
+about 70 kB each at quality 90); `--distinct` of them are generated and the URLs cycle through
 them (every URL is a separate request).
 """
 from __future__ import annotations

@@ -33,7 +33,7 @@ _MAX_DISCARD = 1 << 16  # redirect bodies larger than this close the connection 
 
 @dataclass
 class FetchResult:
-    body: Optional[Union[bytes, bytearray]]  # a body read by its Content-Length comes as a bytearray (no copy)
+    body: Optional[Union[bytes, bytearray]]  # often a bytearray: bodies are not copied into bytes
     reason: Optional[str] = None  # None: success
     detail: str = ""
     status: Optional[int] = None
