@@ -7,6 +7,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, m
 
 from training.config import FsspecStorage
 
+EXPECTED_HASH = "expected_hash"  # the staged input's copy of data.verify_hash.column
+
 INTERPOLATIONS = Literal["nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4"]
 
 
@@ -69,6 +71,27 @@ class FiltersConfig(BaseModel):
         return self.dedup_sha256 or self.clip_score is not None
 
 
+class VerifyHashConfig(BaseModel):
+    """img2dataset's `verify_hash`: an input column holds each image's expected hash (hex) of the
+    downloaded bytes; an image whose bytes hash to anything else, or a row without an expected
+    hash, is rejected as `download/hash_mismatch` (DataComp pools carry a `sha256` column)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    column: str = Field(description="input column with the expected hex digest of the downloaded image")
+    algorithm: Literal["sha256", "sha512", "md5"] = "sha256"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _img2dataset_form(cls, value: Any) -> Any:
+        """img2dataset's `[column, algorithm]` pair is accepted as well."""
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2:
+                raise ValueError(f"give [column, algorithm] or {{column: ..., algorithm: ...}}, got {value!r}")
+            return {"column": value[0], "algorithm": value[1]}
+        return value
+
+
 class DataConfig(FsspecStorage, BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -119,6 +142,8 @@ class DataConfig(FsspecStorage, BaseModel):
     max_redirects: int = Field(5, ge=0)
     max_response_bytes: PositiveInt = 32 * 1024 * 1024
     user_agent: str = "clipray/0.1 (+https://github.com/clipray/clipray)"
+    verify_hash: Optional[VerifyHashConfig] = Field(
+        None, description="reject images whose downloaded bytes do not hash to the input column's value")
     # --- parallelism
     num_download_actors: Optional[PositiveInt] = Field(
         None, description="default: one per CPU of the cluster, at most one per shard"
@@ -138,7 +163,7 @@ class DataConfig(FsspecStorage, BaseModel):
             if len(set(self.columns)) != len(self.columns) or not all(self.columns):
                 raise ValueError(f"data.columns {self.columns} must be distinct non-empty names")
         reserved = {"key", "url", "caption", "jpg", "width", "height", "original_width", "original_height",
-                    "sha256", "stage", "reason", "detail", "caption_ok", "source_error"}
+                    "sha256", "stage", "reason", "detail", "caption_ok", "source_error", EXPECTED_HASH}
         clash = sorted(set(self.extra_cols) & (reserved | {self.url_col, self.caption_col}))
         if clash:
             raise ValueError(f"data.extra_cols {clash} clash with the pipeline's output or internal columns "

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional, Union
 import pyarrow as pa
 
 from pipeline.address_guard import AddressGuard, Resolver, system_resolver
-from pipeline.config import DataConfig
+from pipeline.config import EXPECTED_HASH, DataConfig
 from pipeline.fetch import Fetcher
 from pipeline.filters import RowFilters
 from pipeline.reasons import DECODE, DEDUP, DOWNLOAD, FILTER, Rejection
@@ -84,11 +84,13 @@ class RowProcessor:
         self.filters = RowFilters(data.filters)
         self.fetcher = fetcher(data, resolver)
         self.images = image_processor(data)
+        self.verify = data.verify_hash
 
     def caption_check(self, caption: Optional[str], caption_ok: bool) -> Optional[Rejection]:
         return self.filters.caption(caption, caption_ok)
 
-    def __call__(self, url: Optional[str]) -> RowOutcome:
+    def __call__(self, url: Optional[str], expected_hash: Optional[str] = None) -> RowOutcome:
+        """expected_hash: the row's data.verify_hash.column value (when that check is on)."""
         stage = DOWNLOAD
         try:
             if not url or not url.strip():
@@ -96,6 +98,10 @@ class RowProcessor:
             result = self.fetcher.fetch(url)
             if result.reason is not None:
                 return Rejection(DOWNLOAD, result.reason, result.detail)
+            if self.verify is not None:
+                rejection = self.hash_check(result.body, expected_hash)
+                if rejection is not None:
+                    return rejection
             stage = DECODE
             try:
                 probed = self.images.probe(result.body)
@@ -120,6 +126,17 @@ class RowProcessor:
             tb = traceback.format_exc(limit=6)
             return Rejection(stage, "internal_error", f"{type(exc).__name__}: {exc}\n{tb}")
 
+    def hash_check(self, body: bytes, expected: Optional[str]) -> Optional[Rejection]:
+        """img2dataset's verify_hash: the downloaded bytes must hash to the input's value."""
+        name, column = self.verify.algorithm, self.verify.column
+        if not expected:
+            return Rejection(DOWNLOAD, "hash_mismatch", f"no expected {name} in the input column {column!r}")
+        got = hashlib.new(name, body).hexdigest()
+        if got != expected:
+            return Rejection(DOWNLOAD, "hash_mismatch",
+                             f"{name} of the downloaded bytes is {got}, the input column {column!r} says {expected}")
+        return None
+
     def close(self) -> None:
         self.fetcher.close()
 
@@ -140,8 +157,9 @@ class ShardDownloader:
         self.rows.close()
 
     def iter_outcomes(self, table: pa.Table, duplicates: Optional[dict[int, str]] = None) -> Iterator[RowOutcome]:
-        """One outcome per row of a staged input table (columns url, caption, caption_ok and
-        source_error), in row order, each as soon as it and all rows before it are done.
+        """One outcome per row of a staged input table (columns url, caption, caption_ok,
+        source_error and, with data.verify_hash, expected_hash), in row order, each as soon as it
+        and all rows before it are done.
 
         Decided without a request: malformed source rows, caption filters, and `duplicates`
         ({row: key of the first row with the same url and caption}, from the run's pair dedup)."""
@@ -164,7 +182,11 @@ class ShardDownloader:
                 early[i] = rejection
             else:
                 todo.append(i)
-        fetched = self.pool.map(self.rows, [urls[i] for i in todo])  # all submitted now, results in order
+        if EXPECTED_HASH in table.column_names:
+            hashes = table.column(EXPECTED_HASH).to_pylist()
+            fetched = self.pool.map(self.rows, [urls[i] for i in todo], [hashes[i] for i in todo])
+        else:
+            fetched = self.pool.map(self.rows, [urls[i] for i in todo])  # all submitted now, results in order
         for i in range(table.num_rows):
             yield early[i] if i in early else next(fetched)
 

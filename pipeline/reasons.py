@@ -32,6 +32,8 @@ REASONS: dict[str, tuple[str, str]] = {
     "response_too_large": (DOWNLOAD, "the response is larger than data.max_response_bytes"),
     "optout": (DOWNLOAD, "an X-Robots-Tag header opts the image out (data.disallowed_header_directives)"),
     "http_error": (DOWNLOAD, "an HTTP protocol error"),
+    "hash_mismatch": (DOWNLOAD, "the downloaded bytes do not hash to the row's data.verify_hash.column value "
+                                "(or the row has none)"),
     # decode
     "not_an_image": (DECODE, "the bytes are not an image format Pillow/OpenCV can read (HTML, text, ...)"),
     "truncated_image": (DECODE, "the image data ends early"),

@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.config import DataConfig
+from pipeline.config import EXPECTED_HASH, DataConfig
 from pipeline.storage import filesystem, protocol_of
 
 FORMATS = ("parquet", "csv", "tsv", "json", "jsonl")
@@ -129,7 +129,10 @@ def _open(file: InputFile, data: DataConfig):
 
 
 def _wanted(data: DataConfig) -> list[str]:
-    return [data.url_col, data.caption_col, *data.extra_cols]
+    wanted = [data.url_col, data.caption_col, *data.extra_cols]
+    if data.verify_hash is not None and data.verify_hash.column not in wanted:
+        wanted.append(data.verify_hash.column)
+    return wanted
 
 
 def _check_columns(file: InputFile, available: list[str], data: DataConfig) -> None:
@@ -143,6 +146,11 @@ def _check_columns(file: InputFile, available: list[str], data: DataConfig) -> N
     if missing:
         raise InputError(
             f"data.extra_cols {missing} are not columns of {file.url} (columns: {', '.join(map(str, available))})"
+        )
+    if data.verify_hash is not None and data.verify_hash.column not in available:
+        raise InputError(
+            f"data.verify_hash.column {data.verify_hash.column!r} is not a column of {file.url} "
+            f"(columns: {', '.join(map(str, available))})"
         )
 
 
@@ -571,4 +579,17 @@ def normalise(table: pa.Table, data: DataConfig, file: Optional[InputFile] = Non
         if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
             values, _ = _as_text(values)
         columns[col] = values
+    if data.verify_hash is not None:
+        columns[EXPECTED_HASH] = _expected_hashes(table.column(data.verify_hash.column))
     return pa.table(columns)
+
+
+def _expected_hashes(column: pa.ChunkedArray) -> pa.Array:
+    """The verify-hash column as lower-case hex strings (null where absent or not text)."""
+    typ = column.type
+    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_binary(typ)
+            or pa.types.is_large_binary(typ)):
+        return pa.nulls(len(column), pa.string())
+    text, ok = _as_text(column)
+    text = pc.if_else(pc.fill_null(ok, False), text, pa.scalar(None, pa.string()))
+    return pc.utf8_lower(pc.utf8_trim_whitespace(text))

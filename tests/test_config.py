@@ -117,3 +117,18 @@ def test_print_config_shows_validated_values():
     proc = _cli("pipeline", "--set", "data.image_size=128", "--print-config")
     assert proc.returncode == 0, proc.stderr
     assert "image_size: 128" in proc.stdout
+
+
+@pytest.mark.parametrize("overrides, ok", [
+    (["data.verify_hash=[sha256, sha256]"], True),            # img2dataset's form
+    (["data.verify_hash.column=hash", "data.verify_hash.algorithm=md5"], True),
+    (["data.verify_hash=[sha256, crc32]"], False),
+    (["data.verify_hash=[sha256]"], False),
+    (["data.extra_cols=[expected_hash]"], False),              # an internal column's name
+])
+def test_verify_hash_config(overrides, ok):
+    if ok:
+        assert load_config(None, overrides=overrides).data.verify_hash is not None
+    else:
+        with pytest.raises(ConfigError, match="data.verify_hash|data.extra_cols"):
+            load_config(None, overrides=overrides)

@@ -74,3 +74,36 @@ def test_malformed_and_duplicate_rows_are_rejected_without_a_request(tmp_path):
     assert [(r["key"], r["stage"], r["reason"], r["detail"]) for r in rejects] == [
         ("000001", "filter", "malformed_row", "list.csv line 3: 3 field(s), expected 2 (url, caption): 'a,b,c'"),
         ("000002", "dedup", "duplicate", "same url and caption as key 000000")]
+
+
+def test_verify_hash_rejects_images_whose_bytes_hash_otherwise(tmp_path):
+    """img2dataset's verify_hash: the downloaded bytes (not the re-encoded ones) must hash to the
+    input column's value; a row without one is rejected too."""
+    import hashlib
+
+    images = [jpeg_bytes(40, 30, seed=i) for i in range(4)]
+    with HTTPTestServer({f"/{i}.jpg": images[i] for i in range(4)}) as server:
+        out = OutputDir(str(tmp_path))
+        expected = [hashlib.sha256(images[0]).hexdigest(), hashlib.sha256(images[0]).hexdigest(), None,
+                    hashlib.sha256(images[3]).hexdigest()]
+        out.write_arrow("_work/input/x.arrow", pa.table({
+            "url": [server.url(f"/{i}.jpg") for i in range(4)], "caption": ["c"] * 4, "caption_ok": [True] * 4,
+            "expected_hash": expected}))
+        data = DataConfig(input="x", output=str(tmp_path), allow_private_addresses=True, retries=0, image_size=32,
+                          verify_hash=["sha256", "sha256"])
+        spec = ShardSpec(id=0, name="00000", input="_work/input/x.arrow", rows=4, source="x", first_row=0,
+                         row_digits=1, global_pass=False)
+        shard = download.ShardDownloader(data, out, pa.schema([]), cpu_slots=1)
+        try:
+            stats = shard.process(spec)
+        finally:
+            shard.close()
+    assert (stats["accepted"], stats["reasons"]) == (2, {"hash_mismatch": 2})
+    rejects = pq.read_table(tmp_path / spec.rejects_file).to_pylist()
+    assert [(r["key"], r["stage"], r["reason"]) for r in rejects] == [("000001", "download", "hash_mismatch"),
+                                                                   ("000002", "download", "hash_mismatch")]
+    assert f"says {expected[1]}" in rejects[0]["detail"] and hashlib.sha256(images[1]).hexdigest() in rejects[0]["detail"]
+    assert "no expected sha256 in the input column 'sha256'" in rejects[1]["detail"]
+    kept = pq.read_table(tmp_path / spec.accepted_file)
+    assert kept.column("key").to_pylist() == ["000000", "000003"]
+    assert "expected_hash" not in kept.column_names

@@ -454,3 +454,23 @@ def test_cli_reports_a_missing_column_before_downloading(ray_local, tmp_path, ca
         assert "data.url_col 'url' is not a column of" in err and "(columns: link, text)" in err
         assert server.request_count() == 0
     assert not (tmp_path / "out" / "shards").exists()
+
+
+def test_a_datacomp_style_sha256_column_verifies_downloads(ray_local, tmp_path):
+    """configs/datacomp.yaml's check end to end: the pool's sha256 of the original image."""
+    import hashlib
+
+    import pyarrow as pa
+
+    images = [jpeg_bytes(80, 60, seed=i) for i in range(3)]
+    with HTTPTestServer({f"/{i}.jpg": images[i] for i in range(3)}) as server:
+        pq.write_table(pa.table({
+            "uid": ["a", "b", "c"], "url": [server.url(f"/{i}.jpg") for i in range(3)], "text": ["x", "y", "z"],
+            "sha256": [hashlib.sha256(images[0]).hexdigest(), hashlib.sha256(images[0]).hexdigest(),
+                       hashlib.sha256(images[2]).hexdigest().upper()]}), tmp_path / "pool.parquet")
+        manifest = run_pipeline(config(tmp_path, tmp_path / "pool.parquet", caption_col="text", extra_cols=["uid"],
+                                       verify_hash={"column": "sha256", "algorithm": "sha256"}))
+    assert (manifest["accepted"], manifest["reasons"]) == (2, {"hash_mismatch": 1})
+    kept = read_table(tmp_path / "out" / "shards")
+    assert kept.column("uid").to_pylist() == ["a", "c"]
+    assert kept.column("sha256").to_pylist() == [hashlib.sha256(j).hexdigest() for j in kept.column("jpg").to_pylist()]

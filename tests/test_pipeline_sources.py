@@ -273,3 +273,15 @@ def test_parquet_null_url_stays_a_row(tmp_path):
     out = read_all(DataConfig(input=str(tmp_path / "u.parquet")))
     assert out.column("url").to_pylist() == ["http://a/1", None]
     assert out.column("source_error").to_pylist() == [None, None]
+
+
+def test_verify_hash_column_is_read_normalised_or_named_when_missing(tmp_path):
+    pq.write_table(pa.table({"url": ["http://a/1", "http://a/2", "http://a/3"], "caption": ["a", "b", "c"],
+                             "sha256": [" ABCDEF ", None, "0123"]}), tmp_path / "pool.parquet")
+    data = DataConfig(input=str(tmp_path / "pool.parquet"), verify_hash={"column": "sha256"})
+    out = read_all(data)
+    assert out.column("expected_hash").to_pylist() == ["abcdef", None, "0123"]
+    assert "sha256" not in out.column_names  # read for the check, not carried (it names an output column)
+    (tmp_path / "list.csv").write_text("url,caption\nhttp://a/1,a\n")
+    with pytest.raises(InputError, match="data.verify_hash.column 'sha256' is not a column of"):
+        read_all(DataConfig(input=str(tmp_path / "list.csv"), verify_hash=["sha256", "sha256"]))
