@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, m
 from training.config import FsspecStorage
 
 EXPECTED_HASH = "expected_hash"  # the staged input's copy of data.verify_hash.column
+BLUR_BOXES = "blur_boxes"  # the staged input's copy of data.bbox_col
 
 INTERPOLATIONS = Literal["nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4"]
 
@@ -106,6 +107,9 @@ class DataConfig(FsspecStorage, BaseModel):
     url_col: str = "url"
     caption_col: str = "caption"
     extra_cols: list[str] = Field(default_factory=list, description="input columns carried to shards")
+    bbox_col: Optional[str] = Field(
+        None, description="input column of boxes to blur, each [x_min, y_min, x_max, y_max] relative to the "
+                          "image (img2dataset's bbox_col; DataComp pools: face_bboxes)")
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for input and output (e.g. s3 key/secret)"
     )
@@ -163,7 +167,7 @@ class DataConfig(FsspecStorage, BaseModel):
             if len(set(self.columns)) != len(self.columns) or not all(self.columns):
                 raise ValueError(f"data.columns {self.columns} must be distinct non-empty names")
         reserved = {"key", "url", "caption", "jpg", "width", "height", "original_width", "original_height",
-                    "sha256", "stage", "reason", "detail", "caption_ok", "source_error", EXPECTED_HASH}
+                    "sha256", "stage", "reason", "detail", "caption_ok", "source_error", EXPECTED_HASH, BLUR_BOXES}
         clash = sorted(set(self.extra_cols) & (reserved | {self.url_col, self.caption_col}))
         if clash:
             raise ValueError(f"data.extra_cols {clash} clash with the pipeline's output or internal columns "

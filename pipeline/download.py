@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional, Union
 import pyarrow as pa
 
 from pipeline.address_guard import AddressGuard, Resolver, system_resolver
-from pipeline.config import EXPECTED_HASH, DataConfig
+from pipeline.config import BLUR_BOXES, EXPECTED_HASH, DataConfig
 from pipeline.fetch import Fetcher
 from pipeline.filters import RowFilters
 from pipeline.reasons import DECODE, DEDUP, DOWNLOAD, FILTER, Rejection
@@ -89,8 +89,10 @@ class RowProcessor:
     def caption_check(self, caption: Optional[str], caption_ok: bool) -> Optional[Rejection]:
         return self.filters.caption(caption, caption_ok)
 
-    def __call__(self, url: Optional[str], expected_hash: Optional[str] = None) -> RowOutcome:
-        """expected_hash: the row's data.verify_hash.column value (when that check is on)."""
+    def __call__(self, url: Optional[str], expected_hash: Optional[str] = None,
+                 blur_boxes: Optional[list] = None) -> RowOutcome:
+        """expected_hash: the row's data.verify_hash.column value (when that check is on);
+        blur_boxes: its data.bbox_col boxes to blur."""
         stage = DOWNLOAD
         try:
             if not url or not url.strip():
@@ -114,10 +116,10 @@ class RowProcessor:
             stage = DECODE
             try:
                 if self.cpu_slots is None:
-                    resized = self.images.resize(probed)
+                    resized = self.images.resize(probed, blur_boxes)
                 else:
                     with self.cpu_slots:
-                        resized = self.images.resize(probed)
+                        resized = self.images.resize(probed, blur_boxes)
             except ImageReject as rej:
                 return Rejection(rej.stage, rej.reason, rej.detail)
             return StoredImage(resized.data, resized.width, resized.height, resized.original_width,
@@ -158,7 +160,7 @@ class ShardDownloader:
 
     def iter_outcomes(self, table: pa.Table, duplicates: Optional[dict[int, str]] = None) -> Iterator[RowOutcome]:
         """One outcome per row of a staged input table (columns url, caption, caption_ok,
-        source_error and, with data.verify_hash, expected_hash), in row order, each as soon as it
+        source_error and, with data.verify_hash / data.bbox_col, expected_hash / blur_boxes), in row order, each as soon as it
         and all rows before it are done.
 
         Decided without a request: malformed source rows, caption filters, and `duplicates`
@@ -182,11 +184,14 @@ class ShardDownloader:
                 early[i] = rejection
             else:
                 todo.append(i)
-        if EXPECTED_HASH in table.column_names:
-            hashes = table.column(EXPECTED_HASH).to_pylist()
-            fetched = self.pool.map(self.rows, [urls[i] for i in todo], [hashes[i] for i in todo])
-        else:
-            fetched = self.pool.map(self.rows, [urls[i] for i in todo])  # all submitted now, results in order
+        args = [[urls[i] for i in todo]]
+        for optional in (EXPECTED_HASH, BLUR_BOXES):  # RowProcessor's optional arguments, in order
+            if optional in table.column_names:
+                values = table.column(optional).to_pylist()
+                args.append([values[i] for i in todo])
+            else:
+                args.append([None] * len(todo))
+        fetched = self.pool.map(self.rows, *args)  # all submitted now, results in order
         for i in range(table.num_rows):
             yield early[i] if i in early else next(fetched)
 

@@ -172,6 +172,7 @@ class ImageProcessor:
             max_image_area=self.max_image_area,
         )
         self._resizer = None  # made on first use: loading it imports albumentations (~2 s)
+        self._blurrer = None  # likewise
         self._resizer_lock = threading.Lock()
         cv2.setNumThreads(1)  # parallelism comes from threads and actors, not from OpenCV
 
@@ -202,19 +203,24 @@ class ImageProcessor:
         return Probed(data=data, format=fmt, width=width, height=height)
 
     # --- decode + resize + encode
-    def resize(self, probed: Probed) -> Resized:
+    def resize(self, probed: Probed, blur_boxes: Optional[list] = None) -> Resized:
+        """blur_boxes: [x_min, y_min, x_max, y_max] boxes relative to the image, blurred as
+        img2dataset blurs `bbox_col` boxes (after the resize, before padding or cropping)."""
         if self.fast_jpeg_decode and probed.format == "JPEG":
-            return self._resize_jpeg(probed)
-        return self._resize_with_img2dataset(probed)
+            return self._resize_jpeg(probed, blur_boxes)
+        return self._resize_with_img2dataset(probed, blur_boxes)
 
-    def _resize_with_img2dataset(self, probed: Probed) -> Resized:
+    def _resize_with_img2dataset(self, probed: Probed, blur_boxes: Optional[list] = None) -> Resized:
         with self._resizer_lock:
             if self._resizer is None:
-                self._resizer = img2dataset_parts.resizer_class()(**self._resizer_args)
+                self._resizer = img2dataset_parts.resizer_class()(
+                    **self._resizer_args, blurrer=img2dataset_parts.blurrer_class()())
             with warnings.catch_warnings():
-                # albumentations 1.4 warns that img2dataset's PadIfNeeded(value=...) is deprecated
+                # albumentations 1.4 warns that img2dataset's PadIfNeeded(value=...) and
+                # GaussianBlur(always_apply=...) are deprecated
                 warnings.simplefilter("ignore", DeprecationWarning)
-                out, width, height, ow, oh, err = self._resizer(io.BytesIO(probed.data))
+                warnings.simplefilter("ignore", UserWarning)
+                out, width, height, ow, oh, err = self._resizer(io.BytesIO(probed.data), blur_boxes)
         if err is not None:
             reason, stage = _RESIZER_ERRORS.get(err.strip().lower(), ("decode_error", "decode"))
             raise ImageReject(reason, f"img2dataset Resizer: {err}", stage)
@@ -234,7 +240,15 @@ class ImageProcessor:
             return None
         return self.image_size / side
 
-    def _resize_jpeg(self, probed: Probed) -> Resized:
+    def _blur(self, array: np.ndarray, boxes: list) -> np.ndarray:
+        if self._blurrer is None:
+            self._blurrer = img2dataset_parts.blurrer_class()()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # GaussianBlur(always_apply=...)
+            warnings.simplefilter("ignore", UserWarning)
+            return self._blurrer(img=array, bbox_list=boxes)
+
+    def _resize_jpeg(self, probed: Probed, blur_boxes: Optional[list] = None) -> Resized:
         ow, oh = probed.width, probed.height
         if min(ow, oh) < self.min_image_size:
             raise ImageReject("too_small", f"{ow}x{oh}: short side < data.min_image_size {self.min_image_size}")
@@ -269,6 +283,8 @@ class ImageProcessor:
                 # array's size, and cut the rounding remainder: same geometry as a full decode.
                 array = cv2.resize(array, None, fx=tw * reduce / ow, fy=th * reduce / oh,
                                    interpolation=interpolation)[:th, :tw]
+        if blur_boxes:
+            array = self._blur(array, blur_boxes)
         if scale is not None:
             array = self._pad_or_crop(array)
         ok, encoded = cv2.imencode(f".{self.encode_format}", array, params=self.encode_params)

@@ -36,7 +36,7 @@ FINGERPRINT_KEYS = (
     "image_size", "resize_mode", "resize_only_if_bigger", "upscale_interpolation", "downscale_interpolation",
     "encode_format", "encode_quality", "min_image_size", "max_image_area", "max_pixels", "fast_jpeg_decode",
     "allow_private_addresses", "disallowed_header_directives", "user_agent_token", "max_redirects",
-    "max_response_bytes", "filters", "verify_hash",
+    "max_response_bytes", "filters", "verify_hash", "bbox_col",
 )
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Union
 
@@ -39,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.config import EXPECTED_HASH, DataConfig
+from pipeline.config import BLUR_BOXES, EXPECTED_HASH, DataConfig
 from pipeline.storage import filesystem, protocol_of
 
 FORMATS = ("parquet", "csv", "tsv", "json", "jsonl")
@@ -130,8 +131,9 @@ def _open(file: InputFile, data: DataConfig):
 
 def _wanted(data: DataConfig) -> list[str]:
     wanted = [data.url_col, data.caption_col, *data.extra_cols]
-    if data.verify_hash is not None and data.verify_hash.column not in wanted:
-        wanted.append(data.verify_hash.column)
+    for col in (data.verify_hash.column if data.verify_hash is not None else None, data.bbox_col):
+        if col is not None and col not in wanted:
+            wanted.append(col)
     return wanted
 
 
@@ -146,6 +148,10 @@ def _check_columns(file: InputFile, available: list[str], data: DataConfig) -> N
     if missing:
         raise InputError(
             f"data.extra_cols {missing} are not columns of {file.url} (columns: {', '.join(map(str, available))})"
+        )
+    if data.bbox_col is not None and data.bbox_col not in available:
+        raise InputError(
+            f"data.bbox_col {data.bbox_col!r} is not a column of {file.url} (columns: {', '.join(map(str, available))})"
         )
     if data.verify_hash is not None and data.verify_hash.column not in available:
         raise InputError(
@@ -565,15 +571,17 @@ def normalise(table: pa.Table, data: DataConfig, file: Optional[InputFile] = Non
         errors = pa.nulls(table.num_rows, pa.string())
     bad_url = pc.and_(pc.invert(pc.fill_null(url_ok, False)), url.is_valid())
     if pc.any(bad_url).as_py():
-        unit = "row" if file is None or file.format == "parquet" else "line"
-        positions = (table.column(_POSITION).to_pylist() if _POSITION in table.column_names
-                     else list(range(table.num_rows)))
-        name = file.url if file is not None else "input"
-        texts, flags, old = url.to_pylist(), bad_url.to_pylist(), errors.to_pylist()
-        errors = pa.array([
-            e if e is not None or not flag else f"{name} {unit} {pos}: the url is not valid UTF-8: {text[:200]!r}"
-            for e, flag, pos, text in zip(old, flags, positions, texts)], pa.string())
+        problems = [f"the url is not valid UTF-8: {text[:200]!r}" if flag else None
+                    for flag, text in zip(bad_url.to_pylist(), url.to_pylist())]
+        errors = _with_problems(errors, problems, table, file)
+    if data.bbox_col is not None:
+        boxes, problems = _blur_boxes(table.column(data.bbox_col))
+        if any(problems):
+            problems = [p and f"data.bbox_col {data.bbox_col!r}: {p}" for p in problems]
+            errors = _with_problems(errors, problems, table, file)
     columns = {"url": url, "caption": caption, "caption_ok": pc.fill_null(ok, False), "source_error": errors}
+    if data.bbox_col is not None:
+        columns[BLUR_BOXES] = boxes
     for col in data.extra_cols:
         values = table.column(col)
         if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
@@ -582,6 +590,42 @@ def normalise(table: pa.Table, data: DataConfig, file: Optional[InputFile] = Non
     if data.verify_hash is not None:
         columns[EXPECTED_HASH] = _expected_hashes(table.column(data.verify_hash.column))
     return pa.table(columns)
+
+
+def _with_problems(errors: pa.Array, problems: list[Optional[str]], table: pa.Table,
+                   file: Optional[InputFile]) -> pa.Array:
+    """`errors` with each row's problem (where it had none yet), naming the file and line/row."""
+    unit = "row" if file is None or file.format == "parquet" else "line"
+    positions = (table.column(_POSITION).to_pylist() if _POSITION in table.column_names
+                 else list(range(table.num_rows)))
+    name = file.url if file is not None else "input"
+    return pa.array([e if e is not None or p is None else f"{name} {unit} {pos}: {p}"
+                     for e, p, pos in zip(errors.to_pylist(), problems, positions)], pa.string())
+
+
+BOXES_TYPE = pa.list_(pa.list_(pa.float64()))
+
+
+def _blur_boxes(column: pa.ChunkedArray) -> tuple[pa.Array, list[Optional[str]]]:
+    """The bbox column as lists of [x_min, y_min, x_max, y_max] (null: nothing to blur), and per
+    row what is wrong with a value that is not such a list (parquet/JSON lists, or JSON text in
+    csv/tsv cells, as img2dataset reads them)."""
+    boxes: list = []
+    problems: list[Optional[str]] = []
+    for value in column.to_pylist():
+        if isinstance(value, (bytes, str)):
+            try:
+                value = json.loads(value) if value.strip() else None
+            except (ValueError, UnicodeDecodeError):
+                boxes.append(None)
+                problems.append(f"not a JSON list of boxes: {value[:100]!r}")
+                continue
+        ok = value is None or (isinstance(value, list) and all(
+            isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in b)
+            for b in value))
+        boxes.append([[float(v) for v in b] for b in value] if ok and value is not None else None)
+        problems.append(None if ok else f"not a list of [x_min, y_min, x_max, y_max] boxes: {str(value)[:100]}")
+    return pa.array(boxes, BOXES_TYPE), problems
 
 
 def _expected_hashes(column: pa.ChunkedArray) -> pa.Array:

@@ -148,3 +148,44 @@ def test_fast_path_output_decodes_as_the_same_picture():
     full = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     expected = cv2.resize(full, (256, 192), interpolation=cv2.INTER_AREA)[..., ::-1]
     assert np.abs(decode(out.data).astype(int) - expected.astype(int)).mean() < 4
+
+
+def checkerboard_jpeg(width: int, height: int, square: int = 16) -> bytes:
+    """Sharp edges everywhere, so a blur shows (the smooth test JPEGs barely change)."""
+    y, x = np.mgrid[0:height, 0:width]
+    board = (((x // square) + (y // square)) % 2 * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(np.stack([board, 255 - board, board // 2], axis=2)).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["border", "center_crop", "no"])
+def test_boxes_are_blurred_as_img2dataset_blurs_them(mode):
+    """data.bbox_col: the fast JPEG path blurs like img2dataset's Resizer with its BoundingBoxBlurrer
+    (after the resize, before padding or cropping): inside the box the image changes, far from
+    it it does not."""
+    boxes = [[0.5, 0.5, 0.9, 0.9]]
+    fast = ImageProcessor(image_size=128, resize_mode=mode)
+    reference = ImageProcessor(image_size=128, resize_mode=mode, fast_jpeg_decode=False)
+    for data in (checkerboard_jpeg(320, 240), checkerboard_jpeg(200, 300)):
+        plain = decode(fast.resize(fast.probe(data)).data).astype(int)
+        ours = decode(fast.resize(fast.probe(data), boxes).data).astype(int)
+        theirs = decode(reference.resize(reference.probe(data), boxes).data).astype(int)
+        assert ours.shape == theirs.shape == plain.shape
+        assert np.abs(ours - theirs).mean() < 6, mode
+        changed = np.abs(ours - plain).mean(axis=2) > 16
+        h, w = changed.shape
+        assert changed[int(0.65 * h):int(0.8 * h), int(0.65 * w):int(0.8 * w)].mean() > 0.3, mode
+        assert not changed[: h // 4, : w // 4].any(), mode  # far from the box: untouched
+
+
+def test_png_boxes_go_through_img2dataset_resizer_with_its_blurrer():
+    board = decode(checkerboard_jpeg(160, 120))
+    buf = io.BytesIO()
+    Image.fromarray(board).save(buf, "PNG")
+    data = buf.getvalue()
+    p = ImageProcessor(image_size=64)
+    plain = decode(p.resize(p.probe(data)).data).astype(int)
+    blurred = decode(p.resize(p.probe(data), [[0.0, 0.0, 0.5, 0.5]]).data).astype(int)
+    diff = np.abs(plain - blurred).mean(axis=2)  # 160x120 -> 64x48 (+ 8 px of border above and below)
+    assert diff[12:28, 4:28].mean() > 16 and diff[40:56, 40:].mean() < 1  # far from it: re-encoding noise at most

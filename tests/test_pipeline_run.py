@@ -456,21 +456,31 @@ def test_cli_reports_a_missing_column_before_downloading(ray_local, tmp_path, ca
     assert not (tmp_path / "out" / "shards").exists()
 
 
-def test_a_datacomp_style_sha256_column_verifies_downloads(ray_local, tmp_path):
-    """configs/datacomp.yaml's check end to end: the pool's sha256 of the original image."""
+def test_a_datacomp_style_pool_verifies_hashes_and_blurs_faces(ray_local, tmp_path):
+    """configs/datacomp.yaml's checks end to end: the pool's sha256 of the original image, and its
+    face boxes blurred in the stored image."""
     import hashlib
 
     import pyarrow as pa
 
+    from pipeline.download import image_processor
+
     images = [jpeg_bytes(80, 60, seed=i) for i in range(3)]
+    boxes = [[[0.0, 0.0, 0.5, 0.5]], None, []]
     with HTTPTestServer({f"/{i}.jpg": images[i] for i in range(3)}) as server:
         pq.write_table(pa.table({
             "uid": ["a", "b", "c"], "url": [server.url(f"/{i}.jpg") for i in range(3)], "text": ["x", "y", "z"],
             "sha256": [hashlib.sha256(images[0]).hexdigest(), hashlib.sha256(images[0]).hexdigest(),
-                       hashlib.sha256(images[2]).hexdigest().upper()]}), tmp_path / "pool.parquet")
-        manifest = run_pipeline(config(tmp_path, tmp_path / "pool.parquet", caption_col="text", extra_cols=["uid"],
-                                       verify_hash={"column": "sha256", "algorithm": "sha256"}))
+                       hashlib.sha256(images[2]).hexdigest().upper()],
+            "face_bboxes": boxes}), tmp_path / "pool.parquet")
+        data = config(tmp_path, tmp_path / "pool.parquet", caption_col="text", extra_cols=["uid"],
+                      verify_hash={"column": "sha256", "algorithm": "sha256"}, bbox_col="face_bboxes")
+        manifest = run_pipeline(data)
     assert (manifest["accepted"], manifest["reasons"]) == (2, {"hash_mismatch": 1})
     kept = read_table(tmp_path / "out" / "shards")
     assert kept.column("uid").to_pylist() == ["a", "c"]
     assert kept.column("sha256").to_pylist() == [hashlib.sha256(j).hexdigest() for j in kept.column("jpg").to_pylist()]
+    p = image_processor(data)
+    blurred, plain = p.resize(p.probe(images[0]), boxes[0]).data, p.resize(p.probe(images[0])).data
+    assert blurred != plain and kept.column("jpg")[0].as_py() == blurred
+    assert kept.column("jpg")[1].as_py() == p.resize(p.probe(images[2])).data  # no boxes: as without bbox_col

@@ -285,3 +285,25 @@ def test_verify_hash_column_is_read_normalised_or_named_when_missing(tmp_path):
     (tmp_path / "list.csv").write_text("url,caption\nhttp://a/1,a\n")
     with pytest.raises(InputError, match="data.verify_hash.column 'sha256' is not a column of"):
         read_all(DataConfig(input=str(tmp_path / "list.csv"), verify_hash=["sha256", "sha256"]))
+
+
+def test_bbox_column_is_read_from_lists_or_json_text_and_bad_values_are_malformed_rows(tmp_path):
+    pq.write_table(pa.table({"url": ["http://a/1", "http://a/2", "http://a/3"], "caption": ["a", "b", "c"],
+                             "face_bboxes": [[[0.1, 0.2, 0.3, 0.4]], None, []]}), tmp_path / "pool.parquet")
+    out = read_all(DataConfig(input=str(tmp_path / "pool.parquet"), bbox_col="face_bboxes"))
+    assert out.column("blur_boxes").to_pylist() == [[[0.1, 0.2, 0.3, 0.4]], None, []]
+    assert out.column("source_error").null_count == 3
+    assert "face_bboxes" not in out.column_names  # read to blur with, not carried
+    (tmp_path / "list.tsv").write_text("url\tcaption\tboxes\n"
+                                       "http://a/1\ta\t[[0, 0, 1, 1], [0.5, 0.5, 0.6, 0.7]]\n"
+                                       "http://a/2\tb\t\n"
+                                       "http://a/3\tc\t[[0, 0, 1]]\n"
+                                       "http://a/4\td\tnot json\n")
+    out = read_all(DataConfig(input=str(tmp_path / "list.tsv"), bbox_col="boxes"))
+    assert out.column("blur_boxes").to_pylist() == [[[0, 0, 1, 1], [0.5, 0.5, 0.6, 0.7]], None, None, None]
+    errors = out.column("source_error").to_pylist()
+    assert errors[:2] == [None, None]
+    assert "line 4: data.bbox_col 'boxes': not a list of [x_min, y_min, x_max, y_max] boxes" in errors[2]
+    assert "line 5: data.bbox_col 'boxes': not a JSON list of boxes" in errors[3]
+    with pytest.raises(InputError, match="data.bbox_col 'face_bboxes' is not a column of"):
+        read_all(DataConfig(input=str(tmp_path / "list.tsv"), bbox_col="face_bboxes"))
