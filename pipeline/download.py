@@ -160,8 +160,8 @@ class ShardDownloader:
 
     def iter_outcomes(self, table: pa.Table, duplicates: Optional[dict[int, str]] = None) -> Iterator[RowOutcome]:
         """One outcome per row of a staged input table (columns url, caption, caption_ok,
-        source_error and, with data.verify_hash / data.bbox_col, expected_hash / blur_boxes), in row order, each as soon as it
-        and all rows before it are done.
+        source_error and, with data.verify_hash / data.bbox_col, expected_hash / blur_boxes), in
+        row order, each as soon as it and all rows before it are done.
 
         Decided without a request: malformed source rows, caption filters, and `duplicates`
         ({row: key of the first row with the same url and caption}, from the run's pair dedup)."""
