@@ -1,9 +1,9 @@
 """The parts of img2dataset the pipeline reuses: its `Resizer`, its `BoundingBoxBlurrer`, and its
 X-Robots-Tag opt-out rule.
 
-`resizer_class()` (and `blurrer_class()`) loads img2dataset's own `resizer.py` from the installed package, but not the
-package's `__init__`, which imports torch, wandb, webdataset and more (about 10 s per download
-actor on a small machine) for things the pipeline does not use. Loading it sets
+`resizer_class()` and `blurrer_class()` load img2dataset's own `resizer.py` / `blurrer.py` from the
+installed package, but not the package's `__init__`, which imports torch, wandb, webdataset and
+more (about 10 s per download actor on a small machine) for things the pipeline does not use. Loading it sets
 NO_ALBUMENTATIONS_UPDATE (albumentations checks for updates over the network otherwise) and
 silences the DeprecationWarning of its `imghdr` import.
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,6 +61,16 @@ _RESIZER_ERRORS = {
     "aspect ratio too large": ("aspect_ratio", "decode"),
     "image decoding error": ("decode_error", "decode"),
 }
+
+
+@contextmanager
+def _quiet_albumentations():
+    """albumentations 1.4 warns that img2dataset's PadIfNeeded(value=...) and
+    GaussianBlur(always_apply=...) are deprecated; those calls are img2dataset's, not ours."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        yield
 
 
 class ImageReject(Exception):
@@ -213,13 +224,8 @@ class ImageProcessor:
     def _resize_with_img2dataset(self, probed: Probed, blur_boxes: Optional[list] = None) -> Resized:
         with self._resizer_lock:
             if self._resizer is None:
-                self._resizer = img2dataset_parts.resizer_class()(
-                    **self._resizer_args, blurrer=img2dataset_parts.blurrer_class()())
-            with warnings.catch_warnings():
-                # albumentations 1.4 warns that img2dataset's PadIfNeeded(value=...) and
-                # GaussianBlur(always_apply=...) are deprecated
-                warnings.simplefilter("ignore", DeprecationWarning)
-                warnings.simplefilter("ignore", UserWarning)
+                self._resizer = img2dataset_parts.resizer_class()(**self._resizer_args, blurrer=self._get_blurrer())
+            with _quiet_albumentations():
                 out, width, height, ow, oh, err = self._resizer(io.BytesIO(probed.data), blur_boxes)
         if err is not None:
             reason, stage = _RESIZER_ERRORS.get(err.strip().lower(), ("decode_error", "decode"))
@@ -240,13 +246,15 @@ class ImageProcessor:
             return None
         return self.image_size / side
 
-    def _blur(self, array: np.ndarray, boxes: list) -> np.ndarray:
+    def _get_blurrer(self):
+        """img2dataset's BoundingBoxBlurrer, one for both paths (made on first use)."""
         if self._blurrer is None:
             self._blurrer = img2dataset_parts.blurrer_class()()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # GaussianBlur(always_apply=...)
-            warnings.simplefilter("ignore", UserWarning)
-            return self._blurrer(img=array, bbox_list=boxes)
+        return self._blurrer
+
+    def _blur(self, array: np.ndarray, boxes: list) -> np.ndarray:
+        with _quiet_albumentations():
+            return self._get_blurrer()(img=array, bbox_list=boxes)
 
     def _resize_jpeg(self, probed: Probed, blur_boxes: Optional[list] = None) -> Resized:
         ow, oh = probed.width, probed.height

@@ -129,11 +129,17 @@ def _open(file: InputFile, data: DataConfig):
         data.fsspec_options() if protocol_of(file.url) != "file" else {}))
 
 
+def _read_only_columns(data: DataConfig) -> list[tuple[str, str]]:
+    """(config key, column) of the input columns read for a check, not carried into the shards."""
+    found = [("data.bbox_col", data.bbox_col)]
+    if data.verify_hash is not None:
+        found.append(("data.verify_hash.column", data.verify_hash.column))
+    return [(key, col) for key, col in found if col is not None]
+
+
 def _wanted(data: DataConfig) -> list[str]:
     wanted = [data.url_col, data.caption_col, *data.extra_cols]
-    for col in (data.verify_hash.column if data.verify_hash is not None else None, data.bbox_col):
-        if col is not None and col not in wanted:
-            wanted.append(col)
+    wanted += [col for _, col in _read_only_columns(data) if col not in wanted]
     return wanted
 
 
@@ -149,15 +155,10 @@ def _check_columns(file: InputFile, available: list[str], data: DataConfig) -> N
         raise InputError(
             f"data.extra_cols {missing} are not columns of {file.url} (columns: {', '.join(map(str, available))})"
         )
-    if data.bbox_col is not None and data.bbox_col not in available:
-        raise InputError(
-            f"data.bbox_col {data.bbox_col!r} is not a column of {file.url} (columns: {', '.join(map(str, available))})"
-        )
-    if data.verify_hash is not None and data.verify_hash.column not in available:
-        raise InputError(
-            f"data.verify_hash.column {data.verify_hash.column!r} is not a column of {file.url} "
-            f"(columns: {', '.join(map(str, available))})"
-        )
+    for key, col in _read_only_columns(data):
+        if col not in available:
+            raise InputError(
+                f"{key} {col!r} is not a column of {file.url} (columns: {', '.join(map(str, available))})")
 
 
 def read_file(file: InputFile, data: DataConfig, batch_rows: int = BATCH_ROWS) -> Iterator[pa.Table]:

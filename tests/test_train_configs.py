@@ -55,3 +55,13 @@ def test_compile_is_a_switch_or_a_torch_compile_mode(value, expected):
 def test_a_misspelt_compile_mode_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match="train.compile"):
         load_config(None, overrides=["train.compile=max-autotun"])
+
+
+def test_the_config_and_the_loop_know_the_same_compile_modes():
+    from typing import get_args
+
+    from training.config import TrainConfig
+    from training.loop import COMPILE_MODES
+
+    literal = [a for a in get_args(TrainConfig.model_fields["compile"].annotation) if a is not bool][0]
+    assert get_args(literal) == COMPILE_MODES
