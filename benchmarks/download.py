@@ -89,9 +89,6 @@ class _ImageProtocol(asyncio.Protocol):
     def eof_received(self):
         return None  # close our side too
 
-    def connection_lost(self, exc) -> None:
-        pass
-
 
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
 
