@@ -105,11 +105,7 @@ class AddressGuard:
             raise AddressRefused(f"{shown} is {why}; set data.allow_private_addresses=true to allow it")
 
     def resolve(self, host: str, port: int) -> str:
-        """The checked address to connect to for `host:port`."""
-        numeric = parse_numeric_host(host)
-        if numeric is not None:
-            self.check_ip(numeric, host)
-            return str(numeric)
+        """The checked address to connect to for `host:port` (answers cached, numeric hosts too)."""
         key = (host.lower(), port)
         now = time.monotonic()
         with self._lock:
@@ -117,7 +113,7 @@ class AddressGuard:
         if hit is not None and now - hit[0] < self.cache_s:
             answer = hit[1]
         else:
-            answer = self._lookup(host, port)
+            answer = self._answer(host, port)
             with self._lock:
                 if len(self._cache) > 100_000:
                     self._cache.clear()
@@ -126,6 +122,18 @@ class AddressGuard:
             error_class, message = answer
             raise error_class(message)
         return answer
+
+    def _answer(self, host: str, port: int) -> Union[str, tuple[type, str]]:
+        """The address for `host`, or (exception class, message): a numeric host is checked as it
+        is (never sent to a resolver), a name is looked up."""
+        numeric = parse_numeric_host(host)
+        if numeric is None:
+            return self._lookup(host, port)
+        try:
+            self.check_ip(numeric, host)
+        except AddressRefused as exc:
+            return (AddressRefused, str(exc))
+        return str(numeric)
 
     def _lookup(self, host: str, port: int) -> Union[str, tuple[type, str]]:
         try:

@@ -26,6 +26,7 @@ from pipeline.address_guard import AddressGuard, Resolver, system_resolver
 from pipeline.config import BLUR_BOXES, EXPECTED_HASH, DataConfig
 from pipeline.fetch import Fetcher
 from pipeline.filters import RowFilters
+from pipeline.in_order import run_in_order
 from pipeline.reasons import DECODE, DEDUP, DOWNLOAD, FILTER, Rejection
 from pipeline.resize import ImageProcessor, ImageReject
 from pipeline.resume import DOWNLOAD as DOWNLOAD_PHASE
@@ -184,16 +185,19 @@ class ShardDownloader:
                 early[i] = rejection
             else:
                 todo.append(i)
-        args = [[urls[i] for i in todo]]
+        columns = [[urls[i] for i in todo]]
         for optional in (EXPECTED_HASH, BLUR_BOXES):  # RowProcessor's optional arguments, in order
             if optional in table.column_names:
                 values = table.column(optional).to_pylist()
-                args.append([values[i] for i in todo])
+                columns.append([values[i] for i in todo])
             else:
-                args.append([None] * len(todo))
-        fetched = self.pool.map(self.rows, *args)  # all submitted now, results in order
-        for i in range(table.num_rows):
-            yield early[i] if i in early else next(fetched)
+                columns.append([None] * len(todo))
+        fetched = run_in_order(self.pool, self.data.threads_per_actor, self.rows, list(zip(*columns)))
+        try:
+            for i in range(table.num_rows):
+                yield early[i] if i in early else next(fetched)
+        finally:
+            fetched.close()  # an abandoned shard: its rows not yet started are not fetched
 
     def process(self, spec: ShardSpec, duplicates: Optional[dict[int, str]] = None) -> dict[str, Any]:
         """Download and commit one shard; returns the stats written to its marker.

@@ -30,11 +30,14 @@ def test_literal_private_addresses_are_refused_without_dns(host):
     guard = AddressGuard(resolver=_no_dns)
     with pytest.raises(AddressRefused, match="allow_private_addresses"):
         guard.resolve(host, 80)
+    with pytest.raises(AddressRefused, match="allow_private_addresses"):  # the cached answer
+        guard.resolve(host, 80)
 
 
 @pytest.mark.parametrize("host", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111", "0x5db8d822"])
 def test_literal_public_addresses_are_allowed_and_pinned(host):
-    assert AddressGuard(resolver=_no_dns).resolve(host, 80) == str(parse_numeric_host(host))
+    guard = AddressGuard(resolver=_no_dns)
+    assert guard.resolve(host, 80) == guard.resolve(host, 80) == str(parse_numeric_host(host))
 
 
 def test_numeric_hosts_are_read_like_the_c_resolver():
