@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.resize import ImageProcessor, ImageReject, jpeg_size, sniff
+from pipeline.resize import _JPEG_FLAGS, ImageProcessor, ImageReject, _decode_jpeg, jpeg_size, sniff
 from tests.support.http_server import jpeg_bytes, jpeg_with_header_size, png_bytes
 
 
@@ -33,6 +33,31 @@ def test_cmyk_jpeg_is_accepted_and_stored_as_rgb():
     image = Image.open(io.BytesIO(out.data))
     assert image.mode == "RGB" and image.size == (64, 64)
     assert (out.original_width, out.original_height) == (120, 90)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+@pytest.mark.parametrize("size", [(333, 251), (512, 384), (17, 9)])
+@pytest.mark.parametrize("reduce", [1, 2, 4, 8])
+def test_jpeg_decoder_gives_opencvs_reduced_decode_pixel_for_pixel(mode, size, reduce):
+    """TurboJPEG (simplejpeg) at 1/reduce scale: the same array as OpenCV's IMREAD_REDUCED_COLOR_*,
+    sizes rounded up as libjpeg rounds them, grayscale and CMYK converted to 3 channels."""
+    data = jpeg_bytes(*size, seed=reduce, mode=mode)
+    expected = cv2.imdecode(np.frombuffer(data, np.uint8), _JPEG_FLAGS[reduce])
+    got = _decode_jpeg(data, reduce, *size)
+    assert got.shape == (-(-size[1] // reduce), -(-size[0] // reduce), 3) == expected.shape
+    assert np.array_equal(got, expected)
+
+
+def test_jpeg_that_libjpeg_reads_only_with_a_warning_is_decoded_by_opencv_as_before():
+    import simplejpeg
+
+    data = jpeg_bytes(200, 150, seed=3)
+    cut = data.find(b"\xff\xda") + 60
+    data = data[:cut] + b"\xff\xd3" + data[cut:]  # a stray restart marker: "Corrupt JPEG data"
+    with pytest.raises(ValueError, match="Corrupt JPEG data"):
+        simplejpeg.decode_jpeg(data, "BGR")  # strict: TurboJPEG refuses it
+    got = _decode_jpeg(data, 2, 200, 150)
+    assert np.array_equal(got, cv2.imdecode(np.frombuffer(data, np.uint8), _JPEG_FLAGS[2]))
 
 
 def test_grayscale_jpeg_is_stored_as_rgb():
