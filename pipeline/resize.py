@@ -13,9 +13,9 @@ decoded. `ImageProcessor.resize(probed)` then produces the stored image:
   reduced DCT scale (1/2, 1/4, 1/8: libjpeg-turbo's scaled IDCT) when the target is at most that
   size, always to 3 channels, then resized, padded or cropped and encoded exactly as img2dataset's
   resize modes do. The decoder is TurboJPEG through `simplejpeg` (the same pixels as OpenCV's
-  `IMREAD_REDUCED_COLOR_*`, ~8% less CPU: no scanline-at-a-time copy into a Mat); CMYK/YCCK JPEGs
-  and those libjpeg reads only with warnings go to OpenCV's decoder. Same output size, same padding, same
-  encoder; pixels differ only by the DCT-domain pre-scaling. A JPEG cut off before its end marker is
+  `IMREAD_REDUCED_COLOR_*` for ~8% less CPU on 512x384 photos at 1/2 scale); CMYK/YCCK JPEGs and
+  those libjpeg reads only with warnings go to OpenCV's decoder. Same output size, same padding,
+  same encoder; pixels differ only by the DCT-domain pre-scaling. A JPEG cut off before its end marker is
   rejected as `truncated_image` (libjpeg would pad it with grey). Threads run this path in parallel
   (OpenCV releases the GIL). `data.fast_jpeg_decode: false` sends JPEGs through `Resizer` too.
 
@@ -84,10 +84,12 @@ def _decode_jpeg(data: bytes, reduce: int, width: int, height: int) -> Optional[
     `reduce`, the only scale it can pick is 1/reduce. CMYK/YCCK images (rare; the colour
     conversion stays the one img2dataset's OpenCV decoder applies) and JPEGs it refuses (strict:
     libjpeg warnings such as corrupt data) are decoded by OpenCV, as before."""
+    size = (-(-height // reduce), -(-width // reduce))
     try:
         if simplejpeg.decode_jpeg_header(data)[2] not in ("CMYK", "YCCK"):
-            return simplejpeg.decode_jpeg(data, "BGR", min_height=-(-height // reduce),
-                                          min_width=-(-width // reduce), min_factor=reduce)
+            array = simplejpeg.decode_jpeg(data, "BGR", min_height=size[0], min_width=size[1], min_factor=reduce)
+            if array.shape[:2] == size:  # else its header disagrees with ours: let OpenCV decide
+                return array
     except ValueError:
         pass
     return cv2.imdecode(np.frombuffer(data, np.uint8), _JPEG_FLAGS[reduce])

@@ -60,6 +60,15 @@ def test_jpeg_that_libjpeg_reads_only_with_a_warning_is_decoded_by_opencv_as_bef
     assert np.array_equal(got, cv2.imdecode(np.frombuffer(data, np.uint8), _JPEG_FLAGS[2]))
 
 
+def test_turbojpeg_output_of_an_unexpected_size_is_not_used(monkeypatch):
+    import simplejpeg
+
+    data = jpeg_bytes(200, 150, seed=4)
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda *a, **k: np.zeros((10, 10, 3), np.uint8))
+    got = _decode_jpeg(data, 2, 200, 150)
+    assert np.array_equal(got, cv2.imdecode(np.frombuffer(data, np.uint8), _JPEG_FLAGS[2]))
+
+
 def test_grayscale_jpeg_is_stored_as_rgb():
     out = process(jpeg_bytes(100, 100, mode="L"), image_size=50)
     assert Image.open(io.BytesIO(out.data)).mode == "RGB"
