@@ -15,9 +15,10 @@ decoded. `ImageProcessor.resize(probed)` then produces the stored image:
   resize modes do. The decoder is TurboJPEG through `simplejpeg` (the same pixels as OpenCV's
   `IMREAD_REDUCED_COLOR_*` for ~8% less CPU on 512x384 photos at 1/2 scale); CMYK/YCCK JPEGs and
   those libjpeg reads only with warnings go to OpenCV's decoder. Same output size, same padding,
-  same encoder; pixels differ only by the DCT-domain pre-scaling. A JPEG cut off before its end marker is
-  rejected as `truncated_image` (libjpeg would pad it with grey). Threads run this path in parallel
-  (OpenCV releases the GIL). `data.fast_jpeg_decode: false` sends JPEGs through `Resizer` too.
+  same encoder; pixels differ only by the DCT-domain pre-scaling. A JPEG cut off before its end
+  marker is rejected as `truncated_image` (libjpeg would pad it with grey). Threads run this path
+  in parallel (simplejpeg and OpenCV release the GIL). `data.fast_jpeg_decode: false` sends JPEGs
+  through `Resizer` too.
 
 Every output is 8-bit, 3-channel (RGB content, OpenCV encodes BGR arrays) except where img2dataset
 keeps a grayscale non-JPEG image grayscale.
