@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home otherwise
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,6 +184,28 @@ def _proc_table() -> dict[int, tuple[int, float, int]]:
     return table
 
 
+def _descendants(table: dict[int, tuple[int, float, int]], exclude: int = -1) -> list[int]:
+    """This process's descendants in a `_proc_table()` snapshot, leaving out `exclude`'s subtree."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        if pid != exclude:
+            found.append(pid)
+            todo.extend(children.get(pid, []))
+    return found
+
+
+def _cmdline(pid: int) -> Optional[str]:
+    """The process's command line (NUL-separated), None once it has exited."""
+    try:
+        return open(f"/proc/{pid}/cmdline").read()
+    except OSError:
+        return None
+
+
 class CpuSampler:
     """CPU seconds used by this process's descendants (not `exclude`'s subtree) between start()
     and stop(), sampled every `interval` s so processes that exit in between still count (up to
@@ -200,23 +223,13 @@ class CpuSampler:
 
     def _sample(self) -> None:
         table = _proc_table()
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _, _) in table.items():
-            children.setdefault(ppid, []).append(pid)
-        todo = list(children.get(os.getpid(), []))
-        while todo:
-            pid = todo.pop()
-            if pid == self.exclude or pid not in table:
-                continue
+        for pid in _descendants(table, self.exclude):
             _, cpu, started = table[pid]
             if (pid, started) not in self.first:
-                try:
-                    self.names[pid] = open(f"/proc/{pid}/cmdline").read().replace("\0", " ").strip()[:60]
-                except OSError:
-                    self.names[pid] = "?"
+                command = _cmdline(pid)
+                self.names[pid] = "?" if command is None else command.replace("\0", " ").strip()[:60]
             self.first.setdefault((pid, started), cpu)
             self.last[(pid, started)] = cpu
-            todo.extend(children.get(pid, []))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -311,21 +324,9 @@ def warm_ray_data() -> None:
         _Identity, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1).materialize()
     # Its actor exits afterwards (~0.3 CPU-s of Python shutdown): not inside the timed call.
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any("_Identity" in name for name in _descendant_names()):
+    while time.monotonic() < deadline and any("_Identity" in (_cmdline(pid) or "")
+                                               for pid in _descendants(_proc_table())):
         time.sleep(0.1)
-
-
-def _descendant_names() -> list[str]:
-    table = _proc_table()
-    names, todo = [], [pid for pid, (ppid, _, _) in table.items() if ppid == os.getpid()]
-    while todo:
-        pid = todo.pop()
-        try:
-            names.append(open(f"/proc/{pid}/cmdline").read())
-        except OSError:
-            continue
-        todo.extend(child for child, (ppid, _, _) in table.items() if ppid == pid)
-    return names
 
 
 def run_clipray(url_list: Path, out: Path, args, mark) -> dict:
