@@ -82,7 +82,7 @@ class EvalDataset:
         inside Ray tasks (image bytes never pass through the driver)."""
         import ray
 
-        from training.data import data_context
+        from ray_compat import data_context
 
         data_context()
         if not self.image_in_parquet:

@@ -82,7 +82,7 @@ def embed_texts(texts: list[str], model: torch.nn.Module, cfg: EvalConfig) -> np
     if choose_engine(cfg, len(texts)) == "ray":
         import ray
 
-        from training.data import data_context
+        from ray_compat import data_context
 
         data_context()
         rows = np.arange(len(texts))

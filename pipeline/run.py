@@ -55,7 +55,7 @@ def run_pipeline(data: DataConfig) -> dict[str, Any]:
     if not data.output:
         raise ValueError("data.output is not set: give a folder (local or s3://...) for shards/, rejects/ "
                          "and manifest.json")
-    from training.data import data_context, disable_progress_bars  # without Ray 2.60's spurious deprecations
+    from ray_compat import data_context, disable_progress_bars  # without Ray 2.60's spurious deprecations
 
     ctx = data_context()
     previous = ctx.enable_progress_bars

@@ -491,36 +491,12 @@ def _collate_fn():
     return Collate()
 
 
-# Ray 2.60's DataContext warns about these fields whenever it is first built, although nothing
-# sets them (its own __setattr__ sees the defaults during construction).
-_SPURIOUS_DEPRECATIONS = ("`use_push_based_shuffle` is deprecated", "`use_polars` is deprecated",
-                          "`use_arrow_tensor_v2` is deprecated")
-
-
-def data_context():
-    """Ray Data's current DataContext, built without those spurious warnings (only those)."""
-    import warnings
-
-    from ray.data import DataContext
-
-    with warnings.catch_warnings():
-        for message in _SPURIOUS_DEPRECATIONS:
-            warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
-        return DataContext.get_current()
-
-
-def disable_progress_bars(ctx) -> None:
-    """No Ray Data progress bars in this process, and no notice about it: Ray Data would log
-    "Progress bars disabled. To enable, set ..." once per process, telling users to undo a choice
-    made for them (the pipeline shows its own bars; training workers show none)."""
-    ctx.enable_progress_bars = False
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-
-
 def configure_data_context(settings: StreamSettings) -> None:
     """Ray Data settings of this process: ordered output (deterministic streams), no progress
     bars, and a CPU limit so the Train workers' executors share the cluster without starving."""
     from ray.data import ExecutionResources
+
+    from ray_compat import data_context, disable_progress_bars
 
     ctx = data_context()
     ctx.execution_options.preserve_order = True

@@ -124,7 +124,8 @@ def run_training(model: ModelConfig, train: TrainConfig, *, callbacks: Optional[
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from training.data import data_context, list_shards, plan_fingerprint
+    from ray_compat import data_context
+    from training.data import list_shards, plan_fingerprint
     from training.flops import clip_forward_flops
     from training.model.config import resolve_config
 
@@ -294,17 +295,6 @@ def _train_worker(config: dict) -> None:
     _Worker(config).run()
 
 
-def _apply_report_log_level(level: str) -> None:
-    """`train.log_level` for the per-report records on the workers too. Ray 2.60 logs them through
-    a logger named after the file (`logging.getLogger(__file__)`), outside `ray.train`, so
-    RunConfig's LoggingConfig does not reach them."""
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-    except ImportError:  # another Ray layout: nothing to adjust
-        return
-    logging.getLogger(train_context.__file__).setLevel(level)
-
-
 class _Worker:
     """One Ray Train worker. The data stream starts first (its actors start up while the model is
     built and the checkpoint restored), from the position stored in the checkpoint."""
@@ -315,6 +305,7 @@ class _Worker:
         import ray.train.torch
         import torch
 
+        from ray_compat import set_train_report_log_level
         from training.data import PreprocessSettings, ShardStream, StreamSettings
         from training.loop import LoopSettings, TrainLoop, gather_objects, load_checkpoint
         from training.model import create_model, load_model
@@ -322,7 +313,7 @@ class _Worker:
         self.config = config
         self.train = train = TrainConfig.model_validate(config["train"])
         model = ModelConfig.model_validate(config["model"])
-        _apply_report_log_level(train.log_level)
+        set_train_report_log_level(train.log_level)
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()

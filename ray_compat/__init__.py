@@ -1,0 +1,56 @@
+"""Every use of Ray's private or version-specific internals, in one place.
+
+Ray's public API does not cover a few things clipray needs; each function here says which private
+name it touches and why, so a Ray upgrade has one file to check. Ray is imported inside the
+functions: importing this module costs nothing.
+"""
+from __future__ import annotations
+
+import logging
+
+# Ray 2.60's DataContext warns about these fields whenever it is first built, although nothing
+# sets them (its own __setattr__ sees the defaults during construction).
+_SPURIOUS_DATA_CONTEXT_DEPRECATIONS = (
+    "`use_push_based_shuffle` is deprecated",
+    "`use_polars` is deprecated",
+    "`use_arrow_tensor_v2` is deprecated",
+)
+
+
+def data_context():
+    """Ray Data's current `DataContext` (public), built without Ray 2.60's spurious deprecation
+    warnings (only those: a real deprecation still fails the tests)."""
+    import warnings
+
+    from ray.data import DataContext
+
+    with warnings.catch_warnings():
+        for message in _SPURIOUS_DATA_CONTEXT_DEPRECATIONS:
+            warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
+        return DataContext.get_current()
+
+
+def disable_progress_bars(ctx) -> None:
+    """No Ray Data progress bars in this process, and no notice about it.
+
+    Private: the logger `ray.data._internal.progress` logs "Progress bars disabled. To enable, set
+    ..." once per process, telling users to undo a choice made for them (the pipeline shows its own
+    bars; training workers show none). Only that logger is quietened.
+    """
+    ctx.enable_progress_bars = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def set_train_report_log_level(level: str) -> None:
+    """`train.log_level` for Ray Train's per-report records on the workers.
+
+    Private: Ray 2.60 logs them through a logger named after the file of
+    `ray.train.v2._internal.execution.context` (`logging.getLogger(__file__)`), outside the
+    `ray.train` logger tree, so `RunConfig(logging_config=...)` does not reach them. Another Ray
+    layout: nothing to adjust.
+    """
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:
+        return
+    logging.getLogger(train_context.__file__).setLevel(level)
