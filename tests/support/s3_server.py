@@ -9,7 +9,9 @@
         s3.endpoint_url                           # http://127.0.0.1:<port>
         s3.env()                                  # AWS_* variables for code that reads the env
 
-The credentials are fake (moto accepts any). Each server is a fresh, empty store. Nothing here
+The credentials are fake (moto accepts any) until `enable_auth()`: from then on moto checks every
+request's signature against the IAM users and assumed roles it knows (`AuthenticatedS3`), so a test
+can prove which credentials a client really sent. Each server is a fresh, empty store. Nothing here
 reaches beyond 127.0.0.1.
 
 As a pytest fixture:
@@ -87,3 +89,71 @@ class S3TestServer:
         """Create a bucket; returns `s3://name`."""
         self.filesystem().mkdir(name)
         return f"s3://{name}"
+
+
+class AuthenticatedS3:
+    """Real credentials on a moto server: an IAM user allowed everything, a role it may assume, and
+    moto's request authentication switched on (after which wrong or missing credentials, or a
+    temporary key without its session token, are refused with 403).
+
+        with S3TestServer() as server:
+            auth = AuthenticatedS3(server, buckets=["data"])
+            auth.user_key, auth.user_secret             # long-term credentials (AKIA...)
+            auth.session()                              # temporary ones: key, secret, token (ASIA...)
+            auth.role_arn                               # for web-identity (IRSA-style) tests
+    """
+
+    def __init__(self, server: S3TestServer, buckets: tuple[str, ...] = ("data",), enable: bool = True):
+        import json
+        import uuid
+
+        import boto3
+
+        self.server = server
+        self.disable()  # moto's switch is process-wide, as are its IAM users: names are unique per instance
+        suffix = uuid.uuid4().hex[:8]
+        admin = dict(endpoint_url=server.endpoint_url, aws_access_key_id="admin", aws_secret_access_key="admin",
+                     region_name=REGION)
+        s3, iam = boto3.client("s3", **admin), boto3.client("iam", **admin)
+        for bucket in buckets:
+            s3.create_bucket(Bucket=bucket)
+        allow_all = json.dumps({"Version": "2012-10-17",
+                                "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]})
+        policy = iam.create_policy(PolicyName=f"allow-all-{suffix}", PolicyDocument=allow_all)["Policy"]["Arn"]
+        user = f"clipray-{suffix}"
+        iam.create_user(UserName=user)
+        iam.attach_user_policy(UserName=user, PolicyArn=policy)
+        key = iam.create_access_key(UserName=user)["AccessKey"]
+        self.user_key, self.user_secret = key["AccessKeyId"], key["SecretAccessKey"]
+        trust = json.dumps({"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"},
+            {"Effect": "Allow", "Principal": {"Federated": "*"}, "Action": "sts:AssumeRoleWithWebIdentity"}]})
+        role = iam.create_role(RoleName=f"clipray-role-{suffix}", AssumeRolePolicyDocument=trust)["Role"]
+        iam.attach_role_policy(RoleName=role["RoleName"], PolicyArn=policy)
+        self.role_arn = role["Arn"]
+        if enable:
+            self.enable()
+
+    def enable(self) -> None:
+        """Authenticate every request from now on (in every moto server of this process). moto
+        cannot serve STS's unsigned AssumeRoleWithWebIdentity then: exchange tokens before."""
+        self._set_auth(b"0")
+
+    def disable(self) -> None:
+        self._set_auth(b"inf")
+
+    def _set_auth(self, free_requests: bytes) -> None:
+        import urllib.request
+
+        request = urllib.request.Request(f"{self.server.endpoint_url}/moto-api/reset-auth", data=free_requests,
+                                         method="POST", headers={"Content-Type": "text/plain"})
+        urllib.request.urlopen(request, timeout=10).read()
+
+    def session(self) -> dict[str, str]:
+        """Fresh temporary credentials of the role: {"key", "secret", "token"}."""
+        import boto3
+
+        sts = boto3.client("sts", endpoint_url=self.server.endpoint_url, aws_access_key_id=self.user_key,
+                           aws_secret_access_key=self.user_secret, region_name=REGION)
+        creds = sts.assume_role(RoleArn=self.role_arn, RoleSessionName="clipray-test")["Credentials"]
+        return {"key": creds["AccessKeyId"], "secret": creds["SecretAccessKey"], "token": creds["SessionToken"]}
