@@ -1,12 +1,12 @@
 """Training ingest throughput: Parquet shards -> ready uint8 batches, images/s per CPU core.
 
 Three measurements over the same shards (256 px JPEGs, pipeline layout), all doing the same work
-per image (`training.data.Preprocess`: decode, random square crop, resize to 224, tokenize):
+per image (`training.ingest.Preprocess`: decode, random square crop, resize to 224, tokenize):
 
   ceiling     one process, decode + crop + resize only, no batching (the issue's reference)
   dataloader  a plain torch DataLoader: an IterableDataset reading row groups with pyarrow,
               `num_workers` = cores, batches of --batch
-  ray         clipray's training stream (`training.data.ShardStream`): Ray Data, one preprocessing
+  ray         clipray's training stream (`training.ingest.ShardStream`): Ray Data, one preprocessing
               actor per core, exact batches of --batch handed to the consumer
 
 Reports images/s per core and the ratios (ray / dataloader, target >= 1.0; ray / (0.8 x ceiling x
@@ -64,7 +64,7 @@ def ceiling(shards, decoder: str) -> float:
     """images/s of decode + random crop + resize in this process (no tokenizing, no batching)."""
     import pyarrow.parquet as pq
 
-    from training.data import Preprocess, PreprocessSettings
+    from training.ingest import Preprocess, PreprocessSettings
 
     pre = Preprocess(PreprocessSettings(image_size=TARGET, decoder=decoder))
     blobs, keys = [], []
@@ -89,7 +89,7 @@ class ShardRows(torch.utils.data.IterableDataset):
     def __iter__(self):
         import pyarrow.parquet as pq
 
-        from training.data import REQUIRED_COLUMNS, Preprocess, PreprocessSettings
+        from training.ingest import REQUIRED_COLUMNS, Preprocess, PreprocessSettings
 
         info = torch.utils.data.get_worker_info()
         wid, nworkers = (0, 1) if info is None else (info.id, info.num_workers)
@@ -129,7 +129,7 @@ def dataloader(shards, decoder: str, batch: int, workers: int, passes: int) -> t
 
 
 def ray_stream(shards, fs, decoder: str, batch: int, actors: int, passes: int) -> tuple[float, float]:
-    from training.data import DataPosition, PreprocessSettings, ShardStream, StreamSettings
+    from training.ingest import DataPosition, PreprocessSettings, ShardStream, StreamSettings
 
     settings = StreamSettings(local_batch=batch, preprocess=PreprocessSettings(image_size=TARGET, decoder=decoder),
                               num_actors=actors, cpus_per_actor=1.0, rows_per_batch=64, prefetch_batches=4,
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
 
     import ray
 
-    from training.data import list_shards
+    from training.ingest import list_shards
 
     with tempfile.TemporaryDirectory(prefix="clipray-ingest-") as tmp:
         folder = Path(args.shards) if args.shards else Path(tmp) / "shards"

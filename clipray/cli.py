@@ -121,7 +121,7 @@ def _run_pipeline(cfg: JobConfig, args: argparse.Namespace) -> int:
 
 
 def _run_train(cfg: JobConfig, args: argparse.Namespace) -> int:
-    from training.train import run_training
+    from training.driver import run_training
 
     init_ray(cfg)
     run_training(cfg.model, cfg.train)

@@ -145,7 +145,7 @@ def run_demo(workdir: str, overrides: Iterable[str] = ()) -> int:
     from clipray.cli import init_ray
     from clipray.demo_report import plot_predictions, print_summary, write_report
     from evaluation.run import run_evaluation
-    from training.train import run_training
+    from training.driver import run_training
 
     started = time.time()
     paths = DemoPaths(Path(workdir).resolve())

@@ -60,7 +60,7 @@ def test_bad_override_fails_before_any_work(tmp_path, override, key):
 
 
 def test_progress_line_reads_like_a_progress_bar():
-    from training.train import progress_line
+    from training.callbacks import progress_line
 
     row = {"step": 100, "loss": 2.1314, "samples_per_s": 395.2, "data_wait_s": 0.004, "step_time_s": 0.4}
     assert progress_line("demo", 391, row, checkpointed=True) == (

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from tests.support.train_shards import write_shards
-from training.data import (REJECT_REASONS, DataPosition, Preprocess, PreprocessSettings, Rebatcher, Shard,
+from training.ingest import (REJECT_REASONS, DataPosition, Preprocess, PreprocessSettings, Rebatcher, Shard,
                            ShardReader, ShardStream, StreamSettings, crop_box, list_shards, pass_units,
                            plan_fingerprint, plan_pass, split_rows)
 

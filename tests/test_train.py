@@ -107,7 +107,7 @@ def local_checkpoint(run_dir: Path):
 @pytest.fixture(scope="module")
 def reference(data, ray_local, tmp_path_factory):
     """The uninterrupted run, with validation, retrieval and zero-shot at the end."""
-    from training.train import run_training
+    from training.driver import run_training
 
     storage = tmp_path_factory.mktemp("runs")
     cfg = config(data, str(storage), "reference", val_data=[str(data / "val")], val_every=STEPS,
@@ -142,7 +142,7 @@ def test_training_lowers_the_loss_and_writes_the_run_layout(reference):
 
 def test_killed_worker_is_replaced_from_the_last_checkpoint_and_ends_like_an_uninterrupted_run(
         data, reference, tmp_path):
-    from training.train import run_training
+    from training.driver import run_training
 
     _, ref_dir = reference
     run_dir = tmp_path / "fault"
@@ -166,7 +166,7 @@ def test_killed_worker_is_replaced_from_the_last_checkpoint_and_ends_like_an_uni
 
 
 def test_rerunning_a_finished_run_resumes_at_its_end_without_training_again(data, reference):
-    from training.train import run_training
+    from training.driver import run_training
 
     result, run_dir = reference
     before = rows(run_dir)
@@ -183,7 +183,7 @@ def test_s3_storage_checkpoints_and_resumes_on_the_loopback_server(data, ray_loc
     from ray.train import TrainingFailedError
 
     from tests.support.s3_server import S3TestServer
-    from training.train import resolve_storage, run_training
+    from training.driver import run_folder, run_training
 
     with S3TestServer() as s3:
         for key, value in s3.env().items():
@@ -191,12 +191,11 @@ def test_s3_storage_checkpoints_and_resumes_on_the_loopback_server(data, ray_loc
         s3.create_bucket("runs")
         cfg = config(data, "s3://runs/clip", "s3run", samples=32 * 40, checkpoint_every=10, warmup=5,
                      max_failures=0, s3_endpoint_url=s3.endpoint_url)
-        storage = resolve_storage(cfg)
-        fs = storage.filesystem
+        fs, run_path = run_folder(cfg).pyarrow()
 
         def remote_rows():
             try:
-                with fs.open_input_stream(f"{storage.fs_path}/metrics.jsonl") as fh:
+                with fs.open_input_stream(f"{run_path}/metrics.jsonl") as fh:
                     return [json.loads(line) for line in fh.read().decode().splitlines() if line.strip()]
             except OSError:
                 return []
@@ -204,7 +203,7 @@ def test_s3_storage_checkpoints_and_resumes_on_the_loopback_server(data, ray_loc
         def remote_checkpoint(step):
             from pyarrow import fs as pafs
 
-            info = fs.get_file_info(f"{storage.fs_path}/checkpoint_{step:09d}/trainer_state.pt")
+            info = fs.get_file_info(f"{run_path}/checkpoint_{step:09d}/trainer_state.pt")
             return info.type == pafs.FileType.File
 
         with WorkerKiller(remote_rows, remote_checkpoint, min_step=10, rank=0) as killer:
@@ -218,8 +217,8 @@ def test_s3_storage_checkpoints_and_resumes_on_the_loopback_server(data, ray_loc
         from pyarrow import fs as pafs
 
         for name in ("model.safetensors", "model_config.json"):
-            assert fs.get_file_info(f"{storage.fs_path}/final/{name}").type == pafs.FileType.File
-        with fs.open_input_stream(f"{storage.fs_path}/final/model.safetensors") as fh:
+            assert fs.get_file_info(f"{run_path}/final/{name}").type == pafs.FileType.File
+        with fs.open_input_stream(f"{run_path}/final/model.safetensors") as fh:
             from safetensors.torch import load as load_bytes
 
             resumed = load_bytes(fh.read())

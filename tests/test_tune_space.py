@@ -176,11 +176,11 @@ def test_missing_shards_are_named_before_any_trial(shards, tmp_path):
 
 def test_resuming_a_sweep_with_a_changed_config_is_refused(shards, tmp_path):
     from training.tune.runner import _fingerprint, _guard_resume
-    from training.tune.storage import sweep_storage
+    from training.tune.storage import sweep_folder
 
     cfg = _job(shards, "tune.width_mult=[0.5, 1]", f"tune.storage_path={tmp_path / 'sweeps'}", "tune.name=s")
-    storage = sweep_storage(cfg.tune, cfg.train)
-    assert storage.uri == str(tmp_path / "sweeps" / "s") and storage.runs_uri == f"{storage.uri}/runs"
+    storage = sweep_folder(cfg.tune, cfg.train)
+    assert storage.url == str(tmp_path / "sweeps" / "s") and storage.full_url("runs") == f"{storage.url}/runs"
     fingerprint = _fingerprint(cfg.model, cfg.train, cfg.tune)
     assert _guard_resume(storage, fingerprint, {"max_concurrent_trials": 3}) is None  # a first start
     recorded = json.loads((tmp_path / "sweeps" / "s" / "sweep_config.json").read_text())
@@ -202,16 +202,16 @@ def test_resuming_a_sweep_with_a_changed_config_is_refused(shards, tmp_path):
 
 def test_sweep_files_round_trip_on_s3(shards):
     from tests.support.s3_server import S3TestServer
-    from training.tune.storage import sweep_storage
+    from training.tune.storage import sweep_folder
 
     with S3TestServer() as s3:
         s3.create_bucket("sweeps")
         cfg = _job(shards, "tune.storage_path=s3://sweeps/team", "tune.name=s", f"train.s3_endpoint_url={s3.endpoint_url}")
         with mock.patch.dict(os.environ, s3.env()):
-            storage = sweep_storage(cfg.tune, cfg.train)
-            assert storage.uri == "s3://sweeps/team/s" and storage.runs_uri == "s3://sweeps/team/s/runs"
+            storage = sweep_folder(cfg.tune, cfg.train)
+            assert storage.url == "s3://sweeps/team/s" and storage.full_url("runs") == "s3://sweeps/team/s/runs"
             assert not storage.local and storage.read_text("results.csv") is None
-            assert storage.write("results.csv", b"rank,trial_id\n") == "s3://sweeps/team/s/results.csv"
+            storage.write_bytes("results.csv", b"rank,trial_id\n")
             assert storage.read_text("results.csv") == "rank,trial_id\n" and storage.exists("results.csv")
             assert s3.filesystem().cat("sweeps/team/s/results.csv") == b"rank,trial_id\n"
 

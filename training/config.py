@@ -5,6 +5,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
+from storage import StorageConfig
+
 
 class FsspecStorage:
     """For config sections with `storage_options` (fsspec options) and `s3_endpoint_url` fields
@@ -33,8 +35,10 @@ class ModelConfig(BaseModel):
 from pydantic import model_validator as _train_model_validator  # noqa: E402  (TrainConfig's checks)
 
 
-class TrainConfig(BaseModel):
-    """The `train` section: contrastive pretraining with Ray Train (see docs/training.md)."""
+class TrainConfig(StorageConfig):
+    """The `train` section: contrastive pretraining with Ray Train (see docs/training.md). Its storage
+    keys (`storage_options`, `s3_endpoint_url`, `s3_region`) serve `data`, `val_data`,
+    `storage_path` and a sweep's folder."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -82,7 +86,6 @@ class TrainConfig(BaseModel):
     shuffle_rows: int = Field(4096, ge=0, description="rows per shuffle window of each worker's stream (0: file order)")
     crop_scale_min: float = Field(0.9, gt=0.0, le=1.0, description="smallest random crop, as a fraction of the largest square's area")
     decoder: Literal["cv2", "pil"] = "cv2"
-    s3_endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint for s3:// paths (default: AWS_ENDPOINT_URL)")
 
     @property
     def total_steps(self) -> int:

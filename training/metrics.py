@@ -1,7 +1,7 @@
 """The run's metrics: `metrics.jsonl` (one JSON object per report) and TensorBoard event files.
 
-`MetricsWriter` writes into a local folder; for remote storage (s3://...) the runner writes into a
-staging folder and `sync()` uploads the files to the run directory. After a restart from a
+`MetricsWriter` writes into a local folder; for remote storage (s3://...) the controller callback
+(`training/callbacks.py`) writes into a staging folder and uploads it to the run directory. After a restart from a
 checkpoint the steps go back: rows at or after the first repeated step are dropped from
 metrics.jsonl (they belong to the attempt that failed) and TensorBoard purges them too.
 """
@@ -78,23 +78,3 @@ class MetricsWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-
-def upload_folder(local: str, filesystem: Any, remote: str) -> None:
-    """Copy `local` (files and subfolders) to `remote` on a pyarrow filesystem."""
-    import pyarrow.fs as pafs
-
-    filesystem.create_dir(remote, recursive=True)
-    pafs.copy_files(local, remote, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
-
-
-def download_file(filesystem: Any, remote: str, local: str) -> bool:
-    """Copy one file from a pyarrow filesystem if it exists; True when copied."""
-    import pyarrow.fs as pafs
-
-    if filesystem.get_file_info(remote).type != pafs.FileType.File:
-        return False
-    os.makedirs(os.path.dirname(local), exist_ok=True)
-    with filesystem.open_input_stream(remote) as src, open(local, "wb") as dst:
-        dst.write(src.read())
-    return True

@@ -6,7 +6,10 @@ the features are all-gathered, rank 0 computes the metrics.
 - `ZeroShot`: zero-shot classification accuracy on a labelled set (`train.zeroshot_data`), with
   the evaluation package's prompt ensembling and metrics; the prompts are split over the workers
   too.
-Pure torch + numpy here; the caller hands over the embedding functions and a gather function.
+- `Validator`: what a Train worker runs at each validation (its share of `train.val_data` read
+  once through the training ingest with centre crops, then the two above).
+The metric functions are pure torch + numpy; the caller hands over the embedding functions and a
+gather function.
 """
 from __future__ import annotations
 
@@ -143,3 +146,56 @@ class ZeroShot:
         labels = np.asarray([self.label_of[int(r)] for r in rows], dtype=np.int64)
         result = score_zeroshot(feats, labels, classifier, self.classnames)
         return {f"zeroshot_{k}": float(v) for k, v in result.metrics.items()}
+
+
+class Validator:
+    """Held-out metrics for one Train worker: the contrastive loss and retrieval on `train.val_data`
+    and, with `train.zeroshot_data`, zero-shot accuracy. The data are opened at the first call.
+    Every rank must call `evaluate` (collectives inside); rank 0 gets the metrics, others {}."""
+
+    def __init__(self, train: Any, val_shards: Sequence[Any], val_fs: Any, loop: Any, *, rank: int, world_size: int,
+                 settings: Any):
+        self.train, self.val_shards, self.val_fs, self.loop = train, val_shards, val_fs, loop
+        self.rank, self.world_size, self.settings = rank, world_size, settings
+        self._data = None
+        self._zeroshot: Optional[ZeroShot] = None
+        self._loaded = False
+
+    def _load(self) -> None:
+        from training.ingest import PreprocessSettings, eval_dataset
+
+        clip = self.loop.module.clip
+        preprocess = PreprocessSettings(image_size=clip.image_size, context_length=clip.context_length, train=False,
+                                        decoder=self.train.decoder)
+        self._data = eval_dataset(self.val_shards, self.val_fs, rank=self.rank, world_size=self.world_size,
+                                  settings=self.settings, preprocess=preprocess)
+        if self.train.zeroshot_data:
+            self._zeroshot = ZeroShot(self.train.zeroshot_data, self.train.zeroshot_classnames,
+                                      self.train.zeroshot_templates, rank=self.rank, world_size=self.world_size)
+        self._loaded = True
+
+    def evaluate(self) -> dict:
+        from training.ingest import iter_eval_batches
+        from training.loop import gather_objects
+
+        if not self._loaded:
+            self._load()
+        loop, clip = self.loop, self.loop.module.clip
+        dim = int(clip.config["embed_dim"])
+        images, texts = [], []
+        for batch in iter_eval_batches(self._data, self.settings.local_batch):
+            image_f, text_f = loop.embed(batch["image"], batch["tokens"])
+            images.append(image_f.cpu())
+            texts.append(text_f.cpu())
+        gathered = gather_objects((concat_features(images, dim), concat_features(texts, dim)))
+        metrics: dict[str, Any] = {}
+        if self.rank == 0:
+            bias = loop.module.logit_bias
+            metrics = contrastive_metrics(
+                concat_features([g[0] for g in gathered], dim), concat_features([g[1] for g in gathered], dim),
+                clip.logit_scale.exp().item(), None if bias is None else bias.item(),
+                loss=self.train.loss, chunk=self.train.val_batch_size or self.train.batch_size)
+        if self._zeroshot is not None:
+            with torch.no_grad():
+                metrics.update(self._zeroshot.evaluate(clip, loop.device, gather_objects))
+        return metrics

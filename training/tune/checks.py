@@ -16,12 +16,11 @@ from .trial import check_model_fits, trial_sections
 
 def check_sweep(model: ModelConfig, train: TrainConfig, tune: TuneConfig) -> None:
     """Everything that would make every trial fail, found before any trial starts."""
-    from training.data import list_shards
+    from training.ingest import list_shards
     from training.model import get_model_config
-    from training.train import data_filesystem
 
     get_model_config(model.name)  # raises naming the model when it is neither registered nor a JSON
-    list_shards(train.data, data_filesystem(train, train.data), what="train.data")
+    list_shards(train.data, train, what="train.data")
     if train.val_every is None or (tune.metric in VALIDATION_METRICS and not train.val_data):
         raise ValueError(
             f"tune.metric '{tune.metric}' is measured at validations: set train.val_data (held-out shard "
@@ -30,7 +29,7 @@ def check_sweep(model: ModelConfig, train: TrainConfig, tune: TuneConfig) -> Non
         raise ValueError(f"tune.metric '{tune.metric}' is a zero-shot accuracy: set train.zeroshot_data "
                          f"(a labelled set) so that validations measure it")
     if train.val_data:
-        list_shards(train.val_data, data_filesystem(train, train.val_data), what="train.val_data")
+        list_shards(train.val_data, train, what="train.val_data")
     batch_space = tune.batch_size
     batches = batch_space if isinstance(batch_space, list) else (batch_space or {}).get("choice", [])
     for batch in batches:  # each must make a valid train section (divisible by the workers, ...)

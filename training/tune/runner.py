@@ -9,7 +9,7 @@ Layout under `{tune.storage_path}/{tune.name}/` (the sweep folder):
     results.csv, best.json, sweep.png
 
 How it follows Ray 2.60's Train-inside-Tune pattern: the trainable is a function that builds the
-trial's `model`/`train` sections and calls `training.train.run_training`, which fits a
+trial's `model`/`train` sections and calls `training.driver.run_training`, which fits a
 `TorchTrainer` whose `RunConfig` carries our `TuneReportCallback` subclass; Tune reserves only
 `tune.trial_cpus` for the function, the TorchTrainer reserves its workers itself, and
 `max_concurrent_trials` keeps the sum inside the cluster.
@@ -38,6 +38,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.trainable.function_trainable import wrap_function
 from ray.util.queue import Queue
 
+from storage import Folder, FolderLock
 from training.config import ModelConfig, TrainConfig, TuneConfig
 
 from .checks import check_sweep, impossible_widths
@@ -45,7 +46,7 @@ from .plots import plot_sweep
 from .resources import plan_trials
 from .results import TrialRecord, best_config, best_json, format_table, results_csv, summarise, winner
 from .space import count_trials, describe_space, param_space
-from .storage import RUNS_DIR, SweepStorage, sweep_storage
+from .storage import RUNS_DIR, sweep_folder
 from .trial import check_model_fits, trial_sections, trial_values
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class ReportToTune(TuneReportCallback):
 
 def _run_trial(config: dict, sweep: dict) -> None:
     """One trial: its sections -> one Ray Train run reporting to Tune (runs in the trial's actor)."""
-    from training.train import run_training
+    from training.driver import run_training
 
     trial_id = rt.get_context().get_trial_id()
     model, train = trial_sections(
@@ -166,23 +167,24 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def _guard_resume(storage: SweepStorage, fingerprint: dict, started_with: dict) -> Optional[dict]:
+def _guard_resume(storage: Folder, fingerprint: dict, started_with: dict) -> Optional[dict]:
     """Write sweep_config.json on a first start (and return None); on a resume, refuse a changed
     config, else return what the sweep started with (its concurrency)."""
     from ray.tune import Tuner
 
     previous = storage.read_text(SWEEP_CONFIG)
-    resumable = Tuner.can_restore(storage.fs_path, storage_filesystem=storage.filesystem)
+    filesystem, path = storage.pyarrow()
+    resumable = Tuner.can_restore(path, storage_filesystem=filesystem)
     if not resumable:
-        storage.write(SWEEP_CONFIG, (json.dumps({**fingerprint, "started_with": started_with}, indent=2)
-                                     + "\n").encode())
+        storage.write_bytes(SWEEP_CONFIG, (json.dumps({**fingerprint, "started_with": started_with}, indent=2)
+                                           + "\n").encode())
         return None
     recorded = json.loads(previous) if previous is not None else {}
     changed = _diff_keys({k: recorded.get(k) for k in fingerprint}, fingerprint)
     if changed:
         raise ValueError(
-            f"the sweep in {storage.uri} was started with another config (differs in: {', '.join(changed)}); "
-            f"resuming it would mix trials of two sweeps. Use a new tune.name, or delete {storage.uri} to "
+            f"the sweep in {storage.url} was started with another config (differs in: {', '.join(changed)}); "
+            f"resuming it would mix trials of two sweeps. Use a new tune.name, or delete {storage.url} to "
             f"start over")
     return recorded.get("started_with", {})
 
@@ -200,7 +202,7 @@ def _error_text(error: BaseException) -> str:
     return text[:500]
 
 
-def _record(result, storage: SweepStorage) -> TrialRecord:
+def _record(result, storage: Folder) -> TrialRecord:
     trial_id = Path(result.path).name
     history: list[dict] = []
     df = result.metrics_dataframe
@@ -222,7 +224,7 @@ def _record(result, storage: SweepStorage) -> TrialRecord:
         trial_id=trial_id, values=trial_values(result.config or {}), history=history,
         error=_error_text(result.error) if result.error is not None else None,
         completed=result.error is None and storage.exists(f"{run}/final/model.safetensors"),
-        steps=steps, samples_seen=samples, run_dir=f"{storage.uri}/{run}")
+        steps=steps, samples_seen=samples, run_dir=storage.full_url(run))
 
 
 def _scheduler(train: TrainConfig, tune: TuneConfig):
@@ -273,12 +275,17 @@ def absolute_local_paths(model: ModelConfig, train: TrainConfig) -> tuple[ModelC
 
 def run_sweep(model: ModelConfig, train: TrainConfig, tune: TuneConfig) -> dict:
     """Run or resume the sweep; write results.csv, best.json, sweep.png; return the summary."""
-    from ray.tune import Tuner
-
     check_sweep(model, train, tune)
     if not ray.is_initialized():
         ray.init()
-    storage = sweep_storage(tune, train)
+    storage = sweep_folder(tune, train)
+    with FolderLock(storage, f"clipray tune {tune.name}"):
+        return _run_sweep(model, train, tune, storage)
+
+
+def _run_sweep(model: ModelConfig, train: TrainConfig, tune: TuneConfig, storage: Folder) -> dict:
+    from ray.tune import Tuner
+
     num_trials = count_trials(tune)
     plan = plan_trials(ray.cluster_resources(), train, tune.trial_cpus, num_trials, tune.max_concurrent_trials)
     memory = _node_memory_bytes()
@@ -288,7 +295,7 @@ def run_sweep(model: ModelConfig, train: TrainConfig, tune: TuneConfig) -> dict:
     concurrency = (f"{started_with.get('max_concurrent_trials', '?')} trials at once, as when it started"
                    if resuming else f"{plan.concurrent} trials at once ({plan.why})")
 
-    print(f"clipray tune: {'resuming' if resuming else 'starting'} sweep {storage.uri}\n"
+    print(f"clipray tune: {'resuming' if resuming else 'starting'} sweep {storage.url}\n"
           f"  {num_trials} trials of {model.name}, each {train.samples} samples; metric {tune.metric} ({tune.mode})\n"
           f"{describe_space(tune)}\n"
           f"  {concurrency}; one trial holds {plan.demand.describe()} with {plan.preprocess_actors} "
@@ -299,12 +306,13 @@ def run_sweep(model: ModelConfig, train: TrainConfig, tune: TuneConfig) -> dict:
 
     trial_model, trial_train = absolute_local_paths(model, train)
     sweep = {"model": trial_model.model_dump(mode="json"), "train": trial_train.model_dump(mode="json"),
-             "metric": tune.metric, "runs_dir": storage.runs_uri, "node_memory_bytes": memory,
+             "metric": tune.metric, "runs_dir": storage.full_url(RUNS_DIR), "node_memory_bytes": memory,
              "preprocess_actors": plan.preprocess_actors}
     trainable = rt.with_resources(make_trainable(sweep), {"CPU": tune.trial_cpus})
-    remote_fs = None if storage.local else storage.filesystem
+    sweep_fs, sweep_path = storage.pyarrow()
+    remote_fs = None if storage.local else sweep_fs
     if resuming:
-        tuner = Tuner.restore(storage.fs_path, trainable=trainable, resume_unfinished=True,
+        tuner = Tuner.restore(sweep_path, trainable=trainable, resume_unfinished=True,
                               resume_errored=False, restart_errored=tune.retry_failed,
                               storage_filesystem=remote_fs)
     else:
@@ -315,7 +323,8 @@ def run_sweep(model: ModelConfig, train: TrainConfig, tune: TuneConfig) -> dict:
                 metric=tune.metric, mode=tune.mode, scheduler=scheduler, num_samples=tune.num_samples,
                 max_concurrent_trials=plan.concurrent, reuse_actors=False,
                 trial_name_creator=_trial_dirname, trial_dirname_creator=_trial_dirname),
-            run_config=rt.RunConfig(name=tune.name, storage_path=storage.root_fs_path, storage_filesystem=remote_fs,
+            run_config=rt.RunConfig(name=tune.name, storage_path=Folder(tune.storage_path, train).pyarrow()[1],
+                                    storage_filesystem=remote_fs,
                                     failure_config=rt.FailureConfig(max_failures=0)),
         )
     started = time.monotonic()
@@ -324,20 +333,24 @@ def run_sweep(model: ModelConfig, train: TrainConfig, tune: TuneConfig) -> dict:
     return write_outputs(grid, storage, model, train, tune, elapsed)
 
 
-def write_outputs(grid, storage: SweepStorage, model: ModelConfig, train: TrainConfig, tune: TuneConfig,
+def write_outputs(grid, storage: Folder, model: ModelConfig, train: TrainConfig, tune: TuneConfig,
                   elapsed: float) -> dict:
     """results.csv, sweep.png, best.json and the summary table from Ray Tune's ResultGrid."""
     records = sorted((_record(result, storage) for result in grid), key=lambda r: r.trial_id)
     rows = summarise(records, tune.metric, tune.mode, tune.early_stopping)
     best = winner(rows, tune.metric)
-    files = {"results.csv": storage.write("results.csv", results_csv(rows, tune.metric).encode()),
-             "sweep.png": storage.write("sweep.png", plot_sweep(
-                 records, rows, tune.metric, tune.mode, base_temperature=train.temperature_init,
-                 base_width=model.width_mult, base_learn=train.learn_temperature, title=f"sweep {tune.name}"))}
+    outputs = {"results.csv": results_csv(rows, tune.metric).encode(),
+               "sweep.png": plot_sweep(records, rows, tune.metric, tune.mode, base_temperature=train.temperature_init,
+                                       base_width=model.width_mult, base_learn=train.learn_temperature,
+                                       title=f"sweep {tune.name}")}
     best_fragment = None
     if best is not None:
         best_fragment = best_config(best, model, train, name=f"{tune.name}-best")
-        files["best.json"] = storage.write("best.json", best_json(best_fragment).encode())
+        outputs["best.json"] = best_json(best_fragment).encode()
+    files = {}
+    for name, data in outputs.items():
+        storage.write_bytes(name, data)
+        files[name] = storage.full_url(name)
 
     print(f"\nclipray tune: sweep {tune.name} done in {elapsed:.0f} s ({tune.metric}, {tune.mode})\n"
           + format_table(rows, tune.metric), flush=True)
@@ -347,5 +360,5 @@ def write_outputs(grid, storage: SweepStorage, model: ModelConfig, train: TrainC
         print(f"  train the winner: clipray train --config {files['best.json']} --set train.samples=...")
     else:
         print("  no trial reported the metric: no best.json (see results.csv for why)", file=sys.stderr)
-    return {"sweep_dir": storage.uri, "metric": tune.metric, "mode": tune.mode, "trials": rows, "best": best,
+    return {"sweep_dir": storage.url, "metric": tune.metric, "mode": tune.mode, "trials": rows, "best": best,
             "best_config": best_fragment, "files": files, "elapsed_s": elapsed}

@@ -1,0 +1,66 @@
+"""`ShardReader`, the preprocessing actors' function: read units -> preprocessed rows, in order."""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from typing import Any, Iterator
+
+import numpy as np
+
+from training.ingest.preprocess import REQUIRED_COLUMNS, Preprocess, PreprocessSettings
+
+
+class ShardReader:
+    """The map_batches UDF: read units -> preprocessed rows, in stream order.
+
+    Reads a unit's row groups with pyarrow (only the needed columns), puts them in the unit's
+    order (a seeded permutation for training windows), drops `skip` rows before decoding, keeps
+    `take`, runs `Preprocess` on batches of `rows_per_batch` and adds `pass` and `row` (each row's
+    index in its worker's pass stream) for the data position.
+    """
+
+    def __init__(self, settings: PreprocessSettings, filesystem: Any = None, rows_per_batch: int = 64):
+        self.preprocess = Preprocess(settings)
+        self.filesystem = filesystem
+        self.rows_per_batch = rows_per_batch
+        self._files: OrderedDict = OrderedDict()
+
+    def _file(self, path: str):
+        import pyarrow.parquet as pq
+
+        if path not in self._files:
+            handle = self.filesystem.open_input_file(path) if self.filesystem is not None else path
+            self._files[path] = pq.ParquetFile(handle)
+            while len(self._files) > 8:
+                self._files.popitem(last=False)
+        self._files.move_to_end(path)
+        return self._files[path]
+
+    def read(self, unit: dict) -> Iterator[dict[str, np.ndarray]]:
+        """Preprocessed batches of one unit."""
+        import json
+
+        import pyarrow as pa
+
+        pieces = json.loads(unit["pieces"]) if isinstance(unit["pieces"], str) else unit["pieces"]
+        table = pa.concat_tables([self._file(path).read_row_group(int(group), columns=list(REQUIRED_COLUMNS))
+                                  for path, group, _ in pieces])
+        first, skip, take = int(unit["row"]), int(unit["skip"]), int(unit["take"])
+        pass_index = int(unit["pass"])
+        if bool(unit["shuffle"]):
+            order = np.random.default_rng([int(unit["seed"]), pass_index, first]).permutation(table.num_rows)
+        else:
+            order = np.arange(table.num_rows)
+        order = order[skip:skip + take]
+        for start in range(0, len(order), self.rows_per_batch):
+            part = table.take(order[start:start + self.rows_per_batch])
+            columns = {name: part.column(name).to_numpy(zero_copy_only=False) for name in REQUIRED_COLUMNS}
+            out = self.preprocess(columns, pass_index)
+            k = part.num_rows
+            out["pass"] = np.full(k, pass_index, dtype=np.int32)
+            out["row"] = np.arange(first + skip + start, first + skip + start + k, dtype=np.int64)
+            yield out
+
+    def __call__(self, units: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for i in range(len(units["pieces"])):
+            yield from self.read({k: v[i] for k, v in units.items()})
