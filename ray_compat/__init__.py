@@ -54,3 +54,33 @@ def set_train_report_log_level(level: str) -> None:
     except ImportError:
         return
     logging.getLogger(train_context.__file__).setLevel(level)
+
+
+def session_dir() -> str:
+    """The session folder (logs, sockets) of the Ray instance this process is connected to.
+
+    Private: Ray has no public accessor for it (`ray._private.worker._global_node`); the test suite
+    scans that folder's logs for deprecations Ray reports instead of raising.
+    """
+    import ray
+
+    return ray._private.worker._global_node.get_session_dir_path()
+
+
+# `ray start` for a worker node on a loopback-only machine. Ray 2.60 replaces 127.0.0.1 by the
+# machine's routable address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, and with that setting its
+# CLI refuses worker nodes (a guard meant for laptops). This runs the CLI with only that guard
+# lifted. Private: the guard is the constant `ray._private.ray_constants.ENABLE_RAY_CLUSTER`, read
+# by `ray.scripts.scripts`. Used by the tests' multi-node clusters (tests/support/ray_head.py) as
+# `python -c LOOPBACK_WORKER_NODE_START start --address=...`.
+LOOPBACK_WORKER_NODE_START = (
+    "import sys, types\n"
+    "import ray._private.ray_constants as constants\n"
+    "import ray.scripts.scripts as scripts\n"
+    "guard_lifted = types.ModuleType(constants.__name__)\n"
+    "guard_lifted.__dict__.update(constants.__dict__)\n"
+    "guard_lifted.ENABLE_RAY_CLUSTER = True\n"
+    "scripts.ray_constants = guard_lifted\n"
+    "sys.argv = ['ray', *sys.argv[1:]]\n"
+    "sys.exit(scripts.main())\n"
+)

@@ -86,7 +86,9 @@ def ray_local():
     if not ray.is_initialized():
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
-    session_dir = Path(ray._private.worker._global_node.get_session_dir_path())
+    from ray_compat import session_dir as ray_session_dir
+
+    session_dir = Path(ray_session_dir())
     yield ray
     ray.shutdown()
     _RAY_DEPRECATIONS.messages.extend(ray_session_deprecations(session_dir))

@@ -11,7 +11,7 @@ Three things Ray 2.60 does by default that a shared test machine must not get:
 - it replaces `--node-ip-address=127.0.0.1` by the machine's routable address and binds its
   servers to every interface. `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` keeps every node on
   127.0.0.1; `ray start` then refuses worker nodes (a guard meant for laptops), so worker nodes
-  are started through `ray.scripts.scripts` with only that CLI guard lifted (`_WORKER_START`).
+  are started through `ray.scripts.scripts` with only that CLI guard lifted (`ray_compat.LOOPBACK_WORKER_NODE_START`).
 - `ray start --head` turns token authentication on with the machine-wide `~/.ray/auth_token`.
   The cluster gets its own random token instead (`RAY_AUTH_TOKEN`); clients use `self.env`.
 - `ray start --head --temp-dir=X` records its address in `X/ray_current_cluster`, not in
@@ -33,24 +33,11 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
+from ray_compat import LOOPBACK_WORKER_NODE_START
+
 MARKER_VAR = "CLIPRAY_TEST_RAY_SESSION"
 TEMP_PREFIX = "clipray-ray-"
 OWNER_FILE = "owner.pid"  # the test process that started the cluster
-
-# `ray start` for a worker node with the "no multi-node clusters on Windows/OSX" guard lifted for
-# this one CLI call, while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps the node's address loopback.
-_WORKER_START = (
-    "import sys, types\n"
-    "import ray._private.ray_constants as constants\n"
-    "import ray.scripts.scripts as scripts\n"
-    "guard_lifted = types.ModuleType(constants.__name__)\n"
-    "guard_lifted.__dict__.update(constants.__dict__)\n"
-    "guard_lifted.ENABLE_RAY_CLUSTER = True\n"
-    "scripts.ray_constants = guard_lifted\n"
-    "sys.argv = ['ray', *sys.argv[1:]]\n"
-    "sys.exit(scripts.main())\n"
-)
-
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -192,7 +179,7 @@ class LocalRayCluster:
         """Join one more node (its own raylet and object store) on 127.0.0.1."""
         node_dir = self.node_dir(self.nodes)
         node_dir.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-c", _WORKER_START, "start", f"--address={self.gcs_address}",
+        argv = [sys.executable, "-c", LOOPBACK_WORKER_NODE_START, "start", f"--address={self.gcs_address}",
                 "--node-ip-address=127.0.0.1", f"--temp-dir={node_dir}",
                 f"--num-cpus={num_cpus}", "--num-gpus=0",
                 f"--object-store-memory={self.object_store_memory}", "--disable-usage-stats",
