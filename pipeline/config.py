@@ -153,7 +153,6 @@ class DataConfig(FsspecStorage, BaseModel):
         None, description="default: one per CPU of the cluster, at most one per shard"
     )
     threads_per_actor: PositiveInt = 16
-    batch_size: PositiveInt = Field(256, description="rows per batch in the global pass")
     progress: bool = Field(True, description="progress bars and the closing summary on stdout")
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
 

@@ -3,8 +3,9 @@ the stored bytes) or the same (url, caption) pair. The first row by key order is
 result does not depend on which worker finished first.
 
 The (url, caption) dedup needs only the input, so it is decided before the download (a repeated
-row is never fetched): `pair_index` lists the rows that would be downloaded, with their pair
-digest; the image dedup runs after the download on the shards' index files.
+row is never fetched): `pair_index` lists the rows that would be downloaded (the rule of
+`eligibility.py`, which the download applies too), with their pair digest; the image dedup runs
+after the download on the shards' index files.
 
 Plain functions over `pyarrow.Table`s; `run.py` applies them per hash bucket on Ray Data so the
 whole run's keys never need to fit in one process.
@@ -12,12 +13,12 @@ whole run's keys never need to fit in one process.
 from __future__ import annotations
 
 import hashlib
-from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.eligibility import table_rejections
 from pipeline.filters import RowFilters
 
 # The committed decisions of the (url, caption) dedup: the duplicate rows (key, first_key, by),
@@ -38,18 +39,13 @@ def pair_digests(urls: list, captions: list) -> pa.Array:
     return pa.array(out, type=pa.string())
 
 
-def pair_index(table: pa.Table, keys: list[str], filters: Optional[RowFilters] = None) -> pa.Table:
-    """`key`, `pair` of the staged input rows that would be downloaded: readable (no
-    `source_error`), with a non-empty URL and, when `filters` are given, a caption they accept.
-    Rows rejected for those reasons keep their own reason instead of becoming duplicates."""
+def pair_index(table: pa.Table, keys: list[str], filters: RowFilters) -> pa.Table:
+    """`key`, `pair` of the staged input rows that would be downloaded (`eligibility.py`: readable,
+    a caption `filters` accept, a non-empty URL). The other rows are rejected for their own reason
+    by the download, so they never become, or make, duplicates."""
+    rows = [i for i, rejection in enumerate(table_rejections(table, filters)) if rejection is None]
     urls = table.column("url").to_pylist()
     captions = table.column("caption").to_pylist()
-    oks = table.column("caption_ok").to_pylist()
-    errors = (table.column("source_error").to_pylist() if "source_error" in table.column_names
-              else [None] * table.num_rows)
-    rows = [i for i, (url, caption, ok, error) in enumerate(zip(urls, captions, oks, errors))
-            if error is None and url and url.strip()
-            and (filters is None or filters.caption(caption, bool(ok)) is None)]
     return pa.table({"key": pa.array([keys[i] for i in rows], pa.string()),
                      "pair": pair_digests([urls[i] for i in rows], [captions[i] for i in rows])})
 

@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from pipeline.address_guard import AddressGuard, Resolver, system_resolver
 from pipeline.config import BLUR_BOXES, EXPECTED_HASH, DataConfig
+from pipeline.eligibility import table_rejections
 from pipeline.fetch import Fetcher
 from pipeline.filters import RowFilters
 from pipeline.in_order import run_in_order
@@ -87,17 +88,13 @@ class RowProcessor:
         self.images = image_processor(data)
         self.verify = data.verify_hash
 
-    def caption_check(self, caption: Optional[str], caption_ok: bool) -> Optional[Rejection]:
-        return self.filters.caption(caption, caption_ok)
-
-    def __call__(self, url: Optional[str], expected_hash: Optional[str] = None,
+    def __call__(self, url: str, expected_hash: Optional[str] = None,
                  blur_boxes: Optional[list] = None) -> RowOutcome:
-        """expected_hash: the row's data.verify_hash.column value (when that check is on);
+        """url: an eligible row's URL (`eligibility.py` rejects the others before any request);
+        expected_hash: the row's data.verify_hash.column value (when that check is on);
         blur_boxes: its data.bbox_col boxes to blur."""
         stage = DOWNLOAD
         try:
-            if not url or not url.strip():
-                return Rejection(DOWNLOAD, "invalid_url", "empty URL")
             result = self.fetcher.fetch(url)
             if result.reason is not None:
                 return Rejection(DOWNLOAD, result.reason, result.detail)
@@ -164,21 +161,14 @@ class ShardDownloader:
         source_error and, with data.verify_hash / data.bbox_col, expected_hash / blur_boxes), in
         row order, each as soon as it and all rows before it are done.
 
-        Decided without a request: malformed source rows, caption filters, and `duplicates`
-        ({row: key of the first row with the same url and caption}, from the run's pair dedup)."""
+        Decided without a request: the rows `eligibility.table_rejections` rejects (malformed,
+        caption filters, empty URL), and `duplicates` ({row: key of the first row with the same
+        url and caption}, from the run's pair dedup, which saw exactly the eligible rows)."""
         urls = table.column("url").to_pylist()
-        captions = table.column("caption").to_pylist()
-        oks = table.column("caption_ok").to_pylist()
-        errors = (table.column("source_error").to_pylist() if "source_error" in table.column_names
-                  else [None] * table.num_rows)
         duplicates = duplicates or {}
         early: dict[int, Rejection] = {}
         todo = []
-        for i, (caption, ok, error) in enumerate(zip(captions, oks, errors)):
-            if error is not None:
-                rejection = Rejection(FILTER, "malformed_row", error)
-            else:
-                rejection = self.rows.caption_check(caption, bool(ok))
+        for i, rejection in enumerate(table_rejections(table, self.rows.filters)):
             if rejection is None and i in duplicates:
                 rejection = Rejection(DEDUP, "duplicate", f"same url and caption as key {duplicates[i]}")
             if rejection is not None:

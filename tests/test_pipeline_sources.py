@@ -186,7 +186,7 @@ def test_malformed_csv_lines_become_rows_that_name_file_and_line(tmp_path):
 
 def test_block_size_and_parser_path_do_not_change_what_is_read(tmp_path, monkeypatch):
     """pyarrow's fast path and the line-by-line path agree, and where blocks end does not matter."""
-    import pipeline.sources as sources
+    import pipeline.sources.delimited as sources
 
     rows = "".join(f"http://a/{i}\tcaption {i} \"quoted\"\tu{i}\n" for i in range(300))
     (tmp_path / "clean.tsv").write_text("url\tcaption\tuid\n" + rows)
@@ -233,7 +233,7 @@ def test_a_quoted_csv_field_may_span_lines(tmp_path):
 
 
 def test_a_multi_line_field_across_block_ends_reads_the_same(tmp_path, monkeypatch):
-    import pipeline.sources as sources
+    import pipeline.sources.delimited as sources
 
     (tmp_path / "multi.csv").write_bytes(MULTILINE_CSV * 3)
     data = DataConfig(input=str(tmp_path / "multi.csv"), extra_cols=["uid"])

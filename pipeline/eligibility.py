@@ -1,0 +1,48 @@
+"""Which staged input rows would be downloaded: the one rule the (url, caption) dedup and the
+download share.
+
+A row is eligible when it is readable (no `source_error`), its caption passes the caption
+filters, and it has a non-empty URL. Otherwise it is rejected from the input alone, without a
+request, for the first of these that fails:
+
+- `filter/malformed_row`: the reader could not read the row (the detail is its `source_error`);
+- the caption filters' reason (`filter/caption_empty`, `caption_not_text`, `caption_too_short`, ...);
+- `download/invalid_url`: the URL is null, empty or only whitespace.
+
+`dedup.pair_index` lists exactly the eligible rows, and `download.ShardDownloader` fetches exactly
+the eligible rows that the pair dedup did not mark as repeats, so a row the dedup never saw is
+never fetched, and an ineligible row keeps its own reason instead of becoming a duplicate.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import pyarrow as pa
+
+from pipeline.filters import RowFilters
+from pipeline.reasons import DOWNLOAD, FILTER, Rejection
+
+
+def row_rejection(url: Optional[str], caption: Optional[str], caption_ok: bool, source_error: Optional[str],
+                  filters: RowFilters) -> Optional[Rejection]:
+    """Why this staged row is not downloaded, or None when it would be."""
+    if source_error is not None:
+        return Rejection(FILTER, "malformed_row", source_error)
+    rejection = filters.caption(caption, caption_ok)
+    if rejection is not None:
+        return rejection
+    if not url or not url.strip():
+        return Rejection(DOWNLOAD, "invalid_url", "empty URL")
+    return None
+
+
+def table_rejections(table: pa.Table, filters: RowFilters) -> list[Optional[Rejection]]:
+    """`row_rejection` of every row of a staged input table (columns `url`, `caption`,
+    `caption_ok` and, when the reader found malformed rows, `source_error`), in row order."""
+    urls = table.column("url").to_pylist()
+    captions = table.column("caption").to_pylist()
+    oks = table.column("caption_ok").to_pylist()
+    errors = (table.column("source_error").to_pylist() if "source_error" in table.column_names
+              else [None] * table.num_rows)
+    return [row_rejection(url, caption, bool(ok), error, filters)
+            for url, caption, ok, error in zip(urls, captions, oks, errors)]
