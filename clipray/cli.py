@@ -12,6 +12,7 @@ import textwrap
 from typing import Callable, Optional, Sequence
 
 from clipray.config import ConfigError, JobConfig, describe_keys, load_config
+from storage import FolderInUse
 
 EXIT_BAD_INPUT = 2
 
@@ -112,17 +113,29 @@ def init_ray(cfg: JobConfig) -> None:
         ray.init(num_cpus=cfg.ray.num_cpus or max(8, 2 * cores), **kwargs)
 
 
+def _refuse_busy_folder(uri: Optional[str], config, what: str) -> None:
+    """Stop before Ray starts when another live run holds the output folder (the runner takes the
+    lock itself; this only makes a second run fail at once)."""
+    from storage import Folder, FolderLock
+
+    if uri:
+        FolderLock(Folder(uri, config), what).check()
+
+
 def _run_pipeline(cfg: JobConfig, args: argparse.Namespace) -> int:
     from pipeline.run import run_pipeline
 
+    _refuse_busy_folder(cfg.data.output, cfg.data, "clipray pipeline")
     init_ray(cfg)
     run_pipeline(cfg.data)
     return 0
 
 
 def _run_train(cfg: JobConfig, args: argparse.Namespace) -> int:
+    from storage import join
     from training.driver import run_training
 
+    _refuse_busy_folder(join(cfg.train.storage_path, cfg.train.name), cfg.train, "clipray train")
     init_ray(cfg)
     run_training(cfg.model, cfg.train)
     return 0
@@ -131,7 +144,10 @@ def _run_train(cfg: JobConfig, args: argparse.Namespace) -> int:
 def _run_tune(cfg: JobConfig, args: argparse.Namespace) -> int:
     from training.tune import check_sweep, run_sweep
 
+    from storage import join
+
     check_sweep(cfg.model, cfg.train, cfg.tune)  # bad input fails before Ray starts
+    _refuse_busy_folder(join(cfg.tune.storage_path, cfg.tune.name), cfg.train, "clipray tune")
     init_ray(cfg)
     run_sweep(cfg.model, cfg.train, cfg.tune)
     return 0
@@ -172,7 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         print(f"clipray {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FolderInUse) as exc:
         # Stage runners raise these for bad input found before any work starts.
         if args.debug:
             raise

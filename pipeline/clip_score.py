@@ -16,7 +16,7 @@ import pyarrow as pa
 from PIL import Image
 
 from pipeline.resume import SCORE, ShardSpec, marker
-from pipeline.storage import OutputDir
+from storage import Folder
 
 SCORE_SCHEMA = pa.schema([pa.field("key", pa.string()), pa.field("score", pa.float32())])
 
@@ -70,7 +70,7 @@ class ClipScorer:
                 out.append((img * txt).sum(-1).cpu().numpy().astype(np.float32))
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
-    def score_shard(self, spec: ShardSpec, out: OutputDir, accepted: int) -> dict[str, Any]:
+    def score_shard(self, spec: ShardSpec, out: Folder, accepted: int) -> dict[str, Any]:
         """Score the accepted rows of a downloaded shard; commits `_work/score/<shard>.parquet`."""
         start = time.time()
         out.remove([spec.score_file, marker(SCORE, spec)])

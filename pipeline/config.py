@@ -5,7 +5,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
-from training.config import FsspecStorage
+from storage import StorageConfig
 
 EXPECTED_HASH = "expected_hash"  # the staged input's copy of data.verify_hash.column
 BLUR_BOXES = "blur_boxes"  # the staged input's copy of data.bbox_col
@@ -93,7 +93,10 @@ class VerifyHashConfig(BaseModel):
         return value
 
 
-class DataConfig(FsspecStorage, BaseModel):
+class DataConfig(StorageConfig):
+    """The `data` section; its storage keys (`storage_options`, `s3_endpoint_url`, `s3_region`) serve
+    `data.input` and `data.output`."""
+
     model_config = ConfigDict(extra="forbid")
 
     # --- what to read
@@ -110,10 +113,6 @@ class DataConfig(FsspecStorage, BaseModel):
     bbox_col: Optional[str] = Field(
         None, description="input column of boxes to blur, each [x_min, y_min, x_max, y_max] relative to the "
                           "image (img2dataset's bbox_col; DataComp pools: face_bboxes)")
-    storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec options for input and output (e.g. s3 key/secret)"
-    )
-    s3_endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint for s3:// paths")
     # --- where to write
     output: Optional[str] = Field(None, description="output folder; local or s3://")
     rows_per_shard: PositiveInt = Field(10_000, le=1_000_000, description="input rows per shard (one commit unit)")

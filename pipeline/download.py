@@ -33,7 +33,7 @@ from pipeline.resize import ImageProcessor, ImageReject
 from pipeline.resume import DOWNLOAD as DOWNLOAD_PHASE
 from pipeline.resume import ShardSpec, marker
 from pipeline.shards import INDEX_SCHEMA, accepted_schema, make_keys, rejects_table
-from pipeline.storage import OutputDir
+from storage import Folder
 
 
 @dataclass
@@ -144,7 +144,7 @@ class RowProcessor:
 class ShardDownloader:
     """Processes whole shards with a shared pool of `data.threads_per_actor` threads."""
 
-    def __init__(self, data: DataConfig, out: OutputDir, extra_schema: pa.Schema,
+    def __init__(self, data: DataConfig, out: Folder, extra_schema: pa.Schema,
                  resolver: Resolver = system_resolver, cpu_slots: Optional[int] = None):
         self.data = data
         self.out = out

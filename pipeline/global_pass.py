@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from pipeline.reasons import DEDUP, FILTER, Rejection
 from pipeline.resume import GLOBAL, ShardSpec, marker
 from pipeline.shards import rejects_table
-from pipeline.storage import OutputDir
+from storage import Folder
 
 DECISIONS = "_state/global/decisions.json"
 DUPLICATES = "_state/global/duplicates.parquet"
@@ -29,7 +29,7 @@ DUPLICATE_SCHEMA = pa.schema([pa.field("key", pa.string()), pa.field("first_key"
                               pa.field("by", pa.string())])
 
 
-def apply_to_shard(spec: ShardSpec, out: OutputDir, cut: Optional[float], cut_detail: str,
+def apply_to_shard(spec: ShardSpec, out: Folder, cut: Optional[float], cut_detail: str,
                    duplicates: pa.Table) -> dict[str, Any]:
     """Write the shard's final `shards/` file and its global rejects; commit the shard.
 

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import pyarrow as pa
 
 from pipeline.config import DataConfig
-from pipeline.storage import OutputDir
+from storage import Folder
 
 PLAN = "_state/plan.json"
 STAGING = "_work/input"
@@ -65,7 +65,7 @@ def marker(phase: str, shard: "ShardSpec") -> str:
     return f"_state/{phase}/{shard.name}.json"
 
 
-def committed(out: OutputDir, phase: str) -> set[str]:
+def committed(out: Folder, phase: str) -> set[str]:
     """Names of the shards committed in `phase`."""
     return {n.rsplit("/", 1)[-1][: -len(".json")] for n in out.list(f"_state/{phase}", ".json")}
 
@@ -178,7 +178,7 @@ def make_plan(data: DataConfig, staged: list[dict[str, Any]]) -> Plan:
     return Plan(fingerprint(data), files, shards, extra)
 
 
-def load_plan(out: OutputDir, data: DataConfig) -> Optional[Plan]:
+def load_plan(out: Folder, data: DataConfig) -> Optional[Plan]:
     """The committed plan of a previous run in this output folder, checked against `data`."""
     if not out.exists(PLAN):
         return None

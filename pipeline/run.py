@@ -44,7 +44,7 @@ from pipeline.manifest import MANIFEST, build_manifest, summary
 from pipeline.resume import DOWNLOAD, GLOBAL, PLAN, SCORE, STAGING, Plan, ShardSpec, load_plan, make_plan
 from pipeline.sources import InputError, list_input_files
 from pipeline.staging import stage_file
-from pipeline.storage import OutputDir
+from storage import Folder, FolderLock, absolute, is_temporary
 
 log = logging.getLogger("clipray.pipeline")
 
@@ -71,7 +71,12 @@ def run_pipeline(data: DataConfig) -> dict[str, Any]:
 def _run(data: DataConfig) -> dict[str, Any]:
     start = time.time()
     data = _with_absolute_paths(data)
-    out = OutputDir(data.output, data.fsspec_options())
+    out = Folder(data.output, data)
+    with FolderLock(out, "clipray pipeline"):  # one run per output folder (a second fails here)
+        return _run_locked(data, out, start)
+
+
+def _run_locked(data: DataConfig, out: Folder, start: float) -> dict[str, Any]:
     plan = load_plan(out, data)
     if plan is None:
         plan = _make_plan(data, out)
@@ -113,8 +118,6 @@ def _run(data: DataConfig) -> dict[str, Any]:
 
 def _with_absolute_paths(data: DataConfig) -> DataConfig:
     """Local paths resolved against the driver's working directory before they travel to workers."""
-    from pipeline.storage import absolute
-
     update: dict[str, Any] = {"output": absolute(data.output)}
     if data.input:
         update["input"] = absolute(data.input)
@@ -128,7 +131,7 @@ def _with_absolute_paths(data: DataConfig) -> DataConfig:
 # --- phase 1: plan
 
 
-def _make_plan(data: DataConfig, out: OutputDir) -> Plan:
+def _make_plan(data: DataConfig, out: Folder) -> Plan:
     import ray
 
     files = list_input_files(data)
@@ -165,7 +168,7 @@ def _make_plan(data: DataConfig, out: OutputDir) -> Plan:
 class _DownloadUDF:
     """Ray Data actor: one ShardDownloader (threads + keep-alive pool) per actor."""
 
-    def __init__(self, data: DataConfig, out: OutputDir, extra_schema: pa.Schema):
+    def __init__(self, data: DataConfig, out: Folder, extra_schema: pa.Schema):
         # The actor holds one CPU (num_cpus=1 below): one thread decodes at a time, the others download.
         self.downloader = ShardDownloader(data, out, extra_schema, cpu_slots=1)
 
@@ -177,7 +180,7 @@ class _DownloadUDF:
         return {"stats": [json.dumps(s) for s in stats]}
 
 
-def _download(data: DataConfig, out: OutputDir, plan: Plan, todo: list[ShardSpec],
+def _download(data: DataConfig, out: Folder, plan: Plan, todo: list[ShardSpec],
               pair_duplicates: dict[str, list]) -> Iterable[dict]:
     import ray
 
@@ -227,7 +230,7 @@ def _progress(data: DataConfig, results, desc: str, rows: int) -> Iterable[dict]
 
 
 class _ScoreUDF:
-    def __init__(self, data: DataConfig, out: OutputDir):
+    def __init__(self, data: DataConfig, out: Folder):
         from pipeline.clip_score import ClipScorer
 
         cfg = data.filters.clip_score
@@ -241,7 +244,7 @@ class _ScoreUDF:
         return {"stats": [json.dumps(s) for s in stats]}
 
 
-def _load_index(batch: dict[str, np.ndarray], out: OutputDir, cut: Optional[float]) -> pa.Table:
+def _load_index(batch: dict[str, np.ndarray], out: Folder, cut: Optional[float]) -> pa.Table:
     """Ray Data UDF: the image-dedup index rows (key, sha256) of some shards, CLIP cut applied."""
     tables = []
     for spec_json in batch["spec"]:
@@ -255,7 +258,7 @@ def _load_index(batch: dict[str, np.ndarray], out: OutputDir, cut: Optional[floa
                                                               "sha256": pa.array([], pa.string())})
 
 
-def _load_pairs(batch: dict[str, np.ndarray], out: OutputDir, data: DataConfig) -> pa.Table:
+def _load_pairs(batch: dict[str, np.ndarray], out: Folder, data: DataConfig) -> pa.Table:
     """Ray Data UDF: (key, pair digest) of the staged input rows of some shards that would be
     downloaded (see `dedup.pair_index`)."""
     from pipeline.filters import RowFilters
@@ -300,13 +303,13 @@ def _duplicates_on_ray(shards: list[ShardSpec], loader, loader_kwargs: dict, dig
     return pa.concat_tables(tables).sort_by("key") if tables else DUPLICATE_SCHEMA.empty_table()
 
 
-def _find_duplicates(data: DataConfig, out: OutputDir, shards: list[ShardSpec], rows: int,
+def _find_duplicates(data: DataConfig, out: Folder, shards: list[ShardSpec], rows: int,
                      cut: Optional[float]) -> pa.Table:
     """Image duplicates (same sha256) among the downloaded rows that pass the CLIP cut."""
     return _duplicates_on_ray(shards, _load_index, {"out": out, "cut": cut}, "sha256", "image sha256", rows)
 
 
-def _pair_duplicates(data: DataConfig, out: OutputDir, plan: Plan) -> dict[str, list]:
+def _pair_duplicates(data: DataConfig, out: Folder, plan: Plan) -> dict[str, list]:
     """{shard name: [[row, first key], ...]} of the rows that repeat an earlier (url, caption).
 
     Decided once over the whole input before any download and committed (`dedup.PAIR_DECISIONS`
@@ -329,7 +332,7 @@ def _pair_duplicates(data: DataConfig, out: OutputDir, plan: Plan) -> dict[str, 
     return result
 
 
-def _apply_batch(batch: dict[str, np.ndarray], out: OutputDir, cut: Optional[float], cut_detail: str) -> dict:
+def _apply_batch(batch: dict[str, np.ndarray], out: Folder, cut: Optional[float], cut_detail: str) -> dict:
     stats = []
     for spec_json, dups_json in zip(batch["spec"], batch["duplicates"]):
         rows = json.loads(dups_json)
@@ -339,7 +342,7 @@ def _apply_batch(batch: dict[str, np.ndarray], out: OutputDir, cut: Optional[flo
     return {"stats": [json.dumps(s) for s in stats]}
 
 
-def _global_pass(data: DataConfig, out: OutputDir, plan: Plan, downloads: dict[str, dict]) -> dict[str, dict]:
+def _global_pass(data: DataConfig, out: Folder, plan: Plan, downloads: dict[str, dict]) -> dict[str, dict]:
     import ray
 
     f = data.filters
@@ -395,7 +398,7 @@ def _global_pass(data: DataConfig, out: OutputDir, plan: Plan, downloads: dict[s
     return results
 
 
-def _read_scores(out: OutputDir, shards: list[ShardSpec]) -> np.ndarray:
+def _read_scores(out: Folder, shards: list[ShardSpec]) -> np.ndarray:
     def one(spec: ShardSpec) -> np.ndarray:
         return out.read_parquet(spec.score_file, columns=["score"]).column("score").to_numpy(zero_copy_only=False)
 
@@ -407,7 +410,7 @@ def _read_scores(out: OutputDir, shards: list[ShardSpec]) -> np.ndarray:
 # --- markers and cleanup
 
 
-def _markers(out: OutputDir, phase: str, shards: list[ShardSpec]) -> dict[str, dict]:
+def _markers(out: Folder, phase: str, shards: list[ShardSpec]) -> dict[str, dict]:
     """Stats of the committed shards of `phase` among `shards`, by shard name."""
     wanted = {s.name: s for s in shards}
     names = [n for n in out.list(f"_state/{phase}", ".json") if n.rsplit("/", 1)[-1][:-5] in wanted]
@@ -416,9 +419,10 @@ def _markers(out: OutputDir, phase: str, shards: list[ShardSpec]) -> dict[str, d
     return {s["shard"]: s for s in stats}
 
 
-def _sweep(out: OutputDir, manifest: dict[str, Any]) -> None:
+def _sweep(out: Folder, manifest: dict[str, Any]) -> None:
     """Remove what interrupted attempts left: files in shards/ and rejects/ that no committed shard
-    owns, and the intermediate `_work/` folder."""
+    owns, and the intermediate `_work/` folder. (The folder lock guarantees no other run is
+    writing here, so nothing found is another run's work in progress.)"""
     owned = {f["path"] for f in manifest["shards"]} | {f["path"] for f in manifest["rejects"]}
     stray = [n for n in out.list("shards", ".parquet") + out.list("rejects", ".parquet") if n not in owned]
     if stray:
@@ -426,7 +430,7 @@ def _sweep(out: OutputDir, manifest: dict[str, Any]) -> None:
         out.remove(stray)
     # temporary files of writers that were killed before their rename (local disks only)
     for folder in ("shards", "rejects", "_state", "_state/pairs", "_state/download", "_state/score", "_state/global"):
-        out.remove([n for n in out.list(folder, ".tmp", hidden=True) if n.rsplit("/", 1)[-1].startswith(".")])
+        out.remove([n for n in out.list(folder, ".tmp", hidden=True) if is_temporary(n)])
     out.remove_tree("_work")
 
 

@@ -12,10 +12,10 @@ import pyarrow as pa
 from pipeline.config import DataConfig
 from pipeline.resume import STAGING
 from pipeline.sources import InputFile, read_file
-from pipeline.storage import OutputDir
+from storage import Folder
 
 
-def stage_file(index: int, file: InputFile, data: DataConfig, out: OutputDir) -> dict[str, Any]:
+def stage_file(index: int, file: InputFile, data: DataConfig, out: Folder) -> dict[str, Any]:
     """Stage one input file; returns `{url, format, rows, chunks: [{name, rows}], schema}`.
 
     `schema` holds the extra columns' fields (for the shard schema). Raises InputError for a file

@@ -127,6 +127,13 @@ class FolderLock:
             f"{self.folder.full_url(LOCK_NAME)})")
 
     # --- taking and giving back
+    def check(self) -> None:
+        """Raise FolderInUse if a live run holds the folder now (a cheap early check; `acquire`
+        is what excludes)."""
+        current = self._read()
+        if current is not None and current.get("owner") != self.owner and not self.stale(current):
+            raise self._in_use(current)
+
     def acquire(self) -> "FolderLock":
         self.folder.makedirs()
         for _ in range(3):

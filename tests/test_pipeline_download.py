@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pipeline.download as download
 from pipeline.config import DataConfig
 from pipeline.resume import ShardSpec
-from pipeline.storage import OutputDir
+from storage import Folder
 from tests.support.http_server import HTTPTestServer, Route, jpeg_bytes
 
 
@@ -19,7 +19,7 @@ def test_shard_is_written_in_row_order_in_row_groups_and_committed_last(tmp_path
     with HTTPTestServer(routes) as server:
         urls = [server.url(f"/{i}.jpg") if i != 4 else server.url("/missing.jpg") for i in range(10)]
         captions = [f"caption {i}" if i != 7 else "" for i in range(10)]
-        out = OutputDir(str(tmp_path))
+        out = Folder(str(tmp_path))
         out.write_arrow("_work/input/x.arrow", pa.table({
             "url": urls, "caption": captions, "caption_ok": [True] * 10, "uid": [f"u{i}" for i in range(10)]}))
         data = DataConfig(input="x", output=str(tmp_path), allow_private_addresses=True, threads_per_actor=4,
@@ -53,7 +53,7 @@ def test_shard_is_written_in_row_order_in_row_groups_and_committed_last(tmp_path
 
 def test_malformed_and_duplicate_rows_are_rejected_without_a_request(tmp_path):
     with HTTPTestServer({f"/{i}.jpg": jpeg_bytes(40, 30, seed=i) for i in range(4)}) as server:
-        out = OutputDir(str(tmp_path))
+        out = Folder(str(tmp_path))
         out.write_arrow("_work/input/x.arrow", pa.table({
             "url": [server.url("/0.jpg"), None, server.url("/0.jpg"), server.url("/3.jpg")],
             "caption": ["zero", None, "zero", "three"], "caption_ok": [True, False, True, True],
@@ -83,7 +83,7 @@ def test_verify_hash_rejects_images_whose_bytes_hash_otherwise(tmp_path):
 
     images = [jpeg_bytes(40, 30, seed=i) for i in range(4)]
     with HTTPTestServer({f"/{i}.jpg": images[i] for i in range(4)}) as server:
-        out = OutputDir(str(tmp_path))
+        out = Folder(str(tmp_path))
         expected = [hashlib.sha256(images[0]).hexdigest(), hashlib.sha256(images[0]).hexdigest(), None,
                     hashlib.sha256(images[3]).hexdigest()]
         out.write_arrow("_work/input/x.arrow", pa.table({

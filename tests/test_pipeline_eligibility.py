@@ -13,7 +13,7 @@ from pipeline.dedup import later_duplicates, pair_index
 from pipeline.eligibility import table_rejections
 from pipeline.filters import RowFilters
 from pipeline.resume import ShardSpec
-from pipeline.storage import OutputDir
+from storage import Folder
 from tests.support.http_server import HTTPTestServer, jpeg_bytes
 
 FILTERS = {"min_caption_chars": 3, "min_caption_words": 2}
@@ -57,7 +57,7 @@ def test_every_kind_of_bad_row_gets_its_reason_before_any_request():
 
 def _download(tmp_path, server: HTTPTestServer, table: pa.Table, duplicates: dict[int, str]) -> tuple[list, dict]:
     """The URLs the download actor asked its fetcher for, and the shard's stats."""
-    out = OutputDir(str(tmp_path))
+    out = Folder(str(tmp_path))
     out.write_arrow("_work/input/x.arrow", table)
     data = DataConfig(input="x", output=str(tmp_path), allow_private_addresses=True, retries=0, image_size=32,
                       filters={**FILTERS, "dedup_url_caption": True})

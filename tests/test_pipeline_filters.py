@@ -140,9 +140,9 @@ def test_global_pass_rewrites_a_shard_idempotently(tmp_path):
     from pipeline.global_pass import DUPLICATE_SCHEMA, apply_to_shard
     from pipeline.resume import ShardSpec
     from pipeline.shards import accepted_schema
-    from pipeline.storage import OutputDir
+    from storage import Folder
 
-    out = OutputDir(str(tmp_path))
+    out = Folder(str(tmp_path))
     spec = ShardSpec(id=3, name="00003", input="_work/input/x.arrow", rows=4, source="x", first_row=0,
                      row_digits=1, global_pass=True)
     keys = ["000030", "000031", "000032", "000033"]

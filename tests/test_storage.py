@@ -38,6 +38,16 @@ def test_names_outside_the_folder_are_refused(name):
         safe_relative(name)
 
 
+def test_writes_outside_the_folder_are_refused_and_nothing_is_written(tmp_path):
+    out = Folder(str(tmp_path / "out"))
+    for name in ("../escape.parquet", "/etc/passwd", "shards/../../x", "s3://other/x", ""):
+        with pytest.raises(ValueError, match="refusing"):
+            out.write_bytes(name, b"x")
+    out.write_bytes("shards/ok.parquet", b"x")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "out/shards/ok.parquet"]
+
+
 def test_write_is_atomic_and_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
     folder = Folder(str(tmp_path / "out"))
     folder.write_json("a/b.json", {"x": 1})

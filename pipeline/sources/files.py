@@ -10,7 +10,7 @@ from typing import Optional
 import fsspec
 
 from pipeline.config import DataConfig
-from pipeline.storage import filesystem, protocol_of
+from storage import fsspec_filesystem, fsspec_options, protocol_of
 
 FORMATS = ("parquet", "csv", "tsv", "json", "jsonl")
 _EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl",
@@ -49,7 +49,7 @@ def list_input_files(data: DataConfig) -> list[InputFile]:
         raise InputError("data.input is not set: give a URL list file, a folder or a glob (local or s3://...)")
     spec = data.input
     try:
-        fs, path = filesystem(spec, data.fsspec_options())
+        fs, path = fsspec_filesystem(spec, data)
     except Exception as exc:  # noqa: BLE001 - e.g. an unknown protocol
         raise InputError(f"data.input {spec!r}: cannot open its filesystem: {exc}") from None
     prefix = "" if protocol_of(spec) == "file" else f"{protocol_of(spec)}://"
@@ -92,5 +92,4 @@ def list_input_files(data: DataConfig) -> list[InputFile]:
 def open_input(file: InputFile, data: DataConfig):
     """`file` opened for reading bytes, decompressed on the fly (a context manager). A compressed
     stream reads forward only: seeking in it means inflating again from the start."""
-    return fsspec.open(file.url, "rb", compression=file.compression, **(
-        data.fsspec_options() if protocol_of(file.url) != "file" else {}))
+    return fsspec.open(file.url, "rb", compression=file.compression, **fsspec_options(file.url, data))
