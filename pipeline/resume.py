@@ -16,6 +16,8 @@ produce different rows stops with a message naming the keys that changed.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import base64
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -68,6 +70,15 @@ def marker(phase: str, shard: "ShardSpec") -> str:
 def committed(out: Folder, phase: str) -> set[str]:
     """Names of the shards committed in `phase`."""
     return {n.rsplit("/", 1)[-1][: -len(".json")] for n in out.list(f"_state/{phase}", ".json")}
+
+
+def markers(out: Folder, phase: str, shards: list["ShardSpec"]) -> dict[str, dict]:
+    """Stats of the committed shards of `phase` among `shards`, by shard name."""
+    wanted = {s.name: s for s in shards}
+    names = [n for n in out.list(f"_state/{phase}", ".json") if n.rsplit("/", 1)[-1][:-5] in wanted]
+    with ThreadPoolExecutor(16) as pool:
+        stats = list(pool.map(out.read_json, names))
+    return {s["shard"]: s for s in stats}
 
 
 @dataclass(frozen=True)

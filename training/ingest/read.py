@@ -1,7 +1,6 @@
 """`ShardReader`, the preprocessing actors' function: read units -> preprocessed rows, in order."""
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from typing import Any, Iterator
 
