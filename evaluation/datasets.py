@@ -7,7 +7,7 @@ Accepted (local paths or fsspec URLs such as `s3://bucket/prefix`):
   `valprep` sort is one). Classes are the sorted folder names; 1000 WordNet-id folders
   (`n01440764`, ...) get the CLIP paper's ImageNet class names unless `eval.classnames` is given.
 - a **table**: `.csv`, `.tsv` or `.parquet` file(s) (a file, a folder of them, or a glob) with an
-  image column (`eval.image_col`: encoded bytes, or a path/URL relative to the table's folder) and
+  image column (`eval.image_col`: encoded bytes, or a path relative to the table's folder) and
   a label column (`eval.label_col`) and/or a caption column (`eval.caption_col`). A caption column
   may hold a list of captions; rows that repeat an image path are several captions of one image.
 - **pipeline shards**: a pipeline output folder (`{data.output}`, read from `shards/*.parquet`)
@@ -16,12 +16,15 @@ Accepted (local paths or fsspec URLs such as `s3://bucket/prefix`):
 
 Everything except image bytes is read into the driver at open time (`EvalDataset.meta`, one row per
 image with a `row_id`); image bytes stay in their files and are read in chunks (a Parquet row group)
-by whoever embeds them, so a cluster never funnels images through the driver. Image paths are data:
-the embedding step opens them. Rows without a label / caption are dropped at open time and counted;
+by whoever embeds them, so a cluster never funnels images through the driver. Image paths are data
+from outside: they must lie under the image root (`evaluation.image_paths`: the table's folder or
+`eval.image_root`) unless `eval.allow_external_image_paths` is set, and the embedding step opens
+them. Rows without a label / caption / safe image path are dropped at open time and counted;
 undecodable images are counted by the embedding step.
 
 Modules: this one (what a spec is, ImageFolder trees, class names), `evaluation.tables` (tables
-and shards), `evaluation.chunks` (`EvalDataset` and its image reading).
+and shards), `evaluation.image_paths` (the path guard), `evaluation.chunks` (`EvalDataset` and its
+image reading).
 """
 from __future__ import annotations
 
@@ -51,17 +54,20 @@ def _full(fs: fsspec.AbstractFileSystem, path: str) -> str:
 def open_dataset(spec: str, *, image_col: str = "jpg", label_col: Optional[str] = "label",
                  caption_col: Optional[str] = None, need_labels: bool = False, need_captions: bool = False,
                  name: Optional[str] = None, storage_options: Optional[dict[str, Any]] = None,
-                 what: str = "eval.dataset") -> EvalDataset:
+                 what: str = "eval.dataset", image_root: Optional[str] = None,
+                 allow_external_image_paths: bool = False) -> EvalDataset:
     """Open an ImageFolder tree, a CSV/Parquet table or pipeline shards (see the module docstring).
 
     need_labels / need_captions: fail early (naming the key and the columns found) when the
-    source has no such column.
+    source has no such column. image_root / allow_external_image_paths: where a table's image
+    paths may point (`evaluation.image_paths`; default: under the table's folder).
     """
     options = dict(storage_options or {})
     fs, path = fsspec.core.url_to_fs(spec, **storage_options_for(spec, options))
     path = path.rstrip("/") or "/"
     table_args = dict(image_col=image_col, label_col=label_col, caption_col=caption_col, need_labels=need_labels,
-                      need_captions=need_captions, name=name, options=options, what=what)
+                      need_captions=need_captions, name=name, options=options, what=what, image_root=image_root,
+                      allow_external_image_paths=allow_external_image_paths)
     if any(ch in path for ch in "*?["):
         files = sorted(fs.glob(path))
         if not files:

@@ -1,12 +1,13 @@
 """Eval data sets held in tables: CSV/TSV/Parquet files with an image column (encoded bytes, or
-paths relative to the table's folder) and label / caption columns; pipeline shards are Parquet
-tables of this kind.
+paths resolved and checked by `evaluation.image_paths`) and label / caption columns; pipeline shards
+are Parquet tables of this kind.
 
-Everything but image bytes is read at open time into `EvalDataset.meta`; rows without an image
-path, label or caption are dropped there and counted by reason.
+Everything but image bytes is read at open time into `EvalDataset.meta`; rows without a usable
+image path, label or caption are dropped there and counted by reason.
 """
 from __future__ import annotations
 
+import logging
 import posixpath
 import re
 from typing import Any, Optional
@@ -19,6 +20,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from evaluation.chunks import EvalDataset, ImageChunk, path_chunks, storage_options_for
+from evaluation.image_paths import HOW_TO_ALLOW, UNSAFE_IMAGE_PATH, ImagePathResolver
+
+log = logging.getLogger(__name__)
 
 TABLE_EXTENSIONS = (".csv", ".tsv", ".parquet", ".pq")
 PARQUET_EXTENSIONS = (".parquet", ".pq")
@@ -47,8 +51,13 @@ def _read_table_meta(url: str, options: dict[str, Any], image_col: str) -> tuple
 
 def open_table(spec: str, files: list[str], *, image_col: str, label_col: Optional[str],
                caption_col: Optional[str], need_labels: bool, need_captions: bool, name: Optional[str],
-               options: dict[str, Any], what: str, fmt: str) -> EvalDataset:
-    """An EvalDataset over table files (all with the same columns); `fmt` "table" or "shards"."""
+               options: dict[str, Any], what: str, fmt: str, image_root: Optional[str] = None,
+               allow_external_image_paths: bool = False) -> EvalDataset:
+    """An EvalDataset over table files (all with the same columns); `fmt` "table" or "shards".
+
+    Image paths are resolved by `ImagePathResolver` (image_root, allow_external_image_paths); rows
+    whose path is missing or unsafe are dropped and counted with their reason.
+    """
     read = [_read_table_meta(url, options, image_col) for url in files]
     columns = read[0][1].names
     for url, (_, schema, _) in zip(files, read):
@@ -72,18 +81,23 @@ def open_table(spec: str, files: list[str], *, image_col: str, label_col: Option
         raise ValueError(f"{what} {spec}: eval.image_col '{image_col}' holds {image_type}; "
                          "it must hold encoded image bytes or image paths/URLs")
 
-    rejected = {"missing_label": 0, "missing_caption": 0, "missing_image": 0}
+    rejected = {"missing_label": 0, "missing_caption": 0, "missing_image": 0, UNSAFE_IMAGE_PATH: 0}
+    unsafe_examples: list[str] = []
     parts, chunks, row = [], [], 0
     for url, (table, _, row_groups) in zip(files, read):
         n = table.num_rows
         cols: dict[str, Any] = {"row_id": np.arange(row, row + n, dtype=np.int64), "key": _keys(table, url)}
         keep = np.ones(n, dtype=bool)
         if not image_in_parquet:
-            base = posixpath.dirname(url)
-            cols["image"] = [_resolve(p, base) for p in table.column(image_col).to_pylist()]
-            missing = np.array([p is None for p in cols["image"]], dtype=bool)
-            rejected["missing_image"] += int(missing.sum())
-            keep &= ~missing
+            resolver = ImagePathResolver(posixpath.dirname(url), image_root, allow_external_image_paths)
+            resolved = [resolver.resolve(p) for p in table.column(image_col).to_pylist()]
+            cols["image"] = [path for path, _, _ in resolved]
+            for _, reason, detail in resolved:
+                if reason:
+                    rejected[reason] += 1
+                if reason == UNSAFE_IMAGE_PATH and len(unsafe_examples) < 3:
+                    unsafe_examples.append(detail)
+            keep &= np.array([path is not None for path in cols["image"]], dtype=bool)
         if label_col is not None and label_col in columns:
             cols["label"] = table.column(label_col)
             if need_labels:
@@ -111,8 +125,15 @@ def open_table(spec: str, files: list[str], *, image_col: str, label_col: Option
         meta = meta.set_column(0, "row_id", pa.array(np.arange(meta.num_rows, dtype=np.int64)))
         chunks = path_chunks(meta.num_rows)
     rejected = {k: v for k, v in rejected.items() if v}
+    unsafe = ""
+    if UNSAFE_IMAGE_PATH in rejected:
+        unsafe = (f"{rejected[UNSAFE_IMAGE_PATH]} rows dropped as {UNSAFE_IMAGE_PATH}, their image path lies "
+                  f"outside the image root (e.g. {'; '.join(unsafe_examples)}); to read them, {HOW_TO_ALLOW}")
     if meta.num_rows == 0:
-        raise ValueError(f"{what} {spec}: no usable rows ({rejected or 'the table is empty'})")
+        raise ValueError(f"{what} {spec}: no usable rows ({rejected or 'the table is empty'})"
+                         + (f"; {unsafe}" if unsafe else ""))
+    if unsafe:
+        log.warning("%s %s: %s", what, spec, unsafe)
     return EvalDataset(name or default_name(spec), spec, fmt, meta, chunks, image_in_parquet, image_col,
                        options, None, rejected)
 
@@ -122,14 +143,6 @@ def _keys(table: pa.Table, url: str) -> list[str]:
         return [str(k) for k in table.column("key").to_pylist()]
     stem = posixpath.basename(url)
     return [f"{stem}:{i}" for i in range(table.num_rows)]
-
-
-def _resolve(path: Optional[str], base: str) -> Optional[str]:
-    if path is None or path == "":
-        return None
-    if "://" in path or path.startswith("/"):
-        return path
-    return posixpath.join(base, path)
 
 
 def _as_caption_lists(column: pa.ChunkedArray) -> pa.ChunkedArray:
