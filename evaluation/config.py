@@ -22,6 +22,10 @@ class EvalConfig(FsspecStorage, BaseModel):
     label_col: str = "label"
     caption_col: str = "caption"
     image_col: str = "jpg"
+    image_root: Optional[str] = Field(
+        None, description="folder or URL prefix a table's image paths must lie under (default: the table's folder)")
+    allow_external_image_paths: bool = Field(
+        False, description="take a table's image paths as written (absolute, ../, URLs): trusted tables only")
     classnames: Optional[str] = Field(None, description="imagenet|cifar10|cifar100 or a file with one class name per line")
     templates: Optional[str] = Field(None, description="imagenet|cifar10|cifar100|simple or a file with one prompt template per line ({c} = class)")
     output: Optional[str] = Field(None, description="results JSON file")
@@ -55,4 +59,10 @@ class EvalConfig(FsspecStorage, BaseModel):
         low, high = self.probe_c_range
         if not low < high:
             raise ValueError(f"eval.probe_c_range {list(self.probe_c_range)} must be [low, high] with low < high")
+        if self.image_root is not None and self.allow_external_image_paths:
+            raise ValueError(f"eval.image_root {self.image_root!r} and eval.allow_external_image_paths: true exclude "
+                             "each other (the second accepts any path, so the root would check nothing); keep one")
+        if self.image_root is not None and ("::" in self.image_root or not self.image_root.strip()):
+            raise ValueError(f"eval.image_root {self.image_root!r} must be one folder or URL prefix "
+                             "(e.g. /data/images or s3://bucket/images), not empty and not an fsspec chain (::)")
         return self

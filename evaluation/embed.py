@@ -5,9 +5,10 @@ returns one; it knows no Ray. `embed_local` runs it in a plain loop (small sets,
 run's validation); `embed_ray` runs the same class as a Ray Data `map_batches` stage on an actor
 pool (CPU or GPU actors), so a cluster embeds a large set in parallel.
 
-Preprocessing is CLIP's eval transform, as open_clip builds it: resize the shorter side to
-`image_size` (bicubic, longer side `int(size * long / short)`), center crop (offsets rounded),
-convert to RGB, scale to [0, 1], normalise with CLIP's mean and std.
+Preprocessing is CLIP's eval transform, `training.model.eval_pixels` (open_clip's resize of the
+shorter side, centre crop, RGB) on the decode threads, giving uint8 [S, S, 3] per image; the
+stacked uint8 batch is normalised on the model's device by `training.model.normalize_pixels`. The
+pipeline's CLIP-score filter uses the same two functions.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from training.model import eval_pixels, normalize_pixels
 
 Batch = dict[str, np.ndarray]
 ModelSource = Union[str, "torch.nn.Module"]
@@ -46,23 +49,15 @@ def open_image(value: Any, storage_options: Optional[dict[str, Any]] = None) -> 
     return img
 
 
-def clip_preprocess(img: Image.Image, image_size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """[3, S, S] float32: CLIP's eval transform (see the module docstring)."""
-    w, h = img.size
-    if w <= 0 or h <= 0:
-        raise ValueError(f"image has no pixels ({w}x{h})")
-    if w <= h:
-        new_w, new_h = image_size, int(image_size * h / w)
-    else:
-        new_w, new_h = int(image_size * w / h), image_size
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.BICUBIC)
-    top = int(round((new_h - image_size) / 2.0))
-    left = int(round((new_w - image_size) / 2.0))
-    img = img.crop((left, top, left + image_size, top + image_size)).convert("RGB")
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+def clip_preprocess(img: Image.Image, image_size: int, mean: Optional[Sequence[float]] = None,
+                    std: Optional[Sequence[float]] = None) -> np.ndarray:
+    """float32 [3, S, S] for one image: `eval_pixels` then `normalize_pixels` (mean/std default: CLIP's).
+
+    For callers that want the encoder's input of a single image on the CPU; batches go through
+    `ImageEmbedder`, which normalises on the device.
+    """
+    pixels = torch.from_numpy(eval_pixels(img, image_size))[None]
+    return np.ascontiguousarray(normalize_pixels(pixels, mean, std)[0].numpy())
 
 
 def _load(model: ModelSource, model_name: Optional[str]):
@@ -104,19 +99,16 @@ class ImageEmbedder(_Encoder):
                  storage_options: Optional[dict[str, Any]] = None):
         super().__init__(model, model_name=model_name, device=device, precision=precision)
         self.storage_options = dict(storage_options or {})
-        from training.model import image_mean_std
-
         self.image_size = int(self.model.image_size)
-        self.mean, self.std = image_mean_std()
         self.decode_threads = decode_threads
         self._pool = ThreadPoolExecutor(decode_threads) if decode_threads > 1 else None
 
     def _prepare(self, value: Any) -> tuple[Optional[np.ndarray], str]:
+        """(uint8 [S, S, 3] or None, error message or "")."""
         try:
             if value is None:
                 raise ValueError("no image (empty value)")
-            img = open_image(value, self.storage_options)
-            return clip_preprocess(img, self.image_size, self.mean, self.std), ""
+            return eval_pixels(open_image(value, self.storage_options), self.image_size), ""
         except Exception as exc:  # any decode failure is counted, not fatal
             return None, f"{type(exc).__name__}: {exc}"[:300]
 
@@ -129,8 +121,9 @@ class ImageEmbedder(_Encoder):
         features = np.zeros((len(values), int(self.model.config["embed_dim"])), dtype=np.float32)
         if ok.any():
             pixels = torch.from_numpy(np.stack([arr for arr, _ in prepared if arr is not None])).to(self.device)
+            x = normalize_pixels(pixels)  # uint8 crosses to the device; float32 made there
             with self._autocast():
-                features[ok] = self.model.encode_image(pixels).float().cpu().numpy()
+                features[ok] = self.model.encode_image(x).float().cpu().numpy()
         out = {k: v for k, v in batch.items() if k != "image"}
         out.update(image_features=features, ok=ok, error=errors)
         return out

@@ -1,0 +1,117 @@
+"""An opened evaluation data set (`EvalDataset`) and how its images are read: in chunks (a
+Parquet row group of image bytes, or a slice of image paths), by the local loop or inside Ray tasks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PATH_CHUNK_ROWS = 512  # rows per read unit when images are files
+
+
+@dataclass
+class ImageChunk:
+    """A unit of image reading: a Parquet row group (file + row_group) or a slice of image paths."""
+
+    row_start: int  # row_id of the first row
+    num_rows: int
+    file: Optional[str] = None
+    row_group: Optional[int] = None
+
+
+@dataclass
+class EvalDataset:
+    name: str  # for the results JSON
+    source: str
+    format: str  # imagefolder | table | shards
+    meta: pa.Table  # row_id, key, [image (path/URL)], [label], [captions (list<string>)]
+    chunks: list[ImageChunk]
+    image_in_parquet: bool  # True: bytes in `image_column` of parquet files; False: meta.image paths
+    image_column: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    classes: Optional[list[str]] = None  # imagefolder: the folder names, sorted
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> rows dropped at open time
+
+    @property
+    def num_rows(self) -> int:
+        return self.meta.num_rows
+
+    def iter_image_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of {"row_id" int64, "image" (bytes or path)} in row order, for the local loop."""
+        for chunk in self.chunks:
+            rows = read_chunk(chunk, self.image_in_parquet, self.image_column, self.meta, self.storage_options)
+            for start in range(0, len(rows["row_id"]), batch_size):
+                yield {k: v[start:start + batch_size] for k, v in rows.items()}
+
+    def to_ray(self):
+        """A Ray Dataset of {"row_id", "image"} rows: paths as data, or Parquet row groups read
+        inside Ray tasks (image bytes never pass through the driver)."""
+        import ray
+
+        from ray_compat import data_context
+
+        data_context()
+        if not self.image_in_parquet:
+            table = self.meta.select(["row_id", "image"])
+            return ray.data.from_arrow([table.slice(c.row_start, c.num_rows) for c in self.chunks])
+        items = [{"row_start": c.row_start, "num_rows": c.num_rows, "file": c.file, "row_group": c.row_group}
+                 for c in self.chunks]
+        reader = ParquetChunkReader(self.image_column, self.storage_options)
+        return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            reader, batch_size=1, batch_format="numpy")
+
+    def head(self, n: int) -> "EvalDataset":
+        """The first n usable rows (eval.max_samples)."""
+        if n >= self.num_rows:
+            return self
+        meta = self.meta.slice(0, n)
+        end = int(meta.column("row_id")[n - 1].as_py()) + 1  # raw rows to read
+        chunks = [ImageChunk(c.row_start, min(c.num_rows, end - c.row_start), c.file, c.row_group)
+                  for c in self.chunks if c.row_start < end]
+        return EvalDataset(self.name, self.source, self.format, meta, chunks, self.image_in_parquet,
+                           self.image_column, self.storage_options, self.classes, dict(self.rejected))
+
+
+class ParquetChunkReader:
+    """Ray map_batches function: row-group descriptions -> rows of (row_id, image bytes)."""
+
+    def __init__(self, image_column: str, storage_options: dict[str, Any]):
+        self.image_column = image_column
+        self.storage_options = storage_options
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        parts = [
+            read_chunk(ImageChunk(int(start), int(n), str(f), int(g)), True, self.image_column, None,
+                       self.storage_options)
+            for start, n, f, g in zip(batch["row_start"], batch["num_rows"], batch["file"], batch["row_group"])
+        ]
+        return {k: np.concatenate([p[k] for p in parts]) for k in ("row_id", "image")}
+
+
+def read_chunk(chunk: ImageChunk, image_in_parquet: bool, image_column: str, meta: Optional[pa.Table],
+               storage_options: dict[str, Any]) -> dict[str, np.ndarray]:
+    """{"row_id": [n] int64, "image": [n] object} for one chunk (bytes from Parquet, or paths)."""
+    row_ids = np.arange(chunk.row_start, chunk.row_start + chunk.num_rows, dtype=np.int64)
+    images = np.empty(chunk.num_rows, dtype=object)
+    if image_in_parquet:
+        with fsspec.open(chunk.file, "rb", **storage_options_for(chunk.file, storage_options)) as fh:
+            column = pq.ParquetFile(fh).read_row_group(chunk.row_group, columns=[image_column]).column(0)
+        images[:] = column.slice(0, chunk.num_rows).to_pylist()
+    else:
+        images[:] = meta.column("image").slice(chunk.row_start, chunk.num_rows).to_pylist()
+    return {"row_id": row_ids, "image": images}
+
+
+def storage_options_for(url: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """The fsspec options for `url`: `storage_options` for a remote URL, none for a local path."""
+    return storage_options if "://" in url and not url.startswith("file://") else {}
+
+
+def path_chunks(n: int) -> list[ImageChunk]:
+    """Read units of PATH_CHUNK_ROWS rows for n images named by path."""
+    return [ImageChunk(s, min(PATH_CHUNK_ROWS, n - s)) for s in range(0, n, PATH_CHUNK_ROWS)]
