@@ -4,12 +4,13 @@ Parquet row group of image bytes, or a slice of image paths), by the local loop 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from storage import StorageConfig, open_file
 
 PATH_CHUNK_ROWS = 512  # rows per read unit when images are files
 
@@ -33,7 +34,7 @@ class EvalDataset:
     chunks: list[ImageChunk]
     image_in_parquet: bool  # True: bytes in `image_column` of parquet files; False: meta.image paths
     image_column: str
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage: StorageConfig = field(default_factory=StorageConfig)  # how to reach remote images
     classes: Optional[list[str]] = None  # imagefolder: the folder names, sorted
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> rows dropped at open time
 
@@ -44,7 +45,7 @@ class EvalDataset:
     def iter_image_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Batches of {"row_id" int64, "image" (bytes or path)} in row order, for the local loop."""
         for chunk in self.chunks:
-            rows = read_chunk(chunk, self.image_in_parquet, self.image_column, self.meta, self.storage_options)
+            rows = read_chunk(chunk, self.image_in_parquet, self.image_column, self.meta, self.storage)
             for start in range(0, len(rows["row_id"]), batch_size):
                 yield {k: v[start:start + batch_size] for k, v in rows.items()}
 
@@ -61,7 +62,7 @@ class EvalDataset:
             return ray.data.from_arrow([table.slice(c.row_start, c.num_rows) for c in self.chunks])
         items = [{"row_start": c.row_start, "num_rows": c.num_rows, "file": c.file, "row_group": c.row_group}
                  for c in self.chunks]
-        reader = ParquetChunkReader(self.image_column, self.storage_options)
+        reader = ParquetChunkReader(self.image_column, self.storage)
         return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             reader, batch_size=1, batch_format="numpy")
 
@@ -74,42 +75,37 @@ class EvalDataset:
         chunks = [ImageChunk(c.row_start, min(c.num_rows, end - c.row_start), c.file, c.row_group)
                   for c in self.chunks if c.row_start < end]
         return EvalDataset(self.name, self.source, self.format, meta, chunks, self.image_in_parquet,
-                           self.image_column, self.storage_options, self.classes, dict(self.rejected))
+                           self.image_column, self.storage, self.classes, dict(self.rejected))
 
 
 class ParquetChunkReader:
     """Ray map_batches function: row-group descriptions -> rows of (row_id, image bytes)."""
 
-    def __init__(self, image_column: str, storage_options: dict[str, Any]):
+    def __init__(self, image_column: str, storage: StorageConfig):
         self.image_column = image_column
-        self.storage_options = storage_options
+        self.storage = storage
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         parts = [
             read_chunk(ImageChunk(int(start), int(n), str(f), int(g)), True, self.image_column, None,
-                       self.storage_options)
+                       self.storage)
             for start, n, f, g in zip(batch["row_start"], batch["num_rows"], batch["file"], batch["row_group"])
         ]
         return {k: np.concatenate([p[k] for p in parts]) for k in ("row_id", "image")}
 
 
 def read_chunk(chunk: ImageChunk, image_in_parquet: bool, image_column: str, meta: Optional[pa.Table],
-               storage_options: dict[str, Any]) -> dict[str, np.ndarray]:
+               storage: Optional[StorageConfig] = None) -> dict[str, np.ndarray]:
     """{"row_id": [n] int64, "image": [n] object} for one chunk (bytes from Parquet, or paths)."""
     row_ids = np.arange(chunk.row_start, chunk.row_start + chunk.num_rows, dtype=np.int64)
     images = np.empty(chunk.num_rows, dtype=object)
     if image_in_parquet:
-        with fsspec.open(chunk.file, "rb", **storage_options_for(chunk.file, storage_options)) as fh:
+        with open_file(chunk.file, "rb", storage) as fh:
             column = pq.ParquetFile(fh).read_row_group(chunk.row_group, columns=[image_column]).column(0)
         images[:] = column.slice(0, chunk.num_rows).to_pylist()
     else:
         images[:] = meta.column("image").slice(chunk.row_start, chunk.num_rows).to_pylist()
     return {"row_id": row_ids, "image": images}
-
-
-def storage_options_for(url: str, storage_options: dict[str, Any]) -> dict[str, Any]:
-    """The fsspec options for `url`: `storage_options` for a remote URL, none for a local path."""
-    return storage_options if "://" in url and not url.startswith("file://") else {}
 
 
 def path_chunks(n: int) -> list[ImageChunk]:

@@ -1,14 +1,17 @@
 """The `eval` section of the job config."""
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
-from training.config import FsspecStorage
+from storage import StorageConfig
 
 
-class EvalConfig(FsspecStorage, BaseModel):
+class EvalConfig(StorageConfig):
+    """The `eval` section; its storage keys (`storage_options`, `s3_endpoint_url`, `s3_region`) serve the
+    data sets, the model, the classifier cache and the outputs."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: Optional[str] = Field(None, description="run dir, final/ dir or state-dict file")
@@ -51,8 +54,6 @@ class EvalConfig(FsspecStorage, BaseModel):
     retrieval_block_size: PositiveInt = 2048
     classifier_cache: Optional[str] = Field(None, description="folder caching zero-shot classifiers (local or fsspec URL)")
 
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for remote data")
-    s3_endpoint_url: Optional[str] = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "EvalConfig":

@@ -36,8 +36,9 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
-from evaluation.chunks import EvalDataset, ImageChunk, path_chunks, read_chunk, storage_options_for
+from evaluation.chunks import EvalDataset, ImageChunk, path_chunks, read_chunk
 from evaluation.tables import PARQUET_EXTENSIONS, TABLE_EXTENSIONS, default_name, open_table
+from storage import StorageConfig, fsspec_filesystem
 
 __all__ = ["EvalDataset", "ImageChunk", "open_dataset", "read_chunk", "resolve_classes"]
 
@@ -53,7 +54,7 @@ def _full(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 def open_dataset(spec: str, *, image_col: str = "jpg", label_col: Optional[str] = "label",
                  caption_col: Optional[str] = None, need_labels: bool = False, need_captions: bool = False,
-                 name: Optional[str] = None, storage_options: Optional[dict[str, Any]] = None,
+                 name: Optional[str] = None, storage: Optional[StorageConfig] = None,
                  what: str = "eval.dataset", image_root: Optional[str] = None,
                  allow_external_image_paths: bool = False) -> EvalDataset:
     """Open an ImageFolder tree, a CSV/Parquet table or pipeline shards (see the module docstring).
@@ -62,11 +63,11 @@ def open_dataset(spec: str, *, image_col: str = "jpg", label_col: Optional[str] 
     source has no such column. image_root / allow_external_image_paths: where a table's image
     paths may point (`evaluation.image_paths`; default: under the table's folder).
     """
-    options = dict(storage_options or {})
-    fs, path = fsspec.core.url_to_fs(spec, **storage_options_for(spec, options))
+    storage = storage.storage() if storage is not None else StorageConfig()
+    fs, path = fsspec_filesystem(spec, storage)
     path = path.rstrip("/") or "/"
     table_args = dict(image_col=image_col, label_col=label_col, caption_col=caption_col, need_labels=need_labels,
-                      need_captions=need_captions, name=name, options=options, what=what, image_root=image_root,
+                      need_captions=need_captions, name=name, storage=storage, what=what, image_root=image_root,
                       allow_external_image_paths=allow_external_image_paths)
     if any(ch in path for ch in "*?["):
         files = sorted(fs.glob(path))
@@ -97,12 +98,12 @@ def open_dataset(spec: str, *, image_col: str = "jpg", label_col: Optional[str] 
         if need_captions:
             raise ValueError(f"{what} {spec} is an ImageFolder tree (class folders), which has no captions; "
                              "retrieval needs a table or shards with a caption column")
-        return _open_imagefolder(spec, path, fs, dirs, name, options, what)
+        return _open_imagefolder(spec, path, fs, dirs, name, storage, what)
     raise ValueError(f"{what} {spec}: no shards/, no table files ({', '.join(TABLE_EXTENSIONS)}) and no class "
                      "folders; give an ImageFolder tree, a CSV/Parquet table or a pipeline output folder")
 
 
-def _open_imagefolder(spec, path, fs, dirs, name, options, what) -> EvalDataset:
+def _open_imagefolder(spec, path, fs, dirs, name, storage, what) -> EvalDataset:
     classes = [posixpath.basename(d.rstrip("/")) for d in dirs]
     paths, labels = [], []
     for cls, d in zip(classes, dirs):
@@ -115,7 +116,7 @@ def _open_imagefolder(spec, path, fs, dirs, name, options, what) -> EvalDataset:
     keys = [p.split(root, 1)[-1] for p in paths]
     meta = pa.table({"row_id": np.arange(len(paths), dtype=np.int64), "key": keys, "image": paths, "label": labels})
     return EvalDataset(name or default_name(spec), spec, "imagefolder", meta, path_chunks(len(paths)),
-                       image_in_parquet=False, image_column="image", storage_options=options, classes=classes)
+                       image_in_parquet=False, image_column="image", storage=storage, classes=classes)
 
 
 # --- class names --------------------------------------------------------------------------------

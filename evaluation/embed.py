@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from storage import StorageConfig, open_file
 from training.model import eval_pixels, normalize_pixels
 
 Batch = dict[str, np.ndarray]
@@ -31,17 +32,14 @@ ModelSource = Union[str, "torch.nn.Module"]
 _AUTOCAST = {"fp32": None, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
 
 
-def open_image(value: Any, storage_options: Optional[dict[str, Any]] = None) -> Image.Image:
+def open_image(value: Any, storage: Optional[StorageConfig] = None) -> Image.Image:
     """A PIL image from encoded bytes, a local path or fsspec URL, or a PIL image; fully decoded."""
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, (bytes, bytearray, memoryview)):
         img = Image.open(io.BytesIO(bytes(value)))
     elif isinstance(value, (str, os.PathLike)):
-        import fsspec
-
-        remote = "://" in str(value) and not str(value).startswith("file://")
-        with fsspec.open(str(value), "rb", **((storage_options or {}) if remote else {})) as fh:
+        with open_file(str(value), "rb", storage) as fh:
             img = Image.open(io.BytesIO(fh.read()))
     else:
         raise TypeError(f"cannot read an image from a {type(value).__name__}")
@@ -96,9 +94,9 @@ class ImageEmbedder(_Encoder):
 
     def __init__(self, model: ModelSource, *, model_name: Optional[str] = None, device: str = "cpu",
                  precision: str = "fp32", decode_threads: int = 0,
-                 storage_options: Optional[dict[str, Any]] = None):
+                 storage: Optional[StorageConfig] = None):
         super().__init__(model, model_name=model_name, device=device, precision=precision)
-        self.storage_options = dict(storage_options or {})
+        self.storage = storage
         self.image_size = int(self.model.image_size)
         self.decode_threads = decode_threads
         self._pool = ThreadPoolExecutor(decode_threads) if decode_threads > 1 else None
@@ -108,7 +106,7 @@ class ImageEmbedder(_Encoder):
         try:
             if value is None:
                 raise ValueError("no image (empty value)")
-            return eval_pixels(open_image(value, self.storage_options), self.image_size), ""
+            return eval_pixels(open_image(value, self.storage), self.image_size), ""
         except Exception as exc:  # any decode failure is counted, not fatal
             return None, f"{type(exc).__name__}: {exc}"[:300]
 

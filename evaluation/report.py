@@ -5,10 +5,10 @@ from __future__ import annotations
 import io
 from typing import Any, Optional
 
-import fsspec
 import numpy as np
 
 from evaluation.results import EvalResult
+from storage import StorageConfig, write_file
 
 MAX_LABELLED_CLASSES = 30  # tick labels and per-class rows beyond this would be unreadable
 WORST_CLASSES = 10
@@ -78,12 +78,11 @@ def confusion_png(confusion: np.ndarray, classnames: list[str], title: str) -> b
     return buf.getvalue()
 
 
-def write_report(result: EvalResult, obj: dict[str, Any], md_path: str, png_path: Optional[str]) -> None:
+def write_report(result: EvalResult, obj: dict[str, Any], md_path: str, png_path: Optional[str],
+                 storage: Optional[StorageConfig] = None) -> None:
     png_name = None
     if png_path and result.confusion is not None and result.classnames:
         title = f"{obj['task']} on {obj['dataset']}: acc1 {obj['metrics'].get('acc1', float('nan')):.3f}"
-        with fsspec.open(png_path, "wb") as fh:
-            fh.write(confusion_png(result.confusion, result.classnames, title))
+        write_file(png_path, confusion_png(result.confusion, result.classnames, title), storage)
         png_name = png_path.rsplit("/", 1)[-1]
-    with fsspec.open(md_path, "w", encoding="utf-8") as fh:
-        fh.write(markdown_summary(result, obj, png_name))
+    write_file(md_path, markdown_summary(result, obj, png_name).encode("utf-8"), storage)

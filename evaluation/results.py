@@ -14,8 +14,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import fsspec
 import numpy as np
+
+from storage import StorageConfig, write_file
 
 CLIP_BENCHMARK_TASK = {
     "zeroshot": "zeroshot_classification",
@@ -74,14 +75,9 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_json(obj: dict[str, Any], path: str) -> None:
-    fs, _, (local,) = fsspec.get_fs_token_paths(path)
-    parent = local.rsplit("/", 1)[0] if "/" in local else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fsspec.open(path, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.write("\n")
+def write_json(obj: dict[str, Any], path: str, storage: Optional[StorageConfig] = None) -> None:
+    """Write `obj` as indented JSON to `path` (local or remote), atomically."""
+    write_file(path, (json.dumps(obj, indent=2) + "\n").encode(), storage)
 
 
 def sibling_path(output: str, suffix: str) -> str:
@@ -90,11 +86,10 @@ def sibling_path(output: str, suffix: str) -> str:
     return stem + suffix
 
 
-def write_predictions(predictions: dict[str, np.ndarray], path: str) -> int:
-    """One JSON object per sample (JSON Lines); returns the number of rows written."""
+def write_predictions(predictions: dict[str, np.ndarray], path: str, storage: Optional[StorageConfig] = None) -> int:
+    """One JSON object per sample (JSON Lines), written atomically; returns the number of rows."""
     columns = {k: _jsonable(np.asarray(v)) for k, v in predictions.items()}
     n = len(next(iter(columns.values()))) if columns else 0
-    with fsspec.open(path, "w", encoding="utf-8") as fh:
-        for i in range(n):
-            fh.write(json.dumps({k: v[i] for k, v in columns.items()}) + "\n")
+    lines = "".join(json.dumps({k: v[i] for k, v in columns.items()}) + "\n" for i in range(n))
+    write_file(path, lines.encode(), storage)
     return n

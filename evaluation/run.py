@@ -54,7 +54,7 @@ def _driver_device(cfg: EvalConfig) -> str:
 def embed_dataset_images(ds: EvalDataset, model: torch.nn.Module, cfg: EvalConfig) -> dict[str, np.ndarray]:
     """{"features" [n, D] (meta row order), "ok" [n], "error" [n]} for the rows of `ds.meta`."""
     engine = choose_engine(cfg, ds.num_rows)
-    kwargs = dict(precision=cfg.precision, decode_threads=cfg.decode_threads, storage_options=ds.storage_options)
+    kwargs = dict(precision=cfg.precision, decode_threads=cfg.decode_threads, storage=ds.storage)
     start = time.perf_counter()
     if engine == "ray":
         out = embed_ray(ds.to_ray(), ImageEmbedder, dict(kwargs, model=model), batch_size=cfg.batch_size,
@@ -109,7 +109,8 @@ def _skipped(ds: EvalDataset, emb: dict[str, np.ndarray]) -> dict[str, Any]:
 def _open(spec: str, cfg: EvalConfig, *, need_labels=False, need_captions=False, what="eval.dataset") -> EvalDataset:
     ds = open_dataset(spec, image_col=cfg.image_col, label_col=cfg.label_col, caption_col=cfg.caption_col,
                       need_labels=need_labels, need_captions=need_captions, name=cfg.dataset_name if what == "eval.dataset" else None,
-                      storage_options=cfg.fsspec_options(), what=what)
+                      storage=cfg, what=what, image_root=cfg.image_root,
+                      allow_external_image_paths=cfg.allow_external_image_paths)
     if cfg.max_samples:
         ds = ds.head(cfg.max_samples)
     return ds
@@ -119,16 +120,16 @@ def _open(spec: str, cfg: EvalConfig, *, need_labels=False, need_captions=False,
 
 def evaluate_zeroshot_dataset(model: torch.nn.Module, cfg: EvalConfig, ds: Optional[EvalDataset] = None) -> EvalResult:
     ds = ds or _open(cfg.dataset, cfg, need_labels=True)
-    classnames_file = load_classnames(cfg.classnames, cfg.dataset_name) if cfg.classnames else None
+    classnames_file = load_classnames(cfg.classnames, cfg.dataset_name, cfg) if cfg.classnames else None
     classnames, labels, names_from = resolve_classes(ds.meta.column("label").to_pylist(), folder_classes=ds.classes,
                                                      classnames=classnames_file, need_names=True)
-    templates = load_templates(cfg.templates, cfg.dataset_name)
+    templates = load_templates(cfg.templates, cfg.dataset_name, cfg)
     emb = embed_dataset_images(ds, model, cfg)
     on_ray = choose_engine(cfg, len(classnames) * len(templates)) == "ray"
     encode = (lambda prompts: embed_texts(prompts, model, cfg)) if on_ray else None
     classifier = build_classifier(model, classnames, templates, batch_size=cfg.batch_size,
                                   device=_driver_device(cfg) if on_ray else _device(cfg),
-                                  cache_dir=cfg.classifier_cache, encode_texts=encode)
+                                  cache_dir=cfg.classifier_cache, storage=cfg, encode_texts=encode)
     ok = emb["ok"]
     if not ok.any():
         raise ValueError(f"none of the {ds.num_rows} images of {ds.source} could be decoded (e.g. {emb['error'][0]})")
@@ -195,7 +196,7 @@ def evaluate_linear_probe_dataset(model: torch.nn.Module, cfg: EvalConfig) -> Ev
             if s.classes is None or not set(s.classes) <= set(folder):
                 raise ValueError(f"{s.source}: its classes must be class folders of eval.train_dataset {train.source} as well")
     all_labels = [v for s in splits for v in s.meta.column("label").to_pylist()]
-    classnames_file = load_classnames(cfg.classnames, cfg.dataset_name) if cfg.classnames else None
+    classnames_file = load_classnames(cfg.classnames, cfg.dataset_name, cfg) if cfg.classnames else None
     classnames, idx, names_from = resolve_classes(all_labels, folder_classes=folder, classnames=classnames_file, need_names=False)
     bounds = np.cumsum([0] + [s.num_rows for s in splits])
     labels = {id(s): idx[bounds[i]:bounds[i + 1]] for i, s in enumerate(splits)}
@@ -274,14 +275,14 @@ def run_evaluation(cfg: EvalConfig, model: Optional[torch.nn.Module] = None) -> 
     dataset_name = cfg.dataset_name or posixpath.basename(cfg.dataset.rstrip("/"))
     obj = clip_benchmark_json(result, dataset=dataset_name, model=model_label(cfg), pretrained=cfg.model or "")
     if cfg.output:
-        write_json(obj, cfg.output)
+        write_json(obj, cfg.output, cfg)
         if cfg.report:
             from evaluation.report import write_report
 
             write_report(result, obj, sibling_path(cfg.output, ".md"),
-                         sibling_path(cfg.output, ".confusion.png") if result.confusion is not None else None)
+                         sibling_path(cfg.output, ".confusion.png") if result.confusion is not None else None, cfg)
         if cfg.dump_predictions and result.predictions is not None:
-            write_predictions(result.predictions, sibling_path(cfg.output, ".predictions.jsonl"))
+            write_predictions(result.predictions, sibling_path(cfg.output, ".predictions.jsonl"), cfg)
     _print_summary(obj)
     return obj
 

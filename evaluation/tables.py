@@ -12,15 +12,15 @@ import posixpath
 import re
 from typing import Any, Optional
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from evaluation.chunks import EvalDataset, ImageChunk, path_chunks, storage_options_for
+from evaluation.chunks import EvalDataset, ImageChunk, path_chunks
 from evaluation.image_paths import HOW_TO_ALLOW, UNSAFE_IMAGE_PATH, ImagePathResolver
+from storage import StorageConfig, open_file
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,9 @@ def _is_binary(t: pa.DataType) -> bool:
     return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
 
 
-def _read_table_meta(url: str, options: dict[str, Any], image_col: str) -> tuple[pa.Table, pa.Schema, list[int]]:
+def _read_table_meta(url: str, storage: StorageConfig, image_col: str) -> tuple[pa.Table, pa.Schema, list[int]]:
     """(all columns but image bytes, the file's schema, row counts of its row groups)."""
-    with fsspec.open(url, "rb", **storage_options_for(url, options)) as fh:
+    with open_file(url, "rb", storage) as fh:
         if url.lower().endswith(PARQUET_EXTENSIONS):
             pf = pq.ParquetFile(fh)
             schema = pf.schema_arrow
@@ -51,14 +51,14 @@ def _read_table_meta(url: str, options: dict[str, Any], image_col: str) -> tuple
 
 def open_table(spec: str, files: list[str], *, image_col: str, label_col: Optional[str],
                caption_col: Optional[str], need_labels: bool, need_captions: bool, name: Optional[str],
-               options: dict[str, Any], what: str, fmt: str, image_root: Optional[str] = None,
+               storage: StorageConfig, what: str, fmt: str, image_root: Optional[str] = None,
                allow_external_image_paths: bool = False) -> EvalDataset:
     """An EvalDataset over table files (all with the same columns); `fmt` "table" or "shards".
 
     Image paths are resolved by `ImagePathResolver` (image_root, allow_external_image_paths); rows
     whose path is missing or unsafe are dropped and counted with their reason.
     """
-    read = [_read_table_meta(url, options, image_col) for url in files]
+    read = [_read_table_meta(url, storage, image_col) for url in files]
     columns = read[0][1].names
     for url, (_, schema, _) in zip(files, read):
         if schema.names != columns:
@@ -135,7 +135,7 @@ def open_table(spec: str, files: list[str], *, image_col: str, label_col: Option
     if unsafe:
         log.warning("%s %s: %s", what, spec, unsafe)
     return EvalDataset(name or default_name(spec), spec, fmt, meta, chunks, image_in_parquet, image_col,
-                       options, None, rejected)
+                       storage, None, rejected)
 
 
 def _keys(table: pa.Table, url: str) -> list[str]:

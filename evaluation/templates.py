@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-import fsspec
+
+from storage import StorageConfig, read_file
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 
@@ -40,12 +41,11 @@ def _read_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
-def _read_list_file(spec: str, what: str, dataset_name: Optional[str]) -> list[str]:
-    try:
-        with fsspec.open(spec, "r", encoding="utf-8") as fh:
-            text = fh.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} file {spec} does not exist") from None
+def _read_list_file(spec: str, what: str, dataset_name: Optional[str], storage: Optional[StorageConfig]) -> list[str]:
+    data = read_file(spec, storage)
+    if data is None:
+        raise FileNotFoundError(f"{what} file {spec} does not exist")
+    text = data.decode("utf-8")
     if not spec.lower().endswith(".json"):
         return _read_lines(text)
     try:
@@ -64,7 +64,8 @@ def _read_list_file(spec: str, what: str, dataset_name: Optional[str]) -> list[s
     return [x.strip() for x in data]
 
 
-def load_templates(spec: Optional[str], dataset_name: Optional[str] = None) -> list[str]:
+def load_templates(spec: Optional[str], dataset_name: Optional[str] = None,
+                   storage: Optional[StorageConfig] = None) -> list[str]:
     """Templates for `spec` (built-in name or file); None picks by data set name, else `imagenet`."""
     if spec is None:
         spec = dataset_name if dataset_name in BUILTIN_TEMPLATES else "imagenet"
@@ -73,7 +74,7 @@ def load_templates(spec: Optional[str], dataset_name: Optional[str] = None) -> l
     elif spec in BUILTIN_TEMPLATES:
         templates = _read_lines((PROMPTS_DIR / BUILTIN_TEMPLATES[spec]).read_text(encoding="utf-8"))
     else:
-        templates = _read_list_file(spec, "eval.templates", dataset_name)
+        templates = _read_list_file(spec, "eval.templates", dataset_name, storage)
     check_templates(templates, source=spec)
     return templates
 
@@ -95,12 +96,13 @@ def fill_template(template: str, classname: str) -> str:
     return template.replace("{}", classname)
 
 
-def load_classnames(spec: str, dataset_name: Optional[str] = None) -> list[str]:
+def load_classnames(spec: str, dataset_name: Optional[str] = None,
+                    storage: Optional[StorageConfig] = None) -> list[str]:
     """Class names for `spec` (built-in name or file), in class-index order."""
     if spec in BUILTIN_CLASSNAMES:
         names = _read_lines((PROMPTS_DIR / BUILTIN_CLASSNAMES[spec]).read_text(encoding="utf-8"))
     else:
-        names = _read_list_file(spec, "eval.classnames", dataset_name)
+        names = _read_list_file(spec, "eval.classnames", dataset_name, storage)
     if not names:
         raise ValueError(f"eval.classnames {spec}: the file holds no class names")
     return names

@@ -24,6 +24,7 @@ from evaluation.classification import classification_metrics, confusion_matrix, 
 from evaluation.embed import ImageEmbedder, TextEmbedder, embed_local, iter_slices
 from evaluation.results import EvalResult, skipped_summary
 from evaluation.templates import check_templates, fill_template, load_templates
+from storage import StorageConfig, read_file, write_file
 
 _MEMORY_CACHE: dict[tuple, torch.Tensor] = {}
 _MEMORY_CACHE_MAX = 8
@@ -76,7 +77,7 @@ def _disk_key(model: torch.nn.Module, classnames: Sequence[str], templates: Sequ
 @torch.no_grad()
 def build_classifier(model: torch.nn.Module, classnames: Sequence[str], templates: Sequence[str], *,
                      batch_size: int = 256, device: Union[str, torch.device] = "cpu",
-                     cache_dir: Optional[str] = None,
+                     cache_dir: Optional[str] = None, storage: Optional[StorageConfig] = None,
                      encode_texts: Optional[Callable[[list[str]], np.ndarray]] = None) -> torch.Tensor:
     """The zero-shot classifier [C, D] float32 (rows L2-normalised), from cache when possible.
 
@@ -90,7 +91,7 @@ def build_classifier(model: torch.nn.Module, classnames: Sequence[str], template
     if key in _MEMORY_CACHE:
         return _MEMORY_CACHE[key].clone()
     path = f"{cache_dir.rstrip('/')}/zeroshot-classifier-{_disk_key(model, classnames, templates)}.npy" if cache_dir else None
-    classifier = _read_cached(path) if path else None
+    classifier = _read_cached(path, storage) if path else None
     if classifier is None:
         prompts = [fill_template(t, c) for c in classnames for t in templates]
         if encode_texts is None:
@@ -100,7 +101,7 @@ def build_classifier(model: torch.nn.Module, classnames: Sequence[str], template
         text = features.reshape(len(classnames), len(templates), -1)
         classifier = classifier_from_text_features(text)
         if path:
-            _write_cached(path, classifier)
+            _write_cached(path, classifier, storage)
     if len(_MEMORY_CACHE) >= _MEMORY_CACHE_MAX:
         _MEMORY_CACHE.pop(next(iter(_MEMORY_CACHE)))
     # Keyed after the build too: embedding may have moved the weights to another device.
@@ -108,25 +109,15 @@ def build_classifier(model: torch.nn.Module, classnames: Sequence[str], template
     return classifier
 
 
-def _read_cached(path: str) -> Optional[torch.Tensor]:
-    import fsspec
-
-    fs, _, (local,) = fsspec.get_fs_token_paths(path)
-    if not fs.exists(local):
-        return None
-    with fsspec.open(path, "rb") as fh:
-        return torch.from_numpy(np.load(io.BytesIO(fh.read())))
+def _read_cached(path: str, storage: Optional[StorageConfig]) -> Optional[torch.Tensor]:
+    data = read_file(path, storage)
+    return None if data is None else torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
 
 
-def _write_cached(path: str, classifier: torch.Tensor) -> None:
-    import fsspec
-
-    fs, _, (local,) = fsspec.get_fs_token_paths(path)
-    fs.makedirs(local.rsplit("/", 1)[0], exist_ok=True)
+def _write_cached(path: str, classifier: torch.Tensor, storage: Optional[StorageConfig]) -> None:
     buf = io.BytesIO()
-    np.save(buf, classifier.numpy())
-    with fsspec.open(path, "wb") as fh:
-        fh.write(buf.getvalue())
+    np.save(buf, classifier.numpy(), allow_pickle=False)
+    write_file(path, buf.getvalue(), storage)
 
 
 def score_zeroshot(image_features: np.ndarray, labels: np.ndarray, classifier: torch.Tensor,

@@ -4,19 +4,20 @@
   `s3_endpoint_url`, `s3_region`); credentials only from the standard AWS provider chain.
 - `fsspec_filesystem` / `pyarrow_filesystem` / `open_file`: a URI to a configured filesystem.
 - `Folder`: a root folder and the files under it, with atomic writes (`atomic_write`) and names
-  checked to stay inside; `ParquetSink` for Parquet written in pieces.
+  checked to stay inside; `write_file` / `read_file` for one file by its URI; `ParquetSink` for
+  Parquet written in pieces.
 - `FolderLock`: one run at a time per output folder.
 """
 from storage.config import STORAGE_FIELDS, StorageConfig
 from storage.filesystems import (absolute, configured_s3_endpoint, fsspec_filesystem,
                                  fsspec_options, is_local, join, open_file, protocol_of, pyarrow_filesystem)
-from storage.folder import Folder, atomic_write, is_temporary, safe_relative
+from storage.folder import Folder, atomic_write, is_temporary, read_file, safe_relative, write_file
 from storage.lock import FolderInUse, FolderLock
 from storage.parquet import ParquetSink, parquet_options
 
 __all__ = [
     "STORAGE_FIELDS", "StorageConfig", "absolute", "configured_s3_endpoint",
     "fsspec_filesystem", "fsspec_options", "is_local", "join", "open_file", "protocol_of", "pyarrow_filesystem",
-    "Folder", "atomic_write", "is_temporary", "safe_relative", "FolderInUse", "FolderLock", "ParquetSink",
+    "Folder", "atomic_write", "is_temporary", "read_file", "safe_relative", "write_file", "FolderInUse", "FolderLock", "ParquetSink",
     "parquet_options",
 ]

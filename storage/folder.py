@@ -242,3 +242,26 @@ class Folder:
         with open(local_path, "wb") as fh:
             fh.write(data)
         return True
+
+
+def _parent_and_name(uri: str) -> tuple[str, str]:
+    full = absolute(uri)
+    if "/" not in full.split("://", 1)[-1]:
+        raise ValueError(f"{uri!r} names no file")
+    parent, name = full.rsplit("/", 1)
+    return parent or "/", name
+
+
+def write_file(uri: str, data: bytes, config: Optional[StorageConfig] = None) -> None:
+    """Write one file given by its full URI (local path or remote), atomically."""
+    parent, name = _parent_and_name(uri)
+    Folder(parent, config).write_bytes(name, data)
+
+
+def read_file(uri: str, config: Optional[StorageConfig] = None) -> Optional[bytes]:
+    """The bytes of one file given by its full URI; None when it does not exist."""
+    parent, name = _parent_and_name(uri)
+    try:
+        return Folder(parent, config).read_bytes(name)
+    except FileNotFoundError:
+        return None

@@ -8,6 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from storage import StorageConfig
 from PIL import Image
 
 from evaluation.datasets import open_dataset, resolve_classes
@@ -138,7 +140,7 @@ def test_shards_on_s3_are_read_through_fsspec(tmp_path):
         fs = s3.filesystem()
         fs.put(str(tmp_path / "shards" / "part-0.parquet"), "eval/held-out/shards/part-0.parquet")
         ds = open_dataset("s3://eval/held-out", label_col="color", need_labels=True,
-                          storage_options=s3.storage_options())
+                          storage=StorageConfig(storage_options=s3.storage_options()))
         assert ds.num_rows == 6 and ds.chunks[0].file == "s3://eval/held-out/shards/part-0.parquet"
         images = np.concatenate([b["image"] for b in ds.iter_image_batches(4)])
     assert images[0] == color_image("red") and images[-1] == color_image("blue")

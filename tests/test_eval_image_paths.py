@@ -116,3 +116,17 @@ def test_image_root_and_allow_external_are_checked_on_load():
     assert EvalConfig(image_root="s3://bucket/images").image_root == "s3://bucket/images"
     with pytest.raises(ValueError, match="eval.image_root 'nosuchscheme://x'"):
         ImagePathResolver("/t", image_root="nosuchscheme://x")
+
+
+def test_the_eval_section_keys_reach_the_dataset_clipray_eval_opens(layout):
+    from evaluation.run import _open
+
+    data, outside = layout
+    default = _open(str(data / "pairs.csv"), EvalConfig(dataset=str(data / "pairs.csv")), need_labels=True)
+    assert default.rejected == {UNSAFE_IMAGE_PATH: len(UNSAFE_ROWS)}
+    widened = _open(str(data / "pairs.csv"), EvalConfig(dataset=str(data / "pairs.csv"), image_root=str(data.parent)),
+                    need_labels=True)
+    assert widened.rejected == {UNSAFE_IMAGE_PATH: 4}
+    given = _open(str(data / "pairs.csv"), EvalConfig(dataset=str(data / "pairs.csv"), allow_external_image_paths=True),
+                  need_labels=True)
+    assert given.rejected == {}

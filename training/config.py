@@ -8,20 +8,6 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 from storage import StorageConfig
 
 
-class FsspecStorage:
-    """For config sections with `storage_options` (fsspec options) and `s3_endpoint_url` fields
-    (the pipeline's `data`, the evaluation's `eval`)."""
-
-    def fsspec_options(self) -> dict[str, Any]:
-        """Storage options for fsspec: `storage_options` plus `s3_endpoint_url` when set."""
-        options = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.storage_options.items()}
-        if self.s3_endpoint_url:
-            client_kwargs = dict(options.get("client_kwargs") or {})
-            client_kwargs.setdefault("endpoint_url", self.s3_endpoint_url)
-            options["client_kwargs"] = client_kwargs
-        return options
-
-
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -100,7 +100,7 @@ class ZeroShot:
         for chunk in ds.chunks:
             if chunk.row_start + chunk.num_rows <= lo or chunk.row_start >= hi:
                 continue
-            got = read_chunk(chunk, ds.image_in_parquet, ds.image_column, ds.meta, ds.storage_options)
+            got = read_chunk(chunk, ds.image_in_parquet, ds.image_column, ds.meta, ds.storage)
             for row_id, image in zip(got["row_id"], got["image"]):
                 if int(row_id) in self.mine:
                     rows.append(int(row_id))
