@@ -76,7 +76,6 @@ def test_random_crop_depends_on_pass_and_key_and_stays_inside_the_image():
         assert round(60 * 0.5 ** 0.5) - 1 <= side <= 60
     assert crop_box("k1", 100, 60, settings, 0) == crop_box("k1", 100, 60, settings, 0)
     assert crop_box("k1", 100, 60, settings, 0) != crop_box("k1", 100, 60, settings, 1)
-    assert crop_box("k1", 100, 60, PreprocessSettings(image_size=32, train=False), 0) == (20, 0, 60)
 
 
 def _jpeg(array: np.ndarray) -> bytes:

@@ -37,15 +37,12 @@ class PreprocessSettings:
 
 
 def crop_box(key: str, width: int, height: int, settings: PreprocessSettings, pass_index: int) -> tuple[int, int, int]:
-    """(x, y, side) of the square crop for one row.
-
-    Training: CLIP's augmentation, a random square covering a fraction in [crop_scale_min, 1] of the
-    largest square's area, at a random place; the randomness is a hash of (seed, pass, key), so it
-    differs between passes and is the same after a resume. Evaluation: the centred largest square.
+    """(x, y, side) of the training crop for one row: CLIP's augmentation, a random square covering
+    a fraction in [crop_scale_min, 1] of the largest square's area, at a random place; the randomness
+    is a hash of (seed, pass, key), so it differs between passes and is the same after a resume.
+    (Evaluation rows take CLIP's eval transform instead: `training.model.eval_pixels`.)
     """
     short = min(width, height)
-    if not settings.train:
-        return (width - short) // 2, (height - short) // 2, short
     digest = hashlib.blake2b(f"{settings.seed}/{pass_index}/{key}".encode(), digest_size=12).digest()
     u = [int.from_bytes(digest[i:i + 4], "little") / 2 ** 32 for i in (0, 4, 8)]
     area = settings.crop_scale_min + (1.0 - settings.crop_scale_min) * u[0]
@@ -55,6 +52,10 @@ def crop_box(key: str, width: int, height: int, settings: PreprocessSettings, pa
 
 class Preprocess:
     """One batch of shard rows -> model inputs (pure; no Ray).
+
+    Training rows get the random square crop of `crop_box` (decoded by `settings.decoder`);
+    evaluation rows (`settings.train` false, held-out validation) get CLIP's eval transform, the one
+    evaluation and the CLIP-score filter use (`training.model.eval_pixels`).
 
     In: `key`, `caption`, `jpg` (encoded bytes) columns. Out: `image` uint8 [N, S, S, 3] (RGB),
     `tokens` int32 [N, context_length], `status` uint8 [N] (0 = usable, else an index into
@@ -87,6 +88,11 @@ class Preprocess:
         if blob is None or len(blob) == 0:
             return REJECT_REASONS.index("no_image")
         try:
+            if not self.settings.train:
+                from training.model import eval_pixels
+
+                out[...] = eval_pixels(bytes(blob), self.settings.image_size)
+                return 0
             if self.settings.decoder == "cv2":
                 return self._cv2_image(blob, key, out, pass_index)
             return self._pil_image(blob, key, out, pass_index)
