@@ -84,3 +84,43 @@ LOOPBACK_WORKER_NODE_START = (
     "sys.argv = ['ray', *sys.argv[1:]]\n"
     "sys.exit(scripts.main())\n"
 )
+
+
+def working_dir_files(root, include_gitignore: bool = True) -> list[str]:
+    """The files `ray job submit --working-dir root` would upload, as '/'-separated paths relative
+    to `root`, sorted.
+
+    Private: `ray._private.runtime_env.packaging._zip_files` is the function Ray's job submission
+    packs a working dir with (walking `.rayignore` files, and `.gitignore` files unless
+    `RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1`, which `include_gitignore=False` stands for). Ray has no
+    public call that lists what it would upload, and predicting it by matching the ignore files
+    ourselves could drift from what Ray does. The package is written to a temporary zip and read
+    back; empty folders, which Ray packs too, are left out.
+    """
+    import tempfile
+    import zipfile
+    from pathlib import Path
+
+    from ray._private.runtime_env.packaging import _zip_files
+
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(f"working_dir_files: {root} is not a folder (a working dir must be one)")
+    with tempfile.TemporaryDirectory(prefix="clipray-working-dir-") as tmp:
+        package = Path(tmp) / "package.zip"
+        _zip_files(str(root), [], str(package), include_gitignore=include_gitignore)
+        with zipfile.ZipFile(package) as zf:
+            return sorted(info.filename for info in zf.infolist() if not info.is_dir())
+
+
+def gitignore_matcher(lines):
+    """A predicate `match(relative_path) -> bool` for gitignore-style `lines` ('#' comments, '!'
+    negations, gitwildmatch globs), as Ray matches each `.rayignore` line.
+
+    Private: `ray._private.thirdparty.pathspec` is the copy of the `pathspec` package that Ray
+    vendors and reads `.rayignore` with; clipray does not depend on `pathspec` itself. Used by the
+    tests to read `.dockerignore`, whose rules are close to gitwildmatch (see its header).
+    """
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    return PathSpec.from_lines("gitwildmatch", list(lines)).match_file
