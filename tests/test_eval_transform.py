@@ -85,12 +85,29 @@ def clip_score_input(image: bytes, model_dir) -> torch.Tensor:
     return seen[0]
 
 
+def validation_input(image: bytes, model_dir) -> torch.Tensor:
+    """Training's validation: the ingest's preprocessing of a held-out row (uint8 on the CPU
+    actors), then the training module's normalisation on the device, into `encode_image`."""
+    from training.ingest import Preprocess, PreprocessSettings
+    from training.loop import ContrastiveModel
+    from training.model import load_model
+
+    rows = Preprocess(PreprocessSettings(image_size=SIZE, context_length=16, train=False))(
+        {"key": np.array(["k"], dtype=object), "caption": np.array(["a caption"], dtype=object),
+         "jpg": np.array([image], dtype=object)})
+    assert rows["status"].tolist() == [0]
+    module = ContrastiveModel(load_model(str(model_dir)))
+    seen = _recording(module.clip)
+    module.clip.encode_image(module.normalise(torch.from_numpy(rows["image"])))
+    return seen[0]
+
+
 # Every path that feeds a CLIP image encoder at evaluation time: (encoded image, model folder) ->
-# the float32 [1, 3, S, S] the encoder receives. Training's validation joins this table once it
-# uses the shared transform (a function running Preprocess(train=False) + the model's normalisation).
+# the float32 [1, 3, S, S] the encoder receives.
 ENCODER_INPUTS = {
     "evaluation": evaluation_input,
     "clip_score": clip_score_input,
+    "validation": validation_input,
 }
 
 
