@@ -1,5 +1,6 @@
 """The pure-torch training core: schedule, weight-decay groups, exact gradient accumulation (one
-process and 2 gloo ranks against one big batch), precision modes and checkpoint round trips."""
+process and 2 gloo ranks against one big batch) and precision modes. Checkpoint round trips:
+tests/test_trainer_state.py."""
 from __future__ import annotations
 
 import gc
@@ -13,8 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from training.loop import (LoopSettings, TrainLoop, WarmupCosine, load_checkpoint, parameter_groups,
-                           save_checkpoint)
+from training.loop import LoopSettings, TrainLoop, WarmupCosine, parameter_groups
 from training.loss import LOGIT_SCALE_MAX
 from training.model import create_model
 
@@ -150,40 +150,6 @@ def test_fixed_temperature_is_not_learned():
     assert loop.module.clip.logit_scale.item() == pytest.approx(math.log(20.0))
 
 
-def test_checkpoint_round_trip_continues_exactly_like_an_uninterrupted_loop(tmp_path):
-    settings = LoopSettings(total_steps=8, lr=1e-3, warmup=2, loss="siglip", micro_batch_size=2)
-    data = [batch(4, seed=s) for s in range(4)]
-    straight = TrainLoop(tiny_clip(), settings)
-    for images, tokens in data:
-        straight.step(images, tokens)
-
-    first = TrainLoop(tiny_clip(), settings)
-    for images, tokens in data[:2]:
-        first.step(images, tokens)
-    save_checkpoint(first, tmp_path / "ckpt", extra={"data": [{"pass": 0, "rows": 8}]})
-    assert (tmp_path / "ckpt" / "model.safetensors").is_file()
-    torch.manual_seed(999)  # a fresh process would start from another random state
-    resumed = TrainLoop(create_model("ViT-Tiny"), settings)
-    extra = load_checkpoint(resumed, tmp_path / "ckpt")
-    assert extra == {"data": [{"pass": 0, "rows": 8}]}
-    assert resumed.step_count == 2 and resumed.lr == pytest.approx(straight.optimizer.param_groups[0]["initial_lr"])
-    for images, tokens in data[2:]:
-        resumed.step(images, tokens)
-    assert resumed.step_count == straight.step_count and resumed.samples_seen == straight.samples_seen
-    assert resumed.lr == straight.lr
-    for (name, a), b in zip(straight.module.state_dict().items(), resumed.module.state_dict().values()):
-        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
-
-
-def test_saved_checkpoint_loads_with_the_model_packages_loader(tmp_path):
-    from training.model import load_model
-
-    loop = TrainLoop(tiny_clip(), LoopSettings(total_steps=3))
-    save_checkpoint(loop, tmp_path)
-    model = load_model(tmp_path)
-    torch.testing.assert_close(model.state_dict()["text_projection"], loop.module.clip.text_projection.detach())
-
-
 def test_micro_batch_that_does_not_divide_the_batch_is_refused():
     loop = TrainLoop(tiny_clip(), LoopSettings(total_steps=3, micro_batch_size=3))
     with pytest.raises(ValueError, match="micro_batch_size 3 does not divide the local batch 4"):
@@ -200,11 +166,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, port: int, out_dir: str) -> None:
+def _rank_main(rank: int, port: int, out_dir: str, work) -> None:
+    """One of WORLD spawned processes: a gloo group on loopback around `work(rank, out_dir)`."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        _rank_work(rank, out_dir)
+        work(rank, out_dir)
         gc.collect()  # its DDP models must be gone before the group is: one outliving it can abort
         dist.barrier()  # the process at exit ("terminate called without an active exception")
     finally:
@@ -237,7 +204,7 @@ def _rank_work(rank: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("loop-two-ranks")
-    mp.spawn(_rank_main, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(_free_port(), str(out), _rank_work), nprocs=WORLD, join=True)
     return out
 
 

@@ -1,5 +1,6 @@
 """The training core in plain torch: optimizer groups, LR schedule, precision, one step, exact
-gradient accumulation for a contrastive loss, and the state a checkpoint needs.
+gradient accumulation for a contrastive loss, and the full model and optimizer state dicts (under
+FSDP gathered from the shards) that `training.trainer_state` writes into checkpoints.
 
 Runs without Ray (the GPU benchmark uses it bare); distributed when a torch.distributed process
 group exists (Ray Train creates it). Nothing here imports ray, pyarrow or pydantic.
@@ -16,24 +17,21 @@ The parameter gradient is then exactly that of one big batch, and the logits nev
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import random
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Union
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from training.loss import LOSSES, clamp_logit_scale_, contrastive_loss
+# Checkpoint I/O lives in training.trainer_state; re-exported here for training/train.py's imports.
+from training.trainer_state import gather_objects, load_checkpoint, save_checkpoint  # noqa: F401
 
 PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")
 STRATEGIES = ("ddp", "fsdp")
-TRAINER_STATE_FILE = "trainer_state.pt"
 SIGLIP_BIAS_INIT = -10.0
 
 
@@ -394,124 +392,11 @@ class TrainLoop:
         return {k: v.detach().cpu() for k, v in self.module.clip.state_dict().items()}
 
     def optimizer_state_dict(self) -> dict:
+        """The optimizer's state dict: parameters numbered 0..n-1 in group order, or under FSDP the
+        full (gathered, on CPU, on rank 0 only) state keyed by parameter name (every rank must call)."""
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
             return get_optimizer_state_dict(self.module, self.optimizer,
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return self.optimizer.state_dict()
-
-    def trainer_state(self) -> dict[str, Any]:
-        """Everything but the CLIP weights (every rank must call: it gathers RNG states)."""
-        state = {
-            "optimizer": self.optimizer_state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step_count,
-            "samples_seen": self.samples_seen,
-            "world_size": self.world_size,
-            "rng": gather_objects(rng_snapshot(self.device)),
-        }
-        if self.module.logit_bias is not None:
-            state["logit_bias"] = self.module.logit_bias.detach().cpu()
-        return state
-
-    def load(self, model_state: dict[str, torch.Tensor], trainer_state: Optional[dict[str, Any]]) -> None:
-        """Restore weights and (when given) optimizer, schedule, scaler, counters and this rank's RNG."""
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                 set_optimizer_state_dict)
-
-            options = StateDictOptions(full_state_dict=True)
-            full = {f"clip.{k}": v for k, v in model_state.items()}
-            if self.module.logit_bias is not None and trainer_state and "logit_bias" in trainer_state:
-                full["logit_bias"] = trainer_state["logit_bias"]
-            set_model_state_dict(self.module, full, options=options)
-            if trainer_state:
-                set_optimizer_state_dict(self.module, self.optimizer, trainer_state["optimizer"], options=options)
-        else:
-            self.module.clip.load_state_dict(model_state, strict=True)
-            if trainer_state:
-                if self.module.logit_bias is not None and "logit_bias" in trainer_state:
-                    with torch.no_grad():
-                        self.module.logit_bias.copy_(trainer_state["logit_bias"])
-                self.optimizer.load_state_dict(trainer_state["optimizer"])
-        if not trainer_state:
-            return
-        self.scheduler.load_state_dict(trainer_state["scheduler"])
-        self.scaler.load_state_dict(trainer_state["scaler"])
-        self.step_count = int(trainer_state["step"])
-        self.samples_seen = int(trainer_state["samples_seen"])
-        rngs = trainer_state.get("rng") or []
-        if trainer_state.get("world_size") == self.world_size and self.rank < len(rngs):
-            restore_rng(rngs[self.rank], self.device)
-
-
-def rng_snapshot(device: torch.device) -> dict[str, Any]:
-    """This process's torch (CPU, CUDA), numpy and Python RNG states."""
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-
-
-def restore_rng(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
-def gather_objects(obj: Any) -> list[Any]:
-    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] without a process group)."""
-    rank, world = _world()
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def save_checkpoint(loop: TrainLoop, directory: str | os.PathLike, extra: Optional[dict] = None) -> None:
-    """Write `model.safetensors` + `model_config.json` (loadable by `training.model.load_model`) and
-    `trainer_state.pt` (optimizer, schedule, scaler, counters, RNG per rank, `extra`) into `directory`.
-
-    Every rank must call (state is gathered); only rank 0 writes.
-    """
-    model_state = loop.model_state_dict()
-    state = loop.trainer_state()
-    if loop.rank != 0:
-        return
-    from training.model import create_model, save_model
-
-    os.makedirs(directory, exist_ok=True)
-    clip = create_model(loop.module.clip.config, device="meta")
-    clip.load_state_dict(model_state, strict=True, assign=True)
-    save_model(clip, directory)
-    state["extra"] = extra or {}
-    tmp = os.path.join(directory, f".{TRAINER_STATE_FILE}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, os.path.join(directory, TRAINER_STATE_FILE))
-
-
-def load_checkpoint(loop: TrainLoop, directory: str | os.PathLike) -> dict:
-    """Restore `loop` from a `save_checkpoint` directory; returns the saved `extra` dict."""
-    from safetensors.torch import load_file
-
-    weights = os.path.join(directory, "model.safetensors")
-    state_file = os.path.join(directory, TRAINER_STATE_FILE)
-    for path in (weights, state_file):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint {directory} has no {os.path.basename(path)}; "
-                                    "it was not written by training.loop.save_checkpoint")
-    state = torch.load(state_file, map_location="cpu", weights_only=False)
-    loop.load(load_file(weights), state)
-    return state.get("extra", {})
-
-
-def read_model_config(directory: str | os.PathLike) -> dict:
-    with open(os.path.join(directory, "model_config.json")) as fh:
-        return json.load(fh)
