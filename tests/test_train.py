@@ -101,7 +101,7 @@ class WorkerKiller:
 
 
 def local_checkpoint(run_dir: Path):
-    return lambda step: (run_dir / f"checkpoint_{step:09d}" / "trainer_state.pt").exists()
+    return lambda step: (run_dir / f"checkpoint_{step:09d}" / "trainer_state.json").exists()
 
 
 @pytest.fixture(scope="module")
@@ -179,18 +179,19 @@ def test_rerunning_a_finished_run_resumes_at_its_end_without_training_again(data
     assert again.path == result.path
 
 
-def test_s3_storage_checkpoints_and_resumes_on_the_loopback_server(data, ray_local, monkeypatch, tmp_path):
+def test_s3_storage_checkpoints_and_resumes_on_the_loopback_server(data, ray_local, tmp_path):
+    """The run folder on S3, reached with the train section's storage keys alone (endpoint and
+    explicit keys): the Ray workers and controller, which do not share this process's environment,
+    write checkpoints and metrics there."""
     from ray.train import TrainingFailedError
 
     from tests.support.s3_server import S3TestServer
     from training.driver import run_folder, run_training
 
     with S3TestServer() as s3:
-        for key, value in s3.env().items():
-            monkeypatch.setenv(key, value)
         s3.create_bucket("runs")
         cfg = config(data, "s3://runs/clip", "s3run", samples=32 * 40, checkpoint_every=10, warmup=5,
-                     max_failures=0, s3_endpoint_url=s3.endpoint_url)
+                     max_failures=0, s3_endpoint_url=s3.endpoint_url, storage_options=s3.credentials)
         fs, run_path = run_folder(cfg).pyarrow()
 
         def remote_rows():
@@ -203,7 +204,7 @@ def test_s3_storage_checkpoints_and_resumes_on_the_loopback_server(data, ray_loc
         def remote_checkpoint(step):
             from pyarrow import fs as pafs
 
-            info = fs.get_file_info(f"{run_path}/checkpoint_{step:09d}/trainer_state.pt")
+            info = fs.get_file_info(f"{run_path}/checkpoint_{step:09d}/trainer_state.json")
             return info.type == pafs.FileType.File
 
         with WorkerKiller(remote_rows, remote_checkpoint, min_step=10, rank=0) as killer:

@@ -76,6 +76,21 @@ def worker_plan(model: ModelConfig, train: TrainConfig, cluster_cpus: float) -> 
         run=run_folder(train))
 
 
+def refuse_legacy_checkpoint(run: Folder) -> None:
+    """Stop before any worker starts when the run's latest checkpoint holds only the pickled trainer
+    state of an older clipray (each worker would refuse it, once per restart)."""
+    from training.trainer_state import JSON_FILE, LEGACY_FILE, legacy_checkpoint_error
+
+    try:
+        entries = [e.rstrip("/").rsplit("/", 1)[-1] for e in run.fs.ls(run.root, detail=False)]
+    except FileNotFoundError:
+        return
+    checkpoints = sorted(e for e in entries if e.startswith("checkpoint_"))
+    if checkpoints and run.exists(f"{checkpoints[-1]}/{LEGACY_FILE}") and not run.exists(
+            f"{checkpoints[-1]}/{JSON_FILE}"):
+        raise legacy_checkpoint_error(run.full_url(checkpoints[-1]))
+
+
 def run_training(model: ModelConfig, train: TrainConfig, *, callbacks: Optional[list] = None) -> TrainingResult:
     """Train a CLIP as `train` says, on the running Ray cluster; see the module docstring."""
     import ray
@@ -89,6 +104,7 @@ def run_training(model: ModelConfig, train: TrainConfig, *, callbacks: Optional[
         raise RuntimeError("run_training needs a running Ray: call ray.init() (the CLI's init_ray does)")
     plan = worker_plan(model, train, float(ray.cluster_resources().get("CPU", 0.0)))
     run = plan.run
+    refuse_legacy_checkpoint(run)
     storage_fs, storage_root = Folder(train.storage_path, train).pyarrow()
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:

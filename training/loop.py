@@ -27,8 +27,6 @@ import torch.distributed as dist
 from torch import nn
 
 from training.loss import LOSSES, clamp_logit_scale_, contrastive_loss
-# Checkpoint I/O lives in training.trainer_state; re-exported here for training/train.py's imports.
-from training.trainer_state import gather_objects, load_checkpoint, save_checkpoint  # noqa: F401
 
 PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")
 STRATEGIES = ("ddp", "fsdp")
@@ -117,23 +115,21 @@ class ContrastiveModel(nn.Module):
 
     def __init__(self, clip: nn.Module, loss: str = "clip"):
         super().__init__()
-        from training.model import image_mean_std
+        from training.model import pixel_scale_shift
 
         self.clip = clip
-        mean, std = image_mean_std()
-        # uint8 -> [0, 1] -> (x - mean) / std folded into one multiply-add.
-        scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, 3, 1, 1)
-        shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
+        scale, shift = pixel_scale_shift()  # the eval transform's constants: one normalisation everywhere
         self.register_buffer("pixel_scale", scale, persistent=False)
         self.register_buffer("pixel_shift", shift, persistent=False)
         self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_BIAS_INIT)) if loss == "siglip" else None
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, H, W, 3] (or float [B, 3, H, W], passed through) -> normalised float [B, 3, H, W]."""
+        from training.model import normalize_pixels
+
         if images.dtype != torch.uint8:
             return images
-        x = images.permute(0, 3, 1, 2).float()
-        return x * self.pixel_scale + self.pixel_shift
+        return normalize_pixels(images, constants=(self.pixel_scale, self.pixel_shift))
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         image_features, text_features, scale = self.clip(self.normalise(images), tokens.long())

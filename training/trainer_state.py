@@ -223,14 +223,8 @@ def load_checkpoint(loop: TrainLoop, directory: str | os.PathLike) -> dict:
     directory = os.fspath(directory)
     paths = {name: os.path.join(directory, name) for name in (WEIGHTS_FILE, TENSORS_FILE, JSON_FILE)}
     missing = [name for name, path in paths.items() if not os.path.isfile(path)]
-    legacy = os.path.join(directory, LEGACY_FILE)
-    if TENSORS_FILE in missing and JSON_FILE in missing and os.path.isfile(legacy):
-        raise CheckpointError(
-            f"{legacy} is a pickle written by an older clipray; it is not loaded, because unpickling a "
-            f"file runs whatever code the file names (anyone who can write under train.storage_path could "
-            f"run code on the workers). To go on, start fresh under another train.name, or keep only the "
-            f"weights: a run under another train.name with model.pretrained="
-            f"{os.path.join(directory, WEIGHTS_FILE)} (optimizer, LR schedule and data position start over).")
+    if TENSORS_FILE in missing and JSON_FILE in missing and os.path.isfile(os.path.join(directory, LEGACY_FILE)):
+        raise legacy_checkpoint_error(directory)
     if missing:
         raise CheckpointError(f"checkpoint {directory} has no {', '.join(missing)}; it was not written by "
                               "training.trainer_state.save_checkpoint")
@@ -239,6 +233,21 @@ def load_checkpoint(loop: TrainLoop, directory: str | os.PathLike) -> dict:
     check_state_dict(loop.module.clip, weights, source=paths[WEIGHTS_FILE])
     restore(loop, weights, state)
     return state.extra
+
+
+def legacy_checkpoint_error(directory: str):
+    """The refusal of a checkpoint folder (local path or URL) that holds only the pickled
+    `trainer_state.pt` of an older clipray."""
+    from training.model import CheckpointError
+    from training.model.checkpoint import WEIGHTS_FILE
+
+    directory = directory.rstrip("/")
+    return CheckpointError(
+        f"{directory}/{LEGACY_FILE} is a pickle written by an older clipray; it is not loaded, because unpickling "
+        f"a file runs whatever code the file names (anyone who can write under train.storage_path could run code "
+        f"on the workers). To go on, start fresh under another train.name, or keep only the weights: a run under "
+        f"another train.name with model.pretrained={directory}/{WEIGHTS_FILE} (optimizer, LR schedule and data "
+        f"position start over).")
 
 
 # --------------------------------------------------------------------------------- checked reading

@@ -176,7 +176,7 @@ class Validator:
 
     def evaluate(self) -> dict:
         from training.ingest import iter_eval_batches
-        from training.loop import gather_objects
+        from training.trainer_state import gather_objects
 
         if not self._loaded:
             self._load()

@@ -21,6 +21,7 @@ from typing import Any, Iterator, Optional
 from storage import Folder
 from training.config import ModelConfig, TrainConfig
 from training.ingest import DataPosition, Shard
+from training.model import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,10 @@ def train_worker(config: dict) -> None:
     with (checkpoint.as_directory() if checkpoint is not None else nullcontext(None)) as folder:
         position, done = start_position(plan, read_position(folder), place)
         stream = _start_stream(plan, place, position, done)
-        loop = _build_loop(plan, place, folder)
+        try:
+            loop = _build_loop(plan, place, folder)
+        except CheckpointError as exc:  # name the checkpoint where it lives, not its local copy
+            raise CheckpointError(str(exc).replace(str(folder), checkpoint.path)) from None
     run_loop(plan, place, loop, stream, position, restored_from=loop.step_count if folder is not None else None)
     write_final(plan, place, loop)
 
@@ -156,7 +160,7 @@ def _build_loop(plan: WorkerPlan, place: Placement, folder: Optional[str]):
 
     from training.loop import LoopSettings, TrainLoop
     from training.model import create_model, load_model
-    from training.loop import load_checkpoint
+    from training.trainer_state import load_checkpoint
 
     cfg = plan.train
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -178,7 +182,7 @@ def run_loop(plan: WorkerPlan, place: Placement, loop, stream, position: DataPos
     """Step until `train.total_steps`, reporting (and checkpointing, validating) on schedule."""
     import torch
 
-    from training.loop import gather_objects
+    from training.trainer_state import gather_objects
 
     if stream is None:
         return
@@ -292,7 +296,7 @@ class Reporter:
     def _report_with_checkpoint(self, metrics: dict, position: DataPosition) -> None:
         import ray.train
 
-        from training.loop import gather_objects, save_checkpoint
+        from training.trainer_state import gather_objects, save_checkpoint
 
         saved = {"step": self.loop.step_count, "plan": self.plan.plan_id,
                  "positions": gather_objects(position.as_dict())}

@@ -67,7 +67,8 @@ def pixel_scale_shift(mean: Optional[Sequence[float]] = None, std: Optional[Sequ
 
 
 def normalize_pixels(x: torch.Tensor, mean: Optional[Sequence[float]] = None,
-                     std: Optional[Sequence[float]] = None) -> torch.Tensor:
+                     std: Optional[Sequence[float]] = None,
+                     constants: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """uint8 [B, S, S, 3] (RGB, channels last) -> float32 [B, 3, S, S]: (x / 255 - mean) / std.
 
     Computed as one multiply and one add with `pixel_scale_shift`'s constants, on x's device: two
@@ -75,9 +76,10 @@ def normalize_pixels(x: torch.Tensor, mean: Optional[Sequence[float]] = None,
     which CUDA turns into a reciprocal multiply when the divisor is a Python number). The result
     differs from evaluating `(x / 255 - mean) / std` literally by float32 rounding (a few 1e-7).
     The output keeps x's channels-last memory order (a permuted view, made float); callers that
-    need NCHW-contiguous memory call `.contiguous()`.
+    need NCHW-contiguous memory call `.contiguous()`. `constants`: `pixel_scale_shift()`'s pair,
+    already on x's device (a module keeps them as buffers instead of copying them every call).
     """
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"normalize_pixels takes uint8 [B, H, W, 3], got {x.dtype} {list(x.shape)}")
-    scale, shift = pixel_scale_shift(mean, std, x.device)
+    scale, shift = constants if constants is not None else pixel_scale_shift(mean, std, x.device)
     return x.permute(0, 3, 1, 2).float() * scale + shift
