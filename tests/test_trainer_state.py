@@ -412,3 +412,24 @@ def test_extra_that_is_not_a_json_object_is_refused_before_anything_is_written(t
     with pytest.raises(TypeError, match="extra must be a JSON object .*not JSON serializable"):
         save_checkpoint(loop, tmp_path / "b", extra={"position": object()})
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_driver_refuses_a_legacy_checkpoint_before_any_worker_starts(tmp_path):
+    """`clipray train` over a run folder whose latest checkpoint is an old pickle stops in the
+    driver with the refusal (naming where the checkpoint lives), before Ray Train starts."""
+    import pickle
+
+    from storage import Folder
+    from training.driver import refuse_legacy_checkpoint
+    from training.model import CheckpointError
+
+    run = tmp_path / "runs" / "old"
+    (run / "checkpoint_000000010").mkdir(parents=True)
+    (run / "checkpoint_000000010" / "trainer_state.pt").write_bytes(pickle.dumps({"step": 10}))
+    (run / "checkpoint_000000020").mkdir()
+    (run / "checkpoint_000000020" / "trainer_state.pt").write_bytes(pickle.dumps({"step": 20}))
+    with pytest.raises(CheckpointError, match=r"checkpoint_000000020/trainer_state.pt is a pickle .* not loaded"):
+        refuse_legacy_checkpoint(Folder(str(run)))
+    (run / "checkpoint_000000020" / "trainer_state.json").write_text("{}")  # a new-format checkpoint is left to the workers
+    refuse_legacy_checkpoint(Folder(str(run)))
+    refuse_legacy_checkpoint(Folder(str(tmp_path / "runs" / "new")))  # no run folder yet: nothing to refuse
