@@ -58,23 +58,24 @@ def clip_preprocess(img: Image.Image, image_size: int, mean: Optional[Sequence[f
     return np.ascontiguousarray(normalize_pixels(pixels, mean, std)[0].numpy())
 
 
-def _load(model: ModelSource, model_name: Optional[str]):
+def _load(model: ModelSource, model_name: Optional[str], storage: Optional[StorageConfig]):
     if isinstance(model, str):
         from training.model import load_model
 
-        return load_model(model, name=model_name)
+        return load_model(model, name=model_name, storage=storage)
     return model
 
 
 class _Encoder:
     def __init__(self, model: ModelSource, *, model_name: Optional[str] = None, device: str = "cpu",
-                 precision: str = "fp32"):
+                 precision: str = "fp32", storage: Optional[StorageConfig] = None):
         if precision not in _AUTOCAST:
             raise ValueError(f"precision must be one of {sorted(_AUTOCAST)}, got {precision!r}")
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("eval.use_gpu is set but this worker sees no CUDA device")
         self.device = torch.device(device)
-        self.model = _load(model, model_name).to(self.device).eval()
+        self.storage = storage  # how to reach a remote model and remote images
+        self.model = _load(model, model_name, storage).to(self.device).eval()
         self.precision = precision
 
     def _autocast(self):
@@ -95,8 +96,7 @@ class ImageEmbedder(_Encoder):
     def __init__(self, model: ModelSource, *, model_name: Optional[str] = None, device: str = "cpu",
                  precision: str = "fp32", decode_threads: int = 0,
                  storage: Optional[StorageConfig] = None):
-        super().__init__(model, model_name=model_name, device=device, precision=precision)
-        self.storage = storage
+        super().__init__(model, model_name=model_name, device=device, precision=precision, storage=storage)
         self.image_size = int(self.model.image_size)
         self.decode_threads = decode_threads
         self._pool = ThreadPoolExecutor(decode_threads) if decode_threads > 1 else None

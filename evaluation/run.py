@@ -270,7 +270,7 @@ def run_evaluation(cfg: EvalConfig, model: Optional[torch.nn.Module] = None) -> 
                              "(OpenAI .pt, OpenCLIP .pt/.safetensors)")
         from training.model import load_model
 
-        model = load_model(cfg.model, name=cfg.model_name)
+        model = load_model(cfg.model, name=cfg.model_name, storage=cfg)
     result = evaluate_dataset(model, cfg)
     dataset_name = cfg.dataset_name or posixpath.basename(cfg.dataset.rstrip("/"))
     obj = clip_benchmark_json(result, dataset=dataset_name, model=model_label(cfg), pretrained=cfg.model or "")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.resume import SCORE, ShardSpec, marker
-from storage import Folder
+from storage import Folder, StorageConfig
 from training.model import eval_pixels, load_model, normalize_pixels
 from training.tokenizer import tokenize
 
@@ -28,9 +28,9 @@ class ClipScorer:
     """Loads a CLIP checkpoint once; `scores(jpgs, captions)` -> float32 [N] cosine similarities."""
 
     def __init__(self, model: str, model_name: Optional[str] = None, device: Optional[str] = None,
-                 batch_size: int = 256):
+                 batch_size: int = 256, storage: Optional[StorageConfig] = None):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_model(model, model_name, device=self.device)
+        self.model = load_model(model, model_name, device=self.device, storage=storage)
         self.batch_size = batch_size
 
     def scores(self, jpgs: Sequence[bytes], captions: Sequence[str]) -> np.ndarray:

@@ -39,7 +39,7 @@ class _ScoreUDF:
 
         cfg = data.filters.clip_score
         self.out = out
-        self.scorer = ClipScorer(cfg.model, cfg.model_name, batch_size=cfg.batch_size)
+        self.scorer = ClipScorer(cfg.model, cfg.model_name, batch_size=cfg.batch_size, storage=data)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         stats = []

@@ -225,21 +225,21 @@ def test_missing_and_unreadable_checkpoints_give_clear_errors(tmp_path):
         load_model(tmp_path / "other.pt")
 
 
-def test_run_dir_on_s3_loads_like_a_local_one(tmp_path, monkeypatch):
+def test_run_dir_on_s3_loads_like_a_local_one(tmp_path):
     """eval.model / pipeline's clip-score model may live on s3:// (loopback S3 server here)."""
+    from storage import StorageConfig
     from tests.support.s3_server import S3TestServer
     from training.model import create_model, load_model, save_model
 
     model = create_model("ViT-Tiny").eval()
     save_model(model, tmp_path / "run" / "final")
     with S3TestServer() as s3:
-        for key, value in s3.env().items():
-            monkeypatch.setenv(key, value)
         fs = s3.filesystem()
         fs.mkdir("models")
         fs.put(str(tmp_path / "run"), "models/run", recursive=True)
-        loaded = load_model("s3://models/run")
+        storage = StorageConfig(storage_options=s3.storage_options())  # a config section's keys, no env
+        loaded = load_model("s3://models/run", storage=storage)
         with pytest.raises(Exception, match="holds no model.safetensors"):
-            load_model("s3://models/nothing-here")
+            load_model("s3://models/nothing-here", storage=storage)
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name

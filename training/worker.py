@@ -167,7 +167,7 @@ def _build_loop(plan: WorkerPlan, place: Placement, folder: Optional[str]):
     clip = create_model(plan.model_dict, temperature_init=cfg.temperature_init, learn_temperature=cfg.learn_temperature,
                         patch_dropout=plan.model.patch_dropout, grad_checkpointing=plan.model.grad_checkpointing)
     if plan.model.pretrained and folder is None:
-        clip.load_state_dict(load_model(plan.model.pretrained).state_dict(), strict=True)
+        clip.load_state_dict(load_model(plan.model.pretrained, storage=cfg).state_dict(), strict=True)
     # From here on every rank draws its own random numbers (patch dropout).
     torch.manual_seed(cfg.seed * 1000 + place.rank + 1)
     np.random.seed((cfg.seed * 1000 + place.rank + 1) % 2 ** 32)

@@ -29,6 +29,8 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
+from storage import StorageConfig, fsspec_filesystem
+
 from .clip import CLIP, create_model
 from .config import get_model_config, parse_config
 
@@ -284,15 +286,13 @@ def _find_weights(directory: Path) -> Path:
         f"{directory} holds no {WEIGHTS_FILE} (looked in it, in final/ and in checkpoint_*/; found: {found})")
 
 
-def _fetch_remote(url: str, into: Path) -> Path:
+def _fetch_remote(url: str, into: Path, storage: Optional[StorageConfig] = None) -> Path:
     """Copy a checkpoint at an fsspec URL (s3://...) into `into`; returns the local weights file.
 
     A directory URL is searched like a local one: model.safetensors in it, in final/, or in the
     newest checkpoint_*/; its model_config.json comes along.
     """
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = fsspec_filesystem(url, storage)
     if fs.isfile(root):
         local = into / Path(root).name
         fs.get(root, str(local))
@@ -311,7 +311,7 @@ def _fetch_remote(url: str, into: Path) -> Path:
 
 def load_model(path: Union[str, os.PathLike], name: Union[str, dict, None] = None, *,
                quick_gelu: Optional[bool] = None, device: Union[str, torch.device] = "cpu",
-               dtype: torch.dtype = torch.float32) -> CLIP:
+               dtype: torch.dtype = torch.float32, storage: Optional[StorageConfig] = None) -> CLIP:
     """Load a CLIP from a checkpoint, in eval mode.
 
     path: our run dir / `final/` dir / any dir with model.safetensors, or a checkpoint file
@@ -319,13 +319,14 @@ def load_model(path: Union[str, os.PathLike], name: Union[str, dict, None] = Non
     name: registered name, JSON path or config dict; when None, `model_config.json` next to the
     weights is used, else the architecture is inferred from the shapes. quick_gelu overrides the
     config's activation (inferred configs default to QuickGELU, as OpenAI's models).
-    A path may also be an fsspec URL (s3://bucket/run/final): it is copied to a temporary folder.
+    A path may also be an fsspec URL (s3://bucket/run/final): it is copied to a temporary folder,
+    reached with `storage` (a config section's storage keys).
     """
     if "://" in str(path):
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="clipray-ckpt-") as tmp:
-            local = _fetch_remote(str(path), Path(tmp))
+            local = _fetch_remote(str(path), Path(tmp), storage)
             return load_model(local, name, quick_gelu=quick_gelu, device=device, dtype=dtype)
     path = Path(path).expanduser()
     if path.is_dir():
