@@ -145,7 +145,7 @@ def run_zeroshot(args) -> dict:
 
             ray.init(num_cpus=os.cpu_count(), num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False,
                      log_to_driver=False)
-            rows[f"ours (Ray engine)"] = zeroshot_ours(model, data, classnames, templates, args.device,
+            rows["ours (Ray engine)"] = zeroshot_ours(model, data, classnames, templates, args.device,
                                                        args.batch_size, "ray", args.decode_threads)
             ray.shutdown()
         rows["baseline (CLIP_benchmark way)"] = zeroshot_baseline(model, data, classnames, templates, args.device,

@@ -121,7 +121,7 @@ def dataloader(shards, decoder: str, batch: int, workers: int, passes: int) -> t
                                          persistent_workers=False, prefetch_factor=4)
 
     def sizes():
-        for images, tokens in loader:
+        for images, _tokens in loader:
             assert images.dtype == torch.uint8 and images.shape[1:] == (TARGET, TARGET, 3)
             yield images.shape[0]
 

@@ -236,7 +236,7 @@ class Fetcher:
     def _fetch_following_redirects(self, url: str) -> tuple[int, bytes, str]:
         seen = {url}
         current = url
-        for hop in range(self.max_redirects + 1):
+        for _hop in range(self.max_redirects + 1):
             status, location, body = self._get(current)
             if location is None:
                 return status, body, current
@@ -284,7 +284,7 @@ class Fetcher:
             except _Stale:
                 conn.close()
                 if not reused:
-                    raise _Failure("connection_error", f"{url[:200]}: connection closed before a response")
+                    raise _Failure("connection_error", f"{url[:200]}: connection closed before a response") from None
                 # An idle keep-alive connection the server had closed: try once more on a new one.
                 continue
             except _Failure as f:

@@ -1,7 +1,6 @@
 """Checkpoint I/O: our safetensors dirs, OpenCLIP dicts, OpenAI-style TorchScript archives, errors."""
 from __future__ import annotations
 
-import io
 import json
 import pickle
 import zipfile

@@ -27,7 +27,7 @@ LOOKALIKES = ["storage/credentials.py", "pipeline/key_value.py", "configs/keys.y
 
 
 def ignore_lines(name: str) -> list[str]:
-    return [l.strip() for l in (ROOT / name).read_text().splitlines() if l.strip() and not l.startswith("#")]
+    return [line.strip() for line in (ROOT / name).read_text().splitlines() if line.strip() and not line.startswith("#")]
 
 
 def docker_excludes():
@@ -66,8 +66,8 @@ def test_the_docker_reading_anchors_patterns_at_the_root():
 def test_both_ignore_files_name_the_same_secrets():
     def secrets_section(name: str) -> list[str]:
         lines = (ROOT / name).read_text().splitlines()
-        start = next(i for i, l in enumerate(lines) if l.startswith("# secrets"))
-        return [l.strip() for l in lines[start + 1:] if l.strip() and not l.startswith("#")]
+        start = next(i for i, line in enumerate(lines) if line.startswith("# secrets"))
+        return [line.strip() for line in lines[start + 1:] if line.strip() and not line.startswith("#")]
 
     ray = [p.rstrip("/") for p in secrets_section(".rayignore")]
     docker = secrets_section(".dockerignore")

@@ -126,7 +126,7 @@ def test_manifest_counts_every_row_and_checks_the_invariant():
 
 
 def test_every_reason_has_a_stage():
-    for code, (stage, meaning) in REASONS.items():
+    for stage, meaning in REASONS.values():
         assert stage in ("download", "decode", "filter", "dedup") and meaning
     assert REASONS["malformed_row"][0] == "filter"
     assert is_known("http_418") and not is_known("http_x")

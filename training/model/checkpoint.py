@@ -357,7 +357,7 @@ def save_model(model: torch.nn.Module, directory: Union[str, os.PathLike]) -> Pa
     temporary name first and renamed, so a crash never leaves a half-written checkpoint.
     """
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+        model = getattr(model, "module", None) or model._orig_mod
     if not isinstance(model, CLIP):
         raise TypeError(f"save_model expects a CLIP, got {type(model).__name__}")
     directory = Path(directory)
