@@ -3,17 +3,14 @@ process and 2 gloo ranks against one big batch) and precision modes. Checkpoint 
 tests/test_trainer_state.py."""
 from __future__ import annotations
 
-import gc
 import math
 import os
-import socket
 import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.support.gloo import run_ranks
 from training.loop import LoopSettings, TrainLoop, WarmupCosine, parameter_groups
 from training.loss import LOGIT_SCALE_MAX
 from training.model import create_model
@@ -160,24 +157,6 @@ def test_micro_batch_that_does_not_divide_the_batch_is_refused():
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, port: int, out_dir: str, work) -> None:
-    """One of WORLD spawned processes: a gloo group on loopback around `work(rank, out_dir)`."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        work(rank, out_dir)
-        gc.collect()  # its DDP models must be gone before the group is: one outliving it can abort
-        dist.barrier()  # the process at exit ("terminate called without an active exception")
-    finally:
-        dist.destroy_process_group()
-
-
 def _rank_work(rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     images, tokens = batch(8)
@@ -204,7 +183,7 @@ def _rank_work(rank: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("loop-two-ranks")
-    mp.spawn(_rank_main, args=(_free_port(), str(out), _rank_work), nprocs=WORLD, join=True)
+    run_ranks(_rank_work, WORLD, out)
     return out
 
 

@@ -2,18 +2,15 @@
 equal to one process holding the concatenated batch, loss and gradients, to 1e-5."""
 from __future__ import annotations
 
-import gc
 import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from tests.support.gloo import run_ranks
 from training.loss import LOGIT_SCALE_MAX, clamp_logit_scale_, clip_loss, contrastive_loss, siglip_loss
 
 WORLD = 2
@@ -105,23 +102,6 @@ def _inputs():
     return torch.randn(GLOBAL_BATCH, 10, generator=g), torch.randn(GLOBAL_BATCH, 6, generator=g)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        _rank_work(rank, out_dir)
-        gc.collect()  # its DDP models must be gone before the group is: one outliving it can abort
-        dist.barrier()  # the process at exit ("terminate called without an active exception")
-    finally:
-        dist.destroy_process_group()
-
-
 def _rank_work(rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     for kind in ("clip", "siglip"):
@@ -148,7 +128,7 @@ def _rank_work(rank: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("two-ranks")
-    mp.spawn(_rank_main, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    run_ranks(_rank_work, WORLD, out)
     return out
 
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from tests.test_loop import WORLD, _free_port, batch, tiny_clip
+from tests.support.gloo import run_ranks
+from tests.test_loop import WORLD, batch, tiny_clip
 from training.loop import LoopSettings, TrainLoop
 from training.model import CheckpointError, create_model, load_model
 from training.trainer_state import JSON_FILE, TENSORS_FILE, load_checkpoint, save_checkpoint
@@ -343,13 +343,12 @@ def _resume_on_rank(rank: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
-    from tests.test_loop import _rank_main
 
     out = tmp_path_factory.mktemp("resume-two-ranks")
     single = TrainLoop(tiny_clip(), rank_settings("ddp"))  # one process: DDP settings, no wrapper
     single.step(*batch(8, seed=11))
     save_checkpoint(single, out / "single")
-    mp.spawn(_rank_main, args=(_free_port(), str(out), _resume_on_rank), nprocs=WORLD, join=True)
+    run_ranks(_resume_on_rank, WORLD, out)
     return out, [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
