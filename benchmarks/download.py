@@ -23,8 +23,6 @@ them (every URL is a separate request).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import io
 import json
 import multiprocessing
 import os
@@ -34,89 +32,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home otherwise
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def make_images(n: int, width: int = 512, height: int = 384, seed: int = 0) -> list[bytes]:
-    import cv2
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        coarse = rng.normal(128, 60, (height // 8, width // 8, 3)).clip(0, 255).astype(np.uint8)
-        image = cv2.GaussianBlur(cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC), (0, 0), 2)
-        image = (image.astype(np.int16) + rng.normal(0, 6, image.shape)).clip(0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
-class _ImageProtocol(asyncio.Protocol):
-    """One connection of the benchmark's image server: HTTP/1.1 GET with keep-alive (pipelined
-    requests answered in order), `Connection: close` and HTTP/1.0 honoured; every response is
-    prebuilt, so the server spends its CPU on the socket work alone (like a static file server)."""
-
-    def __init__(self, keep_alive: dict[bytes, bytes], closing: dict[bytes, bytes]):
-        self.keep_alive, self.closing, self.pending = keep_alive, closing, b""
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.pending + data if self.pending else data
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                self.pending = buf
-                return
-            head, buf = buf[:end], buf[end + 4:]
-            request_line, _, headers = head.partition(b"\r\n")
-            parts = request_line.split(b" ")
-            path = parts[1] if len(parts) == 3 else b""
-            close = parts[-1] == b"HTTP/1.0" or b"connection: close" in headers.lower()
-            self.transport.write((self.closing if close else self.keep_alive).get(path, NOT_FOUND))
-            if close:
-                self.transport.close()
-                self.pending = b""
-                return
-
-    def eof_received(self):
-        return None  # close our side too
-
-
-NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
-
-
-def _serve(images: list[bytes], urls: int, ready) -> None:
-    """The loopback image server (its own process): one asyncio event loop with prebuilt
-    responses. Both tools download from it. It used to be the tests' `http.server` one, whose
-    Python request handling cost 0.2-0.6 ms of CPU per image on the cores the tools run on; a
-    real image host costs the downloading machine nothing, this one ~0.05 ms per image."""
-    def response(body: bytes, close: bool) -> bytes:
-        head = (f"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: {len(body)}\r\n"
-                + ("Connection: close\r\n" if close else "") + "\r\n")
-        return head.encode("ascii") + body
-
-    keep_alive = [response(b, False) for b in images]
-    closing = [response(b, True) for b in images]
-    paths = [f"/img/{i}.jpg".encode("ascii") for i in range(urls)]
-    keep_map = {p: keep_alive[i % len(images)] for i, p in enumerate(paths)}
-    close_map = {p: closing[i % len(images)] for i, p in enumerate(paths)}
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _ImageProtocol(keep_map, close_map), "127.0.0.1", 0, backlog=1024)
-        ready.put(server.sockets[0].getsockname()[1])
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+from benchmarks.cpu_accounting import cmdline, descendants, proc_table, become_subreaper, measured  # noqa: E402
+from benchmarks.loopback_images import serve, make_images  # noqa: E402
 
 
 def cpu_ceiling(images: list[bytes], image_size: int, seconds: float = 6.0, rounds: int = 4) -> dict[str, float]:
@@ -154,132 +76,6 @@ def cpu_ceiling(images: list[bytes], image_size: int, seconds: float = 6.0, roun
             best = max(best, count / (time.process_time() - start_cpu))  # per CPU-second: per core
         rates[name] = best
     return rates
-
-
-# --- CPU accounting: the machine may be shared, so besides wall-clock rates the benchmark counts
-# the CPU-seconds each tool spent (all its processes, Ray's included) and the server spent for it.
-
-PR_SET_CHILD_SUBREAPER = 36
-
-
-def become_subreaper() -> None:
-    """Orphaned descendants (e.g. Ray workers outliving their raylet) are re-parented to this
-    process, so they stay in the process tree the CPU sampler walks."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-
-def _proc_table() -> dict[int, tuple[int, float, int]]:
-    """pid -> (ppid, utime + stime in seconds, start time in ticks) for every process."""
-    tick = os.sysconf("SC_CLK_TCK")
-    table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, int(fields[19]))
-    return table
-
-
-def _descendants(table: dict[int, tuple[int, float, int]], exclude: int = -1) -> list[int]:
-    """This process's descendants in a `_proc_table()` snapshot, leaving out `exclude`'s subtree."""
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    found, todo = [], list(children.get(os.getpid(), []))
-    while todo:
-        pid = todo.pop()
-        if pid != exclude:
-            found.append(pid)
-            todo.extend(children.get(pid, []))
-    return found
-
-
-def _cmdline(pid: int) -> Optional[str]:
-    """The process's command line (NUL-separated), None once it has exited."""
-    try:
-        return open(f"/proc/{pid}/cmdline").read()
-    except OSError:
-        return None
-
-
-class CpuSampler:
-    """CPU seconds used by this process's descendants (not `exclude`'s subtree) between start()
-    and stop(), sampled every `interval` s so processes that exit in between still count (up to
-    their last sample)."""
-
-    def __init__(self, exclude: int, interval: float = 0.2):
-        import threading
-
-        self.exclude, self.interval = exclude, interval
-        self.first: dict[tuple[int, int], float] = {}
-        self.names: dict[int, str] = {}
-        self.last: dict[tuple[int, int], float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _sample(self) -> None:
-        table = _proc_table()
-        for pid in _descendants(table, self.exclude):
-            _, cpu, started = table[pid]
-            if (pid, started) not in self.first:
-                command = _cmdline(pid)
-                self.names[pid] = "?" if command is None else command.replace("\0", " ").strip()[:60]
-            self.first.setdefault((pid, started), cpu)
-            self.last[(pid, started)] = cpu
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def start(self) -> "CpuSampler":
-        self.first_self = time.process_time()
-        self._sample()
-        self.baseline = dict(self.first)  # processes alive at start count from here, new ones from 0
-        self._thread.start()
-        return self
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-        self.by_process = {"this process (driver)": time.process_time() - self.first_self}
-        for (pid, started), cpu in self.last.items():
-            self.by_process[f"{pid} {self.names.get(pid, '?')}"] = cpu - self.baseline.get((pid, started), 0.0)
-        return sum(self.by_process.values())
-
-
-def measured(run, server_pid: int) -> dict:
-    """Run `run(mark)`, which calls `mark()` right before and right after the timed call; the result
-    gains the CPU the tool used in between (all its processes) and the CPU the server used."""
-    state = {}
-
-    def server_cpu() -> float:
-        return _proc_table()[server_pid][1]
-
-    def mark():
-        if "sampler" not in state:
-            state["server0"] = server_cpu()
-            state["sampler"] = CpuSampler(exclude=server_pid).start()
-        else:
-            state["cpu_s"] = state["sampler"].stop()
-            state["by_process"] = state["sampler"].by_process
-            state["server_cpu_s"] = server_cpu() - state["server0"]
-
-    result = run(mark)
-    result["cpu_s"] = round(state["cpu_s"], 2)
-    result["server_cpu_s"] = round(state["server_cpu_s"], 2)
-    result["images_per_cpu_s"] = result["accepted"] / (result["cpu_s"] + result["server_cpu_s"])
-    top = sorted(state["by_process"].items(), key=lambda kv: -kv[1])[:8]
-    # the busiest N processes are the N download workers (img2dataset's pool, our actors)
-    workers = sorted((cpu for name, cpu in state["by_process"].items() if name != "this process (driver)"),
-                     reverse=True)[:result.pop("workers")]
-    result["worker_cpu_s"] = round(sum(workers), 2)
-    result["top_processes"] = {name: round(cpu, 1) for name, cpu in top if cpu >= 0.1}
-    return result
 
 
 def run_img2dataset(url_list: Path, out: Path, args, mark) -> dict:
@@ -324,8 +120,8 @@ def warm_ray_data() -> None:
         _Identity, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1).materialize()
     # Its actor exits afterwards (~0.3 CPU-s of Python shutdown): not inside the timed call.
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any("_Identity" in (_cmdline(pid) or "")
-                                               for pid in _descendants(_proc_table())):
+    while time.monotonic() < deadline and any("_Identity" in (cmdline(pid) or "")
+                                               for pid in descendants(proc_table())):
         time.sleep(0.1)
 
 
@@ -398,7 +194,7 @@ def main(argv=None) -> int:
 
     ctx = multiprocessing.get_context("fork")
     ready = ctx.Queue()
-    server = ctx.Process(target=_serve, args=(images, args.urls, ready), daemon=True)
+    server = ctx.Process(target=serve, args=(images, args.urls, ready), daemon=True)
     server.start()
     port = ready.get(timeout=60)
     import pyarrow as pa

@@ -7,6 +7,10 @@ per-host pool of idle keep-alive connections shared by a download actor's thread
 is pinned to the address the guard checked (see `address_guard`) while sending the original Host
 header and TLS server name. (It replaced `http.client`, whose request and header-parsing machinery
 cost about three times as much CPU per image request.)
+
+Over 400 lines on purpose: one HTTP exchange (connection pool, request, response framing, redirects,
+retries, caps) is read together here, since each part relies on the others' invariants (a pooled
+connection is reused only after its response was read to its exact end).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The download benchmark's image server (benchmarks/download.py): keep-alive and closing requests
+"""The download benchmarks' image server (benchmarks/loopback_images.py): keep-alive and closing requests
 get the image, an unknown path a 404. The benchmark's numbers depend on it answering both tools."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pipeline.address_guard import AddressGuard
 from pipeline.fetch import Fetcher
 from tests.support.http_server import jpeg_bytes
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "download.py"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "loopback_images.py"
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def server():
     images = [jpeg_bytes(64, 48, seed=i) for i in range(3)]
     ctx = multiprocessing.get_context("fork")
     ready = ctx.Queue()
-    proc = ctx.Process(target=bench._serve, args=(images, 10, ready), daemon=True)
+    proc = ctx.Process(target=bench.serve, args=(images, 10, ready), daemon=True)
     proc.start()
     try:
         yield images, ready.get(timeout=30)
