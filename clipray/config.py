@@ -65,9 +65,18 @@ def _model_at(loc: Iterable[Union[str, int]]) -> Optional[type[BaseModel]]:
     return model
 
 
+# Keys that existed once: a config that still sets one gets what became of it, not a look-alike key.
+REMOVED_KEYS = {
+    "data.batch_size": "it was removed: nothing read it (the global pass works a whole shard per task; the "
+                       "CLIP-score batch is data.filters.clip_score.batch_size); delete the key",
+}
+
+
 def _format_error(err: dict[str, Any]) -> str:
     loc = [p for p in err["loc"]]
     key = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden" and key in REMOVED_KEYS:
+        return f"unknown key '{key}': {REMOVED_KEYS[key]}"
     if err["type"] == "extra_forbidden":
         parent = _model_at([p for p in loc[:-1]]) or JobConfig
         valid = sorted(parent.model_fields)
