@@ -33,9 +33,9 @@ import regex
 # other than tab, newline, form feed and carriage return (ftfy removes them).
 _ASCII_NEEDS_FIXING = re.compile(r"[&\x00-\x08\x0b\x0e-\x1f\x7f]")
 # The other ASCII characters, as bytes (bytes.translate deletes these; what is left flags a caption).
-_PLAIN_ASCII_BYTES = bytes(range(0x20, 0x7f)).replace(b"&", b"") + b"\t\n\x0c\r"
+_PLAIN_ASCII_BYTES = bytes(c for c in range(128) if not _ASCII_NEEDS_FIXING.match(chr(c)))
 _WHITESPACE_RE = regex.compile(r"\s+")
-# ftfy's defaults when `_ftfy_keeps` was written (ftfy 6.3): its argument holds for these only.
+# ftfy's defaults and fixers when `_ftfy_keeps` was written (ftfy 6.3): its argument holds for these.
 _FTFY_DEFAULTS = {
     "unescape_html": "auto", "remove_terminal_escapes": True, "fix_encoding": True,
     "restore_byte_a0": True, "replace_lossy_sequences": True, "decode_inconsistent_utf8": True,
@@ -44,6 +44,9 @@ _FTFY_DEFAULTS = {
     "remove_control_chars": True, "normalization": "NFC", "max_decode_length": 1_000_000,
     "explain": True,
 }
+_FTFY_FIXERS = {"unescape_html", "remove_terminal_escapes", "restore_byte_a0", "replace_lossy_sequences",
+                "decode_inconsistent_utf8", "fix_c1_controls", "fix_latin_ligatures", "fix_character_width",
+                "uncurl_quotes", "fix_line_breaks", "fix_surrogates", "remove_control_chars"}
 
 
 def is_plain_ascii(text: str) -> bool:
@@ -76,12 +79,13 @@ def _build_ftfy_keeps() -> Optional[Callable[[str], bool]]:
     of the characters those fixes act on (from ftfy's public tables `ftfy.chardata.LIGATURES`,
     `WIDTH_MAP`, `CONTROL_CHARS` and its quote patterns), no '&', not `is_bad` and already NFC
     comes out of the first round unchanged, so ftfy returns it as it is.
-    Returns None (ftfy is called for all such text) unless ftfy's defaults are the ones above.
+    Returns None (ftfy is called for all such text) unless ftfy's defaults and fixer list are the
+    ones above.
     """
-    from ftfy import TextFixerConfig, chardata
+    from ftfy import FIXERS, TextFixerConfig, chardata
     from ftfy.badness import is_bad
 
-    if TextFixerConfig()._asdict() != _FTFY_DEFAULTS:
+    if TextFixerConfig()._asdict() != _FTFY_DEFAULTS or set(FIXERS) != _FTFY_FIXERS:
         return None
     touched = set(range(0x80, 0xA0)) | set(range(0xD800, 0xE000))
     touched |= {ord(c) for c in "&\n\r\x1b\x85\u2028\u2029"}
