@@ -5,18 +5,14 @@
 Each row is <start_of_text>, the caption's BPE ids, <end_of_text>, then zeros. A caption too long
 for the context is cut so that the last id is still <end_of_text>.
 
-Text is cleaned as CLIP cleans it: ftfy.fix_text, HTML unescaped twice, whitespace runs collapsed
-to one space, stripped, lower-cased. Words are split with CLIP's own pattern (the `regex` module,
-case-insensitive) and each word is byte-level BPE encoded with CLIP's merges file
-(`bpe_simple_vocab_16e6.txt.gz`, see `BPE_LICENSE`).
+Text is cleaned as CLIP cleans it (`training.text_clean`: ftfy.fix_text, HTML unescaped twice,
+whitespace runs collapsed to one space, stripped, lower-cased). Words are split with CLIP's own
+pattern (the `regex` module, case-insensitive) and each word is byte-level BPE encoded with CLIP's
+merges file (`bpe_simple_vocab_16e6.txt.gz`, see `BPE_LICENSE`).
 
 Speed (the default `fast=True` path), all id-identical to CLIP's definition:
-- ASCII captions with no '&' and no control character are left unchanged by ftfy and
-  html.unescape (the tests check this over random ASCII), so they skip both;
-- most other captions skip ftfy too: `_FtfyShortcut` runs ftfy's fixing loop where each step's
-  result is known from ftfy's own tables (accents, CJK, emoji: unchanged; curly quotes: uncurled;
-  HTML entities: ftfy's own unescaping), with ftfy's mojibake test `is_bad` searched only around
-  the characters its matches must contain; mojibake and the rest go through ftfy itself;
+- captions are fixed (ftfy, html) one by one only where `text_clean` cannot show that nothing
+  would change (plain ASCII and most accented, CJK or emoji text need no call);
 - no pattern match spans whitespace, so a caption's ids are the concatenation of the ids of its
   space-separated chunks: ids are cached per chunk ("dog," -> [1929, 267]); a batch is joined,
   lower-cased and split once, and its chunks are mapped to ids in one pass;
@@ -28,19 +24,18 @@ Speed (the default `fast=True` path), all id-identical to CLIP's definition:
 from __future__ import annotations
 
 import gzip
-import html
 import re
 import threading
-import unicodedata
 from functools import lru_cache
 from itertools import chain
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
-import ftfy
 import numpy as np
 import regex
 import torch
+
+from training.text_clean import check_text, clean_text, fix_batch, is_plain_ascii
 
 MERGES_FILE = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 NUM_MERGES = 49152 - 256 - 2  # 48,894 merges: 256 bytes x2 (plain, end-of-word) + merges + 2 specials
@@ -53,10 +48,6 @@ DEFAULT_CONTEXT_LENGTH = 77
 _WORD_PATTERN = (r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"
                  r"[^\s\p{L}\p{N}]+")
 _WORD_RE = regex.compile(_WORD_PATTERN, regex.IGNORECASE)
-_WHITESPACE_RE = regex.compile(r"\s+")
-# ASCII characters that ftfy or html.unescape may change: '&' (entities) and control characters
-# other than tab, newline, form feed and carriage return (ftfy removes them).
-_ASCII_NEEDS_CLEANING = re.compile(r"[&\x00-\x08\x0b\x0e-\x1f\x7f]")
 # Separates the captions of a batch in the bulk path; never in a caption that takes that path.
 _ROW_END = "\x00"
 # The chunk cache holds each chunk's ids as int32 bytes, so a batch's ids are one bytes.join.
@@ -78,203 +69,11 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def clean_text(text: str) -> str:
-    """CLIP's cleaning: ftfy, HTML unescape (twice), whitespace collapsed and stripped, lower-cased."""
-    if text.isascii() and not _ASCII_NEEDS_CLEANING.search(text):
-        return " ".join(text.split()).lower()
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return _WHITESPACE_RE.sub(" ", text).strip().lower()
-
-
-# ---------------------------------------------------------------------------------------------
-# Exact shortcuts for ftfy. Each one predicts `ftfy.fix_text(text)` from ftfy's own tables and
-# functions for a class of texts, and is built only for the ftfy version it was written against.
-
-def _parse_regex(pattern: re.Pattern):
-    """The `re` parse tree of a compiled str pattern, or None where it cannot be read plainly."""
-    try:
-        from re import _parser  # Python >= 3.11
-    except ImportError:
-        return None
-    if not isinstance(pattern.pattern, str) or pattern.flags & re.IGNORECASE:
-        return None
-    return _parser.parse(pattern.pattern, pattern.flags)
-
-
-def _item_codepoints(item) -> Optional[set[int]]:
-    """The code points one parsed regex item matches if it is a literal or a plain character class."""
-    from re import _constants as sre
-
-    op, av = item
-    if op == sre.LITERAL:
-        return {av}
-    if op != sre.IN:
-        return None
-    points: set[int] = set()
-    for sub_op, sub_av in av:
-        if sub_op == sre.LITERAL:
-            points.add(sub_av)
-        elif sub_op == sre.RANGE:
-            points.update(range(sub_av[0], sub_av[1] + 1))
-        else:  # NEGATE, CATEGORY (\s, \w): not a plain set
-            return None
-    return points
-
-
-def _char_class(points: Iterable[int]) -> re.Pattern:
-    """A regex matching any one of `points` (consecutive code points written as ranges)."""
-    ranges, points = [], sorted(set(points))
-    start = prev = points[0]
-    for cp in points[1:] + [None]:
-        if cp is not None and cp == prev + 1:
-            prev = cp
-            continue
-        ranges.append(f"\\U{start:08x}-\\U{prev:08x}" if prev > start else f"\\U{start:08x}")
-        if cp is not None:
-            start = prev = cp
-    return re.compile("[" + "".join(ranges) + "]")
-
-
-def _build_bad_test():
-    """`ftfy.badness.is_bad`, made fast by searching only near the characters a match must contain.
-
-    is_bad(text) is `BADNESS_RE.search(text)`: one alternation of short sequences, slow per
-    character. Each alternative has an element that is a class of non-ASCII characters only (an
-    accented capital, a currency sign, a box-drawing character...), so each of its matches contains
-    one of them; `required` is the union of one such class per alternative, read from the parsed
-    pattern. A match is at most `width` characters long, hence lies within `width - 1` characters of
-    a required character, and searching those windows with `search(text, pos, endpos)` (which keeps
-    '^' at the real start of the text) finds a match exactly when searching the whole text does.
-    Where the pattern is not of that shape this returns is_bad itself.
-    """
-    from ftfy.badness import BADNESS_RE, is_bad
-
-    parsed = _parse_regex(BADNESS_RE)
-    if parsed is None or len(parsed.data) != 1 or parsed.getwidth()[1] > 64:
-        return is_bad
-    from re import _constants as sre
-
-    op, av = parsed.data[0]
-    alternatives = av[1] if op == sre.BRANCH else [parsed]
-    required: set[int] = set()
-    for alternative in alternatives:
-        classes = [points for points in map(_item_codepoints, alternative)
-                   if points and min(points) >= 0x80]
-        if not classes:
-            return is_bad
-        required |= min(classes, key=len)
-    width = parsed.getwidth()[1]
-    finder, search = _char_class(required), BADNESS_RE.search
-
-    def bad(text: str) -> bool:
-        windows: list[list[int]] = []
-        for m in finder.finditer(text):
-            lo, hi = max(0, m.start() - width + 1), m.start() + width
-            if windows and lo <= windows[-1][1]:
-                windows[-1][1] = hi
-            else:
-                windows.append([lo, hi])
-        return any(search(text, lo, hi) is not None for lo, hi in windows)
-
-    return bad
-
-
-class _FtfyShortcut:
-    """`ftfy.fix_text(text)` for the texts where its result follows from ftfy's tables, else None.
-
-    ftfy fixes a text line by line; each line goes through a loop that repeats until nothing
-    changes: HTML unescaping (with '&', unless the text has '<': 'auto' mode), mojibake repair
-    (changes nothing unless the text is non-ASCII and `ftfy.badness.is_bad`), then fixes from
-    character tables (C1 controls, ligatures, character width, curly quotes, line breaks,
-    surrogates, terminal escapes, control characters) and NFC. `touched` is every character
-    those table fixes act on, line breaks included. `fix` runs the same loop where each step is
-    known: a round whose text (after unescaping) has no touched character but curly quotes, is
-    not is_bad, and is NFC after uncurling, gives the uncurled text; anything else gives None.
-    So an accented, CJK or emoji caption comes back unchanged, one with curly quotes uncurled,
-    and one with HTML entities unescaped (repeatedly), without running ftfy.
-    """
-
-    def __init__(self, touched: set[int], quotes: set[int], bad, max_length: int):
-        from ftfy.fixes import uncurl_quotes, unescape_html
-
-        self.touched = _char_class(touched - quotes - {ord("&")})
-        self.quote = _char_class(quotes)
-        self.bad = bad
-        self.max_length = max_length  # ftfy cuts longer lines into segments: not predicted here
-        self.uncurl_quotes, self.unescape_html = uncurl_quotes, unescape_html
-
-    def fix(self, text: str) -> Optional[str]:
-        if len(text) > self.max_length:
-            return None
-        unescape = "<" not in text
-        while True:
-            fixed = self.unescape_html(text) if unescape and "&" in text else text
-            if self.touched.search(fixed) is not None:
-                return None
-            if not fixed.isascii():
-                if self.bad(fixed):
-                    return None
-                if self.quote.search(fixed) is not None:
-                    fixed = self.uncurl_quotes(fixed)
-                if not unicodedata.is_normalized("NFC", fixed):
-                    return None
-            if fixed == text:
-                return text
-            text = fixed
-
-
-def _build_ftfy_shortcut() -> Optional[_FtfyShortcut]:
-    """The shortcut for the installed ftfy, or None (always call ftfy) unless its fixer list,
-    defaults and tables are the ones `_FtfyShortcut` was written against."""
-    try:
-        from ftfy import FIXERS, TextFixerConfig, chardata
-    except ImportError:
-        return None
-    known = {"decode_inconsistent_utf8", "fix_c1_controls", "fix_character_width", "fix_latin_ligatures",
-             "fix_line_breaks", "fix_surrogates", "remove_control_chars", "remove_terminal_escapes",
-             "replace_lossy_sequences", "restore_byte_a0", "uncurl_quotes", "unescape_html"}
-    defaults = TextFixerConfig()
-    if set(FIXERS) != known or defaults.normalization != "NFC" or not all(
-            getattr(defaults, f) for f in known if f != "unescape_html") or defaults.unescape_html != "auto":
-        return None
-    touched = set(range(0x80, 0xA0)) | set(range(0xD800, 0xE000))
-    touched |= {ord(c) for c in "&\n\r\x1b\x85\u2028\u2029"}
-    for table in (chardata.LIGATURES, chardata.WIDTH_MAP, chardata.CONTROL_CHARS):
-        touched |= {k if isinstance(k, int) else ord(k) for k in table}
-    quotes = set()
-    for quote_re in (chardata.SINGLE_QUOTE_RE, chardata.DOUBLE_QUOTE_RE):
-        parsed = _parse_regex(quote_re)
-        points = _item_codepoints(parsed.data[0]) if parsed is not None and len(parsed.data) == 1 else None
-        if points is None:
-            return None
-        quotes |= points
-    return _FtfyShortcut(touched | quotes, quotes, _build_bad_test(), defaults.max_decode_length)
-
-
-_FTFY_SHORTCUT = _build_ftfy_shortcut()
-
-
-def _fix_text_fast(text: str) -> str:
-    """`html.unescape(html.unescape(ftfy.fix_text(text)))`, skipping ftfy where `_FTFY_SHORTCUT`
-    knows its result (html.unescape does nothing to text without '&')."""
-    fixed = _FTFY_SHORTCUT.fix(text) if _FTFY_SHORTCUT is not None else None
-    if fixed is None:
-        fixed = ftfy.fix_text(text)
-    return html.unescape(html.unescape(fixed)) if "&" in fixed else fixed
-
-
-def _clean_text_fast(text: str) -> str:
-    """clean_text(text), with ftfy skipped where `_FTFY_SHORTCUT` knows its result."""
-    if text.isascii() and not _ASCII_NEEDS_CLEANING.search(text):
-        return " ".join(text.split()).lower()
-    return _WHITESPACE_RE.sub(" ", _fix_text_fast(text).strip()).strip().lower()
-
-
 def _clean_chunks(text: str) -> list[str]:
     """clean_text(text).split(" "), without the empty chunk of empty text."""
-    if text.isascii() and not _ASCII_NEEDS_CLEANING.search(text):
+    if is_plain_ascii(text):
         return text.lower().split()
-    cleaned = _clean_text_fast(text)
+    cleaned = clean_text(text)
     return cleaned.split(" ") if cleaned else []
 
 
@@ -427,7 +226,7 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """BPE ids of each text, cleaned as CLIP does (no start/end tokens, no truncation)."""
         for i, t in enumerate(texts):
-            _check_text(t, i)
+            check_text(t, i)
         if not self.fast:
             return [self.reference.encode(clean_text(t)) for t in texts]
         chunk_lists = [_clean_chunks(t) for t in texts]
@@ -485,7 +284,9 @@ class Tokenizer:
         # Each caption is fixed (ftfy, html) on its own where needed; then the captions are
         # lower-cased and split in two batches (ASCII, then the few others: str methods are
         # slower on a wide string), and each batch's chunks are mapped to ids in one pass.
-        fixed, wide, odd = _fix_batch(texts)
+        fixed, fixed_rows = fix_batch(texts)
+        odd = [i for i in fixed_rows if _BATCH_UNSAFE.search(fixed[i])]
+        wide = [i for i in fixed_rows if not fixed[i].isascii() and not _BATCH_UNSAFE.search(fixed[i])]
         narrow = list(fixed)
         for i in chain(wide, odd):
             narrow[i] = ""
@@ -500,8 +301,12 @@ class Tokenizer:
         return torch.from_numpy(out)
 
     def _place_texts(self, out: np.ndarray, rows: np.ndarray, fixed: list[str], context_length: int) -> None:
-        """Write the ids of fixed captions (`_fix_batch`) into out[rows]: lower-case and split
-        them all at once, each caption followed by a row-end chunk."""
+        """Write the ids of fixed captions (`fix_batch`) into out[rows]: lower-case and split
+        them all at once, each caption followed by a row-end chunk.
+
+        str.split() and CLIP's `\\s+` agree on every character except `_BATCH_UNSAFE`, and
+        lower-casing is per character except for a final sigma, whose context ends at whitespace,
+        so this gives each caption's CLIP-cleaned chunks."""
         joined = f" {_ROW_END} ".join(fixed) + f" {_ROW_END}"
         _place(out, rows, self._bulk_ids(joined.lower().split()), context_length)
 
@@ -510,54 +315,6 @@ class Tokenizer:
 # that str.split() splits at but CLIP's `\s` does not. ftfy removes them and html.unescape never
 # makes them, so no caption is expected to have them; those that did would be encoded one by one.
 _BATCH_UNSAFE = re.compile("[\x00\x1c-\x1f]")
-# Bytes after which an ASCII caption needs no ftfy or html: printable ASCII, tab, newline, form feed,
-# carriage return (bytes.translate deletes these; what is left flags captions to fix).
-_PLAIN_ASCII_BYTES = bytes(range(0x20, 0x7f)).replace(b"&", b"") + b"\t\n\x0c\r"
-
-
-def _positions(data: bytes, values: set[int]) -> list[int]:
-    """Where the bytes `values` occur in data (one memchr scan per value: few values are expected)."""
-    out = []
-    for value in values:
-        byte = bytes([value])
-        pos = data.find(byte)
-        while pos >= 0:
-            out.append(pos)
-            pos = data.find(byte, pos + 1)
-    return out
-
-
-def _fix_batch(texts: Sequence[str]) -> tuple[list[str], list[int], list[int]]:
-    """(each text after ftfy and html.unescape, rows whose fixed text is not ASCII, rows whose
-    fixed text the batch path cannot take).
-
-    Plain ASCII captions (no '&', no control character) are left as they are: ftfy and html would
-    not change them. Lower-casing the joined batch and splitting it at whitespace then gives each
-    caption's CLIP-cleaned chunks: str.split() and CLIP's `\\s+` agree on every character except
-    `_BATCH_UNSAFE`, and lower-casing is per character except for a final sigma, whose context
-    ends at whitespace.
-    """
-    try:
-        joined = "".join(texts)
-    except TypeError:
-        for i, t in enumerate(texts):
-            _check_text(t, i)
-        raise
-    rows = set() if joined.isascii() else {i for i, t in enumerate(texts) if not t.isascii()}
-    data = joined.encode("ascii", "replace")  # one byte per character
-    flagged = data.translate(None, _PLAIN_ASCII_BYTES)  # '&' and control characters
-    if flagged:
-        ends = np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)))
-        rows.update(np.searchsorted(ends, _positions(data, set(flagged)), side="right").tolist())
-    fixed = list(texts)
-    wide, odd = [], []
-    for i in sorted(rows):
-        fixed[i] = _fix_text_fast(texts[i])
-        if _BATCH_UNSAFE.search(fixed[i]):
-            odd.append(i)
-        elif not fixed[i].isascii():
-            wide.append(i)
-    return fixed, wide, odd
 
 
 def _with_row_ends(rows: list[list[int]]) -> np.ndarray:
@@ -585,12 +342,6 @@ def _place(out: np.ndarray, rows: np.ndarray, flat: np.ndarray, context_length: 
 def _check_context_length(context_length: int) -> None:
     if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
         raise ValueError(f"context_length must be an int >= 2 (start and end tokens), got {context_length!r}")
-
-
-def _check_text(text, index: int) -> str:
-    if not isinstance(text, str):
-        raise TypeError(f"text #{index} is a {type(text).__name__}, not a str: {text!r:.80}")
-    return text
 
 
 _DEFAULT: dict[bool, Tokenizer] = {}
