@@ -26,6 +26,8 @@ demo: $(STAMP)
 	$(VENV)/bin/clipray demo --workdir $(WORKDIR)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -1,6 +1,7 @@
 """CPU accounting for the download benchmarks: the machine may be shared, so besides wall-clock
 rates the benchmark counts the CPU-seconds each tool spent (all its processes, Ray's included,
 found by walking this process's descendants in /proc) and the server spent for it."""
+
 from __future__ import annotations
 
 import os
@@ -124,8 +125,9 @@ def measured(run, server_pid: int) -> dict:
     result["images_per_cpu_s"] = result["accepted"] / (result["cpu_s"] + result["server_cpu_s"])
     top = sorted(state["by_process"].items(), key=lambda kv: -kv[1])[:8]
     # the busiest N processes are the N download workers (img2dataset's pool, our actors)
-    workers = sorted((cpu for name, cpu in state["by_process"].items() if name != "this process (driver)"),
-                     reverse=True)[:result.pop("workers")]
+    workers = sorted(
+        (cpu for name, cpu in state["by_process"].items() if name != "this process (driver)"), reverse=True
+    )[: result.pop("workers")]
     result["worker_cpu_s"] = round(sum(workers), 2)
     result["top_processes"] = {name: round(cpu, 1) for name, cpu in top if cpu >= 0.1}
     return result

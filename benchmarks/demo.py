@@ -14,6 +14,7 @@ pipeline manifests) and prints each number beside its target:
 Exit status 0 when every target holds in every run, 1 otherwise. The machine may be shared: the
 load average before and after each run is printed with it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,9 @@ def run_once(workdir: Path, extra: list[str], log_path: Path) -> float:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         tail = log_path.read_text().splitlines()[-30:]
-        raise SystemExit(f"clipray demo exited {proc.returncode} after {wall:.0f} s; log {log_path}:\n"
-                         + "\n".join(tail))
+        raise SystemExit(
+            f"clipray demo exited {proc.returncode} after {wall:.0f} s; log {log_path}:\n" + "\n".join(tail)
+        )
     return wall
 
 
@@ -61,11 +63,23 @@ def check(workdir: Path, wall: float) -> list[tuple[str, str, str, bool]]:
     rows.append(("wall time / budget", f"{wall / BUDGET_S:.2f}", "<= 1.00", wall <= BUDGET_S))
     manifest = json.loads((workdir / "pipeline" / "train" / "manifest.json").read_text())
     balanced = manifest["accepted"] + manifest["rejected"] == manifest["input_rows"]
-    rows.append(("manifest accepted+rejected == input",
-                 f"{manifest['accepted']}+{manifest['rejected']}={manifest['input_rows']}", "equal", balanced))
+    rows.append(
+        (
+            "manifest accepted+rejected == input",
+            f"{manifest['accepted']}+{manifest['rejected']}={manifest['input_rows']}",
+            "equal",
+            balanced,
+        )
+    )
     reasons = set(manifest.get("reasons", {}))
-    rows.append(("bad URLs rejected with their reason", f"{len(BAD_URL_REASONS & reasons)} of {len(BAD_URL_REASONS)}",
-                 "404, html, truncated", BAD_URL_REASONS <= reasons))
+    rows.append(
+        (
+            "bad URLs rejected with their reason",
+            f"{len(BAD_URL_REASONS & reasons)} of {len(BAD_URL_REASONS)}",
+            "404, html, truncated",
+            BAD_URL_REASONS <= reasons,
+        )
+    )
     return rows
 
 
@@ -77,8 +91,10 @@ def main(argv=None) -> int:
     extra = [a for a in extra if a != "--"]
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="clipray-demo-bench-"))
     base.mkdir(parents=True, exist_ok=True)
-    print(f"clipray demo x {args.repeats} on {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
-          f"python {platform.python_version()}")
+    print(
+        f"clipray demo x {args.repeats} on {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+        f"python {platform.python_version()}"
+    )
     all_ok = True
     try:
         for i in range(args.repeats):

@@ -20,6 +20,7 @@ Images are 512x384 photo-like JPEGs (a coarse random field, blurred, with sensor
 about 70 kB each at quality 90); `--distinct` of them are generated and the URLs cycle through
 them (every URL is a separate request).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,9 @@ def cpu_ceiling(images: list[bytes], image_size: int, seconds: float = 6.0, roun
         img = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
         h, w = img.shape[:2]
         top, left = (image_size - h) // 2, (image_size - w) // 2
-        img = cv2.copyMakeBorder(img, top, image_size - h - top, left, image_size - w - left,
-                                 cv2.BORDER_CONSTANT, value=(255, 255, 255))
+        img = cv2.copyMakeBorder(
+            img, top, image_size - h - top, left, image_size - w - left, cv2.BORDER_CONSTANT, value=(255, 255, 255)
+        )
         return cv2.imencode(".jpg", img, [int(cv2.IMWRITE_JPEG_QUALITY), 95])[1].tobytes()
 
     ours = ImageProcessor(image_size=image_size, resize_mode="border")
@@ -88,19 +90,35 @@ def run_img2dataset(url_list: Path, out: Path, args, mark) -> dict:
     mark()
     start = time.perf_counter()
     download(
-        url_list=str(url_list), input_format="parquet", url_col="url", caption_col="caption",
-        output_format="parquet", output_folder=str(out), processes_count=args.processes,
-        thread_count=args.threads, image_size=args.image_size, resize_mode=args.resize_mode,
-        number_sample_per_shard=args.rows_per_shard, timeout=10, retries=0, extract_exif=False,
-        compute_hash="sha256", enable_wandb=False,
+        url_list=str(url_list),
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        output_format="parquet",
+        output_folder=str(out),
+        processes_count=args.processes,
+        thread_count=args.threads,
+        image_size=args.image_size,
+        resize_mode=args.resize_mode,
+        number_sample_per_shard=args.rows_per_shard,
+        timeout=10,
+        retries=0,
+        extract_exif=False,
+        compute_hash="sha256",
+        enable_wandb=False,
     )
     wall = time.perf_counter() - start
     mark()
     stats = [json.loads(p.read_text()) for p in out.glob("*_stats.json")]
     ok = sum(s["successes"] for s in stats)
     span = max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)
-    return {"wall_s": wall, "accepted": ok, "images_per_s": ok / wall, "in_shard_images_per_s": ok / span,
-            "workers": args.processes}
+    return {
+        "wall_s": wall,
+        "accepted": ok,
+        "images_per_s": ok / wall,
+        "in_shard_images_per_s": ok / span,
+        "workers": args.processes,
+    }
 
 
 class _Identity:
@@ -117,11 +135,11 @@ def warm_ray_data() -> None:
     import ray
 
     ray.data.range(2, override_num_blocks=1).map_batches(
-        _Identity, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1).materialize()
+        _Identity, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1
+    ).materialize()
     # Its actor exits afterwards (~0.3 CPU-s of Python shutdown): not inside the timed call.
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any("_Identity" in (cmdline(pid) or "")
-                                               for pid in descendants(proc_table())):
+    while time.monotonic() < deadline and any("_Identity" in (cmdline(pid) or "") for pid in descendants(proc_table())):
         time.sleep(0.1)
 
 
@@ -134,15 +152,27 @@ def run_clipray(url_list: Path, out: Path, args, mark) -> dict:
     # Ray starts its worker processes at nice 15 (RAY_worker_niceness), img2dataset's run at nice 0:
     # on a machine where anything else runs, that alone would starve our actors. Same priority.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(num_cpus=args.processes, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
+    ray.init(
+        num_cpus=args.processes,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}},
+    )
     try:
         if not args.cold_ray:
             warm_ray_data()
         data = DataConfig(
-            input=str(url_list), output=str(out), image_size=args.image_size, resize_mode=args.resize_mode,
-            num_download_actors=args.processes, threads_per_actor=args.threads, rows_per_shard=args.rows_per_shard,
-            allow_private_addresses=True, timeout_s=10, retries=0, progress=False,
+            input=str(url_list),
+            output=str(out),
+            image_size=args.image_size,
+            resize_mode=args.resize_mode,
+            num_download_actors=args.processes,
+            threads_per_actor=args.threads,
+            rows_per_shard=args.rows_per_shard,
+            allow_private_addresses=True,
+            timeout_s=10,
+            retries=0,
+            progress=False,
         )
         mark()
         start, epoch = time.perf_counter(), time.time()
@@ -152,12 +182,19 @@ def run_clipray(url_list: Path, out: Path, args, mark) -> dict:
     finally:
         ray.shutdown()
     # shard spans: each marker is written last, when its shard is done, after `duration_s` of work
-    spans = [(p.stat().st_mtime - json.loads(p.read_text())["duration_s"], p.stat().st_mtime)
-             for p in (out / "_state" / "download").glob("*.json")]
+    spans = [
+        (p.stat().st_mtime - json.loads(p.read_text())["duration_s"], p.stat().st_mtime)
+        for p in (out / "_state" / "download").glob("*.json")
+    ]
     busy = max(end for _, end in spans) - min(start for start, _ in spans)
-    return {"wall_s": wall, "accepted": manifest["accepted"], "images_per_s": manifest["accepted"] / wall,
-            "in_shard_images_per_s": manifest["accepted"] / busy, "workers": args.processes,
-            "shard_spans_s": sorted((round(a - epoch, 2), round(b - epoch, 2)) for a, b in spans)}
+    return {
+        "wall_s": wall,
+        "accepted": manifest["accepted"],
+        "images_per_s": manifest["accepted"] / wall,
+        "in_shard_images_per_s": manifest["accepted"] / busy,
+        "workers": args.processes,
+        "shard_spans_s": sorted((round(a - epoch, 2), round(b - epoch, 2)) for a, b in spans),
+    }
 
 
 def main(argv=None) -> int:
@@ -173,8 +210,11 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="keep outputs here (default: a temp dir, removed)")
     p.add_argument("--only", choices=["img2dataset", "clipray"], default=None)
     p.add_argument("--quick", action="store_true", help="shorter ceiling measurement")
-    p.add_argument("--cold-ray", action="store_true",
-                   help="count the start of Ray Data's per-cluster service actors in clipray's call (a fresh cluster)")
+    p.add_argument(
+        "--cold-ray",
+        action="store_true",
+        help="count the start of Ray Data's per-cluster service actors in clipray's call (a fresh cluster)",
+    )
     args = p.parse_args(argv)
 
     if args.cores:
@@ -183,13 +223,18 @@ def main(argv=None) -> int:
     cores = len(os.sched_getaffinity(0))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="clipray-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {platform.processor() or platform.machine()}, {cores} cores usable, "
-          f"python {platform.python_version()}; {args.urls} URLs, {args.processes} processes x "
-          f"{args.threads} threads, {args.image_size}px {args.resize_mode}", flush=True)
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {cores} cores usable, "
+        f"python {platform.python_version()}; {args.urls} URLs, {args.processes} processes x "
+        f"{args.threads} threads, {args.image_size}px {args.resize_mode}",
+        flush=True,
+    )
 
     images = make_images(args.distinct)
-    print(f"images: {len(images)} distinct 512x384 JPEGs, mean {sum(map(len, images)) / len(images) / 1000:.0f} kB",
-          flush=True)
+    print(
+        f"images: {len(images)} distinct 512x384 JPEGs, mean {sum(map(len, images)) / len(images) / 1000:.0f} kB",
+        flush=True,
+    )
     ceiling = cpu_ceiling(images, args.image_size, 2.0 if args.quick else 6.0)
 
     ctx = multiprocessing.get_context("fork")
@@ -201,19 +246,26 @@ def main(argv=None) -> int:
     import pyarrow.parquet as pq
 
     url_list = work / "urls.parquet"
-    pq.write_table(pa.table({"url": [f"http://127.0.0.1:{port}/img/{i}.jpg" for i in range(args.urls)],
-                             "caption": [f"image number {i}" for i in range(args.urls)]}), url_list)
+    pq.write_table(
+        pa.table(
+            {
+                "url": [f"http://127.0.0.1:{port}/img/{i}.jpg" for i in range(args.urls)],
+                "caption": [f"image number {i}" for i in range(args.urls)],
+            }
+        ),
+        url_list,
+    )
     results = {}
     try:
         if args.only in (None, "img2dataset"):
             shutil.rmtree(work / "img2dataset", ignore_errors=True)
-            results["img2dataset"] = measured(lambda mark: run_img2dataset(url_list, work / "img2dataset", args, mark),
-                                              server.pid)
+            results["img2dataset"] = measured(
+                lambda mark: run_img2dataset(url_list, work / "img2dataset", args, mark), server.pid
+            )
             print(f"img2dataset: {results['img2dataset']}", flush=True)
         if args.only in (None, "clipray"):
             shutil.rmtree(work / "clipray", ignore_errors=True)
-            results["clipray"] = measured(lambda mark: run_clipray(url_list, work / "clipray", args, mark),
-                                          server.pid)
+            results["clipray"] = measured(lambda mark: run_clipray(url_list, work / "clipray", args, mark), server.pid)
             print(f"clipray:     {results['clipray']}", flush=True)
     finally:
         server.kill()
@@ -224,35 +276,51 @@ def main(argv=None) -> int:
     ceiling_total = ceiling["opencv"] * cores
     print()
     print(f"load average during the run: {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} CPUs")
-    print(f"CPU-bound ceiling: OpenCV decode+resize+encode {ceiling['opencv']:.0f} images/s per core x {cores} "
-          f"cores = {ceiling_total:.0f} images/s (clipray's decode path alone: {ceiling['clipray']:.0f}/s per core)")
+    print(
+        f"CPU-bound ceiling: OpenCV decode+resize+encode {ceiling['opencv']:.0f} images/s per core x {cores} "
+        f"cores = {ceiling_total:.0f} images/s (clipray's decode path alone: {ceiling['clipray']:.0f}/s per core)"
+    )
     print("wall clock (whole call: read list, start workers, download, write):")
     for name, r in results.items():
-        print(f"  {name:<12} {r['images_per_s']:8.1f} images/s  ({r['accepted']} images in {r['wall_s']:.1f}s; "
-              f"{r['images_per_s'] / ceiling_total:.0%} of the ceiling)")
-    print(f"CPU time of the same call (the tool's processes, Ray's included, + the server's CPU for it); "
-          f"rate on {cores} dedicated cores = {cores} / CPU-s per image:")
+        print(
+            f"  {name:<12} {r['images_per_s']:8.1f} images/s  ({r['accepted']} images in {r['wall_s']:.1f}s; "
+            f"{r['images_per_s'] / ceiling_total:.0%} of the ceiling)"
+        )
+    print(
+        f"CPU time of the same call (the tool's processes, Ray's included, + the server's CPU for it); "
+        f"rate on {cores} dedicated cores = {cores} / CPU-s per image:"
+    )
     for name, r in results.items():
         projected = r["images_per_cpu_s"] * cores
-        print(f"  {name:<12} {r['cpu_s']:7.1f} CPU-s + server {r['server_cpu_s']:5.1f} CPU-s -> "
-              f"{r['images_per_cpu_s']:6.1f} images per CPU-s -> {projected:7.1f} images/s on {cores} cores "
-              f"({projected / ceiling_total:.0%} of the ceiling)")
+        print(
+            f"  {name:<12} {r['cpu_s']:7.1f} CPU-s + server {r['server_cpu_s']:5.1f} CPU-s -> "
+            f"{r['images_per_cpu_s']:6.1f} images per CPU-s -> {projected:7.1f} images/s on {cores} cores "
+            f"({projected / ceiling_total:.0%} of the ceiling)"
+        )
     print("steady state (first shard's start to last shard's end, the workers' start-up left out):")
     for name, r in results.items():
-        print(f"  {name:<12} {r['in_shard_images_per_s']:8.1f} images/s  "
-              f"({r['in_shard_images_per_s'] / ceiling_total:.0%} of the ceiling)")
-    print(f"download workers alone ({args.processes} busiest processes: img2dataset's pool processes, "
-          f"clipray's actors): CPU per image")
+        print(
+            f"  {name:<12} {r['in_shard_images_per_s']:8.1f} images/s  "
+            f"({r['in_shard_images_per_s'] / ceiling_total:.0%} of the ceiling)"
+        )
+    print(
+        f"download workers alone ({args.processes} busiest processes: img2dataset's pool processes, "
+        f"clipray's actors): CPU per image"
+    )
     for name, r in results.items():
         others = r["cpu_s"] - r["worker_cpu_s"]
-        print(f"  {name:<12} {r['worker_cpu_s']:7.1f} CPU-s -> {r['worker_cpu_s'] / r['accepted'] * 1000:.2f} ms per image"
-              f"  (the tool's other processes, driver included: {others:.1f} CPU-s; server {r['server_cpu_s']:.1f} CPU-s)")
+        print(
+            f"  {name:<12} {r['worker_cpu_s']:7.1f} CPU-s -> {r['worker_cpu_s'] / r['accepted'] * 1000:.2f} ms per image"
+            f"  (the tool's other processes, driver included: {others:.1f} CPU-s; server {r['server_cpu_s']:.1f} CPU-s)"
+        )
     if len(results) == 2:
         wall = results["clipray"]["images_per_s"] / results["img2dataset"]["images_per_s"]
         cpu = results["clipray"]["images_per_cpu_s"] / results["img2dataset"]["images_per_cpu_s"]
         print(f"ratio clipray / img2dataset: {wall:.2f}x wall clock, {cpu:.2f}x per CPU-second (target >= 1.5x)")
-        print(f"clipray vs ceiling: {results['clipray']['images_per_s'] / ceiling_total:.0%} wall clock, "
-              f"{results['clipray']['images_per_cpu_s'] * cores / ceiling_total:.0%} by CPU time (target >= 70%)")
+        print(
+            f"clipray vs ceiling: {results['clipray']['images_per_s'] / ceiling_total:.0%} wall clock, "
+            f"{results['clipray']['images_per_cpu_s'] * cores / ceiling_total:.0%} by CPU time (target >= 70%)"
+        )
     return 0
 
 

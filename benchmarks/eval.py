@@ -16,6 +16,7 @@
     python benchmarks/eval.py --model ViT-B-32 --images 2000 --device cuda
     python benchmarks/eval.py --skip-zeroshot --pairs 20000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 
 # --- zero-shot ------------------------------------------------------------------------------------
+
 
 def make_images(folder: Path, n: int, num_classes: int, seed: int = 0) -> Path:
     """A Parquet shard of n JPEGs (160x120, random colour blocks) with random labels."""
@@ -58,15 +60,17 @@ def make_images(folder: Path, n: int, num_classes: int, seed: int = 0) -> Path:
     return folder
 
 
-def zeroshot_ours(model, data: Path, classnames, templates, device: str, batch_size: int, engine: str,
-                  decode_threads: int) -> dict:
+def zeroshot_ours(
+    model, data: Path, classnames, templates, device: str, batch_size: int, engine: str, decode_threads: int
+) -> dict:
     import evaluation.zeroshot as zs
     from evaluation.config import EvalConfig
     from evaluation.run import embed_dataset_images, _open
 
     zs._MEMORY_CACHE.clear()
-    cfg = EvalConfig(dataset=str(data), batch_size=batch_size, engine=engine, decode_threads=decode_threads,
-                     use_gpu=device == "cuda")
+    cfg = EvalConfig(
+        dataset=str(data), batch_size=batch_size, engine=engine, decode_threads=decode_threads, use_gpu=device == "cuda"
+    )
     ds = _open(str(data), cfg, need_labels=True)
     t0 = time.perf_counter()
     classifier = zs.build_classifier(model, classnames, templates, batch_size=batch_size, device=device)
@@ -76,8 +80,13 @@ def zeroshot_ours(model, data: Path, classnames, templates, device: str, batch_s
     labels = np.asarray(ds.meta.column("label").to_pylist())
     result = zs.score_zeroshot(emb["features"][emb["ok"]], labels[emb["ok"]], classifier.cpu(), classnames)
     t3 = time.perf_counter()
-    return {"classifier_s": t1 - t0, "embed_s": t2 - t1, "score_s": t3 - t2, "total_s": t3 - t0,
-            "metrics": result.metrics}
+    return {
+        "classifier_s": t1 - t0,
+        "embed_s": t2 - t1,
+        "score_s": t3 - t2,
+        "total_s": t3 - t0,
+        "metrics": result.metrics,
+    }
 
 
 def zeroshot_baseline(model, data: Path, classnames, templates, device: str, batch_size: int) -> dict:
@@ -107,17 +116,27 @@ def zeroshot_baseline(model, data: Path, classnames, templates, device: str, bat
     top1 = top5 = 0
     with torch.no_grad():
         for start in range(0, len(jpgs), batch_size):
-            pixels = torch.from_numpy(np.stack([
-                clip_preprocess(Image.open(io.BytesIO(b)), model.image_size, mean, std)
-                for b in jpgs[start:start + batch_size]])).to(device)
+            pixels = torch.from_numpy(
+                np.stack(
+                    [
+                        clip_preprocess(Image.open(io.BytesIO(b)), model.image_size, mean, std)
+                        for b in jpgs[start : start + batch_size]
+                    ]
+                )
+            ).to(device)
             logits = 100.0 * F.normalize(model.encode_image(pixels), dim=-1) @ classifier
-            target = torch.from_numpy(labels[start:start + batch_size]).to(device)
+            target = torch.from_numpy(labels[start : start + batch_size]).to(device)
             pred = logits.topk(5, dim=1).indices
             top1 += int((pred[:, 0] == target).sum())
             top5 += int((pred == target[:, None]).any(dim=1).sum())
     t2 = time.perf_counter()
-    return {"classifier_s": t1 - t0, "embed_s": t2 - t1, "score_s": 0.0, "total_s": t2 - t0,
-            "metrics": {"acc1": top1 / len(jpgs), "acc5": top5 / len(jpgs)}}
+    return {
+        "classifier_s": t1 - t0,
+        "embed_s": t2 - t1,
+        "score_s": 0.0,
+        "total_s": t2 - t0,
+        "metrics": {"acc1": top1 / len(jpgs), "acc5": top5 / len(jpgs)},
+    }
 
 
 def run_zeroshot(args) -> dict:
@@ -128,45 +147,62 @@ def run_zeroshot(args) -> dict:
 
     torch.manual_seed(0)
     model = create_model(args.model).eval()
-    classnames = load_classnames("imagenet")[:args.classes]
-    templates = load_templates("imagenet")[:args.templates]
+    classnames = load_classnames("imagenet")[: args.classes]
+    templates = load_templates("imagenet")[: args.templates]
     prompts = len(classnames) * len(templates)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         data = make_images(Path(tmp), args.images, len(classnames))
-        print(f"zero-shot: {args.images} JPEGs written in {time.perf_counter() - t:.1f}s; model {args.model} "
-              f"({model.image_size} px), {len(classnames)} classes x {len(templates)} templates = {prompts} prompts, "
-              f"device {args.device}, torch threads {torch.get_num_threads()}", flush=True)
+        print(
+            f"zero-shot: {args.images} JPEGs written in {time.perf_counter() - t:.1f}s; model {args.model} "
+            f"({model.image_size} px), {len(classnames)} classes x {len(templates)} templates = {prompts} prompts, "
+            f"device {args.device}, torch threads {torch.get_num_threads()}",
+            flush=True,
+        )
         rows = {}
-        rows["ours (local engine)"] = zeroshot_ours(model, data, classnames, templates, args.device, args.batch_size,
-                                                    "local", args.decode_threads)
+        rows["ours (local engine)"] = zeroshot_ours(
+            model, data, classnames, templates, args.device, args.batch_size, "local", args.decode_threads
+        )
         if args.ray:
             import ray
 
-            ray.init(num_cpus=os.cpu_count(), num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False,
-                     log_to_driver=False)
-            rows["ours (Ray engine)"] = zeroshot_ours(model, data, classnames, templates, args.device,
-                                                       args.batch_size, "ray", args.decode_threads)
+            ray.init(
+                num_cpus=os.cpu_count(),
+                num_gpus=1 if args.device == "cuda" else 0,
+                include_dashboard=False,
+                log_to_driver=False,
+            )
+            rows["ours (Ray engine)"] = zeroshot_ours(
+                model, data, classnames, templates, args.device, args.batch_size, "ray", args.decode_threads
+            )
             ray.shutdown()
-        rows["baseline (CLIP_benchmark way)"] = zeroshot_baseline(model, data, classnames, templates, args.device,
-                                                                  args.batch_size)
-    print(f"{'method':32s} {'classifier s':>12s} {'prompts/s':>10s} {'embed+score s':>13s} {'images/s':>9s} "
-          f"{'end-to-end img/s':>16s}  acc1")
+        rows["baseline (CLIP_benchmark way)"] = zeroshot_baseline(
+            model, data, classnames, templates, args.device, args.batch_size
+        )
+    print(
+        f"{'method':32s} {'classifier s':>12s} {'prompts/s':>10s} {'embed+score s':>13s} {'images/s':>9s} "
+        f"{'end-to-end img/s':>16s}  acc1"
+    )
     for name, r in rows.items():
         images_s = args.images / (r["embed_s"] + r["score_s"])
-        print(f"{name:32s} {r['classifier_s']:12.1f} {prompts / r['classifier_s']:10.0f} "
-              f"{r['embed_s'] + r['score_s']:13.1f} {images_s:9.1f} {args.images / r['total_s']:16.1f}  "
-              f"{r['metrics']['acc1']:.4f}")
+        print(
+            f"{name:32s} {r['classifier_s']:12.1f} {prompts / r['classifier_s']:10.0f} "
+            f"{r['embed_s'] + r['score_s']:13.1f} {images_s:9.1f} {args.images / r['total_s']:16.1f}  "
+            f"{r['metrics']['acc1']:.4f}"
+        )
     ours, base = rows["ours (local engine)"], rows["baseline (CLIP_benchmark way)"]
-    print(f"ratio ours/baseline: end-to-end {base['total_s'] / ours['total_s']:.2f}x, classifier "
-          f"{base['classifier_s'] / ours['classifier_s']:.2f}x, images "
-          f"{(base['embed_s']) / (ours['embed_s'] + ours['score_s']):.2f}x")
+    print(
+        f"ratio ours/baseline: end-to-end {base['total_s'] / ours['total_s']:.2f}x, classifier "
+        f"{base['classifier_s'] / ours['classifier_s']:.2f}x, images "
+        f"{(base['embed_s']) / (ours['embed_s'] + ours['score_s']):.2f}x"
+    )
     same = abs(ours["metrics"]["acc1"] - base["metrics"]["acc1"]) < 1e-9
     print(f"same acc1 as the baseline: {same}")
     return rows
 
 
 # --- retrieval memory -----------------------------------------------------------------------------
+
 
 def _embeddings(pairs: int, dim: int, captions: int, seed: int = 0):
     rng = np.random.default_rng(seed)
@@ -212,11 +248,11 @@ def retrieval_child(method: str, pairs: int, dim: int, captions: int, block: int
             for k in ks:
                 metrics[f"image_retrieval_recall@{k}"] = float((top_t[:, :k] == idx[:, None]).any(1).float().mean())
                 metrics[f"text_retrieval_recall@{k}"] = float(
-                    (idx[top_i[:, :k]] == torch.arange(len(img))[:, None]).any(1).float().mean())
+                    (idx[top_i[:, :k]] == torch.arange(len(img))[:, None]).any(1).float().mean()
+                )
     seconds = time.perf_counter() - t0
     peak = _status("VmHWM")
-    print(json.dumps({"method": method, "seconds": seconds, "peak_above_inputs": peak - before,
-                      "metrics": metrics}))
+    print(json.dumps({"method": method, "seconds": seconds, "peak_above_inputs": peak - before, "metrics": metrics}))
 
 
 def run_retrieval_scale(args) -> None:
@@ -229,7 +265,8 @@ def run_retrieval_scale(args) -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     images = torch.nn.functional.normalize(torch.randn(n, dim, device="cuda", generator=g), dim=1)
     texts = torch.nn.functional.normalize(
-        images + 0.9 * 8 / dim ** 0.5 * torch.randn(n, dim, device="cuda", generator=g), dim=1)
+        images + 0.9 * 8 / dim**0.5 * torch.randn(n, dim, device="cuda", generator=g), dim=1
+    )
     t2i = np.arange(n)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -240,20 +277,39 @@ def run_retrieval_scale(args) -> None:
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() - base
     m = recall_from_ranks(*ranks, (1, 5, 10))
-    print(f"blocked retrieval on {n} pairs (GPU, block {args.scale_block}): {seconds:.1f}s, peak GPU memory above the "
-          f"inputs {peak / 2**20:.0f} MiB (a dense float32 matrix would be {n * n * 4 / 2**30:.0f} GiB); "
-          f"R@1 t->i {m['image_retrieval_recall@1']:.4f}, i->t {m['text_retrieval_recall@1']:.4f}")
+    print(
+        f"blocked retrieval on {n} pairs (GPU, block {args.scale_block}): {seconds:.1f}s, peak GPU memory above the "
+        f"inputs {peak / 2**20:.0f} MiB (a dense float32 matrix would be {n * n * 4 / 2**30:.0f} GiB); "
+        f"R@1 t->i {m['image_retrieval_recall@1']:.4f}, i->t {m['text_retrieval_recall@1']:.4f}"
+    )
 
 
 def run_retrieval(args) -> dict:
     n_img, dim = args.pairs // args.captions, args.dim
     dense_bytes = args.pairs * n_img * 4
-    print(f"retrieval: {args.pairs} pairs ({n_img} images x {args.captions} captions), D={dim}, block {args.block}; "
-          f"a dense float32 score matrix is {dense_bytes / 2**20:.0f} MiB", flush=True)
+    print(
+        f"retrieval: {args.pairs} pairs ({n_img} images x {args.captions} captions), D={dim}, block {args.block}; "
+        f"a dense float32 score matrix is {dense_bytes / 2**20:.0f} MiB",
+        flush=True,
+    )
     results = {}
     for method in args.methods:
-        cmd = [sys.executable, __file__, "--retrieval-child", method, "--pairs", str(args.pairs), "--dim", str(dim),
-               "--captions", str(args.captions), "--block", str(args.block), "--device", args.device]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--retrieval-child",
+            method,
+            "--pairs",
+            str(args.pairs),
+            "--dim",
+            str(dim),
+            "--captions",
+            str(args.captions),
+            "--block",
+            str(args.block),
+            "--device",
+            args.device,
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             print(out.stderr[-3000:])
@@ -262,9 +318,11 @@ def run_retrieval(args) -> dict:
     print(f"{'method':22s} {'seconds':>8s} {'peak MiB above inputs':>22s}  R@1 t->i  R@1 i->t  R@10 t->i")
     for name, r in results.items():
         m = r["metrics"]
-        print(f"{name:22s} {r['seconds']:8.1f} {r['peak_above_inputs'] / 2**20:22.0f}  "
-              f"{m['image_retrieval_recall@1']:.4f}    {m['text_retrieval_recall@1']:.4f}    "
-              f"{m['image_retrieval_recall@10']:.4f}")
+        print(
+            f"{name:22s} {r['seconds']:8.1f} {r['peak_above_inputs'] / 2**20:22.0f}  "
+            f"{m['image_retrieval_recall@1']:.4f}    {m['text_retrieval_recall@1']:.4f}    "
+            f"{m['image_retrieval_recall@10']:.4f}"
+        )
     if "blocked" in results and "dense" in results:
         same = results["blocked"]["metrics"] == results["dense"]["metrics"]
         print(f"blocked == dense (exact, every k): {same}")
@@ -272,7 +330,9 @@ def run_retrieval(args) -> dict:
             raise SystemExit("blocked and dense recalls differ")
     base = results.get("dense_clip_benchmark") or results.get("dense")
     if "blocked" in results and base:
-        print(f"memory ratio dense/blocked: {base['peak_above_inputs'] / max(results['blocked']['peak_above_inputs'], 1):.1f}x")
+        print(
+            f"memory ratio dense/blocked: {base['peak_above_inputs'] / max(results['blocked']['peak_above_inputs'], 1):.1f}x"
+        )
     return results
 
 
@@ -291,7 +351,9 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--block", type=int, default=2048)
     p.add_argument("--methods", nargs="+", default=["blocked", "dense", "dense_clip_benchmark"])
-    p.add_argument("--scale-pairs", type=int, default=0, help="also run blocked retrieval on this many pairs on the GPU")
+    p.add_argument(
+        "--scale-pairs", type=int, default=0, help="also run blocked retrieval on this many pairs on the GPU"
+    )
     p.add_argument("--scale-block", type=int, default=8192)
     p.add_argument("--skip-zeroshot", action="store_true")
     p.add_argument("--skip-retrieval", action="store_true")
@@ -300,8 +362,10 @@ def main() -> None:
     if args.retrieval_child:
         retrieval_child(args.retrieval_child, args.pairs, args.dim, args.captions, args.block, args.device)
         return
-    print(f"{time.strftime('%Y-%m-%d %H:%M')} on {platform.node()}: {os.cpu_count()} CPUs, "
-          f"python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M')} on {platform.node()}: {os.cpu_count()} CPUs, "
+        f"python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}"
+    )
     if not args.skip_zeroshot:
         run_zeroshot(args)
     if not args.skip_retrieval:

@@ -16,6 +16,7 @@ median of --repeats runs of --passes passes; the machine may be shared, so runs 
 
     python benchmarks/ingest.py [--images 4096] [--passes 3] [--batch 256] [--decoder cv2|pil] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,14 +51,25 @@ def make_shards(folder: Path, images: int, rows_per_shard: int = 512) -> None:
     samples = (make_samples("bench", max(1, images // 300 + 1), 0))[:images]
     folder.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(samples), rows_per_shard):
-        part = samples[start:start + rows_per_shard]
+        part = samples[start : start + rows_per_shard]
         blobs = [encode_jpeg(draw_image(s, IMAGE_SIDE), quality=90) for s in part]
-        pq.write_table(pa.table({
-            "key": [s.key for s in part], "url": [""] * len(part), "caption": [s.caption for s in part],
-            "jpg": pa.array(blobs, pa.binary()), "width": [IMAGE_SIDE] * len(part), "height": [IMAGE_SIDE] * len(part),
-            "original_width": [IMAGE_SIDE] * len(part), "original_height": [IMAGE_SIDE] * len(part),
-            "sha256": [hashlib.sha256(b).hexdigest() for b in blobs],
-        }), folder / f"{start // rows_per_shard:05d}.parquet", row_group_size=128)
+        pq.write_table(
+            pa.table(
+                {
+                    "key": [s.key for s in part],
+                    "url": [""] * len(part),
+                    "caption": [s.caption for s in part],
+                    "jpg": pa.array(blobs, pa.binary()),
+                    "width": [IMAGE_SIDE] * len(part),
+                    "height": [IMAGE_SIDE] * len(part),
+                    "original_width": [IMAGE_SIDE] * len(part),
+                    "original_height": [IMAGE_SIDE] * len(part),
+                    "sha256": [hashlib.sha256(b).hexdigest() for b in blobs],
+                }
+            ),
+            folder / f"{start // rows_per_shard:05d}.parquet",
+            row_group_size=128,
+        )
 
 
 def ceiling(shards, decoder: str) -> float:
@@ -117,8 +129,13 @@ def _timed(batches) -> tuple[float, float, float]:
 
 
 def dataloader(shards, decoder: str, batch: int, workers: int, passes: int) -> tuple[float, float]:
-    loader = torch.utils.data.DataLoader(ShardRows(shards, decoder, passes), batch_size=batch, num_workers=workers,
-                                         persistent_workers=False, prefetch_factor=4)
+    loader = torch.utils.data.DataLoader(
+        ShardRows(shards, decoder, passes),
+        batch_size=batch,
+        num_workers=workers,
+        persistent_workers=False,
+        prefetch_factor=4,
+    )
 
     def sizes():
         for images, _tokens in loader:
@@ -131,11 +148,19 @@ def dataloader(shards, decoder: str, batch: int, workers: int, passes: int) -> t
 def ray_stream(shards, fs, decoder: str, batch: int, actors: int, passes: int) -> tuple[float, float]:
     from training.ingest import DataPosition, PreprocessSettings, ShardStream, StreamSettings
 
-    settings = StreamSettings(local_batch=batch, preprocess=PreprocessSettings(image_size=TARGET, decoder=decoder),
-                              num_actors=actors, cpus_per_actor=1.0, rows_per_batch=64, prefetch_batches=4,
-                              data_cpus=float(actors), shuffle_rows=256)
-    stream = ShardStream(shards, fs, rank=0, world_size=1, seed=0, start=DataPosition(0, 0), settings=settings,
-                         max_passes=passes)
+    settings = StreamSettings(
+        local_batch=batch,
+        preprocess=PreprocessSettings(image_size=TARGET, decoder=decoder),
+        num_actors=actors,
+        cpus_per_actor=1.0,
+        rows_per_batch=64,
+        prefetch_batches=4,
+        data_cpus=float(actors),
+        shuffle_rows=256,
+    )
+    stream = ShardStream(
+        shards, fs, rank=0, world_size=1, seed=0, start=DataPosition(0, 0), settings=settings, max_passes=passes
+    )
 
     def sizes():
         for b in stream:
@@ -166,8 +191,12 @@ def main(argv=None) -> int:
             make_shards(folder, args.images)
         fs, shards = list_shards([str(folder)])
         total = sum(s.rows for s in shards)
-        ray.init(num_cpus=args.cores + 1, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
+        ray.init(
+            num_cpus=args.cores + 1,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}},
+        )
         try:
             ray_stream(shards, fs, args.decoder, args.batch, args.cores, 1)  # warm: worker processes, imports
             runs: dict[str, list] = {"ceiling": [], "dataloader": [], "ray": []}
@@ -181,18 +210,24 @@ def main(argv=None) -> int:
     steady = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
     whole = {k: statistics.median(r[1] for r in v) for k, v in runs.items()}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"{total} images x {args.passes} passes, {IMAGE_SIDE} px -> {TARGET} px uint8, decoder {args.decoder}, "
-          f"{args.cores} cores, batch {args.batch}, median of {args.repeats}, load average {load:.1f} "
-          f"({platform.processor() or platform.machine()})")
+    print(
+        f"{total} images x {args.passes} passes, {IMAGE_SIDE} px -> {TARGET} px uint8, decoder {args.decoder}, "
+        f"{args.cores} cores, batch {args.batch}, median of {args.repeats}, load average {load:.1f} "
+        f"({platform.processor() or platform.machine()})"
+    )
     print("  images/s [per core]   steady (after the 1st batch)   whole run   runs: steady/whole/s to 1st batch")
     for k in ("ceiling", "dataloader", "ray"):
         cores = 1 if k == "ceiling" else args.cores
-        print(f"  {k:10s}            {steady[k]:7.0f} [{steady[k] / cores:6.0f}]            "
-              f"{whole[k]:7.0f} [{whole[k] / cores:6.0f}]   "
-              + ", ".join(f"{a:.0f}/{b:.0f}/{c:.1f}" for a, b, c in runs[k]))
+        print(
+            f"  {k:10s}            {steady[k]:7.0f} [{steady[k] / cores:6.0f}]            "
+            f"{whole[k]:7.0f} [{whole[k] / cores:6.0f}]   "
+            + ", ".join(f"{a:.0f}/{b:.0f}/{c:.1f}" for a, b, c in runs[k])
+        )
     for label, m in (("steady", steady), ("whole run", whole)):
-        print(f"  {label:9s}: ray / dataloader = {m['ray'] / m['dataloader']:.2f}x (target >= 1.0), "
-              f"ray / (0.8 x ceiling x cores) = {m['ray'] / (0.8 * m['ceiling'] * args.cores):.2f} (target >= 1.0)")
+        print(
+            f"  {label:9s}: ray / dataloader = {m['ray'] / m['dataloader']:.2f}x (target >= 1.0), "
+            f"ray / (0.8 x ceiling x cores) = {m['ray'] / (0.8 * m['ceiling'] * args.cores):.2f} (target >= 1.0)"
+        )
     return 0
 
 

@@ -2,10 +2,12 @@
 process: one asyncio event loop with prebuilt responses, HTTP/1.1 keep-alive, pipelined requests
 answered in order, `Connection: close` and HTTP/1.0 honoured), so the server spends its CPU on the
 socket work alone, as a static file server does."""
+
 from __future__ import annotations
 
 import asyncio
 import io
+
 
 def make_images(n: int, width: int = 512, height: int = 384, seed: int = 0) -> list[bytes]:
     import cv2
@@ -42,7 +44,7 @@ class _ImageProtocol(asyncio.Protocol):
             if end < 0:
                 self.pending = buf
                 return
-            head, buf = buf[:end], buf[end + 4:]
+            head, buf = buf[:end], buf[end + 4 :]
             request_line, _, headers = head.partition(b"\r\n")
             parts = request_line.split(b" ")
             path = parts[1] if len(parts) == 3 else b""
@@ -65,9 +67,13 @@ def serve(images: list[bytes], urls: int, ready) -> None:
     responses. Both tools download from it. It used to be the tests' `http.server` one, whose
     Python request handling cost 0.2-0.6 ms of CPU per image on the cores the tools run on; a
     real image host costs the downloading machine nothing, this one ~0.05 ms per image."""
+
     def response(body: bytes, close: bool) -> bytes:
-        head = (f"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: {len(body)}\r\n"
-                + ("Connection: close\r\n" if close else "") + "\r\n")
+        head = (
+            f"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: {len(body)}\r\n"
+            + ("Connection: close\r\n" if close else "")
+            + "\r\n"
+        )
         return head.encode("ascii") + body
 
     keep_alive = [response(b, False) for b in images]

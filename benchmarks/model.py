@@ -24,6 +24,7 @@ other jobs, wall-clock rounds swing by 2x, while CPU time measures the work each
 --captions full: every row uses all 77 positions (no end-of-text before the last slot), which
 takes away the text tower's trimming and shows the gain of the other changes alone.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,12 @@ def clip_loss(image_features, text_features, logit_scale):
 def make_step(model, precision: str = "fp32", device: str = "cpu"):
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.2}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=1e-5, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.2}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-5,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
 
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -84,12 +89,22 @@ def inputs(batch: int, image_size: int, captions: str, device: str = "cpu"):
     return images.to(device), tokens.to(device)
 
 
-def bench(name: str, batch: int, rounds: int, steps: int, captions: str, device: str = "cpu",
-          precision: str = "fp32", compile: bool = False, cpu_clock: bool = False) -> None:
+def bench(
+    name: str,
+    batch: int,
+    rounds: int,
+    steps: int,
+    captions: str,
+    device: str = "cpu",
+    precision: str = "fp32",
+    compile: bool = False,
+    cpu_clock: bool = False,
+) -> None:
     torch.manual_seed(0)
     ours = create_model(name).train()
     try:
         import open_clip
+
         theirs = open_clip.create_model(name, pretrained=None).train()
         ours.load_state_dict(theirs.state_dict(), strict=True)
         theirs.to(device)
@@ -99,8 +114,10 @@ def bench(name: str, batch: int, rounds: int, steps: int, captions: str, device:
     ours.to(device)
     images, tokens = inputs(batch, ours.image_size, captions, device)
     lengths = (tokens.argmax(-1) + 1).float()
-    print(f"\n{name}: batch {batch}, images {tuple(images.shape[1:])}, tokens to end-of-text: "
-          f"mean {lengths.mean():.1f}, max {int(lengths.max())}")
+    print(
+        f"\n{name}: batch {batch}, images {tuple(images.shape[1:])}, tokens to end-of-text: "
+        f"mean {lengths.mean():.1f}, max {int(lengths.max())}"
+    )
     wrap = (lambda m: torch.compile(m)) if compile else (lambda m: m)
     steps_fn = {"clipray": make_step(wrap(ours), precision, device)}
     if theirs is not None:
@@ -127,10 +144,12 @@ def bench(name: str, batch: int, rounds: int, steps: int, captions: str, device:
         paired = statistics.median(a / b for a, b in zip(times["clipray"], times["open_clip"]))
         # The best round of each is the one least slowed by other jobs: closest to an idle machine.
         best = {k: max(v) for k, v in times.items()}
-        line += (f", open_clip {med['open_clip']:.2f}, ratio of medians "
-                 f"{med['clipray'] / med['open_clip']:.2f}x, median of per-round ratios {paired:.2f}x; "
-                 f"best rounds: clipray {best['clipray']:.2f}, open_clip {best['open_clip']:.2f}, "
-                 f"ratio {best['clipray'] / best['open_clip']:.2f}x")
+        line += (
+            f", open_clip {med['open_clip']:.2f}, ratio of medians "
+            f"{med['clipray'] / med['open_clip']:.2f}x, median of per-round ratios {paired:.2f}x; "
+            f"best rounds: clipray {best['clipray']:.2f}, open_clip {best['open_clip']:.2f}, "
+            f"ratio {best['clipray'] / best['open_clip']:.2f}x"
+        )
     print(line)
     del ours, theirs, steps_fn
     gc.collect()
@@ -147,17 +166,31 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
-    parser.add_argument("--cpu-clock", action="store_true",
-                        help="time with the process's CPU time instead of wall-clock time: on a shared "
-                             "machine this measures the work done, not the waiting (use with --threads 1)")
+    parser.add_argument(
+        "--cpu-clock",
+        action="store_true",
+        help="time with the process's CPU time instead of wall-clock time: on a shared "
+        "machine this measures the work done, not the waiting (use with --threads 1)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
-          f"python {platform.python_version()}, load average {_load()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
+        f"python {platform.python_version()}, load average {_load()}"
+    )
     for name in args.models:
-        bench(name, args.batch, args.rounds, args.steps, args.captions, args.device, args.precision,
-              args.compile, args.cpu_clock)
+        bench(
+            name,
+            args.batch,
+            args.rounds,
+            args.steps,
+            args.captions,
+            args.device,
+            args.precision,
+            args.compile,
+            args.cpu_clock,
+        )
         print(f"load average after {name}: {_load()}")
 
 

@@ -19,6 +19,7 @@ where it provably changes nothing (plain ASCII, most accented, CJK and emoji tex
 curly quotes and HTML entities go through ftfy (~60-160 us a caption on both sides).
 `--cpu-clock` times with process CPU time instead (see its help).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,16 +35,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.tokenizer import Tokenizer  # noqa: E402
 
-WORDS = ("a an the of in on at with and for to from by near over under two three several many small large "
-         "red blue green white black yellow old young happy smiling dog cat man woman child children people "
-         "car bus train street city beach mountain river lake tree flower garden house kitchen room table "
-         "chair window door sky cloud sunset night snow rain field road bridge building park market food "
-         "pizza coffee cup plate bowl book phone computer camera guitar ball game team player stadium crowd "
-         "sitting standing walking running playing holding looking wearing eating riding jumping posing "
-         "photo picture illustration vector image portrait view close-up background stock isolated "
-         "vintage modern beautiful colorful wooden metal glass empty busy").split()
-EXTRAS = ["café", "naïve résumé", "crème brûlée", "東京タワー", "北京 街道", "😀🎉", "Straße", "São Paulo",
-          "cafÃ© Ã  la carte", "Ελλάδα", "Москва", "“quoted”", "—", "…"]
+WORDS = (
+    "a an the of in on at with and for to from by near over under two three several many small large "
+    "red blue green white black yellow old young happy smiling dog cat man woman child children people "
+    "car bus train street city beach mountain river lake tree flower garden house kitchen room table "
+    "chair window door sky cloud sunset night snow rain field road bridge building park market food "
+    "pizza coffee cup plate bowl book phone computer camera guitar ball game team player stadium crowd "
+    "sitting standing walking running playing holding looking wearing eating riding jumping posing "
+    "photo picture illustration vector image portrait view close-up background stock isolated "
+    "vintage modern beautiful colorful wooden metal glass empty busy"
+).split()
+EXTRAS = [
+    "café",
+    "naïve résumé",
+    "crème brûlée",
+    "東京タワー",
+    "北京 街道",
+    "😀🎉",
+    "Straße",
+    "São Paulo",
+    "cafÃ© Ã  la carte",
+    "Ελλάδα",
+    "Москва",
+    "“quoted”",
+    "—",
+    "…",
+]
 ENTITIES = ["&amp;", "&quot;", "&#39;", "&lt;b&gt;"]
 
 
@@ -69,12 +86,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=100_000, help="captions per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--non-ascii", type=float, default=0.05,
-                        help="fraction of captions with non-ASCII text (they need ftfy: slow on both sides)")
+    parser.add_argument(
+        "--non-ascii",
+        type=float,
+        default=0.05,
+        help="fraction of captions with non-ASCII text (they need ftfy: slow on both sides)",
+    )
     parser.add_argument("--entities", type=float, default=0.01, help="fraction with HTML entities")
-    parser.add_argument("--cpu-clock", action="store_true",
-                        help="time with the process's CPU time (all its threads) instead of wall-clock "
-                             "time: on a shared machine this measures the work, not the waiting")
+    parser.add_argument(
+        "--cpu-clock",
+        action="store_true",
+        help="time with the process's CPU time (all its threads) instead of wall-clock "
+        "time: on a shared machine this measures the work, not the waiting",
+    )
     args = parser.parse_args()
     clock = time.process_time if args.cpu_clock else time.perf_counter
     captions = make_captions(args.n, non_ascii=args.non_ascii, entities=args.entities)
@@ -87,6 +111,7 @@ def main() -> None:
     print(f"clipray tokenizer build: {time.perf_counter() - t0:.2f}s")
     try:
         import open_clip
+
         theirs = open_clip.get_tokenizer("ViT-B-32")
         print(f"open_clip {open_clip.__version__} tokenizer: {type(theirs).__name__}")
     except ImportError as e:
@@ -110,14 +135,18 @@ def main() -> None:
     rate = {k: args.n / statistics.median(v) for k, v in times.items() if v}
     unit = "captions per CPU-second" if args.cpu_clock else "captions/s"
     load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
-    print(f"\nmachine: {platform.processor() or platform.machine()}, python {platform.python_version()}, "
-          f"load average {load}")
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, python {platform.python_version()}, "
+        f"load average {load}"
+    )
     print(f"clipray:   {rate['clipray']:,.0f} {unit} (median of {args.rounds} rounds of {args.n:,})")
     if theirs is not None:
         print(f"open_clip: {rate['open_clip']:,.0f} {unit}")
         paired = statistics.median(b / a for a, b in zip(times["clipray"], times["open_clip"]))
-        print(f"ratio clipray/open_clip: {rate['clipray'] / rate['open_clip']:.1f}x (median of per-round "
-              f"ratios {paired:.1f}x); ids identical: {identical}")
+        print(
+            f"ratio clipray/open_clip: {rate['clipray'] / rate['open_clip']:.1f}x (median of per-round "
+            f"ratios {paired:.1f}x); ids identical: {identical}"
+        )
         if not identical:
             sys.exit("ids differ from open_clip's")
 

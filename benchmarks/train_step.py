@@ -18,6 +18,7 @@ CUDA device it says so and exits 0, unless `--device cpu` asks for a CPU smoke r
 Eager runs come first; compiled runs follow while `--time-budget` seconds allow (compilation takes
 a minute or two per model). Every result prints as it is measured, and as a JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,7 +62,7 @@ def synthetic_batch(batch: int, image_size: int, context_length: int, captions: 
     for i in range(batch):
         n = context_length - 2 if captions == "full" else int(torch.randint(6, 26, (1,), generator=g))
         tokens[i, 0] = 49406
-        tokens[i, 1:n + 1] = torch.randint(1, 49000, (n,), generator=g)
+        tokens[i, 1 : n + 1] = torch.randint(1, 49000, (n,), generator=g)
         tokens[i, n + 1] = 49407
     return images.to(device), tokens.to(device)
 
@@ -72,8 +73,9 @@ def executed_text_tokens(tokens, context_length: int) -> int:
     return min(context_length, -(-last // 8) * 8)
 
 
-def run_one(name: str, batch: int, *, steps: int, warmup: int, precision: str, compile_model,
-            captions: str, device) -> dict:
+def run_one(
+    name: str, batch: int, *, steps: int, warmup: int, precision: str, compile_model, captions: str, device
+) -> dict:
     """compile_model: False (eager), True or a torch.compile mode (`train.compile`'s values)."""
     import torch
 
@@ -83,8 +85,11 @@ def run_one(name: str, batch: int, *, steps: int, warmup: int, precision: str, c
 
     torch.manual_seed(0)
     clip = create_model(name)
-    loop = TrainLoop(clip, LoopSettings(total_steps=10 * (steps + warmup), lr=5e-4, warmup=1, precision=precision,
-                                        compile=compile_model), device)
+    loop = TrainLoop(
+        clip,
+        LoopSettings(total_steps=10 * (steps + warmup), lr=5e-4, warmup=1, precision=precision, compile=compile_model),
+        device,
+    )
     images, tokens = synthetic_batch(batch, clip.image_size, clip.context_length, captions, device)
     # Compiled, the text tower runs every position (the trim is a data-dependent shape); eager, it
     # stops after the batch's longest caption.
@@ -110,12 +115,23 @@ def run_one(name: str, batch: int, *, steps: int, warmup: int, precision: str, c
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = peak_flops(device_name, precision) if device.type == "cuda" else None
     out = {
-        "model": name, "batch": batch, "precision": precision, "compile": compile_model, "captions": captions,
-        "text_tokens": text_tokens, "steps": steps, "step_s": elapsed / steps, "samples_per_s": samples_per_s,
-        "forward_gflops_per_sample": flops["total"] / 1e9, "achieved_tflops": 3 * flops["total"] * samples_per_s / 1e12,
-        "mfu": mfu(samples_per_s, flops["total"], peak), "peak_tflops": None if peak is None else peak / 1e12,
-        "warmup_s": warmup_s, "loss": loss, "device": device_name,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
+        "model": name,
+        "batch": batch,
+        "precision": precision,
+        "compile": compile_model,
+        "captions": captions,
+        "text_tokens": text_tokens,
+        "steps": steps,
+        "step_s": elapsed / steps,
+        "samples_per_s": samples_per_s,
+        "forward_gflops_per_sample": flops["total"] / 1e9,
+        "achieved_tflops": 3 * flops["total"] * samples_per_s / 1e12,
+        "mfu": mfu(samples_per_s, flops["total"], peak),
+        "peak_tflops": None if peak is None else peak / 1e12,
+        "warmup_s": warmup_s,
+        "loss": loss,
+        "device": device_name,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
     del loop, clip, images, tokens
     if device.type == "cuda":
@@ -124,11 +140,17 @@ def run_one(name: str, batch: int, *, steps: int, warmup: int, precision: str, c
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-B-16"])
-    parser.add_argument("--batch", type=int, nargs="+", default=None,
-                        help="per-step batch, one or more (default: 1024 for B/32, 512 for B/16)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=None,
+        help="per-step batch, one or more (default: 1024 for B/32, 512 for B/16)",
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--precision", default="amp_bf16", choices=["fp32", "amp_bf16", "amp_fp16"])
@@ -136,11 +158,19 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="eager runs only")
     from training.loop import COMPILE_MODES  # torch and numpy only
 
-    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
-                        help="torch.compile mode of the compiled runs (train.compile's values)")
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=COMPILE_MODES,
+        help="torch.compile mode of the compiled runs (train.compile's values)",
+    )
     parser.add_argument("--no-eager", action="store_true", help="compiled runs only")
-    parser.add_argument("--time-budget", type=float, default=170.0,
-                        help="seconds; compiled runs start only while the elapsed time is below it")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=170.0,
+        help="seconds; compiled runs start only while the elapsed time is below it",
+    )
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for results.jsonl (default: $OUT)")
     args = parser.parse_args(argv)
@@ -148,8 +178,10 @@ def main(argv=None) -> int:
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("train_step.py: no CUDA device here; nothing to measure (use a GPU machine, or --device cpu "
-              "for a smoke run)")
+        print(
+            "train_step.py: no CUDA device here; nothing to measure (use a GPU machine, or --device cpu "
+            "for a smoke run)"
+        )
         return 0
     _allow_missing_safetensors()
     device = torch.device(args.device)
@@ -159,25 +191,39 @@ def main(argv=None) -> int:
         print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     start = time.perf_counter()
     batches = {m: args.batch or [DEFAULT_BATCH.get(m, 64)] for m in args.models}
-    plan = ([] if args.no_eager else [(m, b, False) for m in args.models for b in batches[m]]) + \
-        ([] if args.no_compile else [(m, b, args.compile_mode) for m in args.models for b in batches[m]])
+    plan = ([] if args.no_eager else [(m, b, False) for m in args.models for b in batches[m]]) + (
+        [] if args.no_compile else [(m, b, args.compile_mode) for m in args.models for b in batches[m]]
+    )
     results = []
     for name, batch, compiled in plan:
         if compiled and time.perf_counter() - start > args.time_budget:
-            print(f"{name} batch {batch} compiled: skipped, {time.perf_counter() - start:.0f} s spent of the "
-                  f"{args.time_budget:.0f} s budget")
+            print(
+                f"{name} batch {batch} compiled: skipped, {time.perf_counter() - start:.0f} s spent of the "
+                f"{args.time_budget:.0f} s budget"
+            )
             continue
         try:
-            r = run_one(name, batch, steps=args.steps, warmup=args.warmup, precision=args.precision,
-                        compile_model=compiled, captions=args.captions, device=device)
+            r = run_one(
+                name,
+                batch,
+                steps=args.steps,
+                warmup=args.warmup,
+                precision=args.precision,
+                compile_model=compiled,
+                captions=args.captions,
+                device=device,
+            )
         except torch.cuda.OutOfMemoryError:
             print(f"{name} batch {batch}: out of GPU memory; try --batch {batch // 2}")
             continue
         results.append(r)
         mfu_text = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        print(f"{name:9s} {compiled or 'eager':8s} batch {batch:5d}  {r['samples_per_s']:9.1f} samples/s  "
-              f"{1000 * r['step_s']:7.1f} ms/step  {r['achieved_tflops']:6.1f} TFLOP/s  MFU {mfu_text}  "
-              f"(text {r['text_tokens']} tokens, warmup {r['warmup_s']:.0f} s)", flush=True)
+        print(
+            f"{name:9s} {compiled or 'eager':8s} batch {batch:5d}  {r['samples_per_s']:9.1f} samples/s  "
+            f"{1000 * r['step_s']:7.1f} ms/step  {r['achieved_tflops']:6.1f} TFLOP/s  MFU {mfu_text}  "
+            f"(text {r['text_tokens']} tokens, warmup {r['warmup_s']:.0f} s)",
+            flush=True,
+        )
         print("RESULT " + json.dumps(r), flush=True)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ best.json), and prints:
 
 Each run starts its own local Ray (`ray.num_cpus` from the config) through the CLI, as a user would.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,11 @@ sys.path.insert(0, str(ROOT))
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=None, help="where sweeps and runs go (default: a temp dir)")
-    parser.add_argument("--make-shards", action="store_true",
-                        help="draw demo-style shards (600 train / 300 held-out pairs) instead of demo-run's")
+    parser.add_argument(
+        "--make-shards",
+        action="store_true",
+        help="draw demo-style shards (600 train / 300 held-out pairs) instead of demo-run's",
+    )
     args = parser.parse_args()
 
     from clipray.config import load_config
@@ -53,8 +57,9 @@ def main() -> int:
 
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, {platform.platform()}")
     started = time.perf_counter()
-    sweep = subprocess.run([sys.executable, "-m", "training.tune", "--config", "configs/tune-demo.yaml", *set_args],
-                           cwd=ROOT, env=env)
+    sweep = subprocess.run(
+        [sys.executable, "-m", "training.tune", "--config", "configs/tune-demo.yaml", *set_args], cwd=ROOT, env=env
+    )
     sweep_s = time.perf_counter() - started
     if sweep.returncode != 0:
         print(f"FAIL: clipray tune exited {sweep.returncode}")
@@ -69,21 +74,40 @@ def main() -> int:
         "at least 6 trials": len(rows) >= 6,
         "ASHA stopped at least one trial early": "early_stopped" in statuses,
         "no trial failed": "failed" not in statuses,
-        "results.csv, best.json, sweep.png written": all((folder / f).exists() for f in ("results.csv", "best.json",
-                                                                                           "sweep.png")),
+        "results.csv, best.json, sweep.png written": all(
+            (folder / f).exists() for f in ("results.csv", "best.json", "sweep.png")
+        ),
     }
     started = time.perf_counter()
-    train = subprocess.run([sys.executable, "-m", "clipray", "train", "--config", str(folder / "best.json"),
-                            "--set", f"train.samples={cfg.train.batch_size * 4}",
-                            "--set", f"train.storage_path={work / 'runs'}"], cwd=ROOT, env=env)
+    train = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clipray",
+            "train",
+            "--config",
+            str(folder / "best.json"),
+            "--set",
+            f"train.samples={cfg.train.batch_size * 4}",
+            "--set",
+            f"train.storage_path={work / 'runs'}",
+        ],
+        cwd=ROOT,
+        env=env,
+    )
     train_s = time.perf_counter() - started
-    checks["clipray train --config best.json works"] = train.returncode == 0 and \
-        (work / "runs" / f"{cfg.tune.name}-best" / "final" / "model.safetensors").exists()
+    checks["clipray train --config best.json works"] = (
+        train.returncode == 0 and (work / "runs" / f"{cfg.tune.name}-best" / "final" / "model.safetensors").exists()
+    )
 
-    print(f"\nsweep: {len(rows)} trials in {sweep_s:.0f} s ({', '.join(f'{statuses.count(s)} {s}' for s in sorted(set(statuses)))})")
+    print(
+        f"\nsweep: {len(rows)} trials in {sweep_s:.0f} s ({', '.join(f'{statuses.count(s)} {s}' for s in sorted(set(statuses)))})"
+    )
     print(f"best.json run ({cfg.train.batch_size * 4} samples): {train_s:.0f} s")
-    print(f"samples trained: {trained} with ASHA vs {baseline} training every trial to the end "
-          f"(ratio {trained / baseline:.2f}, {baseline / max(trained, 1):.2f}x fewer)")
+    print(
+        f"samples trained: {trained} with ASHA vs {baseline} training every trial to the end "
+        f"(ratio {trained / baseline:.2f}, {baseline / max(trained, 1):.2f}x fewer)"
+    )
     for name, ok in checks.items():
         print(f"  {'ok  ' if ok else 'FAIL'} {name}")
     print(f"outputs: {folder}")

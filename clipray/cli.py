@@ -3,6 +3,7 @@
 `python -m pipeline`, `python -m training`, `python -m training.tune` and `python -m evaluation`
 are the same commands under their package names.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,12 @@ from storage import FolderInUse
 
 EXIT_BAD_INPUT = 2
 
-SECTIONS = {"pipeline": ("data", "ray"), "train": ("model", "train", "ray"),
-            "tune": ("tune", "model", "train", "ray"), "eval": ("eval", "ray")}
+SECTIONS = {
+    "pipeline": ("data", "ray"),
+    "train": ("model", "train", "ray"),
+    "tune": ("tune", "model", "train", "ray"),
+    "eval": ("eval", "ray"),
+}
 
 COMMANDS = {
     "pipeline": (
@@ -41,11 +46,17 @@ COMMANDS = {
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", "-c", metavar="FILE.yaml",
+        "--config",
+        "-c",
+        metavar="FILE.yaml",
         help="job config (YAML with sections data, model, train, tune, eval, ray); local path or fsspec URL",
     )
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one config key, dotted (e.g. train.batch_size=64); the value is read as YAML; repeatable",
     )
     parser.add_argument("--debug", action="store_true", help="print the full traceback on errors")
@@ -68,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser(
-        "demo", help="local dry run of the whole system on data it makes itself",
+        "demo",
+        help="local dry run of the whole system on data it makes itself",
         description="Make a synthetic image-text data set, serve it over HTTP on 127.0.0.1, run the "
         "real pipeline, train a small CLIP with 2 Ray Train workers, evaluate it zero-shot, write a report.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -76,25 +88,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--workdir", default="demo-run", help="folder for all outputs (default: demo-run)")
     demo.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a key of the demo's embedded config (configs/demo.yaml); repeatable",
     )
     demo.add_argument("--debug", action="store_true", help="print the full traceback on errors")
 
     for name, (summary, example) in COMMANDS.items():
         p = sub.add_parser(
-            name, help=summary, description=summary,
+            name,
+            help=summary,
+            description=summary,
             formatter_class=argparse.RawDescriptionHelpFormatter,
             epilog=f"example:\n  {example}\n\nconfig keys (YAML sections, or --set section.key=value):\n"
             + describe_keys(SECTIONS[name]),
         )
         _add_config_options(p)
         if name == "eval":
-            p.add_argument("--dump-predictions", action="store_true",
-                           help="also write per-sample predictions next to eval.output")
+            p.add_argument(
+                "--dump-predictions", action="store_true", help="also write per-sample predictions next to eval.output"
+            )
         if name in ("pipeline", "train", "tune", "eval"):
-            p.add_argument("--print-config", action="store_true",
-                           help="print the validated config as YAML and exit without running")
+            p.add_argument(
+                "--print-config",
+                action="store_true",
+                help="print the validated config as YAML and exit without running",
+            )
     return parser
 
 

@@ -4,6 +4,7 @@ Each package owns the typed model of its own section; this module only composes 
 YAML, applies `--set dotted.key=value` overrides and turns validation errors into messages that
 name the key, the value and what is allowed.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -27,8 +28,10 @@ class RayConfig(BaseModel):
         None, description="logical CPUs of a local cluster (default: max(8, 2 x cores))"
     )
     include_dashboard: bool = Field(
-        True, description="start Ray's dashboard with a local cluster (http://127.0.0.1:8265); Ray Train "
-                          "and Ray's state API rely on it")
+        True,
+        description="start Ray's dashboard with a local cluster (http://127.0.0.1:8265); Ray Train "
+        "and Ray's state API rely on it",
+    )
 
 
 class JobConfig(BaseModel):
@@ -57,9 +60,7 @@ def _model_at(loc: Iterable[Union[str, int]]) -> Optional[type[BaseModel]]:
             return None
         annotation = field.annotation
         candidates = [annotation, *getattr(annotation, "__args__", ())]
-        model = next(
-            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
-        )
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
         if model is None:
             return None
     return model
@@ -68,7 +69,7 @@ def _model_at(loc: Iterable[Union[str, int]]) -> Optional[type[BaseModel]]:
 # Keys that existed once: a config that still sets one gets what became of it, not a look-alike key.
 REMOVED_KEYS = {
     "data.batch_size": "it was removed: nothing read it (the global pass works a whole shard per task; the "
-                       "CLIP-score batch is data.filters.clip_score.batch_size); delete the key",
+    "CLIP-score batch is data.filters.clip_score.batch_size); delete the key",
 }
 
 
@@ -139,8 +140,9 @@ def read_yaml(path: Union[str, Path]) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: Optional[Union[str, Path]] = None, overrides: Iterable[str] = (),
-                base: Optional[dict[str, Any]] = None) -> JobConfig:
+def load_config(
+    path: Optional[Union[str, Path]] = None, overrides: Iterable[str] = (), base: Optional[dict[str, Any]] = None
+) -> JobConfig:
     """Read YAML (optional), merge it over `base`, apply overrides, validate."""
     raw: dict[str, Any] = _deep_merge(base or {}, read_yaml(path) if path else {})
     apply_overrides(raw, overrides)

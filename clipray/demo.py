@@ -5,6 +5,7 @@ Draw a synthetic image-text data set → serve it on 127.0.0.1 → pipeline (Ray
 held-out split → report.md. Every stage is the real code of its package, called through the same
 runners as `clipray pipeline|train|eval`.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,10 +23,10 @@ from clipray.config import JobConfig, load_config
 from clipray.demo_data import COLORS, SHAPES, SIZES, make_samples, write_split
 from clipray.demo_server import StaticServer
 
-TRAIN_COPIES = 4    # renders of each colour x shape x size x position combination for training
+TRAIN_COPIES = 4  # renders of each colour x shape x size x position combination for training
 HELDOUT_COPIES = 1  # and for the held-out split (other random seeds: never seen in training)
-IMAGE_SIDE = 96     # pixels of the served images; the pipeline resizes them to data.image_size
-TEXT_CONTEXT = 16   # tokens: the longest demo caption is 12
+IMAGE_SIDE = 96  # pixels of the served images; the pipeline resizes them to data.image_size
+TEXT_CONTEXT = 16  # tokens: the longest demo caption is 12
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,10 @@ def make_dataset(paths: DemoPaths, base_url: str) -> dict[str, int]:
     train = make_samples("train", TRAIN_COPIES, seed=1)
     heldout = make_samples("heldout", HELDOUT_COPIES, seed=2)
     return {
-        "train": write_split(train, paths.images / "train", base_url, paths.url_list("train"),
-                             side=IMAGE_SIDE, bad_urls=True),
-        "heldout": write_split(heldout, paths.images / "heldout", base_url, paths.url_list("heldout"),
-                               side=IMAGE_SIDE),
+        "train": write_split(
+            train, paths.images / "train", base_url, paths.url_list("train"), side=IMAGE_SIDE, bad_urls=True
+        ),
+        "heldout": write_split(heldout, paths.images / "heldout", base_url, paths.url_list("heldout"), side=IMAGE_SIDE),
     }
 
 
@@ -102,9 +103,12 @@ def run_pipelines(cfg: JobConfig, paths: DemoPaths) -> dict[str, dict]:
 
     manifests = {}
     for split in ("train", "heldout"):
-        data = cfg.data.model_copy(update={
-            "input": str(paths.url_list(split)), "output": str(paths.pipeline_output(split)),
-        })
+        data = cfg.data.model_copy(
+            update={
+                "input": str(paths.url_list(split)),
+                "output": str(paths.pipeline_output(split)),
+            }
+        )
         _progress(f"pipeline: {split} URLs → {data.output}")
         manifests[split] = run_pipeline(data)
     return manifests
@@ -113,8 +117,10 @@ def run_pipelines(cfg: JobConfig, paths: DemoPaths) -> dict[str, dict]:
 def zeroshot_templates() -> dict[str, list[str]]:
     """Prompt ensembles in the captions' own words: a class is every caption style that names it."""
     return {
-        "color": [f"a {{c}} {shape}" for shape in SHAPES] + [f"a {size} {{c}} {shape}" for size in SIZES for shape in SHAPES],
-        "shape": [f"a {color} {{c}}" for color in COLORS] + [f"a {size} {color} {{c}}" for size in SIZES for color in COLORS],
+        "color": [f"a {{c}} {shape}" for shape in SHAPES]
+        + [f"a {size} {{c}} {shape}" for size in SIZES for shape in SHAPES],
+        "shape": [f"a {color} {{c}}" for color in COLORS]
+        + [f"a {size} {color} {{c}}" for size in SIZES for color in COLORS],
     }
 
 
@@ -125,15 +131,24 @@ def eval_tasks(cfg: JobConfig, paths: DemoPaths) -> dict[str, Any]:
     for label, templates in zeroshot_templates().items():
         template_file = paths.eval_dir / f"templates-{label}.txt"
         template_file.write_text("\n".join(templates) + "\n")
-        tasks[f"zeroshot-{label}"] = cfg.eval.model_copy(update={
-            "task": "zeroshot", "label_col": label, "templates": str(template_file),
-            "dataset_name": f"demo-heldout-{label}", "dump_predictions": True,
-            "output": str(paths.eval_dir / f"zeroshot-{label}.json"),
-        })
-    tasks["retrieval"] = cfg.eval.model_copy(update={
-        "task": "retrieval", "dataset_name": "demo-heldout", "recall_k": [1, 5, 10],
-        "output": str(paths.eval_dir / "retrieval.json"),
-    })
+        tasks[f"zeroshot-{label}"] = cfg.eval.model_copy(
+            update={
+                "task": "zeroshot",
+                "label_col": label,
+                "templates": str(template_file),
+                "dataset_name": f"demo-heldout-{label}",
+                "dump_predictions": True,
+                "output": str(paths.eval_dir / f"zeroshot-{label}.json"),
+            }
+        )
+    tasks["retrieval"] = cfg.eval.model_copy(
+        update={
+            "task": "retrieval",
+            "dataset_name": "demo-heldout",
+            "recall_k": [1, 5, 10],
+            "output": str(paths.eval_dir / "retrieval.json"),
+        }
+    )
     return tasks
 
 
@@ -161,8 +176,7 @@ def run_demo(workdir: str, overrides: Iterable[str] = ()) -> int:
         init_ray(cfg)
         manifests = run_pipelines(cfg, paths)
 
-    _progress(f"training {cfg.model.name} on {cfg.train.num_workers} Ray Train workers "
-              f"for {cfg.train.samples} samples")
+    _progress(f"training {cfg.model.name} on {cfg.train.num_workers} Ray Train workers for {cfg.train.samples} samples")
     result = run_training(cfg.model, cfg.train)
 
     results = {}
@@ -170,12 +184,20 @@ def run_demo(workdir: str, overrides: Iterable[str] = ()) -> int:
         _progress(f"evaluating: {name}")
         results[name] = run_evaluation(task)
 
-    plot_predictions(paths.pipeline_output("heldout") / "shards",
-                     {label: paths.eval_dir / f"zeroshot-{label}.predictions.jsonl" for label in ("color", "shape")},
-                     paths.root / "heldout_predictions.png")
+    plot_predictions(
+        paths.pipeline_output("heldout") / "shards",
+        {label: paths.eval_dir / f"zeroshot-{label}.predictions.jsonl" for label in ("color", "shape")},
+        paths.root / "heldout_predictions.png",
+    )
     elapsed = time.time() - started
-    report = write_report(paths.root, manifests, Path(result.path), results, elapsed,
-                          figures={"Held-out predictions": "heldout_predictions.png"})
+    report = write_report(
+        paths.root,
+        manifests,
+        Path(result.path),
+        results,
+        elapsed,
+        figures={"Held-out predictions": "heldout_predictions.png"},
+    )
     print_summary(manifests, results, elapsed, report)
     return 0
 

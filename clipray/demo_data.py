@@ -4,6 +4,7 @@ Every image shows one shape of one colour, size and position on a varied, noisy 
 that a small CLIP can learn colour and shape from captions in minutes on a CPU, and a held-out
 split (drawn with other random seeds) measures zero-shot accuracy on images training never saw.
 """
+
 from __future__ import annotations
 
 import io
@@ -77,15 +78,29 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> li
         scale = r * 1.1
     elif shape == "star":
         pts = [
-            ((1.0 if i % 2 == 0 else 0.45) * math.cos(-math.pi / 2 + i * math.pi / 5),
-             (1.0 if i % 2 == 0 else 0.45) * math.sin(-math.pi / 2 + i * math.pi / 5))
+            (
+                (1.0 if i % 2 == 0 else 0.45) * math.cos(-math.pi / 2 + i * math.pi / 5),
+                (1.0 if i % 2 == 0 else 0.45) * math.sin(-math.pi / 2 + i * math.pi / 5),
+            )
             for i in range(10)
         ]
         scale = r * 1.1
     elif shape == "cross":
         w = 0.34
-        pts = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1),
-               (-w, w), (-1, w), (-1, -w), (-w, -w)]
+        pts = [
+            (-w, -1),
+            (w, -1),
+            (w, -w),
+            (1, -w),
+            (1, w),
+            (w, w),
+            (w, 1),
+            (-w, 1),
+            (-w, w),
+            (-1, w),
+            (-1, -w),
+            (-w, -w),
+        ]
         scale = r
     else:
         raise ValueError(f"unknown shape {shape!r}")
@@ -123,8 +138,7 @@ def draw_image(sample: Sample, side: int = 96) -> Image.Image:
 def _caption(rng: np.random.Generator, color: str, shape: str, size: str, position: str) -> str:
     where = POSITION_PHRASES[position]
     template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
-    return template.format(size=size, color=color, shape=shape, where=where,
-                           where_cap=where[0].upper() + where[1:])
+    return template.format(size=size, color=color, shape=shape, where=where, where_cap=where[0].upper() + where[1:])
 
 
 def make_samples(split: str, copies: int, seed: int) -> list[Sample]:
@@ -133,10 +147,17 @@ def make_samples(split: str, copies: int, seed: int) -> list[Sample]:
     samples = []
     combos = itertools.product(COLORS, SHAPES, SIZES, POSITIONS, range(copies))
     for i, (color, shape, size, position, _) in enumerate(combos):
-        samples.append(Sample(
-            key=f"{split}-{i:05d}", color=color, shape=shape, size=size, position=position,
-            caption=_caption(rng, color, shape, size, position), seed=int(rng.integers(2**31)),
-        ))
+        samples.append(
+            Sample(
+                key=f"{split}-{i:05d}",
+                color=color,
+                shape=shape,
+                size=size,
+                position=position,
+                caption=_caption(rng, color, shape, size, position),
+                seed=int(rng.integers(2**31)),
+            )
+        )
     return samples
 
 
@@ -146,8 +167,9 @@ def encode_jpeg(img: Image.Image, quality: int = 92) -> bytes:
     return buf.getvalue()
 
 
-def write_split(samples: list[Sample], image_dir: Path, base_url: str, list_path: Path,
-                side: int = 96, bad_urls: bool = False) -> int:
+def write_split(
+    samples: list[Sample], image_dir: Path, base_url: str, list_path: Path, side: int = 96, bad_urls: bool = False
+) -> int:
     """Draw `samples` into `image_dir` and write their URL list (parquet) to `list_path`.
 
     The list has columns url, caption, color, shape, size, position. With `bad_urls`, the demo's
@@ -159,9 +181,14 @@ def write_split(samples: list[Sample], image_dir: Path, base_url: str, list_path
     for s in samples:
         name = f"{s.key}.jpg"
         (image_dir / name).write_bytes(encode_jpeg(draw_image(s, side)))
-        for col, value in (("url", f"{base_url}/{image_dir.name}/{name}"), ("caption", s.caption),
-                           ("color", s.color), ("shape", s.shape), ("size", s.size),
-                           ("position", s.position)):
+        for col, value in (
+            ("url", f"{base_url}/{image_dir.name}/{name}"),
+            ("caption", s.caption),
+            ("color", s.color),
+            ("shape", s.shape),
+            ("size", s.size),
+            ("position", s.position),
+        ):
             rows[col].append(value)
     if bad_urls:
         good = encode_jpeg(draw_image(samples[0], side))

@@ -1,4 +1,5 @@
 """The demo's report: report.md with its figures, and the closing summary on the terminal."""
+
 from __future__ import annotations
 
 import json
@@ -49,14 +50,15 @@ def plot_predictions(shards_dir: Path, predictions: dict[str, Path], out: Path, 
     from PIL import Image
 
     by_task = {task: read_predictions(path) for task, path in predictions.items()}
-    table = pq.read_table(sorted(shards_dir.glob("*.parquet")), columns=["key", "jpg"]) \
-        if shards_dir.is_dir() else None
+    table = pq.read_table(sorted(shards_dir.glob("*.parquet")), columns=["key", "jpg"]) if shards_dir.is_dir() else None
     if table is None or table.num_rows == 0:
         return
     step = max(1, table.num_rows // count)
     keys, images = table.column("key").to_pylist()[::step][:count], table.column("jpg").to_pylist()[::step][:count]
     cols = 6
-    fig, axes = plt.subplots((len(keys) + cols - 1) // cols, cols, figsize=(cols * 1.9, 2.2 * ((len(keys) + cols - 1) // cols)))
+    fig, axes = plt.subplots(
+        (len(keys) + cols - 1) // cols, cols, figsize=(cols * 1.9, 2.2 * ((len(keys) + cols - 1) // cols))
+    )
     for ax in axes.flat:
         ax.axis("off")
     for ax, key, jpg in zip(axes.flat, keys, images):
@@ -88,26 +90,45 @@ def _manifest_lines(manifests: dict[str, dict]) -> list[str]:
     return lines
 
 
-def write_report(root: Path, manifests: dict[str, dict], run_dir: Path, results: dict[str, dict],
-                 elapsed_s: float, figures: dict[str, str] | None = None) -> Path:
+def write_report(
+    root: Path,
+    manifests: dict[str, dict],
+    run_dir: Path,
+    results: dict[str, dict],
+    elapsed_s: float,
+    figures: dict[str, str] | None = None,
+) -> Path:
     """Write root/report.md (and loss_curve.png beside it); returns the report's path."""
     metrics = read_metrics(run_dir)
     plot_loss(metrics, root / "loss_curve.png")
     first, last = (metrics[0], metrics[-1]) if metrics else ({}, {})
     lines = [
-        "# clipray demo report", "",
-        f"Wall time: {elapsed_s:.0f} s. Run directory: `{run_dir}`.", "",
-        "## Pipeline", "", *_manifest_lines(manifests), "",
-        "Manifests: " + ", ".join(f"`pipeline/{s}/manifest.json`" for s in manifests) + ".", "",
-        "## Training", "",
+        "# clipray demo report",
+        "",
+        f"Wall time: {elapsed_s:.0f} s. Run directory: `{run_dir}`.",
+        "",
+        "## Pipeline",
+        "",
+        *_manifest_lines(manifests),
+        "",
+        "Manifests: " + ", ".join(f"`pipeline/{s}/manifest.json`" for s in manifests) + ".",
+        "",
+        "## Training",
+        "",
         f"Steps: {last.get('step', '?')}, samples seen: {last.get('samples_seen', '?')}, "
         f"loss {first.get('loss', float('nan')):.3f} → {last.get('loss', float('nan')):.3f}, "
-        f"logit scale {last.get('logit_scale', float('nan')):.1f}.", "",
-        "![loss curve](loss_curve.png)", "",
-        "## Evaluation on the held-out split", "",
-        "| evaluation | metric | value |", "|---|---|---|",
-        *[f"| {name} | {metric} | {value:.3f} |" for name, metric, value in _metric_rows(results)], "",
-        "Results JSON (CLIP_benchmark layout): " + ", ".join(f"`eval/{n}.json`" for n in results) + ".", "",
+        f"logit scale {last.get('logit_scale', float('nan')):.1f}.",
+        "",
+        "![loss curve](loss_curve.png)",
+        "",
+        "## Evaluation on the held-out split",
+        "",
+        "| evaluation | metric | value |",
+        "|---|---|---|",
+        *[f"| {name} | {metric} | {value:.3f} |" for name, metric, value in _metric_rows(results)],
+        "",
+        "Results JSON (CLIP_benchmark layout): " + ", ".join(f"`eval/{n}.json`" for n in results) + ".",
+        "",
     ]
     for title, image in (figures or {}).items():
         lines += [f"### {title}", "", f"![{title}]({image})", ""]
@@ -116,11 +137,11 @@ def write_report(root: Path, manifests: dict[str, dict], run_dir: Path, results:
     return report
 
 
-def print_summary(manifests: dict[str, dict], results: dict[str, dict], elapsed_s: float,
-                  report: Path) -> None:
+def print_summary(manifests: dict[str, dict], results: dict[str, dict], elapsed_s: float, report: Path) -> None:
     print()
-    rows = [(f"pipeline {split}: accepted/input", f"{m['accepted']}/{m['input_rows']}")
-            for split, m in manifests.items()]
+    rows = [
+        (f"pipeline {split}: accepted/input", f"{m['accepted']}/{m['input_rows']}") for split, m in manifests.items()
+    ]
     rows += [(f"{name} {metric}", f"{value:.3f}") for name, metric, value in _metric_rows(results)]
     rows.append(("wall time (s)", f"{elapsed_s:.0f}"))
     width = max(len(what) for what, _ in rows) + 2

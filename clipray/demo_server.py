@@ -1,4 +1,5 @@
 """A static HTTP server on 127.0.0.1 for the demo's images; started and stopped by the demo."""
+
 from __future__ import annotations
 
 import functools

@@ -5,6 +5,7 @@ Public entry points (imported lazily, so that `evaluation.config` stays light):
 `evaluate_zeroshot(model, images, labels, classnames, templates)`,
 `evaluate_retrieval(model, images, captions)`, `evaluate_linear_probe(...)`.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,6 +1,7 @@
 """An opened evaluation data set (`EvalDataset`) and how its images are read: in chunks (a
 Parquet row group of image bytes, or a slice of image paths), by the local loop or inside Ray tasks.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ class EvalDataset:
         for chunk in self.chunks:
             rows = read_chunk(chunk, self.image_in_parquet, self.image_column, self.meta, self.storage)
             for start in range(0, len(rows["row_id"]), batch_size):
-                yield {k: v[start:start + batch_size] for k, v in rows.items()}
+                yield {k: v[start : start + batch_size] for k, v in rows.items()}
 
     def to_ray(self):
         """A Ray Dataset of {"row_id", "image"} rows: paths as data, or Parquet row groups read
@@ -60,11 +61,14 @@ class EvalDataset:
         if not self.image_in_parquet:
             table = self.meta.select(["row_id", "image"])
             return ray.data.from_arrow([table.slice(c.row_start, c.num_rows) for c in self.chunks])
-        items = [{"row_start": c.row_start, "num_rows": c.num_rows, "file": c.file, "row_group": c.row_group}
-                 for c in self.chunks]
+        items = [
+            {"row_start": c.row_start, "num_rows": c.num_rows, "file": c.file, "row_group": c.row_group}
+            for c in self.chunks
+        ]
         reader = ParquetChunkReader(self.image_column, self.storage)
         return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            reader, batch_size=1, batch_format="numpy")
+            reader, batch_size=1, batch_format="numpy"
+        )
 
     def head(self, n: int) -> "EvalDataset":
         """The first n usable rows (eval.max_samples)."""
@@ -72,10 +76,23 @@ class EvalDataset:
             return self
         meta = self.meta.slice(0, n)
         end = int(meta.column("row_id")[n - 1].as_py()) + 1  # raw rows to read
-        chunks = [ImageChunk(c.row_start, min(c.num_rows, end - c.row_start), c.file, c.row_group)
-                  for c in self.chunks if c.row_start < end]
-        return EvalDataset(self.name, self.source, self.format, meta, chunks, self.image_in_parquet,
-                           self.image_column, self.storage, self.classes, dict(self.rejected))
+        chunks = [
+            ImageChunk(c.row_start, min(c.num_rows, end - c.row_start), c.file, c.row_group)
+            for c in self.chunks
+            if c.row_start < end
+        ]
+        return EvalDataset(
+            self.name,
+            self.source,
+            self.format,
+            meta,
+            chunks,
+            self.image_in_parquet,
+            self.image_column,
+            self.storage,
+            self.classes,
+            dict(self.rejected),
+        )
 
 
 class ParquetChunkReader:
@@ -87,15 +104,19 @@ class ParquetChunkReader:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         parts = [
-            read_chunk(ImageChunk(int(start), int(n), str(f), int(g)), True, self.image_column, None,
-                       self.storage)
+            read_chunk(ImageChunk(int(start), int(n), str(f), int(g)), True, self.image_column, None, self.storage)
             for start, n, f, g in zip(batch["row_start"], batch["num_rows"], batch["file"], batch["row_group"])
         ]
         return {k: np.concatenate([p[k] for p in parts]) for k in ("row_id", "image")}
 
 
-def read_chunk(chunk: ImageChunk, image_in_parquet: bool, image_column: str, meta: Optional[pa.Table],
-               storage: Optional[StorageConfig] = None) -> dict[str, np.ndarray]:
+def read_chunk(
+    chunk: ImageChunk,
+    image_in_parquet: bool,
+    image_column: str,
+    meta: Optional[pa.Table],
+    storage: Optional[StorageConfig] = None,
+) -> dict[str, np.ndarray]:
     """{"row_id": [n] int64, "image": [n] object} for one chunk (bytes from Parquet, or paths)."""
     row_ids = np.arange(chunk.row_start, chunk.row_start + chunk.num_rows, dtype=np.int64)
     images = np.empty(chunk.num_rows, dtype=object)

@@ -11,6 +11,7 @@ Ties: classes are ordered by score, highest first, and equal scores by class ind
 and the true class is "in the top k" when fewer than k classes come before it in that order. This
 rule is deterministic; `torch.topk`, which CLIP_benchmark calls, leaves the order of ties open.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -30,7 +31,9 @@ def _check(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
     if labels.size and (labels.min() < 0 or labels.max() >= scores.shape[1]):
-        raise ValueError(f"labels must lie in [0, {scores.shape[1]}) (the number of classes); got {labels.min()}..{labels.max()}")
+        raise ValueError(
+            f"labels must lie in [0, {scores.shape[1]}) (the number of classes); got {labels.min()}..{labels.max()}"
+        )
     if not np.isfinite(scores).all():
         raise ValueError("scores contain NaN or infinity: the model produced non-finite features")
     return scores, labels.astype(np.int64)
@@ -45,11 +48,11 @@ def target_ranks(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     ranks = np.empty(len(labels), dtype=np.int64)
     class_idx = np.arange(scores.shape[1])
     for start in range(0, len(labels), ROW_BLOCK):
-        s = scores[start:start + ROW_BLOCK]
-        y = labels[start:start + ROW_BLOCK]
+        s = scores[start : start + ROW_BLOCK]
+        y = labels[start : start + ROW_BLOCK]
         true = s[np.arange(len(y)), y][:, None]
         before = (s > true) | ((s == true) & (class_idx[None, :] < y[:, None]))
-        ranks[start:start + ROW_BLOCK] = before.sum(axis=1)
+        ranks[start : start + ROW_BLOCK] = before.sum(axis=1)
     return ranks
 
 
@@ -65,8 +68,8 @@ def topk_classes(scores: np.ndarray, k: int) -> np.ndarray:
     out = np.empty((scores.shape[0], k), dtype=np.int64)
     for start in range(0, scores.shape[0], ROW_BLOCK):
         # A stable ascending sort of -score keeps equal scores in index order.
-        order = np.argsort(-scores[start:start + ROW_BLOCK], axis=1, kind="stable")
-        out[start:start + ROW_BLOCK] = order[:, :k]
+        order = np.argsort(-scores[start : start + ROW_BLOCK], axis=1, kind="stable")
+        out[start : start + ROW_BLOCK] = order[:, :k]
     return out
 
 

@@ -1,4 +1,5 @@
 """The `eval` section of the job config."""
+
 from __future__ import annotations
 
 from typing import Literal, Optional
@@ -26,11 +27,17 @@ class EvalConfig(StorageConfig):
     caption_col: str = "caption"
     image_col: str = "jpg"
     image_root: Optional[str] = Field(
-        None, description="folder or URL prefix a table's image paths must lie under (default: the table's folder)")
+        None, description="folder or URL prefix a table's image paths must lie under (default: the table's folder)"
+    )
     allow_external_image_paths: bool = Field(
-        False, description="take a table's image paths as written (absolute, ../, URLs): trusted tables only")
-    classnames: Optional[str] = Field(None, description="imagenet|cifar10|cifar100 or a file with one class name per line")
-    templates: Optional[str] = Field(None, description="imagenet|cifar10|cifar100|simple or a file with one prompt template per line ({c} = class)")
+        False, description="take a table's image paths as written (absolute, ../, URLs): trusted tables only"
+    )
+    classnames: Optional[str] = Field(
+        None, description="imagenet|cifar10|cifar100 or a file with one class name per line"
+    )
+    templates: Optional[str] = Field(
+        None, description="imagenet|cifar10|cifar100|simple or a file with one prompt template per line ({c} = class)"
+    )
     output: Optional[str] = Field(None, description="results JSON file")
     batch_size: PositiveInt = 256
     recall_k: list[PositiveInt] = Field(default_factory=lambda: [1, 5, 10])
@@ -39,7 +46,8 @@ class EvalConfig(StorageConfig):
     report: bool = Field(True, description="write a Markdown summary (and a confusion-matrix PNG) beside output")
 
     engine: Literal["auto", "local", "ray"] = Field(
-        "auto", description="auto: Ray Data actors when Ray is up and the set has >= ray_min_rows images")
+        "auto", description="auto: Ray Data actors when Ray is up and the set has >= ray_min_rows images"
+    )
     ray_min_rows: PositiveInt = 10_000
     num_actors: Optional[PositiveInt] = Field(None, description="embedding actors (default: autoscale to the cluster)")
     cpus_per_actor: PositiveFloat = 1.0
@@ -52,8 +60,9 @@ class EvalConfig(StorageConfig):
     probe_steps_per_decade: PositiveInt = 8
     probe_max_iter: PositiveInt = 1000
     retrieval_block_size: PositiveInt = 2048
-    classifier_cache: Optional[str] = Field(None, description="folder caching zero-shot classifiers (local or fsspec URL)")
-
+    classifier_cache: Optional[str] = Field(
+        None, description="folder caching zero-shot classifiers (local or fsspec URL)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "EvalConfig":
@@ -61,9 +70,13 @@ class EvalConfig(StorageConfig):
         if not low < high:
             raise ValueError(f"eval.probe_c_range {list(self.probe_c_range)} must be [low, high] with low < high")
         if self.image_root is not None and self.allow_external_image_paths:
-            raise ValueError(f"eval.image_root {self.image_root!r} and eval.allow_external_image_paths: true exclude "
-                             "each other (the second accepts any path, so the root would check nothing); keep one")
+            raise ValueError(
+                f"eval.image_root {self.image_root!r} and eval.allow_external_image_paths: true exclude "
+                "each other (the second accepts any path, so the root would check nothing); keep one"
+            )
         if self.image_root is not None and ("::" in self.image_root or not self.image_root.strip()):
-            raise ValueError(f"eval.image_root {self.image_root!r} must be one folder or URL prefix "
-                             "(e.g. /data/images or s3://bucket/images), not empty and not an fsspec chain (::)")
+            raise ValueError(
+                f"eval.image_root {self.image_root!r} must be one folder or URL prefix "
+                "(e.g. /data/images or s3://bucket/images), not empty and not an fsspec chain (::)"
+            )
         return self

@@ -26,6 +26,7 @@ Modules: this one (what a spec is, ImageFolder trees, class names), `evaluation.
 and shards), `evaluation.image_paths` (the path guard), `evaluation.chunks` (`EvalDataset` and its
 image reading).
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -52,11 +53,20 @@ def _full(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
-def open_dataset(spec: str, *, image_col: str = "jpg", label_col: Optional[str] = "label",
-                 caption_col: Optional[str] = None, need_labels: bool = False, need_captions: bool = False,
-                 name: Optional[str] = None, storage: Optional[StorageConfig] = None,
-                 what: str = "eval.dataset", image_root: Optional[str] = None,
-                 allow_external_image_paths: bool = False) -> EvalDataset:
+def open_dataset(
+    spec: str,
+    *,
+    image_col: str = "jpg",
+    label_col: Optional[str] = "label",
+    caption_col: Optional[str] = None,
+    need_labels: bool = False,
+    need_captions: bool = False,
+    name: Optional[str] = None,
+    storage: Optional[StorageConfig] = None,
+    what: str = "eval.dataset",
+    image_root: Optional[str] = None,
+    allow_external_image_paths: bool = False,
+) -> EvalDataset:
     """Open an ImageFolder tree, a CSV/Parquet table or pipeline shards (see the module docstring).
 
     need_labels / need_captions: fail early (naming the key and the columns found) when the
@@ -66,9 +76,18 @@ def open_dataset(spec: str, *, image_col: str = "jpg", label_col: Optional[str] 
     storage = storage.storage() if storage is not None else StorageConfig()
     fs, path = fsspec_filesystem(spec, storage)
     path = path.rstrip("/") or "/"
-    table_args = dict(image_col=image_col, label_col=label_col, caption_col=caption_col, need_labels=need_labels,
-                      need_captions=need_captions, name=name, storage=storage, what=what, image_root=image_root,
-                      allow_external_image_paths=allow_external_image_paths)
+    table_args = dict(
+        image_col=image_col,
+        label_col=label_col,
+        caption_col=caption_col,
+        need_labels=need_labels,
+        need_captions=need_captions,
+        name=name,
+        storage=storage,
+        what=what,
+        image_root=image_root,
+        allow_external_image_paths=allow_external_image_paths,
+    )
     if any(ch in path for ch in "*?["):
         files = sorted(fs.glob(path))
         if not files:
@@ -78,8 +97,10 @@ def open_dataset(spec: str, *, image_col: str = "jpg", label_col: Optional[str] 
         raise FileNotFoundError(f"{what} {spec} does not exist")
     if fs.isfile(path):
         if not path.lower().endswith(TABLE_EXTENSIONS):
-            raise ValueError(f"{what} {spec}: a file must be a table ({', '.join(TABLE_EXTENSIONS)}); "
-                             "for images give their folder (an ImageFolder tree)")
+            raise ValueError(
+                f"{what} {spec}: a file must be a table ({', '.join(TABLE_EXTENSIONS)}); "
+                "for images give their folder (an ImageFolder tree)"
+            )
         return open_table(spec, [_full(fs, path)], **table_args, fmt="table")
     shards = posixpath.join(path, "shards")
     if fs.isdir(shards):
@@ -88,19 +109,22 @@ def open_dataset(spec: str, *, image_col: str = "jpg", label_col: Optional[str] 
             raise FileNotFoundError(f"{what} {spec}: {shards} holds no .parquet shard")
         return open_table(spec, [_full(fs, f) for f in files], **table_args, fmt="shards")
     entries = fs.ls(path, detail=True)
-    tables = sorted(e["name"] for e in entries
-                    if e["type"] == "file" and e["name"].lower().endswith(TABLE_EXTENSIONS))
+    tables = sorted(e["name"] for e in entries if e["type"] == "file" and e["name"].lower().endswith(TABLE_EXTENSIONS))
     if tables:
         parquet_only = all(t.lower().endswith(PARQUET_EXTENSIONS) for t in tables)
         return open_table(spec, [_full(fs, f) for f in tables], **table_args, fmt="shards" if parquet_only else "table")
     dirs = sorted(e["name"] for e in entries if e["type"] == "directory")
     if dirs:
         if need_captions:
-            raise ValueError(f"{what} {spec} is an ImageFolder tree (class folders), which has no captions; "
-                             "retrieval needs a table or shards with a caption column")
+            raise ValueError(
+                f"{what} {spec} is an ImageFolder tree (class folders), which has no captions; "
+                "retrieval needs a table or shards with a caption column"
+            )
         return _open_imagefolder(spec, path, fs, dirs, name, storage, what)
-    raise ValueError(f"{what} {spec}: no shards/, no table files ({', '.join(TABLE_EXTENSIONS)}) and no class "
-                     "folders; give an ImageFolder tree, a CSV/Parquet table or a pipeline output folder")
+    raise ValueError(
+        f"{what} {spec}: no shards/, no table files ({', '.join(TABLE_EXTENSIONS)}) and no class "
+        "folders; give an ImageFolder tree, a CSV/Parquet table or a pipeline output folder"
+    )
 
 
 def _open_imagefolder(spec, path, fs, dirs, name, storage, what) -> EvalDataset:
@@ -115,15 +139,29 @@ def _open_imagefolder(spec, path, fs, dirs, name, storage, what) -> EvalDataset:
     root = path.rstrip("/") + "/"
     keys = [p.split(root, 1)[-1] for p in paths]
     meta = pa.table({"row_id": np.arange(len(paths), dtype=np.int64), "key": keys, "image": paths, "label": labels})
-    return EvalDataset(name or default_name(spec), spec, "imagefolder", meta, path_chunks(len(paths)),
-                       image_in_parquet=False, image_column="image", storage=storage, classes=classes)
+    return EvalDataset(
+        name or default_name(spec),
+        spec,
+        "imagefolder",
+        meta,
+        path_chunks(len(paths)),
+        image_in_parquet=False,
+        image_column="image",
+        storage=storage,
+        classes=classes,
+    )
 
 
 # --- class names --------------------------------------------------------------------------------
 
-def resolve_classes(labels: Sequence[Any], *, folder_classes: Optional[Sequence[str]] = None,
-                    classnames: Optional[Sequence[str]] = None,
-                    need_names: bool = True) -> tuple[list[str], np.ndarray, str]:
+
+def resolve_classes(
+    labels: Sequence[Any],
+    *,
+    folder_classes: Optional[Sequence[str]] = None,
+    classnames: Optional[Sequence[str]] = None,
+    need_names: bool = True,
+) -> tuple[list[str], np.ndarray, str]:
     """(class names, label index per row, where the names came from).
 
     - ImageFolder (folder_classes): the label index is the folder's position in sorted order; the
@@ -138,8 +176,10 @@ def resolve_classes(labels: Sequence[Any], *, folder_classes: Optional[Sequence[
         idx = np.asarray([position[str(v)] for v in labels], dtype=np.int64)
         if classnames is not None:
             if len(classnames) != len(folder_classes):
-                raise ValueError(f"eval.classnames has {len(classnames)} names but the ImageFolder tree has "
-                                 f"{len(folder_classes)} class folders; give one name per folder, in sorted folder order")
+                raise ValueError(
+                    f"eval.classnames has {len(classnames)} names but the ImageFolder tree has "
+                    f"{len(folder_classes)} class folders; give one name per folder, in sorted folder order"
+                )
             return list(classnames), idx, "eval.classnames (one per folder, sorted folder order)"
         if len(folder_classes) == 1000 and all(_WNID.match(c) for c in folder_classes):
             from evaluation.templates import load_classnames
@@ -157,12 +197,16 @@ def resolve_classes(labels: Sequence[Any], *, folder_classes: Optional[Sequence[
         position = {n: i for i, n in reversed(list(enumerate(classnames)))}  # first wins on repeats
         unknown = sorted({str(v) for v in labels} - set(position))
         if unknown:
-            raise ValueError(f"{len(unknown)} labels are not class names: {unknown[:10]}; "
-                             f"the class names are {list(classnames)[:10]}{' ...' if len(classnames) > 10 else ''}")
+            raise ValueError(
+                f"{len(unknown)} labels are not class names: {unknown[:10]}; "
+                f"the class names are {list(classnames)[:10]}{' ...' if len(classnames) > 10 else ''}"
+            )
         return list(classnames), np.asarray([position[str(v)] for v in labels], dtype=np.int64), "eval.classnames"
     if ints and need_names:
-        raise ValueError("the labels are integers, so zero-shot has no class names to prompt with: "
-                         "give eval.classnames (a built-in name such as imagenet, or a file with one name per line)")
+        raise ValueError(
+            "the labels are integers, so zero-shot has no class names to prompt with: "
+            "give eval.classnames (a built-in name such as imagenet, or a file with one name per line)"
+        )
     names = sorted({str(v) for v in labels}, key=(lambda s: int(s)) if ints else None)
     position = {n: i for i, n in enumerate(names)}
     return names, np.asarray([position[str(v)] for v in labels], dtype=np.int64), "sorted distinct labels"

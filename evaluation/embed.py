@@ -10,6 +10,7 @@ shorter side, centre crop, RGB) on the decode threads, giving uint8 [S, S, 3] pe
 stacked uint8 batch is normalised on the model's device by `training.model.normalize_pixels`. The
 pipeline's CLIP-score filter uses the same two functions.
 """
+
 from __future__ import annotations
 
 import io
@@ -47,8 +48,9 @@ def open_image(value: Any, storage: Optional[StorageConfig] = None) -> Image.Ima
     return img
 
 
-def clip_preprocess(img: Image.Image, image_size: int, mean: Optional[Sequence[float]] = None,
-                    std: Optional[Sequence[float]] = None) -> np.ndarray:
+def clip_preprocess(
+    img: Image.Image, image_size: int, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None
+) -> np.ndarray:
     """float32 [3, S, S] for one image: `eval_pixels` then `normalize_pixels` (mean/std default: CLIP's).
 
     For callers that want the encoder's input of a single image on the CPU; batches go through
@@ -67,8 +69,15 @@ def _load(model: ModelSource, model_name: Optional[str], storage: Optional[Stora
 
 
 class _Encoder:
-    def __init__(self, model: ModelSource, *, model_name: Optional[str] = None, device: str = "cpu",
-                 precision: str = "fp32", storage: Optional[StorageConfig] = None):
+    def __init__(
+        self,
+        model: ModelSource,
+        *,
+        model_name: Optional[str] = None,
+        device: str = "cpu",
+        precision: str = "fp32",
+        storage: Optional[StorageConfig] = None,
+    ):
         if precision not in _AUTOCAST:
             raise ValueError(f"precision must be one of {sorted(_AUTOCAST)}, got {precision!r}")
         if device == "cuda" and not torch.cuda.is_available():
@@ -93,9 +102,16 @@ class ImageEmbedder(_Encoder):
     "" where ok). A corrupt image is reported in `ok`/`error`, never raised.
     """
 
-    def __init__(self, model: ModelSource, *, model_name: Optional[str] = None, device: str = "cpu",
-                 precision: str = "fp32", decode_threads: int = 0,
-                 storage: Optional[StorageConfig] = None):
+    def __init__(
+        self,
+        model: ModelSource,
+        *,
+        model_name: Optional[str] = None,
+        device: str = "cpu",
+        precision: str = "fp32",
+        decode_threads: int = 0,
+        storage: Optional[StorageConfig] = None,
+    ):
         super().__init__(model, model_name=model_name, device=device, precision=precision, storage=storage)
         self.image_size = int(self.model.image_size)
         self.decode_threads = decode_threads
@@ -146,7 +162,7 @@ def iter_slices(columns: dict[str, Sequence], batch_size: int) -> Iterable[Batch
     """Batches of `batch_size` rows from equal-length columns."""
     n = len(next(iter(columns.values())))
     for start in range(0, n, batch_size):
-        yield {k: _as_array(v[start:start + batch_size]) for k, v in columns.items()}
+        yield {k: _as_array(v[start : start + batch_size]) for k, v in columns.items()}
 
 
 def _as_array(values: Sequence) -> np.ndarray:
@@ -166,8 +182,9 @@ def concat_batches(batches: Iterable[Batch]) -> Batch:
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def embed_local(fn: Callable[[Batch], Batch], batches: Iterable[Batch],
-                progress: Optional[Callable[[int], None]] = None) -> Batch:
+def embed_local(
+    fn: Callable[[Batch], Batch], batches: Iterable[Batch], progress: Optional[Callable[[int], None]] = None
+) -> Batch:
     """Run the per-batch function over `batches` in this process and concatenate."""
     outputs = []
     for batch in batches:
@@ -177,8 +194,16 @@ def embed_local(fn: Callable[[Batch], Batch], batches: Iterable[Batch],
     return concat_batches(outputs)
 
 
-def embed_ray(ds, embedder_cls: type, constructor_kwargs: dict[str, Any], *, batch_size: int,
-              use_gpu: bool = False, num_actors: Optional[int] = None, cpus_per_actor: float = 1.0) -> Batch:
+def embed_ray(
+    ds,
+    embedder_cls: type,
+    constructor_kwargs: dict[str, Any],
+    *,
+    batch_size: int,
+    use_gpu: bool = False,
+    num_actors: Optional[int] = None,
+    cpus_per_actor: float = 1.0,
+) -> Batch:
     """Run the per-batch class as a Ray Data actor-pool stage over `ds`; rows come back in order.
 
     `num_actors` None: a pool autoscaling from 1 to the cluster's GPUs (use_gpu) or to
@@ -201,8 +226,13 @@ def embed_ray(ds, embedder_cls: type, constructor_kwargs: dict[str, Any], *, bat
         compute = ActorPoolStrategy(size=num_actors)
     kwargs = dict(constructor_kwargs, device="cuda" if use_gpu else "cpu")
     out = ds.map_batches(
-        embedder_cls, fn_constructor_kwargs=kwargs, batch_size=batch_size, batch_format="numpy",
-        compute=compute, num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_actor,
+        embedder_cls,
+        fn_constructor_kwargs=kwargs,
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=compute,
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=cpus_per_actor,
     )
     out.context.execution_options.preserve_order = True  # row order = input order: stable tie rules
     return concat_batches(out.iter_batches(batch_size=None, batch_format="numpy"))
@@ -210,4 +240,6 @@ def embed_ray(ds, embedder_cls: type, constructor_kwargs: dict[str, Any], *, bat
 
 def normalize(features: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
     """L2-normalised rows, float32 tensor."""
-    return F.normalize(torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features).float(), dim=-1)
+    return F.normalize(
+        torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features).float(), dim=-1
+    )

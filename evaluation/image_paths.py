@@ -19,6 +19,7 @@ and a symbolic link inside the root is followed, as an ImageFolder tree's would 
 often links to shared storage). `eval.allow_external_image_paths: true` turns the check off for a
 table one trusts: relative paths are still joined to the table's folder, all else is used as given.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,8 +31,10 @@ from urllib.parse import unquote
 import fsspec
 
 UNSAFE_IMAGE_PATH = "unsafe_image_path"
-HOW_TO_ALLOW = ("set eval.image_root to a folder or URL prefix that holds the images, or "
-                "eval.allow_external_image_paths: true for a table you trust")
+HOW_TO_ALLOW = (
+    "set eval.image_root to a folder or URL prefix that holds the images, or "
+    "eval.allow_external_image_paths: true for a table you trust"
+)
 
 Location = tuple[Optional[str], str]  # (canonical protocol, None for local files; normalised path)
 
@@ -49,9 +52,11 @@ class ImagePathResolver:
         root = _location(image_root if image_root is not None else table_dir)
         if root is None:
             what = f"eval.image_root {image_root!r}" if image_root is not None else f"the table's folder {table_dir!r}"
-            raise ValueError(f"{what} is not a folder or URL prefix that image paths can be checked against "
-                             "(an unknown scheme or an fsspec chain '::'); give eval.image_root as a local "
-                             "folder or a URL prefix such as s3://bucket/prefix")
+            raise ValueError(
+                f"{what} is not a folder or URL prefix that image paths can be checked against "
+                "(an unknown scheme or an fsspec chain '::'); give eval.image_root as a local "
+                "folder or a URL prefix such as s3://bucket/prefix"
+            )
         self.root = root
         table = _location(table_dir)
         # A relative path of plain names (no '', '.', '..') stays in the table's folder, so when that
@@ -69,8 +74,12 @@ class ImagePathResolver:
             return posixpath.join(self.table_dir, value), "", ""
         if "::" in value:
             return None, UNSAFE_IMAGE_PATH, f"{value!r} is an fsspec chained URL"
-        if (self._table_under_root and ":" not in value and not value.startswith("/")
-                and not any(seg in ("", ".", "..") for seg in value.split("/"))):
+        if (
+            self._table_under_root
+            and ":" not in value
+            and not value.startswith("/")
+            and not any(seg in ("", ".", "..") for seg in value.split("/"))
+        ):
             return f"{self.table_dir.rstrip('/')}/{value}", "", ""
         is_url = "://" in value and not value.startswith("file://")
         joined = value if is_url or value.startswith(("/", "file://")) else posixpath.join(self.table_dir, value)
@@ -92,7 +101,7 @@ def _location(spec: str) -> Optional[Location]:
     if "::" in spec:
         return None
     if spec.startswith("file://"):
-        spec = spec[len("file://"):]
+        spec = spec[len("file://") :]
     if "://" in spec:
         scheme, path = spec.split("://", 1)
         protocol = _canonical(scheme.lower())
@@ -104,8 +113,7 @@ def _location(spec: str) -> Optional[Location]:
 
 
 def _local(path: str) -> Optional[Location]:
-    path = _normalise(os.path.abspath(os.path.expanduser(path)) if not path.startswith("/") else path,
-                      keep_empty=False)
+    path = _normalise(os.path.abspath(os.path.expanduser(path)) if not path.startswith("/") else path, keep_empty=False)
     return None if path is None else (None, path)
 
 
@@ -125,7 +133,7 @@ def _normalise(path: str, keep_empty: bool) -> Optional[str]:
     segments (`a//b`) are kept for object stores, where they are part of the key."""
     lead = "/" if path.startswith("/") else ""
     parts: list[str] = []
-    for seg in path.split("/")[1 if lead else 0:]:
+    for seg in path.split("/")[1 if lead else 0 :]:
         if seg == "." or (seg == "" and not keep_empty):
             continue
         if seg == "..":

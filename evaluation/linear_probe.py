@@ -12,6 +12,7 @@ scored on the test split.
 
 sklearn's `C` is the inverse regularisation strength; the search runs over C directly.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,9 +67,16 @@ def _full_scores(clf: LogisticRegression, x: np.ndarray, num_classes: int) -> np
     return out
 
 
-def search_C(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *,
-             c_range: Sequence[float] = DEFAULT_C_RANGE, steps_per_decade: int = 8,
-             max_iter: int = 1000) -> tuple[float, list[ProbeTrial]]:
+def search_C(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    *,
+    c_range: Sequence[float] = DEFAULT_C_RANGE,
+    steps_per_decade: int = 8,
+    max_iter: int = 1000,
+) -> tuple[float, list[ProbeTrial]]:
     """The paper's parametric binary search over log10(C); returns (best C, trials in order)."""
     lo, hi = (math.log10(c) for c in c_range)
     if not (c_range[0] > 0 and hi > lo):
@@ -82,7 +90,7 @@ def search_C(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
         key = round(exponent, 9)
         if key in trials or not (lo - 1e-9 <= exponent <= hi + 1e-9):
             return
-        C = float(10.0 ** exponent)
+        C = float(10.0**exponent)
         clf, converged = _fit(train_x, train_y, C, max_iter)
         acc = float(np.mean(clf.predict(val_x) == val_y))
         proba = np.zeros((len(val_x), len(labels)))
@@ -120,16 +128,27 @@ def split_validation(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
         train_idx.append(members[n_val:])
     train, val = np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
     if len(val) == 0:
-        raise ValueError("the validation split is empty: give more training samples, a larger eval.val_fraction or eval.val_dataset")
+        raise ValueError(
+            "the validation split is empty: give more training samples, a larger eval.val_fraction or eval.val_dataset"
+        )
     return train, val
 
 
-def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
-                 num_classes: Optional[int] = None,
-                 val_x: Optional[np.ndarray] = None, val_y: Optional[np.ndarray] = None,
-                 val_fraction: float = 0.2, seed: int = 0,
-                 c_range: Sequence[float] = DEFAULT_C_RANGE, steps_per_decade: int = 8,
-                 max_iter: int = 1000) -> LinearProbeResult:
+def linear_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    *,
+    num_classes: Optional[int] = None,
+    val_x: Optional[np.ndarray] = None,
+    val_y: Optional[np.ndarray] = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    c_range: Sequence[float] = DEFAULT_C_RANGE,
+    steps_per_decade: int = 8,
+    max_iter: int = 1000,
+) -> LinearProbeResult:
     """Search C on (train, val), refit on train + val, score on test.
 
     x: [N, D] float features; y: [N] int class indices in [0, num_classes). Without `val_x`, a
@@ -148,19 +167,30 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     else:
         val_x, val_y = np.asarray(val_x, dtype=np.float64), np.asarray(val_y, dtype=np.int64)
         fit_x, fit_y = train_x, train_y
-    C, trials = search_C(fit_x, fit_y, val_x, val_y, c_range=c_range,
-                         steps_per_decade=steps_per_decade, max_iter=max_iter)
+    C, trials = search_C(
+        fit_x, fit_y, val_x, val_y, c_range=c_range, steps_per_decade=steps_per_decade, max_iter=max_iter
+    )
     clf, converged = _fit(np.concatenate([fit_x, val_x]), np.concatenate([fit_y, val_y]), C, max_iter)
     scores = _full_scores(clf, test_x, num_classes)
     finite = np.where(np.isfinite(scores), scores, np.finfo(np.float64).min)
     metrics = classification_metrics(finite, test_y)
     metrics["C"] = C
-    return LinearProbeResult(metrics=metrics, C=C, trials=trials, predictions=finite.argmax(axis=1),
-                             scores=scores, converged=converged)
+    return LinearProbeResult(
+        metrics=metrics, C=C, trials=trials, predictions=finite.argmax(axis=1), scores=scores, converged=converged
+    )
 
 
-def evaluate_linear_probe(model, train_images: Sequence, train_labels: Sequence, test_images: Sequence,
-                          test_labels: Sequence, *, batch_size: int = 64, device: str = "cpu", **probe_kwargs):
+def evaluate_linear_probe(
+    model,
+    train_images: Sequence,
+    train_labels: Sequence,
+    test_images: Sequence,
+    test_labels: Sequence,
+    *,
+    batch_size: int = 64,
+    device: str = "cpu",
+    **probe_kwargs,
+):
     """Linear probe of in-memory images, in this process (no Ray); returns an `EvalResult`.
 
     Labels: class indices or names (classes = sorted distinct labels of both splits). Images that
@@ -175,15 +205,22 @@ def evaluate_linear_probe(model, train_images: Sequence, train_labels: Sequence,
     was_training = model.training
     try:
         embedder = ImageEmbedder(model, device=device)
-        outs = [embed_local(embedder, iter_slices({"image": imgs, "key": np.arange(len(imgs)).astype(str)}, batch_size))
-                for imgs in (train_images, test_images)]
+        outs = [
+            embed_local(embedder, iter_slices({"image": imgs, "key": np.arange(len(imgs)).astype(str)}, batch_size))
+            for imgs in (train_images, test_images)
+        ]
     finally:
         model.train(was_training)
-    ys = [idx[:len(train_images)], idx[len(train_images):]]
+    ys = [idx[: len(train_images)], idx[len(train_images) :]]
     (trx, try_), (tex, tey) = [(o["image_features"][o["ok"]], y[o["ok"]]) for o, y in zip(outs, ys)]
     probe = linear_probe(trx, try_, tex, tey, num_classes=len(classnames), **probe_kwargs)
     bad = ~outs[1]["ok"]
-    return EvalResult(task="linear_probe", metrics=probe.metrics, num_samples=len(tey),
-                      skipped=skipped_summary(list(outs[1]["key"][bad]), list(outs[1]["error"][bad])),
-                      details={"num_train": len(try_), "C_search": [vars(t) for t in probe.trials]},
-                      confusion=confusion_matrix(tey, probe.predictions, len(classnames)), classnames=classnames)
+    return EvalResult(
+        task="linear_probe",
+        metrics=probe.metrics,
+        num_samples=len(tey),
+        skipped=skipped_summary(list(outs[1]["key"][bad]), list(outs[1]["error"][bad])),
+        details={"num_train": len(try_), "C_search": [vars(t) for t in probe.trials]},
+        confusion=confusion_matrix(tey, probe.predictions, len(classnames)),
+        classnames=classnames,
+    )

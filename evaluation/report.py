@@ -1,5 +1,6 @@
 """Human-readable outputs beside the results JSON: a Markdown summary and, for classification, a
 confusion-matrix PNG (matplotlib, Agg backend)."""
+
 from __future__ import annotations
 
 import io
@@ -15,16 +16,30 @@ WORST_CLASSES = 10
 
 
 def markdown_summary(result: EvalResult, obj: dict[str, Any], png_name: Optional[str] = None) -> str:
-    lines = [f"# Evaluation: {obj['task']} on {obj['dataset']}", "",
-             f"- model: `{obj['model']}` (`{obj['pretrained']}`)" if obj["pretrained"] else f"- model: `{obj['model']}`",
-             f"- samples scored: {result.num_samples}",
-             f"- skipped: {result.skipped['count']}" + (
-                 " (" + ", ".join(f"{k}: {v}" for k, v in result.skipped["reasons"].items()) + ")"
-                 if result.skipped.get("reasons") else ""),
-             "", "| metric | value |", "|---|---|"]
+    lines = [
+        f"# Evaluation: {obj['task']} on {obj['dataset']}",
+        "",
+        f"- model: `{obj['model']}` (`{obj['pretrained']}`)" if obj["pretrained"] else f"- model: `{obj['model']}`",
+        f"- samples scored: {result.num_samples}",
+        f"- skipped: {result.skipped['count']}"
+        + (
+            " (" + ", ".join(f"{k}: {v}" for k, v in result.skipped["reasons"].items()) + ")"
+            if result.skipped.get("reasons")
+            else ""
+        ),
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in obj["metrics"].items()]
     if result.task == "linear_probe" and result.details.get("C_search"):
-        lines += ["", "Regularisation search (validation split):", "", "| C | val acc1 | val log-loss |", "|---|---|---|"]
+        lines += [
+            "",
+            "Regularisation search (validation split):",
+            "",
+            "| C | val acc1 | val log-loss |",
+            "|---|---|---|",
+        ]
         for t in sorted(result.details["C_search"], key=lambda t: t["C"]):
             lines.append(f"| {t['C']:.3g} | {t['val_acc1']:.4f} | {t['val_log_loss']:.4f} |")
     if result.confusion is not None and result.classnames:
@@ -32,8 +47,16 @@ def markdown_summary(result: EvalResult, obj: dict[str, Any], png_name: Optional
         support = cm.sum(axis=1)
         recall = np.divide(np.diag(cm), support, out=np.zeros(len(cm)), where=support > 0)
         present = np.flatnonzero(support > 0)
-        rows = present if len(present) <= MAX_LABELLED_CLASSES else present[np.argsort(recall[present], kind="stable")[:WORST_CLASSES]]
-        title = "Per-class recall" if len(present) <= MAX_LABELLED_CLASSES else f"The {WORST_CLASSES} classes with the lowest recall"
+        rows = (
+            present
+            if len(present) <= MAX_LABELLED_CLASSES
+            else present[np.argsort(recall[present], kind="stable")[:WORST_CLASSES]]
+        )
+        title = (
+            "Per-class recall"
+            if len(present) <= MAX_LABELLED_CLASSES
+            else f"The {WORST_CLASSES} classes with the lowest recall"
+        )
         lines += ["", f"{title}:", "", "| class | samples | recall | most often predicted as |", "|---|---|---|---|"]
         for c in rows:
             off = cm[c].copy()
@@ -66,8 +89,15 @@ def confusion_png(confusion: np.ndarray, classnames: list[str], title: str) -> b
             for i in range(n):
                 for j in range(n):
                     if confusion[i, j]:
-                        ax.text(j, i, str(confusion[i, j]), ha="center", va="center",
-                                color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+                        ax.text(
+                            j,
+                            i,
+                            str(confusion[i, j]),
+                            ha="center",
+                            va="center",
+                            color="white" if norm[i, j] > 0.5 else "black",
+                            fontsize=8,
+                        )
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title)
@@ -78,8 +108,13 @@ def confusion_png(confusion: np.ndarray, classnames: list[str], title: str) -> b
     return buf.getvalue()
 
 
-def write_report(result: EvalResult, obj: dict[str, Any], md_path: str, png_path: Optional[str],
-                 storage: Optional[StorageConfig] = None) -> None:
+def write_report(
+    result: EvalResult,
+    obj: dict[str, Any],
+    md_path: str,
+    png_path: Optional[str],
+    storage: Optional[StorageConfig] = None,
+) -> None:
     png_name = None
     if png_path and result.confusion is not None and result.classnames:
         title = f"{obj['task']} on {obj['dataset']}: acc1 {obj['metrics'].get('acc1', float('nan')):.3f}"

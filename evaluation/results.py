@@ -6,6 +6,7 @@ CLIP_benchmark's name (`zeroshot_classification`, `zeroshot_retrieval`, `linear_
 `metrics` holds only numbers. What CLIP_benchmark has no field for (samples counted, images
 skipped and why, the linear probe's C search) sits under `clipray`.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,12 @@ def clip_benchmark_json(result: EvalResult, *, dataset: str, model: str, pretrai
         "task": CLIP_BENCHMARK_TASK[result.task],
         "metrics": metrics,
         "language": "en",
-        "clipray": {"task": result.task, "num_samples": result.num_samples,
-                    "skipped": result.skipped, **_jsonable(result.details)},
+        "clipray": {
+            "task": result.task,
+            "num_samples": result.num_samples,
+            "skipped": result.skipped,
+            **_jsonable(result.details),
+        },
     }
 
 

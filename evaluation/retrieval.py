@@ -31,6 +31,7 @@ GEMM's worst-case error bound (D x 2^-24 x |a| |b|, doubled) of the value it is 
 recomputed in float64, so every comparison decides as the exact score would (TF32 is switched off
 for these products). The blocked and the dense computations therefore agree exactly.
 """
+
 from __future__ import annotations
 
 from typing import Sequence, Union
@@ -56,11 +57,15 @@ def _index(text_to_image: Array, num_texts: int, num_images: int, device) -> tor
     if idx.shape != (num_texts,):
         raise ValueError(f"text_to_image must be [M] with M = {num_texts} (texts), got shape {tuple(idx.shape)}")
     if num_texts and (idx.min() < 0 or idx.max() >= num_images):
-        raise ValueError(f"text_to_image must index images in [0, {num_images}); got {int(idx.min())}..{int(idx.max())}")
+        raise ValueError(
+            f"text_to_image must index images in [0, {num_images}); got {int(idx.min())}..{int(idx.max())}"
+        )
     counts = torch.bincount(idx, minlength=num_images)
     if num_images and counts.min() == 0:
         missing = torch.nonzero(counts == 0).flatten()[:5].tolist()
-        raise ValueError(f"{int((counts == 0).sum())} images have no caption (e.g. images {missing}); every image needs one")
+        raise ValueError(
+            f"{int((counts == 0).sum())} images have no caption (e.g. images {missing}); every image needs one"
+        )
     return idx.to(device)
 
 
@@ -71,7 +76,7 @@ def scores(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
 
 def _gemm_error_bound(a: torch.Tensor, b: torch.Tensor) -> float:
     """A bound on |float32 GEMM - exact| for rows of `a` against rows of `b`, plus rounding slack."""
-    u = 2.0 ** -24
+    u = 2.0**-24
     return 2.0 * a.shape[1] * u * float(a.norm(dim=1).max()) * float(b.norm(dim=1).max()) + 4 * u
 
 
@@ -80,7 +85,9 @@ def pair_scores(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> torch.Te
     (`chunk` rows at a time, so the float64 copies stay small)."""
     out = torch.empty(len(a), dtype=torch.float32, device=a.device)
     for start in range(0, len(a), chunk):
-        out[start:start + chunk] = (a[start:start + chunk].double() * b[start:start + chunk].double()).sum(dim=1).float()
+        out[start : start + chunk] = (
+            (a[start : start + chunk].double() * b[start : start + chunk].double()).sum(dim=1).float()
+        )
     return out
 
 
@@ -88,12 +95,15 @@ def positive_scores(images: torch.Tensor, texts: torch.Tensor, idx: torch.Tensor
     """Score [M] of each text with its own image, without an [M, D] gather of the images."""
     out = torch.empty(len(texts), dtype=torch.float32, device=texts.device)
     for start in range(0, len(texts), chunk):
-        out[start:start + chunk] = pair_scores(texts[start:start + chunk], images[idx[start:start + chunk]], chunk)
+        out[start : start + chunk] = pair_scores(
+            texts[start : start + chunk], images[idx[start : start + chunk]], chunk
+        )
     return out
 
 
-def best_caption(image_emb: Array, text_emb: Array, text_to_image: Array,
-                 device: Union[str, torch.device] = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def best_caption(
+    image_emb: Array, text_emb: Array, text_to_image: Array, device: Union[str, torch.device] = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image's best caption [N] long and its score [N] float32 (ties: lowest text index)."""
     images = _tensor(image_emb, "image embeddings", device)
     texts = _tensor(text_emb, "text embeddings", device)
@@ -112,9 +122,14 @@ def _best_caption(pos: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def retrieval_ranks(image_emb: Array, text_emb: Array, text_to_image: Array, *,
-                    block_size: int = DEFAULT_BLOCK,
-                    device: Union[str, torch.device] = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def retrieval_ranks(
+    image_emb: Array,
+    text_emb: Array,
+    text_to_image: Array,
+    *,
+    block_size: int = DEFAULT_BLOCK,
+    device: Union[str, torch.device] = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
     """Blocked ranks: (rank of each text's image [M], rank of each image's best caption [N]).
 
     image_emb [N, D], text_emb [M, D]: L2-normalised; text_to_image [M]: image index of each text.
@@ -159,8 +174,9 @@ def retrieval_ranks(image_emb: Array, text_emb: Array, text_to_image: Array, *,
 
 
 @torch.no_grad()
-def dense_retrieval_ranks(image_emb: Array, text_emb: Array, text_to_image: Array,
-                          sort_rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def dense_retrieval_ranks(
+    image_emb: Array, text_emb: Array, text_to_image: Array, sort_rows: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
     """The same ranks from the full [M, N] score matrix and a stable sort of each row / column.
 
     The way open_clip and CLIP_benchmark hold it (one dense matrix, O(N x M) memory); kept as the
@@ -173,21 +189,22 @@ def dense_retrieval_ranks(image_emb: Array, text_emb: Array, text_to_image: Arra
     idx = _index(text_to_image, len(texts), len(images), "cpu").numpy()
     s = np.empty((len(texts), len(images)), dtype=np.float32)  # the dense matrix
     for r in range(0, len(texts), sort_rows):
-        s[r:r + sort_rows] = scores(texts[r:r + sort_rows], images).numpy()
+        s[r : r + sort_rows] = scores(texts[r : r + sort_rows], images).numpy()
     text_ranks = np.empty(len(texts), dtype=np.int64)
     for r in range(0, len(texts), sort_rows):
-        order = np.argsort(-s[r:r + sort_rows], axis=1, kind="stable")
-        text_ranks[r:r + sort_rows] = (order == idx[r:r + sort_rows, None]).argmax(axis=1)
+        order = np.argsort(-s[r : r + sort_rows], axis=1, kind="stable")
+        text_ranks[r : r + sort_rows] = (order == idx[r : r + sort_rows, None]).argmax(axis=1)
     image_ranks = np.empty(len(images), dtype=np.int64)
     for c in range(0, len(images), sort_rows):
-        order = np.argsort(-s[:, c:c + sort_rows].T, axis=1, kind="stable")  # [images, texts]
+        order = np.argsort(-s[:, c : c + sort_rows].T, axis=1, kind="stable")  # [images, texts]
         hits = idx[order] == np.arange(c, c + order.shape[0])[:, None]
-        image_ranks[c:c + sort_rows] = hits.argmax(axis=1)
+        image_ranks[c : c + sort_rows] = hits.argmax(axis=1)
     return text_ranks, image_ranks
 
 
-def recall_from_ranks(text_ranks: np.ndarray, image_ranks: np.ndarray,
-                      recall_k: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def recall_from_ranks(
+    text_ranks: np.ndarray, image_ranks: np.ndarray, recall_k: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
     """CLIP_benchmark's metric names from the two rank arrays."""
     metrics: dict[str, float] = {}
     for k in recall_k:
@@ -196,18 +213,29 @@ def recall_from_ranks(text_ranks: np.ndarray, image_ranks: np.ndarray,
     return metrics
 
 
-def retrieval_metrics(image_emb: Array, text_emb: Array, text_to_image: Array, *,
-                      recall_k: Sequence[int] = (1, 5, 10), block_size: int = DEFAULT_BLOCK,
-                      device: Union[str, torch.device] = "cpu") -> dict[str, float]:
+def retrieval_metrics(
+    image_emb: Array,
+    text_emb: Array,
+    text_to_image: Array,
+    *,
+    recall_k: Sequence[int] = (1, 5, 10),
+    block_size: int = DEFAULT_BLOCK,
+    device: Union[str, torch.device] = "cpu",
+) -> dict[str, float]:
     """`image_retrieval_recall@k` and `text_retrieval_recall@k` for each k (blocked)."""
-    text_ranks, image_ranks = retrieval_ranks(image_emb, text_emb, text_to_image,
-                                              block_size=block_size, device=device)
+    text_ranks, image_ranks = retrieval_ranks(image_emb, text_emb, text_to_image, block_size=block_size, device=device)
     return recall_from_ranks(text_ranks, image_ranks, recall_k)
 
 
 @torch.no_grad()
-def blocked_topk(queries: Array, candidates: Array, k: int, *, block_size: int = DEFAULT_BLOCK,
-                 device: Union[str, torch.device] = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def blocked_topk(
+    queries: Array,
+    candidates: Array,
+    k: int,
+    *,
+    block_size: int = DEFAULT_BLOCK,
+    device: Union[str, torch.device] = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
     """Running top-k over candidate blocks: (indices [Q, k] int64, scores [Q, k] float32).
 
     Order: score descending, index ascending among equal scores (the ranks' rule). Memory:
@@ -219,11 +247,11 @@ def blocked_topk(queries: Array, candidates: Array, k: int, *, block_size: int =
     out_idx = np.empty((len(q_all), k), dtype=np.int64)
     out_val = np.empty((len(q_all), k), dtype=np.float32)
     for q0 in range(0, len(q_all), block_size):
-        q = q_all[q0:q0 + block_size]
+        q = q_all[q0 : q0 + block_size]
         run_val = torch.empty((len(q), 0), device=device)
         run_idx = torch.empty((len(q), 0), dtype=torch.long, device=device)
         for c0 in range(0, len(c_all), block_size):
-            s = scores(q, c_all[c0:c0 + block_size])
+            s = scores(q, c_all[c0 : c0 + block_size])
             # Stable sorts keep equal scores in index order; the running entries come first
             # and have lower indices than this block, so the merge keeps the rule too.
             v, i = torch.sort(s, dim=1, descending=True, stable=True)
@@ -231,14 +259,22 @@ def blocked_topk(queries: Array, candidates: Array, k: int, *, block_size: int =
             v, order = torch.sort(torch.cat([run_val, v], dim=1), dim=1, descending=True, stable=True)
             run_val = v[:, :k]
             run_idx = torch.gather(torch.cat([run_idx, i], dim=1), 1, order)[:, :k]
-        out_idx[q0:q0 + block_size] = run_idx.cpu().numpy()
-        out_val[q0:q0 + block_size] = run_val.cpu().numpy()
+        out_idx[q0 : q0 + block_size] = run_idx.cpu().numpy()
+        out_val[q0 : q0 + block_size] = run_val.cpu().numpy()
     return out_idx, out_val
 
 
-def evaluate_retrieval(model: torch.nn.Module, images: Sequence, captions: Sequence, *,
-                       recall_k: Sequence[int] = (1, 5, 10), batch_size: int = 64, device: str = "cpu",
-                       block_size: int = DEFAULT_BLOCK, decode_threads: int = 0):
+def evaluate_retrieval(
+    model: torch.nn.Module,
+    images: Sequence,
+    captions: Sequence,
+    *,
+    recall_k: Sequence[int] = (1, 5, 10),
+    batch_size: int = 64,
+    device: str = "cpu",
+    block_size: int = DEFAULT_BLOCK,
+    decode_threads: int = 0,
+):
     """Retrieval of in-memory pairs, in this process (no Ray); returns an `EvalResult`.
 
     images: encoded bytes, paths/URLs or PIL images; captions: one string or a list of strings
@@ -255,20 +291,32 @@ def evaluate_retrieval(model: torch.nn.Module, images: Sequence, captions: Seque
     was_training = model.training
     try:
         keys = np.arange(len(images)).astype(str)
-        out = embed_local(ImageEmbedder(model, device=device, decode_threads=decode_threads),
-                          iter_slices({"image": images, "key": keys}, batch_size))
+        out = embed_local(
+            ImageEmbedder(model, device=device, decode_threads=decode_threads),
+            iter_slices({"image": images, "key": keys}, batch_size),
+        )
         ok = out["ok"]
         kept = [caps for caps, good in zip(caption_lists, ok) if good]
         texts = [t for caps in kept for t in caps]
         text_to_image = np.repeat(np.arange(len(kept)), [len(c) for c in kept])
-        text_features = embed_local(TextEmbedder(model, device=device), iter_slices({"text": texts}, batch_size))["text_features"]
+        text_features = embed_local(TextEmbedder(model, device=device), iter_slices({"text": texts}, batch_size))[
+            "text_features"
+        ]
     finally:
         model.train(was_training)
     if not ok.any():
         raise ValueError(f"none of the {len(images)} images could be decoded: {out['error'][0]}")
-    text_ranks, image_ranks = retrieval_ranks(normalize(out["image_features"][ok]), normalize(text_features),
-                                              text_to_image, block_size=block_size, device=device)
-    return EvalResult(task="retrieval", metrics=recall_from_ranks(text_ranks, image_ranks, recall_k),
-                      num_samples=int(ok.sum()),
-                      skipped=skipped_summary(list(out["key"][~ok]), list(out["error"][~ok])),
-                      details={"num_images": int(ok.sum()), "num_texts": len(texts)})
+    text_ranks, image_ranks = retrieval_ranks(
+        normalize(out["image_features"][ok]),
+        normalize(text_features),
+        text_to_image,
+        block_size=block_size,
+        device=device,
+    )
+    return EvalResult(
+        task="retrieval",
+        metrics=recall_from_ranks(text_ranks, image_ranks, recall_k),
+        num_samples=int(ok.sum()),
+        skipped=skipped_summary(list(out["key"][~ok]), list(out["error"][~ok])),
+        details={"num_images": int(ok.sum()), "num_texts": len(texts)},
+    )

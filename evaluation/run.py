@@ -5,6 +5,7 @@ write CLIP_benchmark's JSON, the Markdown summary, the confusion matrix and the 
 same without loading the model or writing files, for callers that hold a model (the demo, a
 training run's validation).
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,7 +21,14 @@ from evaluation.datasets import EvalDataset, open_dataset, resolve_classes
 from evaluation.embed import ImageEmbedder, TextEmbedder, embed_local, embed_ray, iter_slices, normalize
 from evaluation.linear_probe import linear_probe
 from evaluation.classification import confusion_matrix, topk_classes, target_ranks
-from evaluation.results import EvalResult, clip_benchmark_json, sibling_path, skipped_summary, write_json, write_predictions
+from evaluation.results import (
+    EvalResult,
+    clip_benchmark_json,
+    sibling_path,
+    skipped_summary,
+    write_json,
+    write_predictions,
+)
 from evaluation.retrieval import blocked_topk, recall_from_ranks, retrieval_ranks
 from evaluation.templates import load_classnames, load_templates
 from evaluation.zeroshot import build_classifier, score_zeroshot
@@ -29,6 +37,7 @@ log = logging.getLogger(__name__)
 
 
 # --- embedding: one choice of engine, one per-batch class -----------------------------------------
+
 
 def choose_engine(cfg: EvalConfig, num_rows: int) -> str:
     if cfg.engine != "auto":
@@ -41,8 +50,10 @@ def choose_engine(cfg: EvalConfig, num_rows: int) -> str:
 def _device(cfg: EvalConfig) -> str:
     """Where this process embeds (the local engine): eval.use_gpu needs a CUDA device here."""
     if cfg.use_gpu and not torch.cuda.is_available():
-        raise ValueError("eval.use_gpu is set but this machine has no CUDA device "
-                           "(with engine ray, the GPUs of the cluster's workers are used instead)")
+        raise ValueError(
+            "eval.use_gpu is set but this machine has no CUDA device "
+            "(with engine ray, the GPUs of the cluster's workers are used instead)"
+        )
     return "cuda" if cfg.use_gpu else "cpu"
 
 
@@ -57,8 +68,15 @@ def embed_dataset_images(ds: EvalDataset, model: torch.nn.Module, cfg: EvalConfi
     kwargs = dict(precision=cfg.precision, decode_threads=cfg.decode_threads, storage=ds.storage)
     start = time.perf_counter()
     if engine == "ray":
-        out = embed_ray(ds.to_ray(), ImageEmbedder, dict(kwargs, model=model), batch_size=cfg.batch_size,
-                        use_gpu=cfg.use_gpu, num_actors=cfg.num_actors, cpus_per_actor=cfg.cpus_per_actor)
+        out = embed_ray(
+            ds.to_ray(),
+            ImageEmbedder,
+            dict(kwargs, model=model),
+            batch_size=cfg.batch_size,
+            use_gpu=cfg.use_gpu,
+            num_actors=cfg.num_actors,
+            cpus_per_actor=cfg.cpus_per_actor,
+        )
     else:
         embedder = ImageEmbedder(model, device=_device(cfg), **kwargs)
         out = embed_local(embedder, ds.iter_image_batches(cfg.batch_size))
@@ -71,8 +89,13 @@ def embed_dataset_images(ds: EvalDataset, model: torch.nn.Module, cfg: EvalConfi
     if np.any(pos >= len(order)) or np.any(out["row_id"][order][np.minimum(pos, len(order) - 1)] != want):
         raise RuntimeError("embedding lost rows: the embedded row ids do not cover the data set (a bug)")
     take = order[pos]
-    return {"features": out["image_features"][take], "ok": out["ok"][take].astype(bool),
-            "error": out["error"][take], "engine": engine, "seconds": seconds}
+    return {
+        "features": out["image_features"][take],
+        "ok": out["ok"][take].astype(bool),
+        "error": out["error"][take],
+        "engine": engine,
+        "seconds": seconds,
+    }
 
 
 def embed_texts(texts: list[str], model: torch.nn.Module, cfg: EvalConfig) -> np.ndarray:
@@ -86,11 +109,19 @@ def embed_texts(texts: list[str], model: torch.nn.Module, cfg: EvalConfig) -> np
 
         data_context()
         rows = np.arange(len(texts))
-        ds = ray.data.from_items([{"row_id": int(i), "text": t} for i, t in zip(rows, texts)],
-                                 override_num_blocks=max(1, min(64, len(texts) // max(cfg.batch_size, 1))))
-        out = embed_ray(ds, TextEmbedder, {"model": model, "precision": cfg.precision},
-                        batch_size=cfg.batch_size, use_gpu=cfg.use_gpu, num_actors=cfg.num_actors,
-                        cpus_per_actor=cfg.cpus_per_actor)
+        ds = ray.data.from_items(
+            [{"row_id": int(i), "text": t} for i, t in zip(rows, texts)],
+            override_num_blocks=max(1, min(64, len(texts) // max(cfg.batch_size, 1))),
+        )
+        out = embed_ray(
+            ds,
+            TextEmbedder,
+            {"model": model, "precision": cfg.precision},
+            batch_size=cfg.batch_size,
+            use_gpu=cfg.use_gpu,
+            num_actors=cfg.num_actors,
+            cpus_per_actor=cfg.cpus_per_actor,
+        )
         return out["text_features"][np.argsort(out["row_id"], kind="stable")]
     embedder = TextEmbedder(model, device=_device(cfg), precision=cfg.precision)
     return embed_local(embedder, iter_slices({"text": texts}, cfg.batch_size))["text_features"]
@@ -107,10 +138,19 @@ def _skipped(ds: EvalDataset, emb: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def _open(spec: str, cfg: EvalConfig, *, need_labels=False, need_captions=False, what="eval.dataset") -> EvalDataset:
-    ds = open_dataset(spec, image_col=cfg.image_col, label_col=cfg.label_col, caption_col=cfg.caption_col,
-                      need_labels=need_labels, need_captions=need_captions, name=cfg.dataset_name if what == "eval.dataset" else None,
-                      storage=cfg, what=what, image_root=cfg.image_root,
-                      allow_external_image_paths=cfg.allow_external_image_paths)
+    ds = open_dataset(
+        spec,
+        image_col=cfg.image_col,
+        label_col=cfg.label_col,
+        caption_col=cfg.caption_col,
+        need_labels=need_labels,
+        need_captions=need_captions,
+        name=cfg.dataset_name if what == "eval.dataset" else None,
+        storage=cfg,
+        what=what,
+        image_root=cfg.image_root,
+        allow_external_image_paths=cfg.allow_external_image_paths,
+    )
     if cfg.max_samples:
         ds = ds.head(cfg.max_samples)
     return ds
@@ -118,26 +158,44 @@ def _open(spec: str, cfg: EvalConfig, *, need_labels=False, need_captions=False,
 
 # --- the three tasks ------------------------------------------------------------------------------
 
+
 def evaluate_zeroshot_dataset(model: torch.nn.Module, cfg: EvalConfig, ds: Optional[EvalDataset] = None) -> EvalResult:
     ds = ds or _open(cfg.dataset, cfg, need_labels=True)
     classnames_file = load_classnames(cfg.classnames, cfg.dataset_name, cfg) if cfg.classnames else None
-    classnames, labels, names_from = resolve_classes(ds.meta.column("label").to_pylist(), folder_classes=ds.classes,
-                                                     classnames=classnames_file, need_names=True)
+    classnames, labels, names_from = resolve_classes(
+        ds.meta.column("label").to_pylist(), folder_classes=ds.classes, classnames=classnames_file, need_names=True
+    )
     templates = load_templates(cfg.templates, cfg.dataset_name, cfg)
     emb = embed_dataset_images(ds, model, cfg)
     on_ray = choose_engine(cfg, len(classnames) * len(templates)) == "ray"
     encode = (lambda prompts: embed_texts(prompts, model, cfg)) if on_ray else None
-    classifier = build_classifier(model, classnames, templates, batch_size=cfg.batch_size,
-                                  device=_driver_device(cfg) if on_ray else _device(cfg),
-                                  cache_dir=cfg.classifier_cache, storage=cfg, encode_texts=encode)
+    classifier = build_classifier(
+        model,
+        classnames,
+        templates,
+        batch_size=cfg.batch_size,
+        device=_driver_device(cfg) if on_ray else _device(cfg),
+        cache_dir=cfg.classifier_cache,
+        storage=cfg,
+        encode_texts=encode,
+    )
     ok = emb["ok"]
     if not ok.any():
         raise ValueError(f"none of the {ds.num_rows} images of {ds.source} could be decoded (e.g. {emb['error'][0]})")
     keys = ds.meta.column("key").to_numpy(zero_copy_only=False)
     return score_zeroshot(
-        emb["features"][ok], labels[ok], classifier, classnames, keys=keys[ok], skipped=_skipped(ds, emb),
-        details={"num_templates": len(templates), "classnames_from": names_from, "engine": emb["engine"],
-                 "embed_seconds": round(emb["seconds"], 3)},
+        emb["features"][ok],
+        labels[ok],
+        classifier,
+        classnames,
+        keys=keys[ok],
+        skipped=_skipped(ds, emb),
+        details={
+            "num_templates": len(templates),
+            "classnames_from": names_from,
+            "engine": emb["engine"],
+            "embed_seconds": round(emb["seconds"], 3),
+        },
         predictions=cfg.dump_predictions,
     )
 
@@ -156,16 +214,31 @@ def evaluate_retrieval_dataset(model: torch.nn.Module, cfg: EvalConfig, ds: Opti
     images = normalize(emb["features"][ok])
     text = normalize(text_features)
     device = _driver_device(cfg)
-    text_ranks, image_ranks = retrieval_ranks(images, text, text_to_image, block_size=cfg.retrieval_block_size, device=device)
+    text_ranks, image_ranks = retrieval_ranks(
+        images, text, text_to_image, block_size=cfg.retrieval_block_size, device=device
+    )
     metrics = recall_from_ranks(text_ranks, image_ranks, cfg.recall_k)
     skipped = _skipped(ds, emb)
-    skipped["captions_dropped_with_their_image"] = int(sum(len(c) for c, good in zip(ds.meta.column("captions").to_pylist(), ok) if not good))
-    result = EvalResult(task="retrieval", metrics=metrics, num_samples=int(ok.sum()), skipped=skipped,
-                        details={"num_images": int(ok.sum()), "num_texts": len(texts), "engine": emb["engine"],
-                                 "embed_seconds": round(emb["seconds"], 3)})
+    skipped["captions_dropped_with_their_image"] = int(
+        sum(len(c) for c, good in zip(ds.meta.column("captions").to_pylist(), ok) if not good)
+    )
+    result = EvalResult(
+        task="retrieval",
+        metrics=metrics,
+        num_samples=int(ok.sum()),
+        skipped=skipped,
+        details={
+            "num_images": int(ok.sum()),
+            "num_texts": len(texts),
+            "engine": emb["engine"],
+            "embed_seconds": round(emb["seconds"], 3),
+        },
+    )
     if cfg.dump_predictions:
         k = max(cfg.recall_k)
-        caption_ids = np.asarray([f"{image_keys[i]}#{j}" for i, caps in enumerate(captions) for j in range(len(caps))], dtype=object)
+        caption_ids = np.asarray(
+            [f"{image_keys[i]}#{j}" for i, caps in enumerate(captions) for j in range(len(caps))], dtype=object
+        )
         t_top, _ = blocked_topk(text, images, k, block_size=cfg.retrieval_block_size, device=device)
         i_top, _ = blocked_topk(images, text, k, block_size=cfg.retrieval_block_size, device=device)
         from evaluation.retrieval import best_caption
@@ -185,7 +258,9 @@ def evaluate_retrieval_dataset(model: torch.nn.Module, cfg: EvalConfig, ds: Opti
 
 def evaluate_linear_probe_dataset(model: torch.nn.Module, cfg: EvalConfig) -> EvalResult:
     if not cfg.train_dataset:
-        raise ValueError("eval.task linear_probe needs eval.train_dataset (its training split); eval.dataset is the test split")
+        raise ValueError(
+            "eval.task linear_probe needs eval.train_dataset (its training split); eval.dataset is the test split"
+        )
     train = _open(cfg.train_dataset, cfg, need_labels=True, what="eval.train_dataset")
     test = _open(cfg.dataset, cfg, need_labels=True)
     val = _open(cfg.val_dataset, cfg, need_labels=True, what="eval.val_dataset") if cfg.val_dataset else None
@@ -194,12 +269,16 @@ def evaluate_linear_probe_dataset(model: torch.nn.Module, cfg: EvalConfig) -> Ev
     if folder is not None:
         for s in splits[1:]:
             if s.classes is None or not set(s.classes) <= set(folder):
-                raise ValueError(f"{s.source}: its classes must be class folders of eval.train_dataset {train.source} as well")
+                raise ValueError(
+                    f"{s.source}: its classes must be class folders of eval.train_dataset {train.source} as well"
+                )
     all_labels = [v for s in splits for v in s.meta.column("label").to_pylist()]
     classnames_file = load_classnames(cfg.classnames, cfg.dataset_name, cfg) if cfg.classnames else None
-    classnames, idx, names_from = resolve_classes(all_labels, folder_classes=folder, classnames=classnames_file, need_names=False)
+    classnames, idx, names_from = resolve_classes(
+        all_labels, folder_classes=folder, classnames=classnames_file, need_names=False
+    )
     bounds = np.cumsum([0] + [s.num_rows for s in splits])
-    labels = {id(s): idx[bounds[i]:bounds[i + 1]] for i, s in enumerate(splits)}
+    labels = {id(s): idx[bounds[i] : bounds[i + 1]] for i, s in enumerate(splits)}
     embs = {id(s): embed_dataset_images(s, model, cfg) for s in splits}
 
     def xy(s):
@@ -209,37 +288,68 @@ def evaluate_linear_probe_dataset(model: torch.nn.Module, cfg: EvalConfig) -> Ev
     train_x, train_y = xy(train)
     test_x, test_y = xy(test)
     val_x, val_y = xy(val) if val is not None else (None, None)
-    probe = linear_probe(train_x, train_y, test_x, test_y, num_classes=len(classnames), val_x=val_x, val_y=val_y,
-                         val_fraction=cfg.val_fraction, seed=cfg.seed, c_range=cfg.probe_c_range,
-                         steps_per_decade=cfg.probe_steps_per_decade, max_iter=cfg.probe_max_iter)
+    probe = linear_probe(
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        num_classes=len(classnames),
+        val_x=val_x,
+        val_y=val_y,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        c_range=cfg.probe_c_range,
+        steps_per_decade=cfg.probe_steps_per_decade,
+        max_iter=cfg.probe_max_iter,
+    )
     skipped = _skipped(test, embs[id(test)])
     skipped["train_images_skipped"] = _skipped(train, embs[id(train)])["count"]
     result = EvalResult(
-        task="linear_probe", metrics=probe.metrics, num_samples=len(test_y), skipped=skipped,
-        details={"num_classes": len(classnames), "classnames_from": names_from, "num_train": len(train_y),
-                 "num_val": 0 if val_x is None else len(val_y), "C_search": [vars(t) for t in probe.trials],
-                 "refit_converged": probe.converged, "features": "encode_image, not normalised"},
-        confusion=confusion_matrix(test_y, probe.predictions, len(classnames)), classnames=classnames,
+        task="linear_probe",
+        metrics=probe.metrics,
+        num_samples=len(test_y),
+        skipped=skipped,
+        details={
+            "num_classes": len(classnames),
+            "classnames_from": names_from,
+            "num_train": len(train_y),
+            "num_val": 0 if val_x is None else len(val_y),
+            "C_search": [vars(t) for t in probe.trials],
+            "refit_converged": probe.converged,
+            "features": "encode_image, not normalised",
+        },
+        confusion=confusion_matrix(test_y, probe.predictions, len(classnames)),
+        classnames=classnames,
     )
     if cfg.dump_predictions:
         scores = np.where(np.isfinite(probe.scores), probe.scores, np.finfo(np.float64).min)
         keys = test.meta.column("key").to_numpy(zero_copy_only=False)[embs[id(test)]["ok"]]
         result.predictions = {
-            "key": keys.astype(object), "label": test_y, "label_name": np.asarray([classnames[i] for i in test_y], dtype=object),
-            "pred": probe.predictions, "pred_name": np.asarray([classnames[i] for i in probe.predictions], dtype=object),
-            "correct": probe.predictions == test_y, "rank": target_ranks(scores, test_y), "top5": topk_classes(scores, 5),
+            "key": keys.astype(object),
+            "label": test_y,
+            "label_name": np.asarray([classnames[i] for i in test_y], dtype=object),
+            "pred": probe.predictions,
+            "pred_name": np.asarray([classnames[i] for i in probe.predictions], dtype=object),
+            "correct": probe.predictions == test_y,
+            "rank": target_ranks(scores, test_y),
+            "top5": topk_classes(scores, 5),
         }
     return result
 
 
-TASKS = {"zeroshot": evaluate_zeroshot_dataset, "retrieval": evaluate_retrieval_dataset,
-         "linear_probe": evaluate_linear_probe_dataset}
+TASKS = {
+    "zeroshot": evaluate_zeroshot_dataset,
+    "retrieval": evaluate_retrieval_dataset,
+    "linear_probe": evaluate_linear_probe_dataset,
+}
 
 
 def evaluate_dataset(model: torch.nn.Module, cfg: EvalConfig) -> EvalResult:
     """Run `cfg.task` on `cfg.dataset` with an in-memory model; writes nothing."""
     if not cfg.dataset:
-        raise ValueError("eval.dataset is not set: give the data set to evaluate on (ImageFolder tree, CSV/Parquet table or pipeline shards)")
+        raise ValueError(
+            "eval.dataset is not set: give the data set to evaluate on (ImageFolder tree, CSV/Parquet table or pipeline shards)"
+        )
     was_training = model.training
     try:
         return TASKS[cfg.task](model, cfg)
@@ -261,13 +371,17 @@ def model_label(cfg: EvalConfig) -> str:
 def run_evaluation(cfg: EvalConfig, model: Optional[torch.nn.Module] = None) -> dict:
     """Evaluate, write `cfg.output` (+ report, + predictions) and return the CLIP_benchmark JSON."""
     if not cfg.dataset:
-        raise ValueError("eval.dataset is not set: give the data set to evaluate on (ImageFolder tree, CSV/Parquet table or pipeline shards)")
+        raise ValueError(
+            "eval.dataset is not set: give the data set to evaluate on (ImageFolder tree, CSV/Parquet table or pipeline shards)"
+        )
     if cfg.dump_predictions and not cfg.output:
         raise ValueError("--dump-predictions needs eval.output: the predictions are written next to it")
     if model is None:
         if not cfg.model:
-            raise ValueError("eval.model is not set: give a run dir, a final/ dir or a checkpoint file "
-                             "(OpenAI .pt, OpenCLIP .pt/.safetensors)")
+            raise ValueError(
+                "eval.model is not set: give a run dir, a final/ dir or a checkpoint file "
+                "(OpenAI .pt, OpenCLIP .pt/.safetensors)"
+            )
         from training.model import load_model
 
         model = load_model(cfg.model, name=cfg.model_name, storage=cfg)
@@ -279,8 +393,13 @@ def run_evaluation(cfg: EvalConfig, model: Optional[torch.nn.Module] = None) -> 
         if cfg.report:
             from evaluation.report import write_report
 
-            write_report(result, obj, sibling_path(cfg.output, ".md"),
-                         sibling_path(cfg.output, ".confusion.png") if result.confusion is not None else None, cfg)
+            write_report(
+                result,
+                obj,
+                sibling_path(cfg.output, ".md"),
+                sibling_path(cfg.output, ".confusion.png") if result.confusion is not None else None,
+                cfg,
+            )
         if cfg.dump_predictions and result.predictions is not None:
             write_predictions(result.predictions, sibling_path(cfg.output, ".predictions.jsonl"), cfg)
     _print_summary(obj)
@@ -290,5 +409,7 @@ def run_evaluation(cfg: EvalConfig, model: Optional[torch.nn.Module] = None) -> 
 def _print_summary(obj: dict) -> None:
     metrics = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in obj["metrics"].items())
     skipped = obj["clipray"]["skipped"]["count"]
-    print(f"eval {obj['task']} on {obj['dataset']}: {metrics} "
-          f"({obj['clipray']['num_samples']} samples, {skipped} skipped)")
+    print(
+        f"eval {obj['task']} on {obj['dataset']}: {metrics} "
+        f"({obj['clipray']['num_samples']} samples, {skipped} skipped)"
+    )

@@ -5,6 +5,7 @@ are Parquet tables of this kind.
 Everything but image bytes is read at open time into `EvalDataset.meta`; rows without a usable
 image path, label or caption are dropped there and counted by reason.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,10 +50,22 @@ def _read_table_meta(url: str, storage: StorageConfig, image_col: str) -> tuple[
         return table, table.schema, [table.num_rows]
 
 
-def open_table(spec: str, files: list[str], *, image_col: str, label_col: Optional[str],
-               caption_col: Optional[str], need_labels: bool, need_captions: bool, name: Optional[str],
-               storage: StorageConfig, what: str, fmt: str, image_root: Optional[str] = None,
-               allow_external_image_paths: bool = False) -> EvalDataset:
+def open_table(
+    spec: str,
+    files: list[str],
+    *,
+    image_col: str,
+    label_col: Optional[str],
+    caption_col: Optional[str],
+    need_labels: bool,
+    need_captions: bool,
+    name: Optional[str],
+    storage: StorageConfig,
+    what: str,
+    fmt: str,
+    image_root: Optional[str] = None,
+    allow_external_image_paths: bool = False,
+) -> EvalDataset:
     """An EvalDataset over table files (all with the same columns); `fmt` "table" or "shards".
 
     Image paths are resolved by `ImagePathResolver` (image_root, allow_external_image_paths); rows
@@ -66,20 +79,28 @@ def open_table(spec: str, files: list[str], *, image_col: str, label_col: Option
     if image_col not in columns:
         fallback = [c for c in IMAGE_COL_FALLBACKS if c in columns]
         if image_col != "jpg" or not fallback:
-            raise ValueError(f"{what} {spec}: eval.image_col '{image_col}' is not a column "
-                             f"(columns: {', '.join(columns)}); set eval.image_col")
+            raise ValueError(
+                f"{what} {spec}: eval.image_col '{image_col}' is not a column "
+                f"(columns: {', '.join(columns)}); set eval.image_col"
+            )
         image_col = fallback[0]
     if need_labels and (label_col is None or label_col not in columns):
-        raise ValueError(f"{what} {spec}: eval.label_col '{label_col}' is not a column (columns: {', '.join(columns)}); "
-                         "set eval.label_col to the column holding the class")
+        raise ValueError(
+            f"{what} {spec}: eval.label_col '{label_col}' is not a column (columns: {', '.join(columns)}); "
+            "set eval.label_col to the column holding the class"
+        )
     if need_captions and (caption_col is None or caption_col not in columns):
-        raise ValueError(f"{what} {spec}: eval.caption_col '{caption_col}' is not a column "
-                         f"(columns: {', '.join(columns)}); set eval.caption_col")
+        raise ValueError(
+            f"{what} {spec}: eval.caption_col '{caption_col}' is not a column "
+            f"(columns: {', '.join(columns)}); set eval.caption_col"
+        )
     image_type = read[0][1].field(image_col).type
     image_in_parquet = _is_binary(image_type)
     if not image_in_parquet and not (pa.types.is_string(image_type) or pa.types.is_large_string(image_type)):
-        raise ValueError(f"{what} {spec}: eval.image_col '{image_col}' holds {image_type}; "
-                         "it must hold encoded image bytes or image paths/URLs")
+        raise ValueError(
+            f"{what} {spec}: eval.image_col '{image_col}' holds {image_type}; "
+            "it must hold encoded image bytes or image paths/URLs"
+        )
 
     rejected = {"missing_label": 0, "missing_caption": 0, "missing_image": 0, UNSAFE_IMAGE_PATH: 0}
     unsafe_examples: list[str] = []
@@ -127,15 +148,19 @@ def open_table(spec: str, files: list[str], *, image_col: str, label_col: Option
     rejected = {k: v for k, v in rejected.items() if v}
     unsafe = ""
     if UNSAFE_IMAGE_PATH in rejected:
-        unsafe = (f"{rejected[UNSAFE_IMAGE_PATH]} rows dropped as {UNSAFE_IMAGE_PATH}, their image path lies "
-                  f"outside the image root (e.g. {'; '.join(unsafe_examples)}); to read them, {HOW_TO_ALLOW}")
+        unsafe = (
+            f"{rejected[UNSAFE_IMAGE_PATH]} rows dropped as {UNSAFE_IMAGE_PATH}, their image path lies "
+            f"outside the image root (e.g. {'; '.join(unsafe_examples)}); to read them, {HOW_TO_ALLOW}"
+        )
     if meta.num_rows == 0:
-        raise ValueError(f"{what} {spec}: no usable rows ({rejected or 'the table is empty'})"
-                         + (f"; {unsafe}" if unsafe else ""))
+        raise ValueError(
+            f"{what} {spec}: no usable rows ({rejected or 'the table is empty'})" + (f"; {unsafe}" if unsafe else "")
+        )
     if unsafe:
         log.warning("%s %s: %s", what, spec, unsafe)
-    return EvalDataset(name or default_name(spec), spec, fmt, meta, chunks, image_in_parquet, image_col,
-                       storage, None, rejected)
+    return EvalDataset(
+        name or default_name(spec), spec, fmt, meta, chunks, image_in_parquet, image_col, storage, None, rejected
+    )
 
 
 def _keys(table: pa.Table, url: str) -> list[str]:
@@ -149,8 +174,9 @@ def _as_caption_lists(column: pa.ChunkedArray) -> pa.ChunkedArray:
     if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
         return column
     values = column.cast(pa.string()).to_pylist()
-    return pa.chunked_array([pa.array([None if v is None or v == "" else [v] for v in values],
-                                      type=pa.list_(pa.string()))])
+    return pa.chunked_array(
+        [pa.array([None if v is None or v == "" else [v] for v in values], type=pa.list_(pa.string()))]
+    )
 
 
 def _group_captions_by_path(meta: pa.Table) -> pa.Table:
@@ -169,8 +195,9 @@ def _group_captions_by_path(meta: pa.Table) -> pa.Table:
             keep.append(i)
             captions.append(list(caps or []))
     grouped = meta.take(pa.array(keep))
-    return grouped.set_column(grouped.column_names.index("captions"), "captions",
-                              pa.array(captions, type=pa.list_(pa.string())))
+    return grouped.set_column(
+        grouped.column_names.index("captions"), "captions", pa.array(captions, type=pa.list_(pa.string()))
+    )
 
 
 def default_name(spec: str) -> str:

@@ -11,6 +11,7 @@ A spec is either a built-in name or a file (local path or fsspec URL):
 In templates `{c}` (CLIP_benchmark) or `{}` (OpenAI's notebooks) stands for the class name.
 Lines starting with `#` and blank lines of `.txt` files are skipped.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,9 @@ def _read_list_file(spec: str, what: str, dataset_name: Optional[str], storage: 
     return [x.strip() for x in data]
 
 
-def load_templates(spec: Optional[str], dataset_name: Optional[str] = None,
-                   storage: Optional[StorageConfig] = None) -> list[str]:
+def load_templates(
+    spec: Optional[str], dataset_name: Optional[str] = None, storage: Optional[StorageConfig] = None
+) -> list[str]:
     """Templates for `spec` (built-in name or file); None picks by data set name, else `imagenet`."""
     if spec is None:
         spec = dataset_name if dataset_name in BUILTIN_TEMPLATES else "imagenet"
@@ -96,8 +98,9 @@ def fill_template(template: str, classname: str) -> str:
     return template.replace("{}", classname)
 
 
-def load_classnames(spec: str, dataset_name: Optional[str] = None,
-                    storage: Optional[StorageConfig] = None) -> list[str]:
+def load_classnames(
+    spec: str, dataset_name: Optional[str] = None, storage: Optional[StorageConfig] = None
+) -> list[str]:
     """Class names for `spec` (built-in name or file), in class-index order."""
     if spec in BUILTIN_CLASSNAMES:
         names = _read_lines((PROMPTS_DIR / BUILTIN_CLASSNAMES[spec]).read_text(encoding="utf-8"))

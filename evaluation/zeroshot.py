@@ -9,6 +9,7 @@ The classifier is cached: in memory for the process (keyed by the model object a
 counters of its tensors, which every in-place update such as an optimizer step bumps), and on disk
 under `cache_dir` when given (keyed by a sha256 of the weights, the class names and the templates).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,15 +58,21 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def _prompts_key(model: torch.nn.Module, classnames: Sequence[str], templates: Sequence[str]) -> str:
-    text = "\x1f".join(classnames) + "\x1e" + "\x1f".join(templates) + "\x1e" + str(getattr(model, "context_length", ""))
+    text = (
+        "\x1f".join(classnames) + "\x1e" + "\x1f".join(templates) + "\x1e" + str(getattr(model, "context_length", ""))
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _memory_key(model: torch.nn.Module, classnames: Sequence[str], templates: Sequence[str]) -> tuple:
     """Cheap: the model object, its tensors' storage and version counters, the prompts."""
     tensors = list(model.state_dict(keep_vars=True).values())
-    return (id(model), tuple(t.data_ptr() for t in tensors[:4]), tuple(t._version for t in tensors),
-            _prompts_key(model, classnames, templates))
+    return (
+        id(model),
+        tuple(t.data_ptr() for t in tensors[:4]),
+        tuple(t._version for t in tensors),
+        _prompts_key(model, classnames, templates),
+    )
 
 
 def _disk_key(model: torch.nn.Module, classnames: Sequence[str], templates: Sequence[str]) -> str:
@@ -75,10 +82,17 @@ def _disk_key(model: torch.nn.Module, classnames: Sequence[str], templates: Sequ
 
 
 @torch.no_grad()
-def build_classifier(model: torch.nn.Module, classnames: Sequence[str], templates: Sequence[str], *,
-                     batch_size: int = 256, device: Union[str, torch.device] = "cpu",
-                     cache_dir: Optional[str] = None, storage: Optional[StorageConfig] = None,
-                     encode_texts: Optional[Callable[[list[str]], np.ndarray]] = None) -> torch.Tensor:
+def build_classifier(
+    model: torch.nn.Module,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    *,
+    batch_size: int = 256,
+    device: Union[str, torch.device] = "cpu",
+    cache_dir: Optional[str] = None,
+    storage: Optional[StorageConfig] = None,
+    encode_texts: Optional[Callable[[list[str]], np.ndarray]] = None,
+) -> torch.Tensor:
     """The zero-shot classifier [C, D] float32 (rows L2-normalised), from cache when possible.
 
     encode_texts: prompts -> [n, D] projected text features (e.g. on Ray GPU actors); by default
@@ -90,13 +104,20 @@ def build_classifier(model: torch.nn.Module, classnames: Sequence[str], template
     key = _memory_key(model, classnames, templates)
     if key in _MEMORY_CACHE:
         return _MEMORY_CACHE[key].clone()
-    path = f"{cache_dir.rstrip('/')}/zeroshot-classifier-{_disk_key(model, classnames, templates)}.npy" if cache_dir else None
+    path = (
+        f"{cache_dir.rstrip('/')}/zeroshot-classifier-{_disk_key(model, classnames, templates)}.npy"
+        if cache_dir
+        else None
+    )
     classifier = _read_cached(path, storage) if path else None
     if classifier is None:
         prompts = [fill_template(t, c) for c in classnames for t in templates]
         if encode_texts is None:
             embedder = TextEmbedder(model, device=str(device))
-            encode_texts = lambda texts: embed_local(embedder, iter_slices({"text": texts}, batch_size))["text_features"]  # noqa: E731
+
+            def encode_texts(texts: list[str]) -> np.ndarray:
+                return embed_local(embedder, iter_slices({"text": texts}, batch_size))["text_features"]
+
         features = torch.from_numpy(np.asarray(encode_texts(prompts), dtype=np.float32))
         text = features.reshape(len(classnames), len(templates), -1)
         classifier = classifier_from_text_features(text)
@@ -120,37 +141,59 @@ def _write_cached(path: str, classifier: torch.Tensor, storage: Optional[Storage
     write_file(path, buf.getvalue(), storage)
 
 
-def score_zeroshot(image_features: np.ndarray, labels: np.ndarray, classifier: torch.Tensor,
-                   classnames: Sequence[str], keys: Optional[Sequence[str]] = None,
-                   skipped: Optional[dict] = None, details: Optional[dict] = None,
-                   predictions: bool = False) -> EvalResult:
+def score_zeroshot(
+    image_features: np.ndarray,
+    labels: np.ndarray,
+    classifier: torch.Tensor,
+    classnames: Sequence[str],
+    keys: Optional[Sequence[str]] = None,
+    skipped: Optional[dict] = None,
+    details: Optional[dict] = None,
+    predictions: bool = False,
+) -> EvalResult:
     """Metrics (and optionally per-sample predictions) from image features [N, D] and labels [N]."""
     logits = zeroshot_logits(torch.from_numpy(np.asarray(image_features, np.float32)), classifier).numpy()
     labels = np.asarray(labels, dtype=np.int64)
     metrics = classification_metrics(logits, labels)
     pred = predict(logits)
     result = EvalResult(
-        task="zeroshot", metrics=metrics, num_samples=len(labels),
+        task="zeroshot",
+        metrics=metrics,
+        num_samples=len(labels),
         skipped=skipped or skipped_summary([], []),
         details={"num_classes": len(classnames), **(details or {})},
-        confusion=confusion_matrix(labels, pred, len(classnames)), classnames=list(classnames),
+        confusion=confusion_matrix(labels, pred, len(classnames)),
+        classnames=list(classnames),
     )
     if predictions:
         top = topk_classes(logits, 5)
         result.predictions = {
             "key": np.asarray(keys if keys is not None else np.arange(len(labels)).astype(str), dtype=object),
-            "label": labels, "label_name": np.asarray([classnames[i] for i in labels], dtype=object),
-            "pred": pred, "pred_name": np.asarray([classnames[i] for i in pred], dtype=object),
-            "correct": pred == labels, "rank": target_ranks(logits, labels),
-            "top5": top, "top5_logits": np.take_along_axis(logits, top, axis=1),
+            "label": labels,
+            "label_name": np.asarray([classnames[i] for i in labels], dtype=object),
+            "pred": pred,
+            "pred_name": np.asarray([classnames[i] for i in pred], dtype=object),
+            "correct": pred == labels,
+            "rank": target_ranks(logits, labels),
+            "top5": top,
+            "top5_logits": np.take_along_axis(logits, top, axis=1),
         }
     return result
 
 
-def evaluate_zeroshot(model: torch.nn.Module, images: Sequence[Any], labels: Sequence[Any],
-                      classnames: Sequence[str], templates: Union[None, str, Sequence[str]] = None, *,
-                      batch_size: int = 64, device: str = "cpu", classifier: Optional[torch.Tensor] = None,
-                      predictions: bool = False, decode_threads: int = 0) -> EvalResult:
+def evaluate_zeroshot(
+    model: torch.nn.Module,
+    images: Sequence[Any],
+    labels: Sequence[Any],
+    classnames: Sequence[str],
+    templates: Union[None, str, Sequence[str]] = None,
+    *,
+    batch_size: int = 64,
+    device: str = "cpu",
+    classifier: Optional[torch.Tensor] = None,
+    predictions: bool = False,
+    decode_threads: int = 0,
+) -> EvalResult:
     """Zero-shot classification of in-memory images, in this process (no Ray).
 
     images: encoded bytes, paths/URLs or PIL images; labels: class indices or class names;
@@ -177,8 +220,12 @@ def evaluate_zeroshot(model: torch.nn.Module, images: Sequence[Any], labels: Seq
     if not ok.any():
         raise ValueError(f"none of the {len(images)} images could be decoded: {out['error'][0]}")
     return score_zeroshot(
-        out["image_features"][ok], out["label"][ok].astype(np.int64), classifier, classnames,
-        keys=out["key"][ok], predictions=predictions,
+        out["image_features"][ok],
+        out["label"][ok].astype(np.int64),
+        classifier,
+        classnames,
+        keys=out["key"][ok],
+        predictions=predictions,
         skipped=skipped_summary(list(out["key"][~ok]), list(out["error"][~ok])),
         details={"num_templates": len(templates)},
     )

@@ -9,6 +9,7 @@ between check and connect (DNS rebinding) cannot reach a refused address.
 Hosts written as numbers are read the way the C resolver reads them (`2130706433`, `0x7f000001`,
 `127.1` and `0177.0.0.1` are all 127.0.0.1), so they cannot slip past as "names".
 """
+
 from __future__ import annotations
 
 import ipaddress

@@ -1,4 +1,5 @@
 """The `data` section of the job config: what the pipeline reads, how it downloads, what it keeps."""
+
 from __future__ import annotations
 
 from typing import Any, Literal, Optional
@@ -54,7 +55,8 @@ class FiltersConfig(BaseModel):
     max_aspect_ratio: Optional[float] = Field(None, ge=1.0, description="long side / short side of the original")
     dedup_sha256: bool = Field(False, description="drop all but the first row (by key) with the same image bytes")
     dedup_url_caption: bool = Field(
-        False, description="drop all but the first row (by key) with the same url and caption, before downloading")
+        False, description="drop all but the first row (by key) with the same url and caption, before downloading"
+    )
     clip_score: Optional[ClipScoreFilterConfig] = None
 
     @model_validator(mode="after")
@@ -111,8 +113,10 @@ class DataConfig(StorageConfig):
     caption_col: str = "caption"
     extra_cols: list[str] = Field(default_factory=list, description="input columns carried to shards")
     bbox_col: Optional[str] = Field(
-        None, description="input column of boxes to blur, each [x_min, y_min, x_max, y_max] relative to the "
-                          "image (img2dataset's bbox_col; DataComp pools: face_bboxes)")
+        None,
+        description="input column of boxes to blur, each [x_min, y_min, x_max, y_max] relative to the "
+        "image (img2dataset's bbox_col; DataComp pools: face_bboxes)",
+    )
     # --- where to write
     output: Optional[str] = Field(None, description="output folder; local or s3://")
     rows_per_shard: PositiveInt = Field(10_000, le=1_000_000, description="input rows per shard (one commit unit)")
@@ -146,7 +150,8 @@ class DataConfig(StorageConfig):
     max_response_bytes: PositiveInt = 32 * 1024 * 1024
     user_agent: str = "clipray/0.1 (+https://github.com/clipray/clipray)"
     verify_hash: Optional[VerifyHashConfig] = Field(
-        None, description="reject images whose downloaded bytes do not hash to the input column's value")
+        None, description="reject images whose downloaded bytes do not hash to the input column's value"
+    )
     # --- parallelism
     num_download_actors: Optional[PositiveInt] = Field(
         None, description="default: one per CPU of the cluster, at most one per shard"
@@ -158,16 +163,31 @@ class DataConfig(StorageConfig):
     @model_validator(mode="after")
     def _consistent(self) -> "DataConfig":
         if self.encode_format == "png" and self.encode_quality > 9:
-            raise ValueError(
-                f"data.encode_quality = {self.encode_quality}: for png it is the compression level 0-9"
-            )
+            raise ValueError(f"data.encode_quality = {self.encode_quality}: for png it is the compression level 0-9")
         if self.columns is not None:
             if len(set(self.columns)) != len(self.columns) or not all(self.columns):
                 raise ValueError(f"data.columns {self.columns} must be distinct non-empty names")
-        reserved = {"key", "url", "caption", "jpg", "width", "height", "original_width", "original_height",
-                    "sha256", "stage", "reason", "detail", "caption_ok", "source_error", EXPECTED_HASH, BLUR_BOXES}
+        reserved = {
+            "key",
+            "url",
+            "caption",
+            "jpg",
+            "width",
+            "height",
+            "original_width",
+            "original_height",
+            "sha256",
+            "stage",
+            "reason",
+            "detail",
+            "caption_ok",
+            "source_error",
+            EXPECTED_HASH,
+            BLUR_BOXES,
+        }
         clash = sorted(set(self.extra_cols) & (reserved | {self.url_col, self.caption_col}))
         if clash:
-            raise ValueError(f"data.extra_cols {clash} clash with the pipeline's output or internal columns "
-                             f"{sorted(reserved)}")
+            raise ValueError(
+                f"data.extra_cols {clash} clash with the pipeline's output or internal columns {sorted(reserved)}"
+            )
         return self

@@ -10,6 +10,7 @@ after the download on the shards' index files.
 Plain functions over `pyarrow.Table`s; `run.py` applies them per hash bucket on Ray Data so the
 whole run's keys never need to fit in one process.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,8 +47,12 @@ def pair_index(table: pa.Table, keys: list[str], filters: RowFilters) -> pa.Tabl
     rows = [i for i, rejection in enumerate(table_rejections(table, filters)) if rejection is None]
     urls = table.column("url").to_pylist()
     captions = table.column("caption").to_pylist()
-    return pa.table({"key": pa.array([keys[i] for i in rows], pa.string()),
-                     "pair": pair_digests([urls[i] for i in rows], [captions[i] for i in rows])})
+    return pa.table(
+        {
+            "key": pa.array([keys[i] for i in rows], pa.string()),
+            "pair": pair_digests([urls[i] for i in rows], [captions[i] for i in rows]),
+        }
+    )
 
 
 def later_duplicates(table: pa.Table, digest_col: str) -> pa.Table:
@@ -73,7 +78,7 @@ def later_duplicates(table: pa.Table, digest_col: str) -> pa.Table:
 def bucket_prefix_length(rows: int) -> int:
     """Hex digits of the digest that choose a dedup bucket: about a million rows per bucket."""
     length = 1
-    while 16 ** length * 1_000_000 < rows and length < 4:
+    while 16**length * 1_000_000 < rows and length < 4:
         length += 1
     return length
 

@@ -9,6 +9,7 @@ unexpected exception on one row becomes an `internal_error` reject, never a lost
 
 No Ray here: the runner wraps this class in a Ray Data actor pool.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,19 +57,30 @@ ROW_GROUP_ROWS = 512  # accepted rows per Parquet row group (about 15 MB of 256 
 
 def image_processor(data: DataConfig) -> ImageProcessor:
     return ImageProcessor(
-        image_size=data.image_size, resize_mode=data.resize_mode, resize_only_if_bigger=data.resize_only_if_bigger,
-        upscale_interpolation=data.upscale_interpolation, downscale_interpolation=data.downscale_interpolation,
-        encode_format=data.encode_format, encode_quality=data.encode_quality, min_image_size=data.min_image_size,
-        max_image_area=data.max_image_area, max_pixels=data.max_pixels, fast_jpeg_decode=data.fast_jpeg_decode,
+        image_size=data.image_size,
+        resize_mode=data.resize_mode,
+        resize_only_if_bigger=data.resize_only_if_bigger,
+        upscale_interpolation=data.upscale_interpolation,
+        downscale_interpolation=data.downscale_interpolation,
+        encode_format=data.encode_format,
+        encode_quality=data.encode_quality,
+        min_image_size=data.min_image_size,
+        max_image_area=data.max_image_area,
+        max_pixels=data.max_pixels,
+        fast_jpeg_decode=data.fast_jpeg_decode,
     )
 
 
 def fetcher(data: DataConfig, resolver: Resolver = system_resolver) -> Fetcher:
     return Fetcher(
         guard=AddressGuard(allow_private=data.allow_private_addresses, resolver=resolver),
-        timeout_s=data.timeout_s, retries=data.retries, retry_backoff_s=data.retry_backoff_s,
-        max_redirects=data.max_redirects, max_response_bytes=data.max_response_bytes,
-        user_agent=data.user_agent, user_agent_token=data.user_agent_token,
+        timeout_s=data.timeout_s,
+        retries=data.retries,
+        retry_backoff_s=data.retry_backoff_s,
+        max_redirects=data.max_redirects,
+        max_response_bytes=data.max_response_bytes,
+        user_agent=data.user_agent,
+        user_agent_token=data.user_agent_token,
         disallowed_header_directives=data.disallowed_header_directives,
     )
 
@@ -81,15 +93,15 @@ class RowProcessor:
         # concurrent decoders only add context switches and cache misses (downloads go on meanwhile).
         # One slot is a plain Lock: a C lock, where a Semaphore is Python code over a Condition
         # (with 32 threads queueing on it, that costs a tenth of the per-image CPU).
-        self.cpu_slots = (None if not cpu_slots else threading.Lock() if cpu_slots == 1
-                          else threading.BoundedSemaphore(cpu_slots))
+        self.cpu_slots = (
+            None if not cpu_slots else threading.Lock() if cpu_slots == 1 else threading.BoundedSemaphore(cpu_slots)
+        )
         self.filters = RowFilters(data.filters)
         self.fetcher = fetcher(data, resolver)
         self.images = image_processor(data)
         self.verify = data.verify_hash
 
-    def __call__(self, url: str, expected_hash: Optional[str] = None,
-                 blur_boxes: Optional[list] = None) -> RowOutcome:
+    def __call__(self, url: str, expected_hash: Optional[str] = None, blur_boxes: Optional[list] = None) -> RowOutcome:
         """url: an eligible row's URL (`eligibility.py` rejects the others before any request);
         expected_hash: the row's data.verify_hash.column value (when that check is on);
         blur_boxes: its data.bbox_col boxes to blur."""
@@ -120,8 +132,15 @@ class RowProcessor:
                         resized = self.images.resize(probed, blur_boxes)
             except ImageReject as rej:
                 return Rejection(rej.stage, rej.reason, rej.detail)
-            return StoredImage(resized.data, resized.width, resized.height, resized.original_width,
-                         resized.original_height, hashlib.sha256(resized.data).hexdigest(), len(result.body))
+            return StoredImage(
+                resized.data,
+                resized.width,
+                resized.height,
+                resized.original_width,
+                resized.original_height,
+                hashlib.sha256(resized.data).hexdigest(),
+                len(result.body),
+            )
         except Exception as exc:  # noqa: BLE001 - one bad row must not take the shard down
             tb = traceback.format_exc(limit=6)
             return Rejection(stage, "internal_error", f"{type(exc).__name__}: {exc}\n{tb}")
@@ -133,8 +152,11 @@ class RowProcessor:
             return Rejection(DOWNLOAD, "hash_mismatch", f"no expected {name} in the input column {column!r}")
         got = hashlib.new(name, body).hexdigest()
         if got != expected:
-            return Rejection(DOWNLOAD, "hash_mismatch",
-                             f"{name} of the downloaded bytes is {got}, the input column {column!r} says {expected}")
+            return Rejection(
+                DOWNLOAD,
+                "hash_mismatch",
+                f"{name} of the downloaded bytes is {got}, the input column {column!r} says {expected}",
+            )
         return None
 
     def close(self) -> None:
@@ -144,8 +166,14 @@ class RowProcessor:
 class ShardDownloader:
     """Processes whole shards with a shared pool of `data.threads_per_actor` threads."""
 
-    def __init__(self, data: DataConfig, out: Folder, extra_schema: pa.Schema,
-                 resolver: Resolver = system_resolver, cpu_slots: Optional[int] = None):
+    def __init__(
+        self,
+        data: DataConfig,
+        out: Folder,
+        extra_schema: pa.Schema,
+        resolver: Resolver = system_resolver,
+        cpu_slots: Optional[int] = None,
+    ):
         self.data = data
         self.out = out
         self.extra_schema = extra_schema
@@ -257,11 +285,16 @@ class ShardDownloader:
                 sink.abort()
             raise
         stats: dict[str, Any] = {
-            "shard": spec.name, "rows": spec.rows, "accepted": accepted, "rejected": len(rejected),
+            "shard": spec.name,
+            "rows": spec.rows,
+            "accepted": accepted,
+            "rejected": len(rejected),
             "reasons": dict(Counter(r.reason for r in rejected.values())),
             "stages": dict(Counter(r.stage for r in rejected.values())),
             "downloaded_bytes": downloaded,
-            "accepted_file": None, "accepted_bytes": 0, "rejects_file": None,
+            "accepted_file": None,
+            "accepted_bytes": 0,
+            "rejects_file": None,
         }
         if sink is not None:
             stats["accepted_bytes"] = sink.close()
@@ -271,8 +304,12 @@ class ShardDownloader:
         if rejected:
             order = sorted(rejected)
             idx = pa.array(order, pa.int64())
-            rejects = rejects_table(make_keys(spec.name, order, spec.row_digits), table.column("url").take(idx),
-                                    table.column("caption").take(idx), [rejected[i] for i in order])
+            rejects = rejects_table(
+                make_keys(spec.name, order, spec.row_digits),
+                table.column("url").take(idx),
+                table.column("caption").take(idx),
+                [rejected[i] for i in order],
+            )
             out.write_parquet(spec.rejects_file, rejects)
             stats["rejects_file"] = spec.rejects_file
         stats["duration_s"] = round(time.time() - start, 3)

@@ -13,6 +13,7 @@ request, for the first of these that fails:
 the eligible rows that the pair dedup did not mark as repeats, so a row the dedup never saw is
 never fetched, and an ineligible row keeps its own reason instead of becoming a duplicate.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -23,8 +24,9 @@ from pipeline.filters import RowFilters
 from pipeline.reasons import DOWNLOAD, FILTER, Rejection
 
 
-def row_rejection(url: Optional[str], caption: Optional[str], caption_ok: bool, source_error: Optional[str],
-                  filters: RowFilters) -> Optional[Rejection]:
+def row_rejection(
+    url: Optional[str], caption: Optional[str], caption_ok: bool, source_error: Optional[str], filters: RowFilters
+) -> Optional[Rejection]:
     """Why this staged row is not downloaded, or None when it would be."""
     if source_error is not None:
         return Rejection(FILTER, "malformed_row", source_error)
@@ -42,7 +44,10 @@ def table_rejections(table: pa.Table, filters: RowFilters) -> list[Optional[Reje
     urls = table.column("url").to_pylist()
     captions = table.column("caption").to_pylist()
     oks = table.column("caption_ok").to_pylist()
-    errors = (table.column("source_error").to_pylist() if "source_error" in table.column_names
-              else [None] * table.num_rows)
-    return [row_rejection(url, caption, bool(ok), error, filters)
-            for url, caption, ok, error in zip(urls, captions, oks, errors)]
+    errors = (
+        table.column("source_error").to_pylist() if "source_error" in table.column_names else [None] * table.num_rows
+    )
+    return [
+        row_rejection(url, caption, bool(ok), error, filters)
+        for url, caption, ok, error in zip(urls, captions, oks, errors)
+    ]

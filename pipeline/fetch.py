@@ -12,6 +12,7 @@ Over 400 lines on purpose: one HTTP exchange (connection pool, request, response
 retries, caps) is read together here, since each part relies on the others' invariants (a pooled
 connection is reused only after its response was read to its exact end).
 """
+
 from __future__ import annotations
 
 import re
@@ -57,8 +58,9 @@ class PinnedConnection:
     (https: certificate checked and SNI sent for `host`). Connected on first use. `buffer` holds
     bytes received beyond the response being read."""
 
-    def __init__(self, scheme: str, host: str, port: int, ip: str, timeout: float,
-                 context: Optional[ssl.SSLContext] = None):
+    def __init__(
+        self, scheme: str, host: str, port: int, ip: str, timeout: float, context: Optional[ssl.SSLContext] = None
+    ):
         self.scheme, self.host, self.port, self.pinned_ip = scheme, host, port, ip
         self.timeout = timeout
         self.context = context
@@ -169,8 +171,6 @@ class ConnectionPool:
             c.close()
 
 
-
-
 _BAD_HOST = re.compile(r"[^A-Za-z0-9._~:%!$&'()*+,;=-]")  # what may stand in a Host header (IPv6: no brackets)
 _NEEDS_QUOTING = re.compile(r'[^\x21-\x7e]|["<>\\^`{|}]')
 
@@ -215,9 +215,11 @@ class Fetcher:
         self.pool = pool or ConnectionPool()
         self.sleep = sleep
         agent = re.sub(r"[\r\n]+", " ", user_agent)
-        self._fixed_headers = (f"User-Agent: {agent}\r\n"
-                               "Accept: image/avif,image/webp,image/*,*/*;q=0.8\r\n"
-                               "Accept-Encoding: identity\r\n\r\n").encode("latin-1", "replace")
+        self._fixed_headers = (
+            f"User-Agent: {agent}\r\n"
+            "Accept: image/avif,image/webp,image/*,*/*;q=0.8\r\n"
+            "Accept-Encoding: identity\r\n\r\n"
+        ).encode("latin-1", "replace")
 
     def close(self) -> None:
         self.pool.close()
@@ -232,8 +234,9 @@ class Fetcher:
             except _Failure as f:
                 retryable = f.reason in RETRY_REASONS or (f.status in RETRY_STATUSES)
                 if not retryable or attempt > self.retries:
-                    return FetchResult(body=None, reason=f.reason, detail=f.detail, status=f.status,
-                                       url=url, attempts=attempt)
+                    return FetchResult(
+                        body=None, reason=f.reason, detail=f.detail, status=f.status, url=url, attempts=attempt
+                    )
                 self.sleep(self.retry_backoff_s * (2 ** (attempt - 1)))
 
     # --- one attempt: a chain of redirects
@@ -305,7 +308,9 @@ class Fetcher:
         host_header = name if port == default else f"{name}:{port}"
         return f"GET {target} HTTP/1.1\r\nHost: {host_header}\r\n".encode("ascii") + self._fixed_headers
 
-    def _exchange(self, conn: PinnedConnection, scheme, host, port, ip, target, url, deadline) -> tuple[int, Optional[str], bytes]:
+    def _exchange(
+        self, conn: PinnedConnection, scheme, host, port, ip, target, url, deadline
+    ) -> tuple[int, Optional[str], bytes]:
         try:
             if conn.sock is None:
                 conn.timeout = max(0.001, deadline - time.monotonic())
@@ -330,18 +335,22 @@ class Fetcher:
                 failure = _Failure(http_reason(status), f"{url[:200]}: HTTP {status} {response.reason}", status)
                 failure.released = True  # the connection went back to the pool (or was closed)
                 raise failure
-            if self.directives and img2dataset_parts.is_disallowed(response.headers, self.user_agent_token,
-                                                                   self.directives):
+            if self.directives and img2dataset_parts.is_disallowed(
+                response.headers, self.user_agent_token, self.directives
+            ):
                 values = ", ".join(response.headers.get_all("X-Robots-Tag", []))
                 raise _Failure("optout", f"X-Robots-Tag: {values}", status)
             if response.length is not None and response.length > self.max_response_bytes:
-                raise _Failure("response_too_large",
-                               f"Content-Length {response.length} > data.max_response_bytes {self.max_response_bytes}",
-                               status)
+                raise _Failure(
+                    "response_too_large",
+                    f"Content-Length {response.length} > data.max_response_bytes {self.max_response_bytes}",
+                    status,
+                )
             body = _read_body(response, conn, deadline, self.max_response_bytes)
             if body is None:
-                raise _Failure("response_too_large",
-                               f"more than data.max_response_bytes {self.max_response_bytes} bytes", status)
+                raise _Failure(
+                    "response_too_large", f"more than data.max_response_bytes {self.max_response_bytes} bytes", status
+                )
             self._release(response, conn, scheme, host, port, ip)
             return status, None, body
         except (_Failure, _Stale):
@@ -431,7 +440,7 @@ def _read_head(conn: PinnedConnection, deadline: float) -> _Response:
                 raise _Incomplete(f"connection closed inside the response headers ({len(buf)} bytes)")
         first = False
         head = bytes(buf[:end])
-        del buf[:end + 4]
+        del buf[: end + 4]
         lines = head.split(b"\r\n")
         status_line = lines[0].decode("latin-1")
         parts = status_line.split(None, 2)
@@ -465,8 +474,11 @@ def _read_head(conn: PinnedConnection, deadline: float) -> _Response:
                 if not raw.isdigit():
                     raise _ProtocolError(f"bad Content-Length {raw[:40]!r}")
                 length = int(raw)
-        will_close = ("close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
-                      or (not chunked and length is None))
+        will_close = (
+            "close" in connection
+            or (version == "HTTP/1.0" and "keep-alive" not in connection)
+            or (not chunked and length is None)
+        )
         return _Response(status, parts[2] if len(parts) > 2 else "", headers, length, chunked, will_close)
 
 
@@ -508,7 +520,7 @@ def _read_line(conn: PinnedConnection, deadline: float, limit: int = 4096) -> by
         end = buf.find(b"\r\n")
         if end >= 0:
             line = bytes(buf[:end])
-            del buf[:end + 2]
+            del buf[: end + 2]
             return line
         if len(buf) > limit:
             raise _ProtocolError("chunk header line too long")

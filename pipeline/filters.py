@@ -4,6 +4,7 @@ Captions are checked before anything is downloaded (a row whose caption will be 
 bandwidth); image size and aspect ratio are checked on the image header, before decoding. The
 CLIP-score cut and dedup need every shard and live in `clip_score.py` and `dedup.py`.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -28,20 +29,28 @@ class RowFilters:
             caption = caption or ""
         text = caption.strip()
         if f.drop_empty_captions and not text:
-            return Rejection(FILTER, "caption_empty", "caption is empty" if not caption else "caption is only whitespace")
+            return Rejection(
+                FILTER, "caption_empty", "caption is empty" if not caption else "caption is only whitespace"
+            )
         chars = len(text)
         if f.min_caption_chars is not None and chars < f.min_caption_chars:
-            return Rejection(FILTER, "caption_too_short", f"{chars} characters < min_caption_chars {f.min_caption_chars}")
+            return Rejection(
+                FILTER, "caption_too_short", f"{chars} characters < min_caption_chars {f.min_caption_chars}"
+            )
         if f.max_caption_chars is not None and chars > f.max_caption_chars:
-            return Rejection(FILTER, "caption_too_long", f"{chars} characters > max_caption_chars {f.max_caption_chars}")
+            return Rejection(
+                FILTER, "caption_too_long", f"{chars} characters > max_caption_chars {f.max_caption_chars}"
+            )
         if f.min_caption_words is not None or f.max_caption_words is not None:
             words = len(text.split())
             if f.min_caption_words is not None and words < f.min_caption_words:
-                return Rejection(FILTER, "caption_too_few_words",
-                                 f"{words} words < min_caption_words {f.min_caption_words}")
+                return Rejection(
+                    FILTER, "caption_too_few_words", f"{words} words < min_caption_words {f.min_caption_words}"
+                )
             if f.max_caption_words is not None and words > f.max_caption_words:
-                return Rejection(FILTER, "caption_too_many_words",
-                                 f"{words} words > max_caption_words {f.max_caption_words}")
+                return Rejection(
+                    FILTER, "caption_too_many_words", f"{words} words > max_caption_words {f.max_caption_words}"
+                )
         return None
 
     def image(self, width: int, height: int) -> Optional[Rejection]:
@@ -51,8 +60,11 @@ class RowFilters:
         if f.min_image_side is not None and short < f.min_image_side:
             return Rejection(FILTER, "too_small", f"{width}x{height}: short side < min_image_side {f.min_image_side}")
         if f.max_aspect_ratio is not None and long / short > f.max_aspect_ratio:
-            return Rejection(FILTER, "aspect_ratio",
-                             f"{width}x{height}: aspect ratio {long / short:.2f} > max_aspect_ratio {f.max_aspect_ratio:g}")
+            return Rejection(
+                FILTER,
+                "aspect_ratio",
+                f"{width}x{height}: aspect ratio {long / short:.2f} > max_aspect_ratio {f.max_aspect_ratio:g}",
+            )
         return None
 
 

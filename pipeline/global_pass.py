@@ -8,6 +8,7 @@ decisions (`cut` and the duplicate keys) are computed once and committed in
 `_state/global/decisions.json` + `_state/global/duplicates.parquet`, so a resumed run applies
 the same decisions to the shards it had not finished.
 """
+
 from __future__ import annotations
 
 import time
@@ -25,12 +26,14 @@ from storage import Folder
 
 DECISIONS = "_state/global/decisions.json"
 DUPLICATES = "_state/global/duplicates.parquet"
-DUPLICATE_SCHEMA = pa.schema([pa.field("key", pa.string()), pa.field("first_key", pa.string()),
-                              pa.field("by", pa.string())])
+DUPLICATE_SCHEMA = pa.schema(
+    [pa.field("key", pa.string()), pa.field("first_key", pa.string()), pa.field("by", pa.string())]
+)
 
 
-def apply_to_shard(spec: ShardSpec, out: Folder, cut: Optional[float], cut_detail: str,
-                   duplicates: pa.Table) -> dict[str, Any]:
+def apply_to_shard(
+    spec: ShardSpec, out: Folder, cut: Optional[float], cut_detail: str, duplicates: pa.Table
+) -> dict[str, Any]:
     """Write the shard's final `shards/` file and its global rejects; commit the shard.
 
     cut: rows with a CLIP score below it are rejected (None: no CLIP filter).
@@ -38,8 +41,16 @@ def apply_to_shard(spec: ShardSpec, out: Folder, cut: Optional[float], cut_detai
     """
     start = time.time()
     out.remove([spec.final_file, spec.global_rejects_file, marker(GLOBAL, spec)])
-    stats: dict[str, Any] = {"shard": spec.name, "accepted": 0, "rejected": 0, "reasons": {}, "stages": {},
-                             "final_file": None, "final_bytes": 0, "rejects_file": None}
+    stats: dict[str, Any] = {
+        "shard": spec.name,
+        "accepted": 0,
+        "rejected": 0,
+        "reasons": {},
+        "stages": {},
+        "final_file": None,
+        "final_bytes": 0,
+        "rejects_file": None,
+    }
     if not out.exists(spec.accepted_file):
         out.write_json(marker(GLOBAL, spec), stats)
         return stats
@@ -49,11 +60,15 @@ def apply_to_shard(spec: ShardSpec, out: Folder, cut: Optional[float], cut_detai
     if cut is not None:
         scores_table = out.read_parquet(spec.score_file)
         if scores_table.column("key").to_pylist() != keys:
-            raise RuntimeError(f"{spec.score_file} does not match {spec.accepted_file} row for row; "
-                               f"delete {marker('score', spec)} and rerun")
+            raise RuntimeError(
+                f"{spec.score_file} does not match {spec.accepted_file} row for row; "
+                f"delete {marker('score', spec)} and rerun"
+            )
         scores = scores_table.column("score").to_numpy(zero_copy_only=False)
         for i in np.nonzero(~(scores >= cut))[0]:
-            rejections[int(i)] = Rejection(FILTER, "clip_score", f"CLIP score {scores[i]:.4f} < {cut:.4f} ({cut_detail})")
+            rejections[int(i)] = Rejection(
+                FILTER, "clip_score", f"CLIP score {scores[i]:.4f} < {cut:.4f} ({cut_detail})"
+            )
     if duplicates.num_rows:
         position = {k: i for i, k in enumerate(keys)}
         for key, first, by in zip(*(duplicates.column(c).to_pylist() for c in ("key", "first_key", "by"))):
@@ -70,14 +85,21 @@ def apply_to_shard(spec: ShardSpec, out: Folder, cut: Optional[float], cut_detai
     if rejections:
         order = sorted(rejections)
         idx = pa.array(order, pa.int64())
-        rejects = rejects_table(table.column("key").take(idx), table.column("url").take(idx),
-                                table.column("caption").take(idx), [rejections[i] for i in order])
+        rejects = rejects_table(
+            table.column("key").take(idx),
+            table.column("url").take(idx),
+            table.column("caption").take(idx),
+            [rejections[i] for i in order],
+        )
         out.write_parquet(spec.global_rejects_file, rejects)
         stats["rejects_file"] = spec.global_rejects_file
-    stats.update(accepted=kept.num_rows, rejected=len(rejections),
-                 reasons=dict(Counter(r.reason for r in rejections.values())),
-                 stages=dict(Counter(r.stage for r in rejections.values())),
-                 duration_s=round(time.time() - start, 3))
+    stats.update(
+        accepted=kept.num_rows,
+        rejected=len(rejections),
+        reasons=dict(Counter(r.reason for r in rejections.values())),
+        stages=dict(Counter(r.stage for r in rejections.values())),
+        duration_s=round(time.time() - start, 3),
+    )
     out.write_json(marker(GLOBAL, spec), stats)
     return stats
 

@@ -12,6 +12,7 @@ user-agent token or our token; any listed directive opts the image out). It is r
 because img2dataset keeps it in `downloader.py`, whose imports pull in wandb;
 tests/test_pipeline_fetch.py checks it agrees with img2dataset's function on a table of headers.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -20,6 +21,7 @@ import sys
 import warnings
 from functools import lru_cache
 from typing import Iterable, Optional
+
 
 @lru_cache(maxsize=None)
 def _module(name: str):

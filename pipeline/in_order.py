@@ -12,6 +12,7 @@ anyway stops the other tasks from claiming rows and is raised in the consumer. C
 generator early (an aborted shard) also stops them claiming rows; rows already running finish in
 the background and their results are dropped.
 """
+
 from __future__ import annotations
 
 import threading
@@ -21,8 +22,9 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 T = TypeVar("T")
 
 
-def run_in_order(pool: Executor, threads: int, fn: Callable[..., T], args: Sequence[tuple],
-                 chunk: int = 32) -> Iterator[T]:
+def run_in_order(
+    pool: Executor, threads: int, fn: Callable[..., T], args: Sequence[tuple], chunk: int = 32
+) -> Iterator[T]:
     """Yield fn(*args[0]), fn(*args[1]), ... in order, computed by `threads` tasks on `pool`."""
     n = len(args)
     if n == 0:

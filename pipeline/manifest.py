@@ -2,6 +2,7 @@
 
 Invariant (checked before writing): `accepted + rejected == input_rows`.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -12,8 +13,18 @@ from pipeline.reasons import STAGES
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-_SECRET_KEYS = {"key", "secret", "token", "password", "access_key", "secret_key", "aws_access_key_id",
-                "aws_secret_access_key", "aws_session_token", "session_token"}
+_SECRET_KEYS = {
+    "key",
+    "secret",
+    "token",
+    "password",
+    "access_key",
+    "secret_key",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "session_token",
+}
 
 
 def redacted_config(data: DataConfig) -> dict[str, Any]:
@@ -67,8 +78,10 @@ def build_manifest(
             continue
         g = global_[name]
         if g["accepted"] + g["rejected"] != d["accepted"]:
-            raise InvariantError(f"shard {name}: global pass kept {g['accepted']} + rejected {g['rejected']} "
-                                 f"of {d['accepted']} downloaded rows")
+            raise InvariantError(
+                f"shard {name}: global pass kept {g['accepted']} + rejected {g['rejected']} "
+                f"of {d['accepted']} downloaded rows"
+            )
         accepted += g["accepted"]
         rejected += g["rejected"]
         reasons.update(g["reasons"])

@@ -1,5 +1,6 @@
 """What the pipeline tells the user while it runs: one line per phase (`say`) and one tqdm bar per
 phase in rows (`progress`), both silent with `data.progress: false`."""
+
 from __future__ import annotations
 
 import json

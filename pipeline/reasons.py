@@ -3,6 +3,7 @@
 Codes are part of the output format (users count them, dashboards group by them): add new ones,
 never rename one.
 """
+
 from __future__ import annotations
 
 # Stages, in the order a row meets them.
@@ -16,12 +17,18 @@ STAGES = (DOWNLOAD, DECODE, FILTER, DEDUP)  # DESIGN.md's contract: no other sta
 # code -> (stage, what it means). `http_<status>` codes (http_404, http_500, ...) are generated.
 REASONS: dict[str, tuple[str, str]] = {
     # filter: rows the input itself makes unusable (checked before any download)
-    "malformed_row": (FILTER, "the input line cannot be read as a row: wrong number of fields, bad CSV quoting, "
-                              "not a JSON object, or a URL that is not valid UTF-8 (the detail names file and line)"),
+    "malformed_row": (
+        FILTER,
+        "the input line cannot be read as a row: wrong number of fields, bad CSV quoting, "
+        "not a JSON object, or a URL that is not valid UTF-8 (the detail names file and line)",
+    ),
     # download
     "invalid_url": (DOWNLOAD, "the URL cannot be parsed or has no host"),
     "unsupported_scheme": (DOWNLOAD, "not an http:// or https:// URL (file://, ftp://, data:, ...)"),
-    "blocked_address": (DOWNLOAD, "the host is or resolves to a loopback/private/link-local/multicast/reserved address"),
+    "blocked_address": (
+        DOWNLOAD,
+        "the host is or resolves to a loopback/private/link-local/multicast/reserved address",
+    ),
     "dns_error": (DOWNLOAD, "the host name does not resolve"),
     "timeout": (DOWNLOAD, "no complete answer within data.timeout_s (after retries)"),
     "connection_error": (DOWNLOAD, "connection refused, reset or closed early (after retries)"),
@@ -32,8 +39,10 @@ REASONS: dict[str, tuple[str, str]] = {
     "response_too_large": (DOWNLOAD, "the response is larger than data.max_response_bytes"),
     "optout": (DOWNLOAD, "an X-Robots-Tag header opts the image out (data.disallowed_header_directives)"),
     "http_error": (DOWNLOAD, "an HTTP protocol error"),
-    "hash_mismatch": (DOWNLOAD, "the downloaded bytes do not hash to the row's data.verify_hash.column value "
-                                "(or the row has none)"),
+    "hash_mismatch": (
+        DOWNLOAD,
+        "the downloaded bytes do not hash to the row's data.verify_hash.column value (or the row has none)",
+    ),
     # decode
     "not_an_image": (DECODE, "the bytes are not an image format Pillow/OpenCV can read (HTML, text, ...)"),
     "truncated_image": (DECODE, "the image data ends early"),
@@ -51,8 +60,11 @@ REASONS: dict[str, tuple[str, str]] = {
     "caption_too_many_words": (FILTER, "more words than data.filters.max_caption_words"),
     "clip_score": (FILTER, "CLIP image-caption similarity below the threshold or outside the top fraction"),
     # dedup
-    "duplicate": (DEDUP, "same image sha256 or same (url, caption) as a row with a smaller key "
-                         "(a (url, caption) duplicate is rejected before it is downloaded)"),
+    "duplicate": (
+        DEDUP,
+        "same image sha256 or same (url, caption) as a row with a smaller key "
+        "(a (url, caption) duplicate is rejected before it is downloaded)",
+    ),
     # any stage
     "internal_error": (DOWNLOAD, "a bug in the pipeline while handling this row (the detail has the traceback)"),
 }

@@ -23,6 +23,7 @@ decoded. `ImageProcessor.resize(probed)` then produces the stored image:
 Every output is 8-bit, 3-channel (RGB content, OpenCV encodes BGR arrays) except where img2dataset
 keeps a grayscale non-JPEG image grayscale.
 """
+
 from __future__ import annotations
 
 import io
@@ -44,9 +45,14 @@ from pipeline import img2dataset_parts
 Image.MAX_IMAGE_PIXELS = None
 
 _INTERPOLATIONS = {
-    "nearest": cv2.INTER_NEAREST, "linear": cv2.INTER_LINEAR, "bilinear": cv2.INTER_LINEAR,
-    "cubic": cv2.INTER_CUBIC, "bicubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA,
-    "lanczos": cv2.INTER_LANCZOS4, "lanczos4": cv2.INTER_LANCZOS4,
+    "nearest": cv2.INTER_NEAREST,
+    "linear": cv2.INTER_LINEAR,
+    "bilinear": cv2.INTER_LINEAR,
+    "cubic": cv2.INTER_CUBIC,
+    "bicubic": cv2.INTER_CUBIC,
+    "area": cv2.INTER_AREA,
+    "lanczos": cv2.INTER_LANCZOS4,
+    "lanczos4": cv2.INTER_LANCZOS4,
 }
 
 # JPEG decode flags by DCT reduction: always 3-channel BGR (CMYK and grayscale converted), and
@@ -288,10 +294,13 @@ class ImageProcessor:
         data = probed.data
         # Entropy-coded data never contains FF D9 (0xFF is stuffed), so a JPEG whose last scan has
         # no end-of-image marker after it was cut off; libjpeg would pad it with grey silently.
-        if data.rfind(b"\xff\xd9", max(0, len(data) - 64)) < 0 and data.find(
-            b"\xff\xd9", max(0, data.rfind(b"\xff\xda"))
-        ) < 0:
-            raise ImageReject("truncated_image", f"JPEG without an end-of-image marker after its last scan ({len(data)} bytes)")
+        if (
+            data.rfind(b"\xff\xd9", max(0, len(data) - 64)) < 0
+            and data.find(b"\xff\xd9", max(0, data.rfind(b"\xff\xda"))) < 0
+        ):
+            raise ImageReject(
+                "truncated_image", f"JPEG without an end-of-image marker after its last scan ({len(data)} bytes)"
+            )
         scale = self._target_scale(ow, oh)
         # The size img2dataset's transform gives (albumentations: round each side, at least 1).
         if scale is not None and scale != 1.0:
@@ -312,8 +321,9 @@ class ImageProcessor:
                 # libjpeg rounds the reduced size up (ceil(w / s)), so its last row/column is only
                 # partly image. Scale by the exact factor of the image part (fx, fy), not by the
                 # array's size, and cut the rounding remainder: same geometry as a full decode.
-                array = cv2.resize(array, None, fx=tw * reduce / ow, fy=th * reduce / oh,
-                                   interpolation=interpolation)[:th, :tw]
+                array = cv2.resize(array, None, fx=tw * reduce / ow, fy=th * reduce / oh, interpolation=interpolation)[
+                    :th, :tw
+                ]
         if blur_boxes:
             array = self._blur(array, blur_boxes)
         if scale is not None:
@@ -332,5 +342,5 @@ class ImageProcessor:
             array = cv2.copyMakeBorder(array, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(255, 255, 255))
         elif self.resize_mode == "center_crop" and (h > size or w > size):
             top, left = max(0, h - size) // 2, max(0, w - size) // 2
-            array = array[top:top + min(h, size), left:left + min(w, size)]
+            array = array[top : top + min(h, size), left : left + min(w, size)]
         return array

@@ -14,6 +14,7 @@ object appears whole or not at all. The manifest is assembled from the markers a
 A plan is bound to the config that made it (`fingerprint`): resuming with a config that would
 produce different rows stops with a message naming the keys that changed.
 """
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -34,11 +35,32 @@ PLAN_VERSION = 2  # 2: staged rows carry source_error; (url, caption) dedup befo
 # Config keys that change which rows are accepted or what is stored. The others (timeouts,
 # retries, threads, actors, progress, credentials) may change between a run and its resume.
 FINGERPRINT_KEYS = (
-    "input", "input_format", "columns", "url_col", "caption_col", "extra_cols", "rows_per_shard",
-    "image_size", "resize_mode", "resize_only_if_bigger", "upscale_interpolation", "downscale_interpolation",
-    "encode_format", "encode_quality", "min_image_size", "max_image_area", "max_pixels", "fast_jpeg_decode",
-    "allow_private_addresses", "disallowed_header_directives", "user_agent_token", "max_redirects",
-    "max_response_bytes", "filters", "verify_hash", "bbox_col",
+    "input",
+    "input_format",
+    "columns",
+    "url_col",
+    "caption_col",
+    "extra_cols",
+    "rows_per_shard",
+    "image_size",
+    "resize_mode",
+    "resize_only_if_bigger",
+    "upscale_interpolation",
+    "downscale_interpolation",
+    "encode_format",
+    "encode_quality",
+    "min_image_size",
+    "max_image_area",
+    "max_pixels",
+    "fast_jpeg_decode",
+    "allow_private_addresses",
+    "disallowed_header_directives",
+    "user_agent_token",
+    "max_redirects",
+    "max_response_bytes",
+    "filters",
+    "verify_hash",
+    "bbox_col",
 )
 
 
@@ -154,9 +176,11 @@ class Plan:
     @staticmethod
     def from_json(d: dict[str, Any]) -> "Plan":
         if d.get("version") != PLAN_VERSION:
-            raise ValueError(f"{PLAN} has version {d.get('version')}, this pipeline writes {PLAN_VERSION}: the run "
-                             "was started by another version of clipray; finish it with that version, or use "
-                             "a new data.output")
+            raise ValueError(
+                f"{PLAN} has version {d.get('version')}, this pipeline writes {PLAN_VERSION}: the run "
+                "was started by another version of clipray; finish it with that version, or use "
+                "a new data.output"
+            )
         schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(d["extra_schema"])))
         return Plan(d["fingerprint"], d["files"], [ShardSpec.from_dict(s) for s in d["shards"]], schema)
 
@@ -179,11 +203,18 @@ def make_plan(data: DataConfig, staged: list[dict[str, Any]]) -> Plan:
         first = 0
         for chunk in f["chunks"]:
             sid = len(shards)
-            shards.append(ShardSpec(
-                id=sid, name=f"{sid:0{shard_digits}d}", input=chunk["name"], rows=chunk["rows"],
-                source=f["url"], first_row=first, row_digits=row_digits,
-                global_pass=data.filters.needs_global_pass,
-            ))
+            shards.append(
+                ShardSpec(
+                    id=sid,
+                    name=f"{sid:0{shard_digits}d}",
+                    input=chunk["name"],
+                    rows=chunk["rows"],
+                    source=f["url"],
+                    first_row=first,
+                    row_digits=row_digits,
+                    global_pass=data.filters.needs_global_pass,
+                )
+            )
             first += chunk["rows"]
     files = [{"url": f["url"], "format": f["format"], "rows": f["rows"]} for f in staged]
     return Plan(fingerprint(data), files, shards, extra)

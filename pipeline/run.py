@@ -23,6 +23,7 @@ All stage logic lives in plain modules (download.py, global_pass.py, dedup.py, c
 this file and `run_global.py` (the pair dedup, the CLIP score and the global pass) only wire them
 to Ray.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,9 @@ def run_pipeline(data: DataConfig) -> dict[str, Any]:
     """Run (or resume) the pipeline for `data`; returns the manifest, also written to
     `{data.output}/manifest.json`. Raises ValueError for input that cannot run."""
     if not data.output:
-        raise ValueError("data.output is not set: give a folder (local or s3://...) for shards/, rejects/ "
-                         "and manifest.json")
+        raise ValueError(
+            "data.output is not set: give a folder (local or s3://...) for shards/, rejects/ and manifest.json"
+        )
     from ray_compat import data_context, disable_progress_bars  # without Ray 2.60's spurious deprecations
 
     ctx = data_context()
@@ -77,8 +79,11 @@ def _run_locked(data: DataConfig, out: Folder, start: float) -> dict[str, Any]:
     plan = load_plan(out, data)
     if plan is None:
         plan = _make_plan(data, out)
-    say(data, f"pipeline: {plan.input_rows} input rows in {len(plan.shards)} shards "
-               f"from {len(plan.files)} file(s) -> {out.url}")
+    say(
+        data,
+        f"pipeline: {plan.input_rows} input rows in {len(plan.shards)} shards "
+        f"from {len(plan.files)} file(s) -> {out.url}",
+    )
 
     downloads = markers(out, DOWNLOAD, plan.shards)
     already_done = len(downloads)
@@ -105,8 +110,9 @@ def _run_locked(data: DataConfig, out: Folder, start: float) -> dict[str, Any]:
         "rows_per_s": round(processed_rows / download_s, 2) if download_s > 0 and processed_rows else 0.0,
         "images_per_s": round(processed_accepted / download_s, 2) if download_s > 0 and processed_rows else 0.0,
     }
-    manifest = build_manifest(data, [s.to_dict() for s in plan.shards], downloads, global_stats,
-                              time.time() - start, run_info)
+    manifest = build_manifest(
+        data, [s.to_dict() for s in plan.shards], downloads, global_stats, time.time() - start, run_info
+    )
     _sweep(out, manifest)
     out.write_json(MANIFEST, manifest)
     say(data, summary(manifest))
@@ -120,7 +126,9 @@ def _with_absolute_paths(data: DataConfig) -> DataConfig:
         update["input"] = absolute(data.input)
     clip = data.filters.clip_score
     if clip is not None:
-        filters = data.filters.model_copy(update={"clip_score": clip.model_copy(update={"model": absolute(clip.model)})})
+        filters = data.filters.model_copy(
+            update={"clip_score": clip.model_copy(update={"model": absolute(clip.model)})}
+        )
         update["filters"] = filters
     return data.model_copy(update=update)
 
@@ -177,8 +185,9 @@ class _DownloadUDF:
         return {"stats": [json.dumps(s) for s in stats]}
 
 
-def _download(data: DataConfig, out: Folder, plan: Plan, todo: list[ShardSpec],
-              repeated: dict[str, list]) -> Iterable[dict]:
+def _download(
+    data: DataConfig, out: Folder, plan: Plan, todo: list[ShardSpec], repeated: dict[str, list]
+) -> Iterable[dict]:
     import ray
 
     actors = data.num_download_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -187,21 +196,28 @@ def _download(data: DataConfig, out: Folder, plan: Plan, todo: list[ShardSpec],
     # first waits on its slowest URLs. With fewer shards, one each, or one actor would take two
     # while another idles.
     per_actor = 2 if len(todo) >= 2 * actors else 1
-    ds = ray.data.from_items([{"spec": json.dumps(s.to_dict()), "duplicates": json.dumps(repeated.get(s.name, []))}
-                              for s in todo], override_num_blocks=len(todo))
+    ds = ray.data.from_items(
+        [{"spec": json.dumps(s.to_dict()), "duplicates": json.dumps(repeated.get(s.name, []))} for s in todo],
+        override_num_blocks=len(todo),
+    )
     results = ds.map_batches(
         _DownloadUDF,
         fn_constructor_kwargs={"data": data, "out": out, "extra_schema": plan.extra_schema},
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(
-            size=actors, max_tasks_in_flight_per_actor=per_actor, max_concurrent_calls_per_actor=per_actor,
+            size=actors,
+            max_tasks_in_flight_per_actor=per_actor,
+            max_concurrent_calls_per_actor=per_actor,
             enable_true_multi_threading=per_actor > 1,
         ),
         num_cpus=1,
     )
-    say(data, f"download: {len(todo)} shards ({sum(s.rows for s in todo)} rows) on {actors} actor(s) "
-               f"x {data.threads_per_actor} threads")
+    say(
+        data,
+        f"download: {len(todo)} shards ({sum(s.rows for s in todo)} rows) on {actors} actor(s) "
+        f"x {data.threads_per_actor} threads",
+    )
     yield from progress(data, results, "download", sum(s.rows for s in todo))
 
 

@@ -2,6 +2,7 @@
 small per-shard index the global pass (image dedup, CLIP-score cut) reads. Column names and types are
 the "Pipeline outputs" contract of DESIGN.md.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -19,25 +20,36 @@ IMAGE_FIELDS = [
     pa.field("sha256", pa.string()),
 ]
 
-REJECT_SCHEMA = pa.schema([
-    pa.field("key", pa.string()),
-    pa.field("url", pa.string()),
-    pa.field("caption", pa.string()),
-    pa.field("stage", pa.string()),
-    pa.field("reason", pa.string()),
-    pa.field("detail", pa.string()),
-])
+REJECT_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("url", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("stage", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("detail", pa.string()),
+    ]
+)
 
-INDEX_SCHEMA = pa.schema([
-    pa.field("key", pa.string()),
-    pa.field("sha256", pa.string()),
-])
+INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("sha256", pa.string()),
+    ]
+)
 
 
 def accepted_schema(extra: pa.Schema) -> pa.Schema:
     """key, url, caption, jpg, width, height, original_width, original_height, sha256, extras."""
-    return pa.schema([pa.field("key", pa.string()), pa.field("url", pa.string()),
-                      pa.field("caption", pa.string()), *IMAGE_FIELDS, *extra])
+    return pa.schema(
+        [
+            pa.field("key", pa.string()),
+            pa.field("url", pa.string()),
+            pa.field("caption", pa.string()),
+            *IMAGE_FIELDS,
+            *extra,
+        ]
+    )
 
 
 def make_keys(prefix: str, rows: Sequence[int], row_digits: int) -> pa.Array:
@@ -45,14 +57,17 @@ def make_keys(prefix: str, rows: Sequence[int], row_digits: int) -> pa.Array:
 
 
 def rejects_table(keys: pa.Array, urls: pa.Array, captions: pa.Array, rejections: Sequence[Rejection]) -> pa.Table:
-    return pa.table({
-        "key": keys,
-        "url": urls,
-        "caption": captions,
-        "stage": pa.array([r.stage for r in rejections], pa.string()),
-        "reason": pa.array([r.reason for r in rejections], pa.string()),
-        "detail": pa.array([r.detail[:2000] for r in rejections], pa.string()),
-    }, schema=REJECT_SCHEMA)
+    return pa.table(
+        {
+            "key": keys,
+            "url": urls,
+            "caption": captions,
+            "stage": pa.array([r.stage for r in rejections], pa.string()),
+            "reason": pa.array([r.reason for r in rejections], pa.string()),
+            "detail": pa.array([r.detail[:2000] for r in rejections], pa.string()),
+        },
+        schema=REJECT_SCHEMA,
+    )
 
 
 def empty_rejects() -> pa.Table:

@@ -3,6 +3,7 @@
 Each input file becomes chunks of exactly `data.rows_per_shard` rows (the last one shorter), in
 file order, named `{file:05d}-{chunk:06d}.arrow`; `resume.make_plan` numbers them into shards.
 """
+
 from __future__ import annotations
 
 from typing import Any

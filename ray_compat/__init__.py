@@ -4,6 +4,7 @@ Ray's public API does not cover a few things clipray needs; each function here s
 name it touches and why, so a Ray upgrade has one file to check. Ray is imported inside the
 functions: importing this module costs nothing.
 """
+
 from __future__ import annotations
 
 import logging

@@ -8,16 +8,43 @@
   Parquet written in pieces.
 - `FolderLock`: one run at a time per output folder.
 """
+
 from storage.config import STORAGE_FIELDS, StorageConfig
-from storage.filesystems import (absolute, configured_s3_endpoint, fsspec_filesystem,
-                                 fsspec_options, is_local, join, open_file, protocol_of, pyarrow_filesystem)
+from storage.filesystems import (
+    absolute,
+    configured_s3_endpoint,
+    fsspec_filesystem,
+    fsspec_options,
+    is_local,
+    join,
+    open_file,
+    protocol_of,
+    pyarrow_filesystem,
+)
 from storage.folder import Folder, atomic_write, is_temporary, read_file, safe_relative, write_file
 from storage.lock import FolderInUse, FolderLock
 from storage.parquet import ParquetSink, parquet_options
 
 __all__ = [
-    "STORAGE_FIELDS", "StorageConfig", "absolute", "configured_s3_endpoint",
-    "fsspec_filesystem", "fsspec_options", "is_local", "join", "open_file", "protocol_of", "pyarrow_filesystem",
-    "Folder", "atomic_write", "is_temporary", "read_file", "safe_relative", "write_file", "FolderInUse", "FolderLock", "ParquetSink",
+    "STORAGE_FIELDS",
+    "StorageConfig",
+    "absolute",
+    "configured_s3_endpoint",
+    "fsspec_filesystem",
+    "fsspec_options",
+    "is_local",
+    "join",
+    "open_file",
+    "protocol_of",
+    "pyarrow_filesystem",
+    "Folder",
+    "atomic_write",
+    "is_temporary",
+    "read_file",
+    "safe_relative",
+    "write_file",
+    "FolderInUse",
+    "FolderLock",
+    "ParquetSink",
     "parquet_options",
 ]

@@ -11,6 +11,7 @@ itself, but not a configured endpoint (`AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL
 same server. Where the AWS chain names no region (the SDK then says us-east-1) and there is no custom
 endpoint, the bucket's own region is looked up (pyarrow's `resolve_s3_region`) instead.
 """
+
 from __future__ import annotations
 
 import logging
@@ -121,8 +122,11 @@ def _pyarrow_s3(bucket: str, cfg: StorageConfig):
             kwargs[arrow_name] = options.pop(name)
     ignored = sorted(options) + sorted(k for k in client_kwargs if k not in _S3FS_CLIENT_KWARGS)
     if ignored:
-        log.warning("storage_options %s apply to fsspec only; pyarrow's S3 filesystem (training data and run "
-                    "storage) ignores them", ", ".join(ignored))
+        log.warning(
+            "storage_options %s apply to fsspec only; pyarrow's S3 filesystem (training data and run "
+            "storage) ignores them",
+            ", ".join(ignored),
+        )
     endpoint = cfg.s3_endpoint_url or client_kwargs.get("endpoint_url") or configured_s3_endpoint()
     if endpoint:
         parts = urlsplit(endpoint)
@@ -147,7 +151,8 @@ def configured_s3_endpoint() -> Optional[str]:
     from botocore.config import Config
 
     client = botocore.session.Session().create_client(
-        "s3", region_name="us-east-1", config=Config(signature_version=UNSIGNED))
+        "s3", region_name="us-east-1", config=Config(signature_version=UNSIGNED)
+    )
     url = client.meta.endpoint_url
     host = (urlsplit(url).hostname or "").lower()
     if host.endswith((".amazonaws.com", ".amazonaws.com.cn")):

@@ -7,6 +7,7 @@ file or nothing. On a local disk a file is written under a hidden temporary name
 stores (s3://, gs://) an object only appears when its upload completes, so a killed writer never
 leaves a half-written file that looks finished.
 """
+
 from __future__ import annotations
 
 import io
@@ -70,6 +71,7 @@ def commit_local(tmp: str, path: str) -> int:
 def atomic_write(fs, path: str, data: bytes) -> None:
     """Write `data` to `path` on an fsspec filesystem so that readers see all of it or nothing."""
     if _fs_is_local(fs):
+
         def write(tmp: str) -> None:
             with open(tmp, "wb") as fh:
                 fh.write(data)

@@ -15,6 +15,7 @@ stores have no such primitive here: the lock is written, then read back after `s
 run that does not find itself there gives way; two runs starting within the same fraction of a
 second against one bucket prefix are not excluded with certainty.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,8 +73,9 @@ class FolderLock:
     what: the command, for the error a second run sees (e.g. "clipray pipeline").
     """
 
-    def __init__(self, folder: Folder, what: str, *, ttl_s: float = 120.0, heartbeat_s: float = 30.0,
-                 settle_s: float = 1.0):
+    def __init__(
+        self, folder: Folder, what: str, *, ttl_s: float = 120.0, heartbeat_s: float = 30.0, settle_s: float = 1.0
+    ):
         self.folder, self.what = folder, what
         self.ttl_s, self.heartbeat_s, self.settle_s = ttl_s, heartbeat_s, settle_s
         self.owner = uuid.uuid4().hex
@@ -84,8 +86,16 @@ class FolderLock:
     # --- what the lock file holds
     def _info(self) -> dict[str, Any]:
         pid = os.getpid()
-        return {"owner": self.owner, "what": self.what, "host": socket.gethostname(), "boot_id": _boot_id(),
-                "pid": pid, "pid_start": _start_ticks(pid), "started": self._started, "heartbeat": time.time()}
+        return {
+            "owner": self.owner,
+            "what": self.what,
+            "host": socket.gethostname(),
+            "boot_id": _boot_id(),
+            "pid": pid,
+            "pid_start": _start_ticks(pid),
+            "started": self._started,
+            "heartbeat": time.time(),
+        }
 
     def _read(self) -> Optional[dict[str, Any]]:
         """The current lock's content; None when there is none. An unreadable lock counts as held
@@ -124,7 +134,8 @@ class FolderLock:
             f"{self.folder.url} is in use by another run: {holder}, last seen {age:.0f} s ago. Two runs must not "
             f"write one folder: wait for it to finish or give this run another folder. If that run is dead on "
             f"another machine, its lock expires {self.ttl_s:.0f} s after its last heartbeat (or delete "
-            f"{self.folder.full_url(LOCK_NAME)})")
+            f"{self.folder.full_url(LOCK_NAME)})"
+        )
 
     # --- taking and giving back
     def check(self) -> None:
@@ -143,8 +154,12 @@ class FolderLock:
                     break
                 if not self.stale(current):
                     raise self._in_use(current)
-                log.warning("%s: taking over the lock of a run that is gone (%s, pid %s)", self.folder.url,
-                            current.get("what"), current.get("pid"))
+                log.warning(
+                    "%s: taking over the lock of a run that is gone (%s, pid %s)",
+                    self.folder.url,
+                    current.get("what"),
+                    current.get("pid"),
+                )
                 self.folder.remove([LOCK_NAME])
             if self._create():
                 break
@@ -178,8 +193,11 @@ class FolderLock:
             try:
                 current = self._read()
                 if current is None or current.get("owner") != self.owner:
-                    log.error("%s: the folder lock was taken by another run (%s); this run's heartbeat stops",
-                              self.folder.url, None if current is None else current.get("what"))
+                    log.error(
+                        "%s: the folder lock was taken by another run (%s); this run's heartbeat stops",
+                        self.folder.url,
+                        None if current is None else current.get("what"),
+                    )
                     return
                 self.folder.write_bytes(LOCK_NAME, json.dumps(self._info()).encode())
             except Exception as exc:  # noqa: BLE001 - a missed heartbeat is retried at the next beat

@@ -1,4 +1,5 @@
 """Parquet files written row group by row group that appear atomically when closed."""
+
 from __future__ import annotations
 
 import io
@@ -17,8 +18,11 @@ def parquet_options(schema: pa.Schema) -> dict[str, Any]:
     quarters of the write time for nothing. Other columns: snappy, dictionary, statistics."""
     binary = [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
     other = [n for n in schema.names if n not in binary]
-    return dict(compression={**{n: "snappy" for n in other}, **{n: "none" for n in binary}},
-                use_dictionary=other, write_statistics=other)
+    return dict(
+        compression={**{n: "snappy" for n in other}, **{n: "none" for n in binary}},
+        use_dictionary=other,
+        write_statistics=other,
+    )
 
 
 class ParquetSink:

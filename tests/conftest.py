@@ -1,5 +1,6 @@
 """Shared fixtures: a local Ray cluster for the session, the path to ../shared, and a guard that
 fails the run on any deprecation Ray reports (Ray logs most of them instead of warning)."""
+
 from __future__ import annotations
 
 import logging
@@ -84,8 +85,12 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
+        ray.init(
+            num_cpus=8,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}},
+        )
     from ray_compat import session_dir as ray_session_dir
 
     session_dir = Path(ray_session_dir())

@@ -1,5 +1,6 @@
 """The download benchmarks' image server (benchmarks/loopback_images.py): keep-alive and closing requests
 get the image, an unknown path a 404. The benchmark's numbers depend on it answering both tools."""
+
 from __future__ import annotations
 
 import importlib.util

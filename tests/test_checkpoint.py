@@ -1,4 +1,5 @@
 """Checkpoint I/O: our safetensors dirs, OpenCLIP dicts, OpenAI-style TorchScript archives, errors."""
+
 from __future__ import annotations
 
 import json
@@ -12,17 +13,22 @@ from safetensors.torch import save_file
 from training.model import CheckpointError, create_model, get_model_config, load_model, load_state_dict, save_model
 from training.model.checkpoint import infer_config
 
-tracing = pytest.mark.filterwarnings(
-    "ignore::torch.jit.TracerWarning", "ignore:`torch.jit.:DeprecationWarning")
+tracing = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.:DeprecationWarning")
 
 # heads = width / 64 everywhere, so the architecture can be inferred exactly from shapes.
 INFERABLE = {
-    "vit": {"embed_dim": 64, "quick_gelu": True,
-            "vision_cfg": {"image_size": 32, "layers": 2, "width": 128, "patch_size": 8, "head_width": 64},
-            "text_cfg": {"context_length": 20, "vocab_size": 1000, "width": 128, "heads": 2, "layers": 2}},
-    "rn": {"embed_dim": 64, "quick_gelu": True,
-           "vision_cfg": {"image_size": 64, "layers": [1, 2, 1, 1], "width": 16, "head_width": 64},
-           "text_cfg": {"context_length": 20, "vocab_size": 1000, "width": 64, "heads": 1, "layers": 1}},
+    "vit": {
+        "embed_dim": 64,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 128, "patch_size": 8, "head_width": 64},
+        "text_cfg": {"context_length": 20, "vocab_size": 1000, "width": 128, "heads": 2, "layers": 2},
+    },
+    "rn": {
+        "embed_dim": 64,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": 64, "layers": [1, 2, 1, 1], "width": 16, "head_width": 64},
+        "text_cfg": {"context_length": 20, "vocab_size": 1000, "width": 64, "heads": 1, "layers": 1},
+    },
 }
 
 
@@ -97,8 +103,12 @@ def test_save_model_unwraps_compiled_or_ddp_style_wrappers(tmp_path):
 def test_openclip_training_checkpoint_with_module_prefix_loads_and_infers_architecture(tmp_path, kind):
     model = _trained_like(INFERABLE[kind])
     images, tokens = _inputs(model)
-    ckpt = {"epoch": 3, "name": "run", "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
-            "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}
+    ckpt = {
+        "epoch": 3,
+        "name": "run",
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
+        "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+    }
     torch.save(ckpt, tmp_path / "epoch_3.pt")
     assert infer_config(load_state_dict(tmp_path / "epoch_3.pt")) == INFERABLE[kind]
     loaded = load_model(tmp_path / "epoch_3.pt")
@@ -174,6 +184,7 @@ def _torchscript_like_archive(path, payload: bytes):
 class _Boom:
     def __reduce__(self):
         import os
+
         return (os.system, ("echo pwned > /dev/null",))
 
 

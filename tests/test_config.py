@@ -1,4 +1,5 @@
 """The job config: typed, validated on load, and every error names the key."""
+
 from __future__ import annotations
 
 import subprocess
@@ -77,8 +78,9 @@ def test_every_shipped_config_validates(example):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clipray", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "clipray", *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
 
 
 def test_cli_exits_2_on_config_typo_before_any_work():
@@ -95,8 +97,13 @@ def test_cli_exits_2_on_wrong_type():
 
 
 def test_stage_module_is_the_same_command_as_the_cli():
-    proc = subprocess.run([sys.executable, "-m", "training", "--set", "train.batchsize=1"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "training", "--set", "train.batchsize=1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "clipray train" in proc.stderr and "train.batchsize" in proc.stderr
 
@@ -119,13 +126,16 @@ def test_print_config_shows_validated_values():
     assert "image_size: 128" in proc.stdout
 
 
-@pytest.mark.parametrize("overrides, ok", [
-    (["data.verify_hash=[sha256, sha256]"], True),            # img2dataset's form
-    (["data.verify_hash.column=hash", "data.verify_hash.algorithm=md5"], True),
-    (["data.verify_hash=[sha256, crc32]"], False),
-    (["data.verify_hash=[sha256]"], False),
-    (["data.extra_cols=[expected_hash]"], False),              # an internal column's name
-])
+@pytest.mark.parametrize(
+    "overrides, ok",
+    [
+        (["data.verify_hash=[sha256, sha256]"], True),  # img2dataset's form
+        (["data.verify_hash.column=hash", "data.verify_hash.algorithm=md5"], True),
+        (["data.verify_hash=[sha256, crc32]"], False),
+        (["data.verify_hash=[sha256]"], False),
+        (["data.extra_cols=[expected_hash]"], False),  # an internal column's name
+    ],
+)
 def test_verify_hash_config(overrides, ok):
     if ok:
         assert load_config(None, overrides=overrides).data.verify_hash is not None

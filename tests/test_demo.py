@@ -1,4 +1,5 @@
 """`clipray demo`: its data set, its config, and (slow) one short run end to end."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,9 @@ def test_stage_config_repeats_the_embedded_demo_recipe():
         assert stage["train"][key] == embedded["train"][key], key
 
 
-@pytest.mark.parametrize("override, key", [("train.batchsize=64", "train.batchsize"),
-                                           ("train.batch_size=abc", "train.batch_size")])
+@pytest.mark.parametrize(
+    "override, key", [("train.batchsize=64", "train.batchsize"), ("train.batch_size=abc", "train.batch_size")]
+)
 def test_bad_override_fails_before_any_work(tmp_path, override, key):
     workdir = tmp_path / "demo"
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -64,8 +66,11 @@ def test_progress_line_reads_like_a_progress_bar():
 
     row = {"step": 100, "loss": 2.1314, "samples_per_s": 395.2, "data_wait_s": 0.004, "step_time_s": 0.4}
     assert progress_line("demo", 391, row, checkpointed=True) == (
-        "train demo: step 100/391 (26%) loss 2.131 | 395 samples/s | data wait 1% | checkpoint")
-    assert progress_line("demo", 391, {"step": 391, "val_loss": 0.5}) == "train demo: step 391/391 (100%) | val loss 0.500"
+        "train demo: step 100/391 (26%) loss 2.131 | 395 samples/s | data wait 1% | checkpoint"
+    )
+    assert (
+        progress_line("demo", 391, {"step": 391, "val_loss": 0.5}) == "train demo: step 391/391 (100%) | val loss 0.500"
+    )
 
 
 @pytest.mark.slow

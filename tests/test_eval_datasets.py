@@ -1,4 +1,5 @@
 """Evaluation data sets: ImageFolder trees, CSV/Parquet tables, pipeline shards, S3; class names and templates."""
+
 from __future__ import annotations
 
 import io
@@ -42,8 +43,11 @@ def write_color_folder(root, per_class=3, corrupt=False, mislabeled=False):
 
 def write_color_shards(folder, per_class=3, row_group_size=4, extra_rows=()):
     """A pipeline-style output folder: folder/shards/part-0.parquet with key, caption, jpg, color."""
-    rows = [{"key": f"{c}{i}", "caption": f"a {c} square", "jpg": color_image(c), "color": c, "shape": "square"}
-            for c in COLORS for i in range(per_class)]
+    rows = [
+        {"key": f"{c}{i}", "caption": f"a {c} square", "jpg": color_image(c), "color": c, "shape": "square"}
+        for c in COLORS
+        for i in range(per_class)
+    ]
     rows.extend(extra_rows)
     (folder / "shards").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), folder / "shards" / "part-0.parquet", row_group_size=row_group_size)
@@ -92,8 +96,10 @@ def test_parquet_image_bytes_stay_in_files_and_row_groups_are_read_in_order(tmp_
 
 
 def test_rows_without_label_or_caption_are_dropped_and_counted(tmp_path):
-    extra = [{"key": "x1", "caption": "no colour", "jpg": color_image("red"), "color": None, "shape": "square"},
-             {"key": "x2", "caption": "", "jpg": color_image("red"), "color": "red", "shape": "square"}]
+    extra = [
+        {"key": "x1", "caption": "no colour", "jpg": color_image("red"), "color": None, "shape": "square"},
+        {"key": "x2", "caption": "", "jpg": color_image("red"), "color": "red", "shape": "square"},
+    ]
     write_color_shards(tmp_path, per_class=1, extra_rows=extra)
     labels = open_dataset(str(tmp_path), label_col="color", need_labels=True)
     assert labels.num_rows == 4 and labels.rejected == {"missing_label": 1}
@@ -109,7 +115,8 @@ def test_csv_paths_are_relative_to_the_table_and_repeated_paths_are_one_image(tm
     (tmp_path / "img" / "r.png").write_bytes(color_image("red"))
     (tmp_path / "img" / "g.png").write_bytes(color_image("green"))
     (tmp_path / "pairs.csv").write_text(
-        "filepath,caption\nimg/r.png,a red square\nimg/g.png,a green square\nimg/r.png,\"a red, red thing\"\n")
+        'filepath,caption\nimg/r.png,a red square\nimg/g.png,a green square\nimg/r.png,"a red, red thing"\n'
+    )
     ds = open_dataset(str(tmp_path / "pairs.csv"), caption_col="caption", need_captions=True)
     assert ds.image_column == "filepath"  # found when eval.image_col keeps the pipeline default 'jpg'
     assert ds.num_rows == 2
@@ -119,7 +126,9 @@ def test_csv_paths_are_relative_to_the_table_and_repeated_paths_are_one_image(tm
 
 def test_a_missing_column_is_named_with_the_columns_found(tmp_path):
     write_color_shards(tmp_path, per_class=1)
-    with pytest.raises(ValueError, match=r"eval.label_col 'label' is not a column \(columns: key, caption, jpg, color, shape\)"):
+    with pytest.raises(
+        ValueError, match=r"eval.label_col 'label' is not a column \(columns: key, caption, jpg, color, shape\)"
+    ):
         open_dataset(str(tmp_path), need_labels=True)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         open_dataset(str(tmp_path / "nope"))
@@ -134,13 +143,21 @@ def test_shards_on_s3_are_read_through_fsspec(tmp_path):
     with S3TestServer() as s3:
         import boto3
 
-        boto3.client("s3", endpoint_url=s3.endpoint_url, region_name="us-east-1",
-                     aws_access_key_id=s3.credentials["key"], aws_secret_access_key=s3.credentials["secret"],
-                     ).create_bucket(Bucket="eval")
+        boto3.client(
+            "s3",
+            endpoint_url=s3.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id=s3.credentials["key"],
+            aws_secret_access_key=s3.credentials["secret"],
+        ).create_bucket(Bucket="eval")
         fs = s3.filesystem()
         fs.put(str(tmp_path / "shards" / "part-0.parquet"), "eval/held-out/shards/part-0.parquet")
-        ds = open_dataset("s3://eval/held-out", label_col="color", need_labels=True,
-                          storage=StorageConfig(storage_options=s3.storage_options()))
+        ds = open_dataset(
+            "s3://eval/held-out",
+            label_col="color",
+            need_labels=True,
+            storage=StorageConfig(storage_options=s3.storage_options()),
+        )
         assert ds.num_rows == 6 and ds.chunks[0].file == "s3://eval/held-out/shards/part-0.parquet"
         images = np.concatenate([b["image"] for b in ds.iter_image_batches(4)])
     assert images[0] == color_image("red") and images[-1] == color_image("blue")

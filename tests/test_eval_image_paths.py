@@ -1,5 +1,6 @@
 """Image paths in an eval table's metadata: kept under the image root (the table's folder or
 eval.image_root) unless eval.allow_external_image_paths; unsafe rows are dropped and counted."""
+
 from __future__ import annotations
 
 import logging
@@ -56,8 +57,11 @@ def test_paths_leaving_the_tables_folder_are_dropped_and_counted(layout, caplog)
 def test_a_table_with_only_unsafe_paths_says_how_to_allow_them(layout):
     data, outside = layout
     (data / "only_outside.csv").write_text(f"filepath,label\n{outside}/secret.png,blue\n../outside/secret.png,blue\n")
-    with pytest.raises(ValueError, match=r"no usable rows \(\{'unsafe_image_path': 2\}\).*"
-                                         r"set eval.image_root .* or eval.allow_external_image_paths: true"):
+    with pytest.raises(
+        ValueError,
+        match=r"no usable rows \(\{'unsafe_image_path': 2\}\).*"
+        r"set eval.image_root .* or eval.allow_external_image_paths: true",
+    ):
         open_dataset(str(data / "only_outside.csv"), need_labels=True)
 
 
@@ -96,8 +100,14 @@ def test_remote_tables_keep_paths_under_their_prefix():
     resolver = ImagePathResolver("s3://bucket/sets/coco")
     assert resolver.resolve("val/1.jpg") == ("s3://bucket/sets/coco/val/1.jpg", "", "")
     assert resolver.resolve("s3a://bucket/sets/coco/val/2.jpg")[0] == "s3://bucket/sets/coco/val/2.jpg"
-    for value in ("../other/1.jpg", "s3://bucket/sets/cocoa/1.jpg", "s3://other-bucket/1.jpg", "/etc/hosts",
-                  "gs://bucket/sets/coco/1.jpg", "val/../../../../x.jpg"):
+    for value in (
+        "../other/1.jpg",
+        "s3://bucket/sets/cocoa/1.jpg",
+        "s3://other-bucket/1.jpg",
+        "/etc/hosts",
+        "gs://bucket/sets/coco/1.jpg",
+        "val/../../../../x.jpg",
+    ):
         path, reason, detail = resolver.resolve(value)
         assert (path, reason) == (None, UNSAFE_IMAGE_PATH), value
         assert repr(value) in detail
@@ -124,9 +134,15 @@ def test_the_eval_section_keys_reach_the_dataset_clipray_eval_opens(layout):
     data, outside = layout
     default = _open(str(data / "pairs.csv"), EvalConfig(dataset=str(data / "pairs.csv")), need_labels=True)
     assert default.rejected == {UNSAFE_IMAGE_PATH: len(UNSAFE_ROWS)}
-    widened = _open(str(data / "pairs.csv"), EvalConfig(dataset=str(data / "pairs.csv"), image_root=str(data.parent)),
-                    need_labels=True)
+    widened = _open(
+        str(data / "pairs.csv"),
+        EvalConfig(dataset=str(data / "pairs.csv"), image_root=str(data.parent)),
+        need_labels=True,
+    )
     assert widened.rejected == {UNSAFE_IMAGE_PATH: 4}
-    given = _open(str(data / "pairs.csv"), EvalConfig(dataset=str(data / "pairs.csv"), allow_external_image_paths=True),
-                  need_labels=True)
+    given = _open(
+        str(data / "pairs.csv"),
+        EvalConfig(dataset=str(data / "pairs.csv"), allow_external_image_paths=True),
+        need_labels=True,
+    )
     assert given.rejected == {}

@@ -1,4 +1,5 @@
 """Linear probe on features with a known linear structure."""
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,7 @@ def test_two_gaussians_reach_the_bayes_accuracy():
     bayes = 0.5 * (1.0 + math.erf(1.0 / math.sqrt(2.0)))  # 0.8413
     assert abs(result.metrics["acc1"] - bayes) < 0.02
     assert "acc5" not in result.metrics  # 2 classes
-    assert result.metrics["mean_per_class_recall"] == pytest.approx(
-        balanced_accuracy_score(test_y, result.predictions))
+    assert result.metrics["mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(test_y, result.predictions))
 
 
 def test_chosen_C_is_inside_the_searched_range_and_best_on_validation():
@@ -60,7 +60,9 @@ def test_chosen_C_is_inside_the_searched_range_and_best_on_validation():
     chosen = next(t for t in trials if t.C == C)
     assert chosen.val_acc1 == best_acc
     # The search refined down to 1/8 decade around the chosen value.
-    assert np.min(np.abs(np.delete(exps, np.argmin(np.abs(exps - math.log10(C)))) - math.log10(C))) == pytest.approx(0.125)
+    assert np.min(np.abs(np.delete(exps, np.argmin(np.abs(exps - math.log10(C)))) - math.log10(C))) == pytest.approx(
+        0.125
+    )
 
 
 def test_validation_split_is_stratified_and_seeded():

@@ -1,4 +1,5 @@
 """Zero-shot / classification and retrieval metrics on hand-built embeddings with known answers."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,10 +8,18 @@ import torch
 from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
 
 from evaluation.classification import (
-    classification_metrics, confusion_matrix, predict, target_ranks, topk_classes,
+    classification_metrics,
+    confusion_matrix,
+    predict,
+    target_ranks,
+    topk_classes,
 )
 from evaluation.retrieval import (
-    blocked_topk, dense_retrieval_ranks, recall_from_ranks, retrieval_metrics, retrieval_ranks,
+    blocked_topk,
+    dense_retrieval_ranks,
+    recall_from_ranks,
+    retrieval_metrics,
+    retrieval_ranks,
 )
 from evaluation.zeroshot import classifier_from_text_features, zeroshot_logits
 
@@ -20,6 +29,7 @@ def _unit(x):
 
 
 # --- zero-shot classification -------------------------------------------------------------------
+
 
 def test_zeroshot_classifier_averages_normalised_prompts_and_renormalises():
     rng = np.random.default_rng(0)
@@ -96,6 +106,7 @@ def test_bad_labels_are_rejected_with_the_range():
 
 
 # --- retrieval ----------------------------------------------------------------------------------
+
 
 def _numpy_reference(img, txt, t2i, ks):
     """Independent reference: full float64 matrix, lexicographic sort (score desc, index asc)."""

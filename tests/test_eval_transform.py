@@ -1,5 +1,6 @@
 """One CLIP eval image transform: `eval_pixels` + `normalize_pixels`, and every path that feeds a
 CLIP image encoder (evaluation's embedder, the CLIP-score filter) gives it identical tensors."""
+
 from __future__ import annotations
 
 import io
@@ -14,9 +15,12 @@ from pipeline.clip_score import ClipScorer
 from training.model import create_model, eval_pixels, image_mean_std, normalize_pixels, pixel_scale_shift, save_model
 
 SIZE = 32
-TINY = {"embed_dim": 16, "quick_gelu": False,
-        "vision_cfg": {"image_size": SIZE, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+TINY = {
+    "embed_dim": 16,
+    "quick_gelu": False,
+    "vision_cfg": {"image_size": SIZE, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 def encoded(width: int, height: int, mode: str = "RGB", fmt: str = "PNG", seed: int = 0) -> bytes:
@@ -93,8 +97,12 @@ def validation_input(image: bytes, model_dir) -> torch.Tensor:
     from training.model import load_model
 
     rows = Preprocess(PreprocessSettings(image_size=SIZE, context_length=16, train=False))(
-        {"key": np.array(["k"], dtype=object), "caption": np.array(["a caption"], dtype=object),
-         "jpg": np.array([image], dtype=object)})
+        {
+            "key": np.array(["k"], dtype=object),
+            "caption": np.array(["a caption"], dtype=object),
+            "jpg": np.array([image], dtype=object),
+        }
+    )
     assert rows["status"].tolist() == [0]
     module = ContrastiveModel(load_model(str(model_dir)))
     seen = _recording(module.clip)
@@ -143,7 +151,7 @@ def test_centre_crop_offsets_round_half_to_even_as_torchvision(height, top):
     # width == size: no resize, so the crop is a plain slice; (h - 16) / 2 = 1.5 -> 2, 2.5 -> 2, 3.5 -> 4.
     arr = np.random.default_rng(height).integers(0, 256, size=(height, 16, 3), dtype=np.uint8)
     out = eval_pixels(Image.fromarray(arr), 16)
-    assert np.array_equal(out, arr[top:top + 16])
+    assert np.array_equal(out, arr[top : top + 16])
 
 
 def test_the_shorter_side_is_resized_and_the_crop_is_centred():

@@ -1,4 +1,5 @@
 """Zero-shot and retrieval through the model: preprocessing, classifier, known answers end to end."""
+
 from __future__ import annotations
 
 import io
@@ -126,8 +127,13 @@ def test_zeroshot_metrics_equal_an_independent_computation_on_the_same_features(
     names = ["blue", "green", "red"]
     labels = np.array([names.index(c) for c in COLORS for _ in range(4)])
     with torch.no_grad():
-        pixels = torch.stack([torch.from_numpy(clip_preprocess(Image.open(io.BytesIO(color_image(c))), 64, MEAN, STD))
-                              for c in COLORS for _ in range(4)])
+        pixels = torch.stack(
+            [
+                torch.from_numpy(clip_preprocess(Image.open(io.BytesIO(color_image(c))), 64, MEAN, STD))
+                for c in COLORS
+                for _ in range(4)
+            ]
+        )
         img = model.encode_image(pixels).double()
         img = img / img.norm(dim=-1, keepdim=True)
         cls = []
@@ -138,13 +144,21 @@ def test_zeroshot_metrics_equal_an_independent_computation_on_the_same_features(
         logits = (100 * img @ torch.stack(cls).T).float().numpy()
     expected = classification_metrics(logits, labels)
     assert result.metrics == pytest.approx(expected, abs=1e-12)
-    np.testing.assert_allclose(zeroshot_logits(img.float(), torch.stack(cls).float()).numpy(), logits, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(
+        zeroshot_logits(img.float(), torch.stack(cls).float()).numpy(), logits, rtol=1e-4, atol=1e-3
+    )
 
 
 def test_evaluate_zeroshot_on_in_memory_images_with_class_name_labels():
     images = [color_image(c) for c in COLORS] + [b"\x89PNG broken"]
-    result = evaluate_zeroshot(ColorCLIP(), images, ["red", "green", "blue", "red"], ["red", "green", "blue"],
-                               templates=["a {c} photo"], batch_size=2)
+    result = evaluate_zeroshot(
+        ColorCLIP(),
+        images,
+        ["red", "green", "blue", "red"],
+        ["red", "green", "blue"],
+        templates=["a {c} photo"],
+        batch_size=2,
+    )
     assert result.metrics["acc1"] == 1.0 and result.num_samples == 3 and result.skipped["count"] == 1
 
 
@@ -169,8 +183,14 @@ def test_evaluate_linear_probe_on_in_memory_images():
 
     train = [(color_image(c, size=(20 + i, 20)), c) for c in COLORS for i in range(6)]
     test = [(color_image(c, size=(30, 24 + i)), c) for c in COLORS for i in range(2)]
-    result = evaluate_linear_probe(ColorCLIP(), [x for x, _ in train], [y for _, y in train],
-                                   [x for x, _ in test], [y for _, y in test], val_fraction=0.34)
+    result = evaluate_linear_probe(
+        ColorCLIP(),
+        [x for x, _ in train],
+        [y for _, y in train],
+        [x for x, _ in test],
+        [y for _, y in test],
+        val_fraction=0.34,
+    )
     assert result.metrics["acc1"] == 1.0 and result.num_samples == 6
     assert 1e-6 <= result.metrics["C"] <= 1e6
     np.testing.assert_array_equal(np.diag(result.confusion), [2, 2, 2])

@@ -12,6 +12,7 @@ is read with `ast` and checked against the layer rules, so a new backward import
   `clipray pipeline`), which only call `clipray.cli`.
 - Ray's private modules (`ray._private`, `..._internal...`) only in `ray_compat`.
 """
+
 from __future__ import annotations
 
 import ast

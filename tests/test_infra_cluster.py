@@ -7,6 +7,7 @@ The cluster's nodes carry the S3 variables in their environment, as the KubeRay 
 their Secret, so jobs reach s3:// with no credentials in the job itself. Each node has 4 CPUs and
 each training worker asks for 3, so a two-worker training must put one worker on each node.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,15 +31,31 @@ CPUS_PER_TRAIN_WORKER = 3  # > CPUS_PER_NODE / 2: two workers cannot share a nod
 JOB_TIMEOUT_S = 420
 
 # Small but real: ViT-Tiny on 64 px images of the demo's shapes.
-DATA_SETTINGS = {"allow_private_addresses": True, "image_size": 64, "rows_per_shard": 60, "num_download_actors": 2,
-                 "threads_per_actor": 4, "timeout_s": 5, "retries": 0, "extra_cols": ["color", "shape"]}
+DATA_SETTINGS = {
+    "allow_private_addresses": True,
+    "image_size": 64,
+    "rows_per_shard": 60,
+    "num_download_actors": 2,
+    "threads_per_actor": 4,
+    "timeout_s": 5,
+    "retries": 0,
+    "extra_cols": ["color", "shape"],
+}
 TRAIN_CHECKPOINT_EVERY = 2
 FIRST_SAMPLES, RESUMED_SAMPLES = 128, 224  # 4 then 7 steps of 32
-TRAIN_SETTINGS = {"num_workers": 2, "cpus_per_worker": CPUS_PER_TRAIN_WORKER, "batch_size": 32, "lr": 0.001,
-                  "warmup": 2, "log_every": 2, "checkpoint_every": TRAIN_CHECKPOINT_EVERY}
+TRAIN_SETTINGS = {
+    "num_workers": 2,
+    "cpus_per_worker": CPUS_PER_TRAIN_WORKER,
+    "batch_size": 32,
+    "lr": 0.001,
+    "warmup": 2,
+    "log_every": 2,
+    "checkpoint_every": TRAIN_CHECKPOINT_EVERY,
+}
 
 
 # --- fixtures: one S3 server, one cluster, one demo data set for the whole module ---------------
+
 
 @pytest.fixture(scope="module")
 def s3():
@@ -73,6 +90,7 @@ def demo(tmp_path_factory):
 
 # --- helpers ---------------------------------------------------------------------------------
 
+
 class Job:
     def __init__(self, cluster: LocalRayCluster, submission_id: str, proc: subprocess.CompletedProcess):
         self.cluster, self.submission_id, self.proc = cluster, submission_id, proc
@@ -88,14 +106,20 @@ class Job:
 def submit(cluster: LocalRayCluster, command: str, *args: str, name: str) -> Job:
     """`infra/submit.sh COMMAND ARGS` against the cluster; waits for the job to end."""
     submission_id = f"{name}-{int(time.time() * 1000)}"
-    proc = subprocess.run(["bash", str(SUBMIT), "--address", cluster.dashboard_url, "--submission-id", submission_id,
-                           command, *args], cwd=ROOT, env=cluster.env, capture_output=True, text=True,
-                          timeout=JOB_TIMEOUT_S)
+    proc = subprocess.run(
+        ["bash", str(SUBMIT), "--address", cluster.dashboard_url, "--submission-id", submission_id, command, *args],
+        cwd=ROOT,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT_S,
+    )
     job = Job(cluster, submission_id, proc)
     status = job.info["status"]
     assert proc.returncode == 0 and status == "SUCCEEDED", (
         f"job {submission_id} ended {status} (submit.sh exit {proc.returncode})\n"
-        f"--- output ---\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
+        f"--- output ---\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    )
     return job
 
 
@@ -105,8 +129,15 @@ def sets(*items: str) -> list[str]:
 
 def state(cluster: LocalRayCluster, kind: str, job: Job) -> list[dict]:
     """Ray's state API (tasks or actors) for one job, through the dashboard with the cluster token."""
-    query = urllib.parse.urlencode({"limit": 10000, "detail": "true", "filter_keys": "job_id",
-                                    "filter_predicates": "=", "filter_values": job.info["job_id"]})
+    query = urllib.parse.urlencode(
+        {
+            "limit": 10000,
+            "detail": "true",
+            "filter_keys": "job_id",
+            "filter_predicates": "=",
+            "filter_values": job.info["job_id"],
+        }
+    )
     reply = cluster.get_json(f"/api/v0/{kind}?{query}")
     return reply["data"]["result"]["result"]
 
@@ -130,6 +161,7 @@ def read_jsonl(fs, path: str) -> list[dict]:
 
 # --- the tests: one flow, pipeline -> train -> resume -> eval, every path on s3:// ------------
 
+
 @pytest.fixture(scope="module")
 def flow(s3, demo):
     """The job config of the flow, itself on S3: URL list, shards, runs and results all on s3://."""
@@ -141,10 +173,21 @@ def flow(s3, demo):
     config = {
         "data": {"input": f"{base}/lists/urls.parquet", "output": f"{base}/data", **DATA_SETTINGS},
         "model": {"name": "ViT-Tiny"},
-        "train": {"data": [f"{base}/data/shards"], "storage_path": f"{base}/runs", "name": "clip",
-                  "samples": FIRST_SAMPLES, **TRAIN_SETTINGS},
-        "eval": {"model": f"{base}/runs/clip/final", "dataset": f"{base}/data/shards", "task": "zeroshot",
-                 "label_col": "color", "output": f"{base}/eval/zeroshot-color.json", "report": False},
+        "train": {
+            "data": [f"{base}/data/shards"],
+            "storage_path": f"{base}/runs",
+            "name": "clip",
+            "samples": FIRST_SAMPLES,
+            **TRAIN_SETTINGS,
+        },
+        "eval": {
+            "model": f"{base}/runs/clip/final",
+            "dataset": f"{base}/data/shards",
+            "task": "zeroshot",
+            "label_col": "color",
+            "output": f"{base}/eval/zeroshot-color.json",
+            "report": False,
+        },
         "ray": {"include_dashboard": False},
     }
     fs.pipe_file(f"{BUCKET}/flow/job.yaml", yaml.safe_dump(config).encode())
@@ -192,13 +235,13 @@ def test_submitted_training_resumes_from_its_checkpoint_on_s3(train_job, flow, c
     fs, run = flow["fs"], f"{flow['bucket_dir']}/runs/clip"
     first = read_jsonl(fs, f"{run}/metrics.jsonl")
     # The same storage_path and name with more samples: the run continues where it stopped.
-    resumed = submit(cluster, "train", *flow["config"], *sets(f"train.samples={RESUMED_SAMPLES}"),
-                     name="resume")
+    resumed = submit(cluster, "train", *flow["config"], *sets(f"train.samples={RESUMED_SAMPLES}"), name="resume")
     after = read_jsonl(fs, f"{run}/metrics.jsonl")
-    assert after[:len(first)] == first, "the resumed run rewrote the first run's metrics"
-    new_rows = after[len(first):]
+    assert after[: len(first)] == first, "the resumed run rewrote the first run's metrics"
+    new_rows = after[len(first) :]
     assert new_rows and new_rows[0]["step"] > first[-1]["step"] - TRAIN_CHECKPOINT_EVERY, (
-        f"the second run started at step {new_rows[0]['step'] if new_rows else None}, not near {first[-1]['step']}")
+        f"the second run started at step {new_rows[0]['step'] if new_rows else None}, not near {first[-1]['step']}"
+    )
     assert after[-1]["samples_seen"] >= RESUMED_SAMPLES
     assert re.search(r"resum", resumed.logs(), re.I), "the resumed run's log does not say it resumed"
 

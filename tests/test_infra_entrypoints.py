@@ -1,6 +1,7 @@
 """What the RayJobs and infra/submit.sh run: each entrypoint names a stage module and a config
 that exist and validate; submit.sh builds the right `ray job submit` and rejects bad arguments.
 No cluster needed (submit.sh runs with --dry-run)."""
+
 from __future__ import annotations
 
 import json
@@ -37,14 +38,20 @@ def entrypoint_argv(path: Path) -> list[str]:
 def config_in_repo(config: str) -> Path:
     """A config path of the image (absolute, under its WORKDIR) or of the repo, as a repo file."""
     app = image_app_dir()
-    rel = config[len(app) + 1:] if config.startswith(app + "/") else config
+    rel = config[len(app) + 1 :] if config.startswith(app + "/") else config
     assert not Path(rel).is_absolute(), f"{config} is neither under the image's {app} nor relative"
     return ROOT / rel
 
 
 def run_python(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
+    )
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
@@ -71,8 +78,14 @@ def test_rayjob_entrypoint_names_a_module_and_a_config_that_exist_and_validate(p
 
 def submit_dry_run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run(["bash", str(SUBMIT), "--dry-run", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, env={**base, **(env or {})})
+    return subprocess.run(
+        ["bash", str(SUBMIT), "--dry-run", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**base, **(env or {})},
+    )
 
 
 def rayjob_config(stage: str) -> str:
@@ -83,8 +96,17 @@ def rayjob_config(stage: str) -> str:
 @pytest.mark.parametrize("command", sorted(SUBMIT_COMMANDS))
 def test_submit_sh_runs_the_stage_module_from_the_repo_as_working_dir(command: str):
     config = rayjob_config(command)
-    proc = submit_dry_run("--address", "http://127.0.0.1:8265", "--env", "AWS_ENDPOINT_URL=http://127.0.0.1:9000",
-                          command, "--config", str(ROOT / config), "--set", "ray.include_dashboard=false")
+    proc = submit_dry_run(
+        "--address",
+        "http://127.0.0.1:8265",
+        "--env",
+        "AWS_ENDPOINT_URL=http://127.0.0.1:9000",
+        command,
+        "--config",
+        str(ROOT / config),
+        "--set",
+        "ray.include_dashboard=false",
+    )
     assert proc.returncode == 0, proc.stderr
     argv = shlex.split(proc.stdout)
     assert argv[:3] == ["ray", "job", "submit"]
@@ -92,21 +114,25 @@ def test_submit_sh_runs_the_stage_module_from_the_repo_as_working_dir(command: s
     assert argv[argv.index("--working-dir") + 1] == "."
     runtime_env = json.loads(argv[argv.index("--runtime-env-json") + 1])
     assert runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
-    entry = argv[argv.index("--") + 1:]
+    entry = argv[argv.index("--") + 1 :]
     module = SUBMIT_COMMANDS[command]
     # The config is passed relative to the repository: the job's working dir.
     assert entry == ["python", "-m", module, "--config", config, "--set", "ray.include_dashboard=false"]
     assert (ROOT / config).is_file()
 
 
-@pytest.mark.parametrize("args, env, message", [
-    (["train"], {}, "no cluster address"),
-    (["--address", "http://h:8265", "fit"], {}, "unknown COMMAND 'fit'"),
-    (["--address", "http://h:8265", "train", "--config", "/etc/hostname"], {}, "outside the repository"),
-    (["--address", "http://h:8265", "train", "--config", "configs/no-such.yaml"], {}, "no such file"),
-    (["--address", "http://h:8265", "--env", "CLIPRAY_UNSET_VAR", "train"], {}, "is not set"),
-    (["--address", "http://h:8265", "--env", "1BAD=x", "train"], {}, "not a variable name"),
-], ids=["no-address", "bad-command", "config-outside", "config-missing", "env-unset", "env-bad-name"])
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["train"], {}, "no cluster address"),
+        (["--address", "http://h:8265", "fit"], {}, "unknown COMMAND 'fit'"),
+        (["--address", "http://h:8265", "train", "--config", "/etc/hostname"], {}, "outside the repository"),
+        (["--address", "http://h:8265", "train", "--config", "configs/no-such.yaml"], {}, "no such file"),
+        (["--address", "http://h:8265", "--env", "CLIPRAY_UNSET_VAR", "train"], {}, "is not set"),
+        (["--address", "http://h:8265", "--env", "1BAD=x", "train"], {}, "not a variable name"),
+    ],
+    ids=["no-address", "bad-command", "config-outside", "config-missing", "env-unset", "env-bad-name"],
+)
 def test_submit_sh_rejects_bad_arguments_with_a_reason(args: list[str], env: dict, message: str):
     proc = submit_dry_run(*args, env=env)
     assert proc.returncode == 2

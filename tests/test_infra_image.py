@@ -1,6 +1,7 @@
 """The Docker image: infra/docker/Dockerfile (pinned base, non-root, layer order), the dependency
 lock, and the image digests beside every image tag (infra/docker/image_digests.py). No Docker
 engine needed."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -54,8 +55,12 @@ def test_dockerfile_installs_pinned_torch_and_dependencies_before_the_source():
     copy_pyproject = next(i for i, line in enumerate(lines) if line.startswith("COPY") and "pyproject.toml" in line)
     copy_lock = next(i for i, line in enumerate(lines) if line.startswith("COPY") and "requirements.lock" in line)
     copy_all = next(i for i, line in enumerate(lines) if re.match(r"COPY\s.*\s\.\s+\.$", line))
-    install_lock = next(i for i, line in enumerate(lines) if "pip install" in line and "-r infra/docker/requirements.lock" in line)
-    install_project = next(i for i, line in enumerate(lines) if "pip install" in line and re.search(r"\s\.(\s|$)", line))
+    install_lock = next(
+        i for i, line in enumerate(lines) if "pip install" in line and "-r infra/docker/requirements.lock" in line
+    )
+    install_project = next(
+        i for i, line in enumerate(lines) if "pip install" in line and re.search(r"\s\.(\s|$)", line)
+    )
     assert copy_pyproject < copy_all and copy_lock < install_lock < copy_all < install_project
     assert "${TORCH_SPEC}" in lines[install_project] and "-c infra/docker/requirements.lock" in lines[install_project]
     # Bytecode compiled at build time: at run time the root filesystem is read-only.
@@ -82,7 +87,9 @@ def test_requirements_lock_pins_every_dependency_of_pyproject():
             assert name not in pins  # installed on its own, as the Dockerfile's TORCH_SPEC
             continue
         assert name in pins, f"{req} is missing from {LOCK.relative_to(ROOT)}; rerun infra/docker/lock_requirements.py"
-        assert req.specifier.contains(pins[name], prereleases=True), f"lock pins {name}=={pins[name]}, pyproject wants {req}"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"lock pins {name}=={pins[name]}, pyproject wants {req}"
+        )
     # Closed: what a pinned package needs (as installed here at that version) is pinned too.
     env = default_environment()
     for name, version in pins.items():
@@ -99,6 +106,7 @@ def test_requirements_lock_pins_every_dependency_of_pyproject():
 
 
 # --- image digests ------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def digests():
@@ -122,8 +130,9 @@ def test_every_image_tag_is_pinned_or_noted_for_recording(digests):
     assert proc.returncode == 0, proc.stderr
     # No digest was invented: none is recorded in the repository yet, so a release check fails.
     assert all(r.digest is None for r in refs)
-    strict = subprocess.run([sys.executable, str(DIGEST_SCRIPT), "check", "--require-pinned"],
-                            capture_output=True, text=True, timeout=60)
+    strict = subprocess.run(
+        [sys.executable, str(DIGEST_SCRIPT), "check", "--require-pinned"], capture_output=True, text=True, timeout=60
+    )
     assert strict.returncode == 1 and "not pinned yet" in strict.stderr
 
 
@@ -134,14 +143,22 @@ def copies(tmp_path: Path) -> tuple[Path, Path]:
     return dockerfile, kustomization
 
 
-@pytest.mark.parametrize("edit, expected", [
-    (lambda df, kz: df.write_text(df.read_text().replace(NOTE_LINE, "")), "no digest and no"),
-    (lambda df, kz: kz.write_text(kz.read_text().replace(NOTE_LINE, "")), "no digest and no"),
-    (lambda df, kz: df.write_text(re.sub(r"^(FROM \S+)", rf"\1@{A_DIGEST}", df.read_text(), flags=re.M)),
-     "still noted"),
-    (lambda df, kz: df.write_text(re.sub(r"^(FROM \S+)", r"\1@sha256:abc", df.read_text(), flags=re.M)),
-     "is not sha256:<64 hex digits>"),
-], ids=["dockerfile-without-note", "kustomization-without-note", "stale-note", "short-digest"])
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda df, kz: df.write_text(df.read_text().replace(NOTE_LINE, "")), "no digest and no"),
+        (lambda df, kz: kz.write_text(kz.read_text().replace(NOTE_LINE, "")), "no digest and no"),
+        (
+            lambda df, kz: df.write_text(re.sub(r"^(FROM \S+)", rf"\1@{A_DIGEST}", df.read_text(), flags=re.M)),
+            "still noted",
+        ),
+        (
+            lambda df, kz: df.write_text(re.sub(r"^(FROM \S+)", r"\1@sha256:abc", df.read_text(), flags=re.M)),
+            "is not sha256:<64 hex digits>",
+        ),
+    ],
+    ids=["dockerfile-without-note", "kustomization-without-note", "stale-note", "short-digest"],
+)
 def test_a_tag_without_digest_or_note_is_caught(digests, tmp_path: Path, edit, expected: str):
     dockerfile, kustomization = copies(tmp_path)
     edit(dockerfile, kustomization)
@@ -185,12 +202,19 @@ def fake_docker(tmp_path: Path, script: str) -> dict:
     return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
-def test_registry_digest_asks_docker_buildx_imagetools_and_checks_the_answer(digests, tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch):
+def test_registry_digest_asks_docker_buildx_imagetools_and_checks_the_answer(
+    digests, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     monkeypatch.setenv("PATH", fake_docker(tmp_path, f'echo "$@" > {tmp_path}/args; echo {A_DIGEST}')["PATH"])
     assert digests.registry_digest("rayproject/ray:2.60.0-py311-gpu") == A_DIGEST
     assert (tmp_path / "args").read_text().split() == [
-        "buildx", "imagetools", "inspect", "rayproject/ray:2.60.0-py311-gpu", "--format", "{{.Manifest.Digest}}"]
+        "buildx",
+        "imagetools",
+        "inspect",
+        "rayproject/ray:2.60.0-py311-gpu",
+        "--format",
+        "{{.Manifest.Digest}}",
+    ]
     (tmp_path / "bin" / "docker").write_text("#!/bin/sh\necho 'ERROR: not found' >&2; exit 1\n")
     with pytest.raises(SystemExit, match="not found"):
         digests.registry_digest("nowhere/none:1")

@@ -6,6 +6,7 @@ the manifests make: each cluster's pods reach each other on every Ray port; the 
 clients and the KubeRay operator reach the head's dashboard (clients also the Ray client port);
 nothing else reaches anything.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,8 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.kuberay_manifests import (
-    MANIFESTS, NETWORK_POLICY, RAY_NODE_COMPONENTS, RAYJOBS, groups, load)
+from tests.support.kuberay_manifests import MANIFESTS, NETWORK_POLICY, RAY_NODE_COMPONENTS, RAYJOBS, groups, load
 
 NAMESPACE = {"kubernetes.io/metadata.name": "ml"}  # where the manifests are applied
 OPERATOR_NAMESPACE = {"kubernetes.io/metadata.name": "kuberay"}  # docs/cluster.md installs it there
@@ -53,10 +53,12 @@ def selector_matches(selector: dict, labels: dict) -> bool:
         return False
     for expr in selector.get("matchExpressions", []):
         key, op, values = expr["key"], expr["operator"], expr.get("values", [])
-        holds = {"In": key in labels and labels[key] in values,
-                 "NotIn": labels.get(key) not in values,
-                 "Exists": key in labels,
-                 "DoesNotExist": key not in labels}[op]
+        holds = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
         if not holds:
             return False
     return True
@@ -76,19 +78,30 @@ def peer_admits(peer: dict, source: Pod) -> bool:
 def port_admits(rule: dict, port: int) -> bool:
     if not rule.get("ports"):
         return True  # no ports: every port
-    return any(p.get("protocol", "TCP") == "TCP" and p.get("port") is not None
-               and p["port"] <= port <= p.get("endPort", p["port"]) for p in rule["ports"])
+    return any(
+        p.get("protocol", "TCP") == "TCP"
+        and p.get("port") is not None
+        and p["port"] <= port <= p.get("endPort", p["port"])
+        for p in rule["ports"]
+    )
 
 
 def allowed(source: Pod, target: Pod, port: int, docs: list[dict]) -> bool:
     """Whether `source` may open a TCP connection to `target`:`port` under the policies `docs`."""
-    selecting = [d for d in docs if target.namespace == NAMESPACE
-                 and "Ingress" in d["spec"].get("policyTypes", ["Ingress"])
-                 and selector_matches(d["spec"]["podSelector"], target.labels)]
+    selecting = [
+        d
+        for d in docs
+        if target.namespace == NAMESPACE
+        and "Ingress" in d["spec"].get("policyTypes", ["Ingress"])
+        and selector_matches(d["spec"]["podSelector"], target.labels)
+    ]
     if not selecting:
         return True  # a pod no policy selects is not isolated
-    return any(port_admits(rule, port) and (not rule.get("from") or any(peer_admits(p, source) for p in rule["from"]))
-               for d in selecting for rule in d["spec"].get("ingress", []))
+    return any(
+        port_admits(rule, port) and (not rule.get("from") or any(peer_admits(p, source) for p in rule["from"]))
+        for d in selecting
+        for rule in d["spec"].get("ingress", [])
+    )
 
 
 def ray_pods(doc: dict) -> dict[str, Pod]:
@@ -96,9 +109,13 @@ def ray_pods(doc: dict) -> dict[str, Pod]:
     labelPod; KubeRay keeps ray.io/cluster, ray.io/node-type and ray.io/group for itself)."""
     pods = {}
     for name, group in groups(doc):
-        kuberay = {"ray.io/cluster": f"{doc['metadata']['name']}-x7k2p", "ray.io/node-type": "head" if name == "head" else "worker",
-                   "ray.io/group": "headgroup" if name == "head" else name, "app.kubernetes.io/name": "kuberay",
-                   "app.kubernetes.io/created-by": "kuberay-operator"}
+        kuberay = {
+            "ray.io/cluster": f"{doc['metadata']['name']}-x7k2p",
+            "ray.io/node-type": "head" if name == "head" else "worker",
+            "ray.io/group": "headgroup" if name == "head" else name,
+            "app.kubernetes.io/name": "kuberay",
+            "app.kubernetes.io/created-by": "kuberay-operator",
+        }
         pods[name] = Pod({**kuberay, **group["template"]["metadata"]["labels"]})
     return pods
 
@@ -108,8 +125,13 @@ def instance(doc: dict) -> str:
 
 
 def client(of: str, component: str = "ray-client") -> Pod:
-    return Pod({"app.kubernetes.io/name": "clipray", "app.kubernetes.io/instance": of,
-                "app.kubernetes.io/component": component})
+    return Pod(
+        {
+            "app.kubernetes.io/name": "clipray",
+            "app.kubernetes.io/instance": of,
+            "app.kubernetes.io/component": component,
+        }
+    )
 
 
 def structure_problems(docs: list[dict]) -> list[str]:
@@ -147,13 +169,17 @@ def test_the_policies_are_well_formed_and_name_their_sources():
     assert all(d["metadata"]["labels"]["app.kubernetes.io/component"] == "network-policy" for d in policies())
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    (lambda d: d[1]["spec"]["ingress"][0].pop("from"), "admits every source"),
-    (lambda d: d[1]["spec"]["ingress"][0]["from"].append({"ipBlock": {"cidr": "0.0.0.0/0"}}), "0.0.0.0/0"),
-    (lambda d: d[1]["spec"]["ingress"][0]["from"].append({"namespaceSelector": {}}), "every pod of a namespace"),
-    (lambda d: d[0]["spec"].__setitem__("podSelecter", {}), "unknown key spec.podSelecter"),
-    (lambda d: d[0]["spec"]["ingress"][0]["from"][0]["podSelector"].__setitem__("matchLabel", {}), "matchLabel"),
-], ids=["no-from", "anywhere", "whole-namespace", "typo", "selector-typo"])
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda d: d[1]["spec"]["ingress"][0].pop("from"), "admits every source"),
+        (lambda d: d[1]["spec"]["ingress"][0]["from"].append({"ipBlock": {"cidr": "0.0.0.0/0"}}), "0.0.0.0/0"),
+        (lambda d: d[1]["spec"]["ingress"][0]["from"].append({"namespaceSelector": {}}), "every pod of a namespace"),
+        (lambda d: d[0]["spec"].__setitem__("podSelecter", {}), "unknown key spec.podSelecter"),
+        (lambda d: d[0]["spec"]["ingress"][0]["from"][0]["podSelector"].__setitem__("matchLabel", {}), "matchLabel"),
+    ],
+    ids=["no-from", "anywhere", "whole-namespace", "typo", "selector-typo"],
+)
 def test_a_policy_letting_in_unnamed_sources_is_caught(mutate, expected: str):
     docs = copy.deepcopy(policies())
     mutate(docs)
@@ -179,7 +205,11 @@ def test_every_ray_pod_is_isolated_and_reaches_its_own_cluster_on_every_ray_port
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_other_clusters_and_other_pods_reach_nothing(path: Path):
     doc, docs = load(path), policies()
-    others = [Pod({}), Pod({"app.kubernetes.io/name": "clipray"}), Pod(dict(ray_pods(doc)["head"].labels), {"kubernetes.io/metadata.name": "other"})]
+    others = [
+        Pod({}),
+        Pod({"app.kubernetes.io/name": "clipray"}),
+        Pod(dict(ray_pods(doc)["head"].labels), {"kubernetes.io/metadata.name": "other"}),
+    ]
     for other_path in MANIFESTS:
         if other_path != path:
             others += ray_pods(load(other_path)).values()
@@ -211,8 +241,10 @@ def test_labelled_clients_and_the_operator_reach_the_head_on_named_ports_only(pa
     assert allowed(ray_client, head, DASHBOARD, docs) and allowed(ray_client, head, CLIENT, docs)
     assert not allowed(ray_client, head, GCS, docs)
     assert not allowed(ray_client, ray_pods(doc)["cpu"], CLIENT, docs)
-    operator = Pod({"app.kubernetes.io/component": "kuberay-operator", "app.kubernetes.io/name": "kuberay-operator"},
-                   dict(OPERATOR_NAMESPACE))
+    operator = Pod(
+        {"app.kubernetes.io/component": "kuberay-operator", "app.kubernetes.io/name": "kuberay-operator"},
+        dict(OPERATOR_NAMESPACE),
+    )
     assert allowed(operator, head, DASHBOARD, docs)
     assert not allowed(operator, head, GCS, docs) and not allowed(operator, head, CLIENT, docs)
     # The operator's label on a pod of the Ray namespace is not the operator.
@@ -233,8 +265,11 @@ def test_a_missing_policy_for_a_cluster_leaves_its_pods_open():
 
 
 def test_the_components_the_policies_name_are_the_manifests_components():
-    components = {g["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
-                  for p in MANIFESTS for _, g in groups(load(p))}
+    components = {
+        g["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+        for p in MANIFESTS
+        for _, g in groups(load(p))
+    }
     assert components == set(RAY_NODE_COMPONENTS)
     text = NETWORK_POLICY.read_text()
     assert all(c in text for c in RAY_NODE_COMPONENTS + ("ray-job-submitter", "ray-client"))

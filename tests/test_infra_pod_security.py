@@ -2,6 +2,7 @@
 emptyDirs, no capabilities, no Kubernetes API token but the autoscaler's, credentials only from
 the Secret. Each rule is a function returning what is wrong, so the tests can show that a
 manifest breaking it is caught."""
+
 from __future__ import annotations
 
 import copy
@@ -11,8 +12,19 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from tests.support.kuberay_manifests import (
-    CRD_FILES, KUBERAY, KUSTOMIZATION, MANIFESTS, autoscaler, cluster_spec, containers, dockerfile_env,
-    groups, load, pod_specs, ray_containers)
+    CRD_FILES,
+    KUBERAY,
+    KUSTOMIZATION,
+    MANIFESTS,
+    autoscaler,
+    cluster_spec,
+    containers,
+    dockerfile_env,
+    groups,
+    load,
+    pod_specs,
+    ray_containers,
+)
 
 S3_SECRET = "clipray-s3"
 S3_CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -31,8 +43,19 @@ def quantity_bytes(quantity: str | int) -> float:
     match = re.fullmatch(r"([0-9.]+)([KMGTP]i?)?", str(quantity))
     assert match, f"not a memory quantity: {quantity!r}"
     number, unit = float(match.group(1)), match.group(2) or ""
-    scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
-             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}[unit]
+    scale = {
+        "": 1,
+        "K": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "P": 1e15,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+        "Pi": 2**50,
+    }[unit]
     return number * scale
 
 
@@ -50,7 +73,9 @@ def writable_at(path: str, mounts: dict[str, dict]) -> bool:
     """Whether `path` lies on a writable emptyDir of `mounts` (the root filesystem is read-only)."""
     target = PurePosixPath(path)
     for mount_path, volume in mounts.items():
-        if "emptyDir" in volume and (target == PurePosixPath(mount_path) or PurePosixPath(mount_path) in target.parents):
+        if "emptyDir" in volume and (
+            target == PurePosixPath(mount_path) or PurePosixPath(mount_path) in target.parents
+        ):
             return True
     return False
 
@@ -84,8 +109,10 @@ def hardening_problems(doc: dict) -> list[str]:
     name = doc["metadata"]["name"]
     for where, pod in pod_specs(doc):
         if pod.get("automountServiceAccountToken") is not False:
-            found.append(f"{where}: automountServiceAccountToken must be false (no pod here needs the "
-                         "API but the autoscaler, which gets a projected token)")
+            found.append(
+                f"{where}: automountServiceAccountToken must be false (no pod here needs the "
+                "API but the autoscaler, which gets a projected token)"
+            )
         if pod.get("securityContext", {}).get("seccompProfile", {}).get("type") != "RuntimeDefault":
             found.append(f"{where}: pod seccompProfile must be RuntimeDefault")
     for where, container, pod in containers(doc):
@@ -121,8 +148,9 @@ def shm_problems(where: str, volume: dict, container: dict, ray_start_params: di
     memory = quantity_bytes(container["resources"]["limits"]["memory"])
     store = float(ray_start_params.get("object-store-memory", OBJECT_STORE_FRACTION * memory))
     if quantity_bytes(empty_dir["sizeLimit"]) < store:
-        return [f"{where}: /dev/shm sizeLimit {empty_dir['sizeLimit']} is below the object store "
-                f"({store / 2**30:.1f} GiB)"]
+        return [
+            f"{where}: /dev/shm sizeLimit {empty_dir['sizeLimit']} is below the object store ({store / 2**30:.1f} GiB)"
+        ]
     return []
 
 
@@ -137,8 +165,9 @@ def autoscaler_problems(name: str, doc: dict) -> list[str]:
     found = []
     kinds = {key for source in token for key in source}
     if kinds != {"serviceAccountToken", "configMap", "downwardAPI"}:
-        found.append(f"{name}/autoscaler: needs the projected token, CA and namespace at {API_TOKEN_DIR} "
-                     f"(has {sorted(kinds)})")
+        found.append(
+            f"{name}/autoscaler: needs the projected token, CA and namespace at {API_TOKEN_DIR} (has {sorted(kinds)})"
+        )
     head_mounts = {m["mountPath"]: m["name"] for m in head_pod["containers"][0].get("volumeMounts", [])}
     own = {m["mountPath"]: m["name"] for m in options.get("volumeMounts", [])}
     if own.get("/tmp/ray") is None or own.get("/tmp/ray") != head_mounts.get("/tmp/ray"):
@@ -166,27 +195,49 @@ def _drop_mount(container: dict, path: str) -> None:
 
 
 MUTATIONS = {
-    "writable-root": (lambda d: _head(d)["containers"][0]["securityContext"].pop("readOnlyRootFilesystem"),
-                      "readOnlyRootFilesystem"),
-    "automount": (lambda d: _worker(d, 1).__setitem__("automountServiceAccountToken", True),
-                  "automountServiceAccountToken"),
-    "submitter-automount": (lambda d: d["spec"]["submitterPodTemplate"]["spec"].pop("automountServiceAccountToken"),
-                            "submitter: automountServiceAccountToken"),
-    "no-tmp": (lambda d: _drop_mount(_worker(d)["containers"][0], "/tmp"), "cpu/ray-worker: no writable emptyDir at /tmp"),
-    "no-cache": (lambda d: _drop_mount(_worker(d, 1)["containers"][0], "/home/ray/.cache"),
-                 "/home/ray/.cache"),
-    "small-shm": (lambda d: _worker(d)["volumes"][-1]["emptyDir"].__setitem__("sizeLimit", "1Gi"),
-                  "below the object store"),
-    "capabilities": (lambda d: _head(d)["containers"][0]["securityContext"]["capabilities"].__setitem__("drop", []),
-                     "capabilities"),
-    "escalation": (lambda d: cluster_spec(d)["autoscalerOptions"]["securityContext"].__setitem__(
-        "allowPrivilegeEscalation", True), "autoscaler: allowPrivilegeEscalation"),
-    "token-in-ray-head": (lambda d: _head(d)["containers"][0]["volumeMounts"].append(
-        {"name": "kube-api-access", "mountPath": API_TOKEN_DIR}), "ray-head: mounts a service account token"),
-    "autoscaler-without-token": (lambda d: _drop_mount(cluster_spec(d)["autoscalerOptions"], API_TOKEN_DIR),
-                                 "autoscaler: needs the projected token"),
-    "autoscaler-own-logs": (lambda d: _drop_mount(cluster_spec(d)["autoscalerOptions"], "/tmp/ray"),
-                            "autoscaler: must mount the head's /tmp/ray"),
+    "writable-root": (
+        lambda d: _head(d)["containers"][0]["securityContext"].pop("readOnlyRootFilesystem"),
+        "readOnlyRootFilesystem",
+    ),
+    "automount": (
+        lambda d: _worker(d, 1).__setitem__("automountServiceAccountToken", True),
+        "automountServiceAccountToken",
+    ),
+    "submitter-automount": (
+        lambda d: d["spec"]["submitterPodTemplate"]["spec"].pop("automountServiceAccountToken"),
+        "submitter: automountServiceAccountToken",
+    ),
+    "no-tmp": (
+        lambda d: _drop_mount(_worker(d)["containers"][0], "/tmp"),
+        "cpu/ray-worker: no writable emptyDir at /tmp",
+    ),
+    "no-cache": (lambda d: _drop_mount(_worker(d, 1)["containers"][0], "/home/ray/.cache"), "/home/ray/.cache"),
+    "small-shm": (
+        lambda d: _worker(d)["volumes"][-1]["emptyDir"].__setitem__("sizeLimit", "1Gi"),
+        "below the object store",
+    ),
+    "capabilities": (
+        lambda d: _head(d)["containers"][0]["securityContext"]["capabilities"].__setitem__("drop", []),
+        "capabilities",
+    ),
+    "escalation": (
+        lambda d: cluster_spec(d)["autoscalerOptions"]["securityContext"].__setitem__("allowPrivilegeEscalation", True),
+        "autoscaler: allowPrivilegeEscalation",
+    ),
+    "token-in-ray-head": (
+        lambda d: _head(d)["containers"][0]["volumeMounts"].append(
+            {"name": "kube-api-access", "mountPath": API_TOKEN_DIR}
+        ),
+        "ray-head: mounts a service account token",
+    ),
+    "autoscaler-without-token": (
+        lambda d: _drop_mount(cluster_spec(d)["autoscalerOptions"], API_TOKEN_DIR),
+        "autoscaler: needs the projected token",
+    ),
+    "autoscaler-own-logs": (
+        lambda d: _drop_mount(cluster_spec(d)["autoscalerOptions"], "/tmp/ray"),
+        "autoscaler: must mount the head's /tmp/ray",
+    ),
 }
 
 
@@ -215,6 +266,7 @@ def test_the_image_moves_its_caches_under_the_writable_cache_folder():
 
 # --- credentials --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_s3_credentials_come_from_the_secret_on_head_and_workers(path: Path):
     doc = load(path)
@@ -242,9 +294,11 @@ def test_no_credentials_inline_or_in_the_runtime_env(path: Path):
         for env in container.get("env", []):
             if SECRET_NAME.search(env["name"]):
                 assert "value" not in env and "secretKeyRef" in env.get("valueFrom", {}), (
-                    f"{where}: {env['name']} must come from a Secret, not inline")
+                    f"{where}: {env['name']} must come from a Secret, not inline"
+                )
     if doc["kind"] == "RayJob":
         runtime_env = doc["spec"].get("runtimeEnvYAML", "")
         assert not re.search(r"AWS_|SECRET|TOKEN|PASSWORD", runtime_env, re.I), (
-            f"{path.name}: runtimeEnvYAML must not carry credentials")
+            f"{path.name}: runtimeEnvYAML must not carry credentials"
+        )
         assert "AWS_" not in doc["spec"]["entrypoint"]

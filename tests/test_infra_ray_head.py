@@ -1,5 +1,6 @@
 """tests/support/ray_head.py stops exactly the processes of its own clusters (without starting
 Ray: stand-in processes play the cluster's daemons)."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,9 @@ from tests.support.ray_head import OWNER_FILE, TEMP_PREFIX, LocalRayCluster, _al
 
 def stand_in(*args: str, cwd: Path | None = None) -> subprocess.Popen:
     """A sleeping Python process whose command line carries `args` (as a daemon's flags do)."""
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", *args], cwd=cwd,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", *args], cwd=cwd, start_new_session=True
+    )
 
 
 def fake_cluster_dir(owner_pid: int, started: str = "1") -> Path:
@@ -42,13 +44,14 @@ def wait_dead(proc: subprocess.Popen, timeout: float = 15) -> bool:
 
 
 def test_orphaned_cluster_processes_are_stopped_and_others_are_left_alone():
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     folder = fake_cluster_dir(int(dead))
     (folder / "head").mkdir()
-    by_flag = stand_in(f"--temp-dir={folder}/head")      # as gcs_server, raylet, dashboard
-    by_cwd = stand_in(cwd=folder / "head")                # as a job driver in its working dir
-    bystander = stand_in("--temp-dir=/tmp/ray")           # another Ray on the machine
+    by_flag = stand_in(f"--temp-dir={folder}/head")  # as gcs_server, raylet, dashboard
+    by_cwd = stand_in(cwd=folder / "head")  # as a job driver in its working dir
+    bystander = stand_in("--temp-dir=/tmp/ray")  # another Ray on the machine
     try:
         assert {by_flag.pid, by_cwd.pid} <= set(as_cluster(folder).owned_pids())
         assert bystander.pid not in as_cluster(folder).owned_pids()

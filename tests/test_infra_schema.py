@@ -1,5 +1,6 @@
 """The KubeRay manifests of infra/kuberay against the strict CRDs, their shape (one cluster spec,
 one Ray version, autoscaling, GPUs) and kustomize's rendering. No cluster needed."""
+
 from __future__ import annotations
 
 import copy
@@ -13,8 +14,20 @@ import pytest
 import yaml
 
 from tests.support.kuberay_manifests import (
-    CRD_FILES, KUBERAY, MANIFESTS, NETWORK_POLICY, RAYJOBS, ROOT, cluster_spec, containers,
-    dockerfile_from, groups, kustomization, load, validation_errors)
+    CRD_FILES,
+    KUBERAY,
+    MANIFESTS,
+    NETWORK_POLICY,
+    RAYJOBS,
+    ROOT,
+    cluster_spec,
+    containers,
+    dockerfile_from,
+    groups,
+    kustomization,
+    load,
+    validation_errors,
+)
 
 INSTANCE = "app.kubernetes.io/instance"
 
@@ -42,20 +55,44 @@ def test_manifest_validates_against_the_strict_kuberay_crd(path: Path, crds: Pat
     assert errors == [], f"{path.name} does not validate:\n" + "\n".join(errors)
 
 
-@pytest.mark.parametrize("mutate, field", [
-    (lambda d: d["spec"].__setitem__("shutdownAfterJobFinish", d["spec"].pop("shutdownAfterJobFinishes")),
-     "shutdownAfterJobFinish"),
-    (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][1].__setitem__("idleTimeoutSecond", 60),
-     "idleTimeoutSecond"),
-    (lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0].__setitem__(
-        "resource", {"limits": {"cpu": "1"}}), "resource"),
-    (lambda d: d["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["securityContext"].__setitem__(
-        "runAsNonroot", True), "runAsNonroot"),
-    (lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"].__setitem__(
-        "automountServiceAccountTokens", False), "automountServiceAccountTokens"),
-    (lambda d: d["spec"]["rayClusterSpec"]["autoscalerOptions"]["volumeMounts"][0].__setitem__(
-        "mountpath", "/tmp"), "mountpath"),
-], ids=["rayjob-spec", "worker-group", "container", "security-context", "pod-spec", "autoscaler-mount"])
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (
+            lambda d: d["spec"].__setitem__("shutdownAfterJobFinish", d["spec"].pop("shutdownAfterJobFinishes")),
+            "shutdownAfterJobFinish",
+        ),
+        (
+            lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][1].__setitem__("idleTimeoutSecond", 60),
+            "idleTimeoutSecond",
+        ),
+        (
+            lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0].__setitem__(
+                "resource", {"limits": {"cpu": "1"}}
+            ),
+            "resource",
+        ),
+        (
+            lambda d: d["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["securityContext"].__setitem__(
+                "runAsNonroot", True
+            ),
+            "runAsNonroot",
+        ),
+        (
+            lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"].__setitem__(
+                "automountServiceAccountTokens", False
+            ),
+            "automountServiceAccountTokens",
+        ),
+        (
+            lambda d: d["spec"]["rayClusterSpec"]["autoscalerOptions"]["volumeMounts"][0].__setitem__(
+                "mountpath", "/tmp"
+            ),
+            "mountpath",
+        ),
+    ],
+    ids=["rayjob-spec", "worker-group", "container", "security-context", "pod-spec", "autoscaler-mount"],
+)
 def test_a_misspelt_field_fails_strict_validation(mutate, field: str, crds: Path):
     doc = copy.deepcopy(load(KUBERAY / "rayjob-train.yaml"))
     mutate(doc)
@@ -89,7 +126,10 @@ def test_gpu_group_asks_for_gpus_and_tolerates_gpu_nodes_and_the_head_has_none(p
     assert set(found) == {"head", "cpu", "gpu"}
     gpu_container = found["gpu"]["template"]["spec"]["containers"][0]
     assert int(gpu_container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
-    assert gpu_container["resources"]["requests"]["nvidia.com/gpu"] == gpu_container["resources"]["limits"]["nvidia.com/gpu"]
+    assert (
+        gpu_container["resources"]["requests"]["nvidia.com/gpu"]
+        == gpu_container["resources"]["limits"]["nvidia.com/gpu"]
+    )
     tolerations = found["gpu"]["template"]["spec"].get("tolerations", [])
     assert any(t.get("key") == "nvidia.com/gpu" for t in tolerations)
     for name in ("head", "cpu"):
@@ -184,18 +224,45 @@ def test_kustomize_renders_with_the_chosen_image_digest_bucket_and_component_lab
     overlay.mkdir()
     base_image = kustomization()["images"][0]["newName"]  # what the base renders, overlays rename
     digest = "sha256:" + "ab" * 32
-    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [os.path.relpath(KUBERAY, overlay)],  # kustomize wants a relative base
-        "images": [{"name": base_image, "newName": "registry.test/ml/clipray", "newTag": "9.9.9",
-                    "digest": digest}],
-        "configMapGenerator": [{"name": "clipray-settings", "behavior": "replace",
-                                "literals": ["bucket=my-bucket", "s3_endpoint_url=http://minio:9000"]}],
-        "patches": [{"target": {"group": "ray.io", "kind": "RayJob"}, "patch": yaml.safe_dump([
-            {"op": "replace", "path": "/spec/rayClusterSpec/workerGroupSpecs/1/maxReplicas", "value": 32}])}],
-    }))
-    rendered = subprocess.run(["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(overlay)],
-                              capture_output=True, text=True, timeout=60)
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(KUBERAY, overlay)],  # kustomize wants a relative base
+                "images": [
+                    {"name": base_image, "newName": "registry.test/ml/clipray", "newTag": "9.9.9", "digest": digest}
+                ],
+                "configMapGenerator": [
+                    {
+                        "name": "clipray-settings",
+                        "behavior": "replace",
+                        "literals": ["bucket=my-bucket", "s3_endpoint_url=http://minio:9000"],
+                    }
+                ],
+                "patches": [
+                    {
+                        "target": {"group": "ray.io", "kind": "RayJob"},
+                        "patch": yaml.safe_dump(
+                            [
+                                {
+                                    "op": "replace",
+                                    "path": "/spec/rayClusterSpec/workerGroupSpecs/1/maxReplicas",
+                                    "value": 32,
+                                }
+                            ]
+                        ),
+                    }
+                ],
+            }
+        )
+    )
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert rendered.returncode == 0, rendered.stderr
     by_kind: dict[str, list[dict]] = {}
     for doc in yaml.safe_load_all(rendered.stdout):

@@ -1,5 +1,6 @@
 """Training ingest: shard listing, the per-pass plan, preprocessing, exact re-batching with data
 positions, and the Ray Data stream (order = plan, resume = the exact remainder)."""
+
 from __future__ import annotations
 
 import io
@@ -13,9 +14,23 @@ import torch
 from PIL import Image
 
 from tests.support.train_shards import write_shards
-from training.ingest import (REJECT_REASONS, DataPosition, Preprocess, PreprocessSettings, Rebatcher, Shard,
-                           ShardReader, ShardStream, StreamSettings, crop_box, list_shards, pass_units,
-                           plan_fingerprint, plan_pass, split_rows)
+from training.ingest import (
+    REJECT_REASONS,
+    DataPosition,
+    Preprocess,
+    PreprocessSettings,
+    Rebatcher,
+    Shard,
+    ShardReader,
+    ShardStream,
+    StreamSettings,
+    crop_box,
+    list_shards,
+    pass_units,
+    plan_fingerprint,
+    plan_pass,
+    split_rows,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -30,8 +45,13 @@ def shards_dir(tmp_path_factory):
 
 def test_list_shards_counts_rows_from_footers_in_path_order(shards_dir):
     _, shards = list_shards([str(shards_dir)])
-    assert [s.path.rsplit("/", 1)[1] for s in shards] == ["00000.parquet", "00001.parquet", "00002.parquet",
-                                                        "00003.parquet", "00004.parquet"]
+    assert [s.path.rsplit("/", 1)[1] for s in shards] == [
+        "00000.parquet",
+        "00001.parquet",
+        "00002.parquet",
+        "00003.parquet",
+        "00004.parquet",
+    ]
     assert [s.rows for s in shards] == [64, 64, 64, 64, 44]
     assert shards[0].row_groups == (64,)
     _, globbed = list_shards([str(shards_dir / "0000[01].parquet")])
@@ -73,7 +93,7 @@ def test_random_crop_depends_on_pass_and_key_and_stays_inside_the_image():
     assert len(boxes) > 40
     for x, y, side in boxes:
         assert 0 <= x and x + side <= 100 and 0 <= y and y + side <= 60
-        assert round(60 * 0.5 ** 0.5) - 1 <= side <= 60
+        assert round(60 * 0.5**0.5) - 1 <= side <= 60
     assert crop_box("k1", 100, 60, settings, 0) == crop_box("k1", 100, 60, settings, 0)
     assert crop_box("k1", 100, 60, settings, 0) != crop_box("k1", 100, 60, settings, 1)
 
@@ -88,9 +108,11 @@ def test_preprocess_decodes_crops_resizes_tokenizes_and_flags_bad_rows():
     left_red = np.zeros((48, 96, 3), dtype=np.uint8)
     left_red[:, :48] = (255, 0, 0)
     left_red[:, 48:] = (0, 0, 255)
-    batch = {"key": np.array(["a", "b", "c"], dtype=object),
-             "caption": np.array(["a red and blue picture", None, "x"], dtype=object),
-             "jpg": np.array([_jpeg(left_red), b"garbage", None], dtype=object)}
+    batch = {
+        "key": np.array(["a", "b", "c"], dtype=object),
+        "caption": np.array(["a red and blue picture", None, "x"], dtype=object),
+        "jpg": np.array([_jpeg(left_red), b"garbage", None], dtype=object),
+    }
     for decoder in ("cv2", "pil"):
         out = Preprocess(PreprocessSettings(image_size=24, context_length=16, train=False, decoder=decoder))(batch)
         assert out["image"].shape == (3, 24, 24, 3) and out["image"].dtype == np.uint8
@@ -109,9 +131,14 @@ def _rows(n: int, start: int, bad=(), pass_index=0):
     for i in bad:
         status[i - start] = 1
     ids = torch.arange(start, start + n)
-    return {"image": ids.view(n, 1, 1, 1).expand(n, 2, 2, 3).to(torch.uint8), "tokens": ids.view(n, 1).int(),
-            "status": status, "key": [f"p{pass_index}r{i}" for i in ids.tolist()],
-            "pass": torch.full((n,), pass_index, dtype=torch.int32), "row": ids}
+    return {
+        "image": ids.view(n, 1, 1, 1).expand(n, 2, 2, 3).to(torch.uint8),
+        "tokens": ids.view(n, 1).int(),
+        "status": status,
+        "key": [f"p{pass_index}r{i}" for i in ids.tolist()],
+        "pass": torch.full((n,), pass_index, dtype=torch.int32),
+        "row": ids,
+    }
 
 
 def test_rebatcher_yields_exact_batches_without_rejected_rows_and_tracks_position():
@@ -140,15 +167,21 @@ def test_pass_units_cover_rows_by_row_group_from_any_start():
     files = [Shard("a", 10, (4, 6)), Shard("b", 5, (5,))]
     units = pass_units(files, 3, start_row=6)
     assert [(json.loads(u["pieces"]), u["row"], u["skip"], u["take"]) for u in units] == [
-        ([["a", 1, 6]], 4, 2, 4), ([["b", 0, 5]], 10, 0, 5)]
+        ([["a", 1, 6]], 4, 2, 4),
+        ([["b", 0, 5]], 10, 0, 5),
+    ]
     assert not any(u["shuffle"] for u in units)
     units = pass_units(files, 0, 2, 5)
-    assert [(json.loads(u["pieces"]), u["skip"], u["take"]) for u in units] == [([["a", 0, 4]], 2, 2),
-                                                                               ([["a", 1, 6]], 0, 1)]
+    assert [(json.loads(u["pieces"]), u["skip"], u["take"]) for u in units] == [
+        ([["a", 0, 4]], 2, 2),
+        ([["a", 1, 6]], 0, 1),
+    ]
     # Shuffle windows gather whole row groups until they hold window_rows rows.
     windows = pass_units(files, 1, window_rows=8, seed=5)
     assert [(json.loads(u["pieces"]), u["row"], u["take"]) for u in windows] == [
-        ([["a", 0, 4], ["a", 1, 6]], 0, 10), ([["b", 0, 5]], 10, 5)]
+        ([["a", 0, 4], ["a", 1, 6]], 0, 10),
+        ([["b", 0, 5]], 10, 5),
+    ]
     assert all(u["shuffle"] and u["seed"] == 5 and u["pass"] == 1 for u in windows)
 
 
@@ -194,10 +227,17 @@ def test_shuffle_windows_mix_files_deterministically_and_resume_inside_a_window(
 # --------------------------------------------------------------------------------- Ray Data stream
 def _stream(shards_dir, start, rank=0, world=2, max_passes=2):
     fs, shards = list_shards([str(shards_dir)])
-    settings = StreamSettings(local_batch=16, preprocess=PreprocessSettings(image_size=32, seed=3),
-                              num_actors=1, cpus_per_actor=0.5, data_cpus=0.5, shuffle_rows=100)
-    return ShardStream(shards, fs, rank=rank, world_size=world, seed=3, start=start, settings=settings,
-                       max_passes=max_passes), shards
+    settings = StreamSettings(
+        local_batch=16,
+        preprocess=PreprocessSettings(image_size=32, seed=3),
+        num_actors=1,
+        cpus_per_actor=0.5,
+        data_cpus=0.5,
+        shuffle_rows=100,
+    )
+    return ShardStream(
+        shards, fs, rank=rank, world_size=world, seed=3, start=start, settings=settings, max_passes=max_passes
+    ), shards
 
 
 @pytest.mark.slow
@@ -219,5 +259,5 @@ def test_stream_follows_the_plan_and_a_resume_continues_with_the_exact_remainder
     cut = 7
     resumed, _ = _stream(shards_dir, batches[cut - 1].position)
     rest = list(resumed)
-    assert [k for b in rest for k in b.keys] == keys[cut * 16:]
+    assert [k for b in rest for k in b.keys] == keys[cut * 16 :]
     torch.testing.assert_close(rest[0].images, batches[cut].images)

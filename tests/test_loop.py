@@ -1,6 +1,7 @@
 """The pure-torch training core: schedule, weight-decay groups, exact gradient accumulation (one
 process and 2 gloo ranks against one big batch) and precision modes. Checkpoint round trips:
 tests/test_trainer_state.py."""
+
 from __future__ import annotations
 
 import math
@@ -60,13 +61,23 @@ def test_no_weight_decay_on_gains_biases_embeddings_and_temperature():
     assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}
-    for expected in ("clip.logit_scale", "logit_bias", "clip.token_embedding.weight",
-                     "clip.positional_embedding", "clip.visual.class_embedding",
-                     "clip.visual.positional_embedding", "clip.ln_final.weight",
-                     "clip.transformer.resblocks.0.attn.in_proj_bias"):
+    for expected in (
+        "clip.logit_scale",
+        "logit_bias",
+        "clip.token_embedding.weight",
+        "clip.positional_embedding",
+        "clip.visual.class_embedding",
+        "clip.visual.positional_embedding",
+        "clip.ln_final.weight",
+        "clip.transformer.resblocks.0.attn.in_proj_bias",
+    ):
         assert expected in no_decay_names
-    for expected in ("clip.text_projection", "clip.visual.proj", "clip.visual.conv1.weight",
-                     "clip.transformer.resblocks.0.mlp.c_fc.weight"):
+    for expected in (
+        "clip.text_projection",
+        "clip.visual.proj",
+        "clip.visual.conv1.weight",
+        "clip.transformer.resblocks.0.mlp.c_fc.weight",
+    ):
         assert expected in decay_names
     assert not decay_names & no_decay_names
 
@@ -128,8 +139,7 @@ def test_batchnorm_running_stats_are_updated_once_per_micro_batch():
 
 @pytest.mark.parametrize("precision", ["amp_bf16", "amp_fp16"])
 def test_mixed_precision_steps_train_and_keep_float32_weights(precision):
-    loop = TrainLoop(tiny_clip(), LoopSettings(total_steps=20, lr=1e-3, warmup=0, precision=precision,
-                                               grad_clip=1.0))
+    loop = TrainLoop(tiny_clip(), LoopSettings(total_steps=20, lr=1e-3, warmup=0, precision=precision, grad_clip=1.0))
     images, tokens = batch(8)
     first = loop.step(images, tokens)
     for _ in range(5):
@@ -164,8 +174,11 @@ def _rank_work(rank: int, out_dir: str) -> None:
     for strategy in ("ddp", "fsdp"):
         loop = TrainLoop(tiny_clip(), LoopSettings(total_steps=10, micro_batch_size=2, strategy=strategy))
         loss = loop.compute_gradients(images[local], tokens[local])
-        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
-                 for n, p in loop.module.named_parameters() if p.grad is not None}
+        grads = {
+            n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+            for n, p in loop.module.named_parameters()
+            if p.grad is not None
+        }
         torch.save({"loss": loss, "grads": grads}, os.path.join(out_dir, f"{strategy}-rank{rank}.pt"))
     # A ResNet under DDP for two whole steps: the warnings raised, and the weights it ends with.
     with warnings.catch_warnings(record=True) as caught:
@@ -174,10 +187,14 @@ def _rank_work(rank: int, out_dir: str) -> None:
         loop = TrainLoop(create_model("RN-Tiny"), LoopSettings(total_steps=10, warmup=0, lr=1e-3))
         for step in range(2):  # local batch 64: the size at which the CPU kernels pick channels-last
             images, tokens = batch(128, seed=step)
-            loop.step(images[rank * 64:(rank + 1) * 64], tokens[rank * 64:(rank + 1) * 64])
-    torch.save({"warnings": [str(w.message) for w in caught],
-                "params": {n: p.detach().clone() for n, p in loop.module.named_parameters()}},
-               os.path.join(out_dir, f"resnet-rank{rank}.pt"))
+            loop.step(images[rank * 64 : (rank + 1) * 64], tokens[rank * 64 : (rank + 1) * 64])
+    torch.save(
+        {
+            "warnings": [str(w.message) for w in caught],
+            "params": {n: p.detach().clone() for n, p in loop.module.named_parameters()},
+        },
+        os.path.join(out_dir, f"resnet-rank{rank}.pt"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +230,9 @@ def test_resnet_under_ddp_steps_without_layout_warnings_and_ranks_stay_identical
     assert any(not torch.equal(ranks[0]["params"][f"clip.{n}"], p) for n, p in start.named_parameters())
 
 
-@pytest.mark.parametrize("compile_setting, mode", [(True, None), ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")])
+@pytest.mark.parametrize(
+    "compile_setting, mode", [(True, None), ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")]
+)
 def test_the_compile_setting_reaches_torch_compile(monkeypatch, compile_setting, mode):
     seen = {}
 

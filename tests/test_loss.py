@@ -1,5 +1,6 @@
 """The contrastive losses: definitions checked by hand, and the distributed version (2 ranks on gloo)
 equal to one process holding the concatenated batch, loss and gradients, to 1e-5."""
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,10 @@ DIM = 16
 
 def _features(seed: int, n: int = GLOBAL_BATCH, d: int = DIM) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return (F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1),
-            F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1))
+    return (
+        F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1),
+        F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1),
+    )
 
 
 def test_clip_loss_is_the_mean_of_both_cross_entropies_written_out():
@@ -93,8 +96,7 @@ class Towers(nn.Module):
 
     def forward(self, x, t):
         bias = None if self.logit_bias is None else self.logit_bias * 1.0
-        return (F.normalize(self.image(x), dim=-1), F.normalize(self.text(t), dim=-1),
-                self.logit_scale.exp(), bias)
+        return (F.normalize(self.image(x), dim=-1), F.normalize(self.text(t), dim=-1), self.logit_scale.exp(), bias)
 
 
 def _inputs():
@@ -119,10 +121,16 @@ def _rank_work(rank: int, out_dir: str) -> None:
         out = model(x[local], t[local])
         loss = contrastive_loss(kind, *out)
         loss.backward()
-        torch.save({"feature_loss": feature_loss.detach(), "img_grad": img.grad, "txt_grad": txt.grad,
-                    "loss": loss.detach(),
-                    "grads": {n: p.grad for n, p in model.module.named_parameters()}},
-                   os.path.join(out_dir, f"{kind}-rank{rank}.pt"))
+        torch.save(
+            {
+                "feature_loss": feature_loss.detach(),
+                "img_grad": img.grad,
+                "txt_grad": txt.grad,
+                "loss": loss.detach(),
+                "grads": {n: p.grad for n, p in model.module.named_parameters()},
+            },
+            os.path.join(out_dir, f"{kind}-rank{rank}.pt"),
+        )
 
 
 @pytest.fixture(scope="module")

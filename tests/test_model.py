@@ -1,4 +1,5 @@
 """CLIP model: reference parity, published state-dict layouts, width scaling, speed options."""
+
 from __future__ import annotations
 
 import json
@@ -8,15 +9,26 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.model import (CLIP, ModelConfigError, create_model, get_model_config, image_mean_std,
-                            list_models, parse_config, scale_width)
+from training.model import (
+    CLIP,
+    ModelConfigError,
+    create_model,
+    get_model_config,
+    image_mean_std,
+    list_models,
+    parse_config,
+    scale_width,
+)
 
 PUBLISHED = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"]
 PARITY = ["tiny-vit-quickgelu", "tiny-vit-gelu", "tiny-rn-quickgelu"]
 # Smaller than ViT-Tiny, for the tests that only need a working ViT.
-MICRO_VIT = {"embed_dim": 32, "quick_gelu": False,
-             "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+MICRO_VIT = {
+    "embed_dim": 32,
+    "quick_gelu": False,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
 
 
 def _tokens(batch: int, length: int, ends: list[int], vocab: int = 49408, seed: int = 0) -> torch.Tensor:
@@ -26,7 +38,7 @@ def _tokens(batch: int, length: int, ends: list[int], vocab: int = 49408, seed: 
     for b, e in enumerate(ends):
         tok[b, 0] = vocab - 2
         tok[b, e] = vocab - 1
-        tok[b, e + 1:] = 0
+        tok[b, e + 1 :] = 0
     return tok
 
 
@@ -34,7 +46,7 @@ def _tokens(batch: int, length: int, ends: list[int], vocab: int = 49408, seed: 
 def test_features_match_open_clip_reference(shared_dir, name):
     tensors = load_file(str(shared_dir / "reference" / "parity" / f"{name}.safetensors"))
     cfg = json.loads((shared_dir / "reference" / "parity" / f"{name}.json").read_text())["config"]
-    weights = {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}
+    weights = {k[len("weights.") :]: v for k, v in tensors.items() if k.startswith("weights.")}
     model = create_model(cfg).eval()
     model.load_state_dict(weights, strict=True)
     with torch.no_grad():
@@ -78,15 +90,18 @@ def test_model_json_path_and_dict_are_accepted(tmp_path):
     assert create_model(get_model_config("RN-Tiny"), device="meta").image_size == 64
 
 
-@pytest.mark.parametrize("cfg_change, message", [
-    (lambda c: c.update(embed_dimm=3), "unknown key 'embed_dimm'"),
-    (lambda c: c["vision_cfg"].update(head_width=48), "head_width 48 must divide vision_cfg.width 128"),
-    (lambda c: c["text_cfg"].update(heads=3), "text_cfg.heads 3 must divide text_cfg.width 128"),
-    (lambda c: c["vision_cfg"].update(image_size=60), "not a multiple of patch_size 8"),
-    (lambda c: c["vision_cfg"].update(layers=[1, 1, 1]), "4 stages"),
-    (lambda c: c.pop("embed_dim"), "lacks the key 'embed_dim'"),
-    (lambda c: c["text_cfg"].update(width=0), "text_cfg.width must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "cfg_change, message",
+    [
+        (lambda c: c.update(embed_dimm=3), "unknown key 'embed_dimm'"),
+        (lambda c: c["vision_cfg"].update(head_width=48), "head_width 48 must divide vision_cfg.width 128"),
+        (lambda c: c["text_cfg"].update(heads=3), "text_cfg.heads 3 must divide text_cfg.width 128"),
+        (lambda c: c["vision_cfg"].update(image_size=60), "not a multiple of patch_size 8"),
+        (lambda c: c["vision_cfg"].update(layers=[1, 1, 1]), "4 stages"),
+        (lambda c: c.pop("embed_dim"), "lacks the key 'embed_dim'"),
+        (lambda c: c["text_cfg"].update(width=0), "text_cfg.width must be a positive integer"),
+    ],
+)
 def test_bad_config_is_refused_naming_the_key(cfg_change, message):
     cfg = get_model_config("ViT-Tiny")
     cfg_change(cfg)
@@ -107,7 +122,9 @@ def test_width_mult_scales_widths_not_depth_and_builds(name, mult):
     parse_config(cfg)
     assert cfg["vision_cfg"]["layers"] == base["vision_cfg"]["layers"]
     assert cfg["text_cfg"]["layers"] == base["text_cfg"]["layers"]
-    assert cfg["text_cfg"]["width"] // cfg["text_cfg"]["heads"] == base["text_cfg"]["width"] // base["text_cfg"]["heads"]
+    assert (
+        cfg["text_cfg"]["width"] // cfg["text_cfg"]["heads"] == base["text_cfg"]["width"] // base["text_cfg"]["heads"]
+    )
     if mult >= 0.25:  # within rounding of the multiplier
         for section in ("vision_cfg", "text_cfg"):
             ratio = cfg[section]["width"] / base[section]["width"]
@@ -247,8 +264,8 @@ def test_initialisation_follows_clip():
     assert abs(model.positional_embedding.std().item() - 0.01) < 1e-3
     width, layers = 512, 12
     block = model.transformer.resblocks[0]
-    assert abs(block.attn.in_proj_weight.std().item() - width ** -0.5) < 2e-3
-    assert abs(block.attn.out_proj.weight.std().item() - width ** -0.5 * (2 * layers) ** -0.5) < 1e-3
+    assert abs(block.attn.in_proj_weight.std().item() - width**-0.5) < 2e-3
+    assert abs(block.attn.out_proj.weight.std().item() - width**-0.5 * (2 * layers) ** -0.5) < 1e-3
     assert abs(block.mlp.c_fc.weight.std().item() - (2 * width) ** -0.5) < 1e-3
     rn = create_model("RN-Tiny")
     for layer in (rn.visual.layer1, rn.visual.layer4):

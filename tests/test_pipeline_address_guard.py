@@ -1,5 +1,6 @@
 """The address guard: which hosts the pipeline refuses to contact, checked without sending traffic
 anywhere but 127.0.0.1."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -15,17 +16,33 @@ def _no_dns(host, port):
     raise AssertionError(f"the guard must not resolve numeric host {host!r}")
 
 
-@pytest.mark.parametrize("host", [
-    "169.254.169.254",  # cloud metadata
-    "10.0.0.1", "192.168.1.1", "172.16.5.4",
-    "127.0.0.1", "::1", "[::1]",
-    "0x7f000001", "2130706433", "127.1", "0177.0.0.1",  # 127.0.0.1 as the C resolver reads them
-    "0.0.0.0", "224.0.0.1", "240.0.0.1", "100.64.0.1",
-    "fe80::1", "fc00::1", "ff02::1",
-    "::ffff:169.254.169.254", "::ffff:127.0.0.1",  # IPv4-mapped
-    "2002:a9fe:a9fe::1",  # 6to4 wrapping 169.254.169.254
-    "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
-])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "169.254.169.254",  # cloud metadata
+        "10.0.0.1",
+        "192.168.1.1",
+        "172.16.5.4",
+        "127.0.0.1",
+        "::1",
+        "[::1]",
+        "0x7f000001",
+        "2130706433",
+        "127.1",
+        "0177.0.0.1",  # 127.0.0.1 as the C resolver reads them
+        "0.0.0.0",
+        "224.0.0.1",
+        "240.0.0.1",
+        "100.64.0.1",
+        "fe80::1",
+        "fc00::1",
+        "ff02::1",
+        "::ffff:169.254.169.254",
+        "::ffff:127.0.0.1",  # IPv4-mapped
+        "2002:a9fe:a9fe::1",  # 6to4 wrapping 169.254.169.254
+        "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
+    ],
+)
 def test_literal_private_addresses_are_refused_without_dns(host):
     guard = AddressGuard(resolver=_no_dns)
     with pytest.raises(AddressRefused, match="allow_private_addresses"):
@@ -97,9 +114,14 @@ def test_fetch_of_loopback_urls_sends_nothing_when_private_addresses_are_refused
     with HTTPTestServer({"/a.jpg": image}) as server:
         port = server.port
         fetcher = Fetcher(guard=AddressGuard(allow_private=False), timeout_s=2, retries=2, retry_backoff_s=0)
-        urls = [server.url("/a.jpg"), f"http://localhost:{port}/a.jpg", f"http://2130706433:{port}/a.jpg",
-                f"http://0x7f000001:{port}/a.jpg", f"http://[::ffff:127.0.0.1]:{port}/a.jpg",
-                f"http://127.1:{port}/a.jpg"]
+        urls = [
+            server.url("/a.jpg"),
+            f"http://localhost:{port}/a.jpg",
+            f"http://2130706433:{port}/a.jpg",
+            f"http://0x7f000001:{port}/a.jpg",
+            f"http://[::ffff:127.0.0.1]:{port}/a.jpg",
+            f"http://127.1:{port}/a.jpg",
+        ]
         results = [fetcher.fetch(u) for u in urls]
         assert [r.reason for r in results] == ["blocked_address"] * len(urls)
         assert all(r.attempts == 1 for r in results), "a refused address is not retried"

@@ -1,4 +1,5 @@
 """The `data` section holds only keys the pipeline reads (no Ray)."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,6 +19,7 @@ def test_data_batch_size_is_refused_by_name():
     with pytest.raises(ConfigError, match=r"unknown key 'data\.batch_size': it was removed: nothing read it") as err:
         validate_config({"data": {"batch_size": 256}})
     assert "did you mean" not in str(err.value)  # not pointed at data.image_size
-    clip = validate_config({"data": {"filters": {"clip_score": {"model": "runs/x", "threshold": 0.2,
-                                                                "batch_size": 64}}}})
+    clip = validate_config(
+        {"data": {"filters": {"clip_score": {"model": "runs/x", "threshold": 0.2, "batch_size": 64}}}}
+    )
     assert clip.data.filters.clip_score.batch_size == 64

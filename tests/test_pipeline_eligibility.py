@@ -1,5 +1,6 @@
 """One rule decides which staged rows would be downloaded: the (url, caption) dedup's index and the
 download actor's requests cover exactly the same rows (no Ray)."""
+
 from __future__ import annotations
 
 import threading
@@ -41,12 +42,14 @@ ROWS = [
 
 
 def staged_table(server: str) -> pa.Table:
-    return pa.table({
-        "url": pa.array([None if u is None else u.format(server=server) for u, *_ in ROWS], pa.string()),
-        "caption": pa.array([r[1] for r in ROWS], pa.string()),
-        "caption_ok": pa.array([r[2] for r in ROWS], pa.bool_()),
-        "source_error": pa.array([r[3] for r in ROWS], pa.string()),
-    })
+    return pa.table(
+        {
+            "url": pa.array([None if u is None else u.format(server=server) for u, *_ in ROWS], pa.string()),
+            "caption": pa.array([r[1] for r in ROWS], pa.string()),
+            "caption_ok": pa.array([r[2] for r in ROWS], pa.bool_()),
+            "source_error": pa.array([r[3] for r in ROWS], pa.string()),
+        }
+    )
 
 
 def test_every_kind_of_bad_row_gets_its_reason_before_any_request():
@@ -59,10 +62,24 @@ def _download(tmp_path, server: HTTPTestServer, table: pa.Table, duplicates: dic
     """The URLs the download actor asked its fetcher for, and the shard's stats."""
     out = Folder(str(tmp_path))
     out.write_arrow("_work/input/x.arrow", table)
-    data = DataConfig(input="x", output=str(tmp_path), allow_private_addresses=True, retries=0, image_size=32,
-                      filters={**FILTERS, "dedup_url_caption": True})
-    spec = ShardSpec(id=0, name="00", input="_work/input/x.arrow", rows=table.num_rows, source="x", first_row=0,
-                     row_digits=2, global_pass=False)
+    data = DataConfig(
+        input="x",
+        output=str(tmp_path),
+        allow_private_addresses=True,
+        retries=0,
+        image_size=32,
+        filters={**FILTERS, "dedup_url_caption": True},
+    )
+    spec = ShardSpec(
+        id=0,
+        name="00",
+        input="_work/input/x.arrow",
+        rows=table.num_rows,
+        source="x",
+        first_row=0,
+        row_digits=2,
+        global_pass=False,
+    )
     shard = download.ShardDownloader(data, out, pa.schema([]), cpu_slots=1)
     asked, lock = [], threading.Lock()
     real_fetch = shard.rows.fetcher.fetch
@@ -94,13 +111,17 @@ def test_the_pair_dedup_indexes_exactly_the_rows_the_download_would_fetch(tmp_pa
 
         # With the dedup's decisions: every indexed row but the repeats is fetched, nothing else.
         dups = later_duplicates(index, "pair")
-        repeats = {keys.index(k): first for k, first in zip(dups.column("key").to_pylist(),
-                                                             dups.column("first_key").to_pylist())}
+        repeats = {
+            keys.index(k): first
+            for k, first in zip(dups.column("key").to_pylist(), dups.column("first_key").to_pylist())
+        }
         assert repeats == {13: "0000"}
         asked, stats = _download(tmp_path / "dedup", server, table, duplicates=repeats)
         assert sorted(asked) == sorted(urls[i] for i in indexed if i not in repeats)
-    rejects = {r["key"]: (r["stage"], r["reason"]) for r in
-               pq.read_table(tmp_path / "dedup" / "rejects" / "00.parquet").to_pylist()}
+    rejects = {
+        r["key"]: (r["stage"], r["reason"])
+        for r in pq.read_table(tmp_path / "dedup" / "rejects" / "00.parquet").to_pylist()
+    }
     expected = {keys[i]: r[4] for i, r in enumerate(ROWS) if r[4] is not None}
     expected.update({"0013": ("dedup", "duplicate"), "0015": ("download", "unsupported_scheme")})
     assert rejects == expected

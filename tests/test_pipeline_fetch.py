@@ -1,4 +1,5 @@
 """The HTTP fetcher against a loopback server that misbehaves on purpose (no Ray)."""
+
 from __future__ import annotations
 
 import time
@@ -13,9 +14,17 @@ IMAGE = jpeg_bytes(80, 60)
 
 
 def make_fetcher(**kw) -> Fetcher:
-    defaults = dict(guard=AddressGuard(allow_private=True), timeout_s=2.0, retries=1, retry_backoff_s=0.0,
-                    max_redirects=3, max_response_bytes=1 << 20, user_agent="clipray-test",
-                    user_agent_token="clipray", disallowed_header_directives=["noai", "noimageai", "noindex"])
+    defaults = dict(
+        guard=AddressGuard(allow_private=True),
+        timeout_s=2.0,
+        retries=1,
+        retry_backoff_s=0.0,
+        max_redirects=3,
+        max_response_bytes=1 << 20,
+        user_agent="clipray-test",
+        user_agent_token="clipray",
+        disallowed_header_directives=["noai", "noimageai", "noindex"],
+    )
     defaults.update(kw)
     return Fetcher(**defaults)
 
@@ -30,7 +39,10 @@ def server():
         "/reset": Route(reset=True),
         "/hang": Route(hang=True),
         "/loop": Route(redirect="/loop"),
-        "/a": Route(redirect="/b"), "/b": Route(redirect="/c"), "/c": Route(redirect="/d"), "/d": Route(redirect="/e"),
+        "/a": Route(redirect="/b"),
+        "/b": Route(redirect="/c"),
+        "/c": Route(redirect="/d"),
+        "/d": Route(redirect="/e"),
         "/e": IMAGE,
         "/noai": Route(body=IMAGE, headers={"X-Robots-Tag": "noai"}),
         "/other-bot": Route(body=IMAGE, headers={"X-Robots-Tag": "otherbot: noai"}),
@@ -50,19 +62,22 @@ def test_image_is_downloaded_whole(server):
     assert server.requests[-1].headers["User-Agent"] == "clipray-test"
 
 
-@pytest.mark.parametrize("path, reason, attempts", [
-    ("/404", "http_404", 1),  # client errors are not retried
-    ("/500", "http_500", 2),  # server errors are (retries=1)
-    ("/503", "http_503", 2),
-    ("/reset", "connection_error", 2),
-    ("/loop", "redirect_loop", 1),
-    ("/a", "too_many_redirects", 1),  # a -> b -> c -> d -> e is 4 redirects > 3
-    ("/noai", "optout", 1),
-    ("/our-bot", "optout", 1),
-    ("/big", "response_too_large", 1),
-    ("/cut", "connection_error", 2),
-    ("/no-location", "bad_redirect", 1),
-])
+@pytest.mark.parametrize(
+    "path, reason, attempts",
+    [
+        ("/404", "http_404", 1),  # client errors are not retried
+        ("/500", "http_500", 2),  # server errors are (retries=1)
+        ("/503", "http_503", 2),
+        ("/reset", "connection_error", 2),
+        ("/loop", "redirect_loop", 1),
+        ("/a", "too_many_redirects", 1),  # a -> b -> c -> d -> e is 4 redirects > 3
+        ("/noai", "optout", 1),
+        ("/our-bot", "optout", 1),
+        ("/big", "response_too_large", 1),
+        ("/cut", "connection_error", 2),
+        ("/no-location", "bad_redirect", 1),
+    ],
+)
 def test_misbehaving_server_gives_a_reason(server, path, reason, attempts):
     before = server.paths().count(path)
     result = make_fetcher().fetch(server.url(path))
@@ -96,15 +111,18 @@ def test_redirect_to_another_loopback_port_is_followed_when_allowed(server):
     assert result.reason is None and result.body == IMAGE
 
 
-@pytest.mark.parametrize("url, reason", [
-    ("file:///etc/passwd", "unsupported_scheme"),
-    ("ftp://127.0.0.1/a.jpg", "unsupported_scheme"),
-    ("data:image/png;base64,AAAA", "unsupported_scheme"),
-    ("javascript:alert(1)", "unsupported_scheme"),
-    ("images.example.com/a.jpg", "unsupported_scheme"),
-    ("http:///nohost.jpg", "invalid_url"),
-    ("http://127.0.0.1:99999/a.jpg", "invalid_url"),
-])
+@pytest.mark.parametrize(
+    "url, reason",
+    [
+        ("file:///etc/passwd", "unsupported_scheme"),
+        ("ftp://127.0.0.1/a.jpg", "unsupported_scheme"),
+        ("data:image/png;base64,AAAA", "unsupported_scheme"),
+        ("javascript:alert(1)", "unsupported_scheme"),
+        ("images.example.com/a.jpg", "unsupported_scheme"),
+        ("http:///nohost.jpg", "invalid_url"),
+        ("http://127.0.0.1:99999/a.jpg", "invalid_url"),
+    ],
+)
 def test_only_http_and_https_urls_are_fetched(url, reason):
     assert make_fetcher().fetch(url).reason == reason
 
@@ -132,11 +150,22 @@ def test_a_refused_connection_is_a_connection_error():
     assert result.reason == "connection_error"
 
 
-@pytest.mark.parametrize("values", [
-    [], ["noai"], ["NoAI"], ["nofollow"], ["noindex, nofollow"], ["clipray: noai"], ["otherbot: noai"],
-    ["otherbot: noai", "clipray: noimageai"], ["unavailable_after: 25 Jun 2010 15:00:00 PST"],
-    ["clipray: nofollow", "noimageindex"], ["  noimageai  ,  x"],
-])
+@pytest.mark.parametrize(
+    "values",
+    [
+        [],
+        ["noai"],
+        ["NoAI"],
+        ["nofollow"],
+        ["noindex, nofollow"],
+        ["clipray: noai"],
+        ["otherbot: noai"],
+        ["otherbot: noai", "clipray: noimageai"],
+        ["unavailable_after: 25 Jun 2010 15:00:00 PST"],
+        ["clipray: nofollow", "noimageindex"],
+        ["  noimageai  ,  x"],
+    ],
+)
 def test_optout_rule_agrees_with_img2dataset(values):
     import ast
     import email.message
@@ -172,9 +201,28 @@ def test_https_is_pinned_to_the_checked_address_and_verifies_the_certificate(tmp
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                    "/CN=images.test", "-addext", "subjectAltName=DNS:images.test",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=images.test",
+            "-addext",
+            "subjectAltName=DNS:images.test",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(cert, key)
     with HTTPTestServer({"/a.jpg": IMAGE}, ssl_context=server_ctx) as server:
@@ -194,33 +242,56 @@ def test_https_is_pinned_to_the_checked_address_and_verifies_the_certificate(tmp
 
 def _raw(response: bytes, close: bool = False):
     """A route handler that writes `response` verbatim (then closes the connection if asked)."""
+
     def handler(h):
         h.wfile.write(response)
         h.wfile.flush()
         if close:
             h.close_connection = True
+
     return handler
 
 
 def _chunked(body: bytes, size: int = 1000) -> bytes:
-    chunks = b"".join(b"%x;ext=1\r\n" % len(body[i:i + size]) + body[i:i + size] + b"\r\n"
-                      for i in range(0, len(body), size))
-    return (b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n"
-            + chunks + b"0\r\nX-Trailer: yes\r\n\r\n")
+    chunks = b"".join(
+        b"%x;ext=1\r\n" % len(body[i : i + size]) + body[i : i + size] + b"\r\n" for i in range(0, len(body), size)
+    )
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + chunks
+        + b"0\r\nX-Trailer: yes\r\n\r\n"
+    )
 
 
-@pytest.mark.parametrize("response, close, reason, reusable", [
-    (_chunked(IMAGE), False, None, True),
-    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(IMAGE) + IMAGE, False, None, True),
-    (b"HTTP/1.0 200 OK\r\nContent-Type: image/jpeg\r\n\r\n" + IMAGE, True, None, False),  # body until close
-    (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(IMAGE) + IMAGE, True, None, False),
-    (b"HTTP/1.1 200 OK\r\nX-Robots-Tag: noindex\r\nX-Robots-Tag: other\r\n  folded\r\nContent-Length: 1\r\n\r\nx",
-     False, "optout", False),
-    (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", True, "http_error", False),
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", True, "http_error", False),
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n100000\r\n" + b"x" * 100, True, "connection_error", False),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 1", True, "connection_error", False),  # headers never end
-])
+@pytest.mark.parametrize(
+    "response, close, reason, reusable",
+    [
+        (_chunked(IMAGE), False, None, True),
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(IMAGE) + IMAGE,
+            False,
+            None,
+            True,
+        ),
+        (b"HTTP/1.0 200 OK\r\nContent-Type: image/jpeg\r\n\r\n" + IMAGE, True, None, False),  # body until close
+        (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(IMAGE) + IMAGE, True, None, False),
+        (
+            b"HTTP/1.1 200 OK\r\nX-Robots-Tag: noindex\r\nX-Robots-Tag: other\r\n  folded\r\nContent-Length: 1\r\n\r\nx",
+            False,
+            "optout",
+            False,
+        ),
+        (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", True, "http_error", False),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", True, "http_error", False),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n100000\r\n" + b"x" * 100,
+            True,
+            "connection_error",
+            False,
+        ),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1", True, "connection_error", False),  # headers never end
+    ],
+)
 def test_response_framings_are_read_or_rejected(response, close, reason, reusable):
     with HTTPTestServer({"/r": Route(handler=_raw(response, close)), "/ok.jpg": IMAGE}) as srv:
         fetcher = make_fetcher(retries=0, max_response_bytes=1 << 20)

@@ -1,4 +1,5 @@
 """Filters, dedup decisions, CLIP-score cut, resume fingerprints and the manifest invariant (no Ray)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,8 +16,7 @@ from pipeline.resume import fingerprint, fingerprint_changes
 
 
 def test_caption_filters_give_stable_reasons():
-    f = RowFilters(FiltersConfig(min_caption_chars=5, max_caption_chars=30, min_caption_words=2,
-                                 max_caption_words=4))
+    f = RowFilters(FiltersConfig(min_caption_chars=5, max_caption_chars=30, min_caption_words=2, max_caption_words=4))
     cases = {
         ("a red car", True): None,
         ("", True): "caption_empty",
@@ -50,11 +50,12 @@ def test_image_size_filters_use_the_original_size():
 
 
 def test_later_duplicates_keep_the_first_row_by_key():
-    table = pa.table({"key": ["0003", "0001", "0002", "0005", "0004"],
-                      "digest": ["b", "a", "b", "a", "c"]})
+    table = pa.table({"key": ["0003", "0001", "0002", "0005", "0004"], "digest": ["b", "a", "b", "a", "c"]})
     dups = later_duplicates(table, "digest")
-    assert sorted(zip(dups.column("key").to_pylist(), dups.column("first_key").to_pylist())) == \
-        [("0003", "0002"), ("0005", "0001")]
+    assert sorted(zip(dups.column("key").to_pylist(), dups.column("first_key").to_pylist())) == [
+        ("0003", "0002"),
+        ("0005", "0001"),
+    ]
     assert later_duplicates(table.slice(0, 0), "digest").num_rows == 0
 
 
@@ -88,7 +89,9 @@ def test_fingerprint_names_changed_keys_and_ignores_tuning_keys():
     assert fingerprint(a) == fingerprint(b)
     c = DataConfig(input="x.tsv", output="o", image_size=128, filters=FiltersConfig(min_caption_chars=3))
     assert fingerprint_changes(fingerprint(a), fingerprint(c)) == [
-        "data.filters.min_caption_chars: None -> 3", "data.image_size: 256 -> 128"]
+        "data.filters.min_caption_chars: None -> 3",
+        "data.image_size: 256 -> 128",
+    ]
 
 
 def test_config_rejects_impossible_values_with_the_key():
@@ -103,22 +106,43 @@ def test_config_rejects_impossible_values_with_the_key():
 
 
 def test_manifest_counts_every_row_and_checks_the_invariant():
-    data = DataConfig(input="x", output="o", storage_options={"key": "AKIA", "secret": "s3cr3t",
-                                                              "client_kwargs": {"endpoint_url": "http://h"}})
+    data = DataConfig(
+        input="x",
+        output="o",
+        storage_options={"key": "AKIA", "secret": "s3cr3t", "client_kwargs": {"endpoint_url": "http://h"}},
+    )
     shards = [{"name": "00000", "rows": 3}, {"name": "00001", "rows": 2}]
     download = {
-        "00000": {"rows": 3, "accepted": 2, "rejected": 1, "reasons": {"http_404": 1}, "stages": {"download": 1},
-                  "accepted_file": "shards/00000.parquet", "accepted_bytes": 10, "rejects_file": "rejects/00000.parquet"},
-        "00001": {"rows": 2, "accepted": 0, "rejected": 2, "reasons": {"timeout": 1, "http_404": 1},
-                  "stages": {"download": 2}, "accepted_file": None, "accepted_bytes": 0,
-                  "rejects_file": "rejects/00001.parquet"},
+        "00000": {
+            "rows": 3,
+            "accepted": 2,
+            "rejected": 1,
+            "reasons": {"http_404": 1},
+            "stages": {"download": 1},
+            "accepted_file": "shards/00000.parquet",
+            "accepted_bytes": 10,
+            "rejects_file": "rejects/00000.parquet",
+        },
+        "00001": {
+            "rows": 2,
+            "accepted": 0,
+            "rejected": 2,
+            "reasons": {"timeout": 1, "http_404": 1},
+            "stages": {"download": 2},
+            "accepted_file": None,
+            "accepted_bytes": 0,
+            "rejects_file": "rejects/00001.parquet",
+        },
     }
     m = build_manifest(data, shards, download, None, 1.5, {"images_per_s": 1.0})
     assert (m["input_rows"], m["accepted"], m["rejected"]) == (5, 2, 3)
     assert m["reasons"] == {"http_404": 2, "timeout": 1}
     assert m["shards"] == [{"path": "shards/00000.parquet", "rows": 2, "bytes": 10}]
-    assert m["config"]["storage_options"] == {"key": "***", "secret": "***",
-                                              "client_kwargs": {"endpoint_url": "http://h"}}
+    assert m["config"]["storage_options"] == {
+        "key": "***",
+        "secret": "***",
+        "client_kwargs": {"endpoint_url": "http://h"},
+    }
     download["00001"]["rejected"] = 1
     with pytest.raises(InvariantError):
         build_manifest(data, shards, download, None, 1.5, {})
@@ -143,13 +167,24 @@ def test_global_pass_rewrites_a_shard_idempotently(tmp_path):
     from storage import Folder
 
     out = Folder(str(tmp_path))
-    spec = ShardSpec(id=3, name="00003", input="_work/input/x.arrow", rows=4, source="x", first_row=0,
-                     row_digits=1, global_pass=True)
+    spec = ShardSpec(
+        id=3, name="00003", input="_work/input/x.arrow", rows=4, source="x", first_row=0, row_digits=1, global_pass=True
+    )
     keys = ["000030", "000031", "000032", "000033"]
-    table = pa.table({"key": keys, "url": [f"http://a/{i}" for i in range(4)], "caption": list("abcd"),
-                      "jpg": [b"1", b"2", b"3", b"4"], "width": [1] * 4, "height": [1] * 4,
-                      "original_width": [1] * 4, "original_height": [1] * 4, "sha256": list("wxyz")},
-                     schema=accepted_schema(pa.schema([])))
+    table = pa.table(
+        {
+            "key": keys,
+            "url": [f"http://a/{i}" for i in range(4)],
+            "caption": list("abcd"),
+            "jpg": [b"1", b"2", b"3", b"4"],
+            "width": [1] * 4,
+            "height": [1] * 4,
+            "original_width": [1] * 4,
+            "original_height": [1] * 4,
+            "sha256": list("wxyz"),
+        },
+        schema=accepted_schema(pa.schema([])),
+    )
     out.write_parquet(spec.accepted_file, table)
     out.write_parquet(spec.score_file, pa.table({"key": keys, "score": pa.array([0.9, 0.1, 0.5, 0.7], pa.float32())}))
     dups = pa.table({"key": ["000033"], "first_key": ["000010"], "by": ["image sha256"]}, schema=DUPLICATE_SCHEMA)
@@ -159,10 +194,14 @@ def test_global_pass_rewrites_a_shard_idempotently(tmp_path):
     files = {n: out.read_bytes(n) for n in (spec.final_file, spec.global_rejects_file)}
     second = apply_to_shard(spec, out, 0.4, "threshold 0.4", dups)
     assert {n: out.read_bytes(n) for n in files} == files
-    assert {k: v for k, v in first.items() if k != "duration_s"} == {k: v for k, v in second.items() if k != "duration_s"}
+    assert {k: v for k, v in first.items() if k != "duration_s"} == {
+        k: v for k, v in second.items() if k != "duration_s"
+    }
     assert (first["accepted"], first["rejected"], first["reasons"]) == (2, 2, {"clip_score": 1, "duplicate": 1})
     assert pq.read_table(tmp_path / spec.final_file).column("key").to_pylist() == ["000030", "000032"]
     rejects = pq.read_table(tmp_path / spec.global_rejects_file).to_pylist()
     assert [(r["key"], r["stage"], r["reason"]) for r in rejects] == [
-        ("000031", "filter", "clip_score"), ("000033", "dedup", "duplicate")]
+        ("000031", "filter", "clip_score"),
+        ("000033", "dedup", "duplicate"),
+    ]
     assert rejects[1]["detail"] == "same image sha256 as key 000010"

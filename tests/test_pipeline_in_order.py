@@ -1,4 +1,5 @@
 """run_in_order: results in input order from a thread pool; failures raised; early close stops work."""
+
 from __future__ import annotations
 
 import random

@@ -2,6 +2,7 @@
 `clipray pipeline` on the same folder stops at once (before it starts Ray) naming the holder, and
 its files are left alone; once the first run ends, the folder is free again. (A run killed with
 SIGKILL leaves its lock behind; tests/test_pipeline_run.py's resume test reruns over it.)"""
+
 from __future__ import annotations
 
 import os
@@ -29,11 +30,21 @@ def test_a_second_run_on_a_busy_output_fails_at_once_and_touches_nothing(ray_loc
     routes["/hang.jpg"] = Route(hang=True)  # holds the first run until the server stops
     server = HTTPTestServer(routes).start()
     try:
-        (tmp_path / "list.tsv").write_text("url\tcaption\n" + "".join(
-            f"{server.url(f'/{i}.jpg')}\timage {i}\n" for i in [*range(n), "hang"]))
-        common = dict(input=str(tmp_path / "list.tsv"), output=str(tmp_path / "out"), allow_private_addresses=True,
-                      rows_per_shard=5, num_download_actors=1, threads_per_actor=1, image_size=32, retries=0,
-                      timeout_s=300, progress=False)
+        (tmp_path / "list.tsv").write_text(
+            "url\tcaption\n" + "".join(f"{server.url(f'/{i}.jpg')}\timage {i}\n" for i in [*range(n), "hang"])
+        )
+        common = dict(
+            input=str(tmp_path / "list.tsv"),
+            output=str(tmp_path / "out"),
+            allow_private_addresses=True,
+            rows_per_shard=5,
+            num_download_actors=1,
+            threads_per_actor=1,
+            image_size=32,
+            retries=0,
+            timeout_s=300,
+            progress=False,
+        )
         result: dict = {}
         first = threading.Thread(target=lambda: result.update(run_pipeline(DataConfig(**common))))
         first.start()
@@ -50,8 +61,14 @@ def test_a_second_run_on_a_busy_output_fails_at_once_and_touches_nothing(ray_loc
             (tmp_path / "job.yaml").write_text(yaml.safe_dump({"data": common}))
             env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(PROJECT)}
             started = time.monotonic()
-            second = subprocess.run([sys.executable, "-m", "pipeline", "--config", str(tmp_path / "job.yaml")],
-                                    cwd=PROJECT, env=env, capture_output=True, text=True, timeout=120)
+            second = subprocess.run(
+                [sys.executable, "-m", "pipeline", "--config", str(tmp_path / "job.yaml")],
+                cwd=PROJECT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             took = time.monotonic() - started
             assert first.is_alive(), "the first run ended before the second one was tried"
             assert second.returncode == 2, second.stderr[-2000:]

@@ -1,4 +1,5 @@
 """Decode, checks, resize and encode of one image (no Ray, no network)."""
+
 from __future__ import annotations
 
 import io
@@ -118,12 +119,15 @@ def test_jpeg_with_bytes_after_its_end_marker_is_accepted():
     assert process(data, image_size=100).width == 100
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"<!DOCTYPE html><html><body>Not found</body></html>", "not_an_image"),
-    (b"", "not_an_image"),
-    (b"GIF89a" + b"\x00" * 3, "not_an_image"),
-    (png_bytes(64, 64)[:60] + b"\x00" * 200, "decode_error"),  # a PNG header, then garbage
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"<!DOCTYPE html><html><body>Not found</body></html>", "not_an_image"),
+        (b"", "not_an_image"),
+        (b"GIF89a" + b"\x00" * 3, "not_an_image"),
+        (png_bytes(64, 64)[:60] + b"\x00" * 200, "decode_error"),  # a PNG header, then garbage
+    ],
+)
 def test_non_images_are_rejected(data, reason):
     assert reject(data).reason == reason
 
@@ -147,8 +151,12 @@ def test_fast_jpeg_path_matches_img2dataset_resizer(mode):
         data = jpeg_bytes(w, h, seed=w + h)
         a = fast.resize(fast.probe(data))
         b = reference.resize(reference.probe(data))
-        assert (a.width, a.height, a.original_width, a.original_height) == \
-               (b.width, b.height, b.original_width, b.original_height), (mode, w, h)
+        assert (a.width, a.height, a.original_width, a.original_height) == (
+            b.width,
+            b.height,
+            b.original_width,
+            b.original_height,
+        ), (mode, w, h)
         pa_, pb = decode(a.data).astype(int), decode(b.data).astype(int)
         assert pa_.shape == pb.shape
         assert np.abs(pa_ - pb).mean() < 4, (mode, w, h)
@@ -209,7 +217,7 @@ def test_boxes_are_blurred_as_img2dataset_blurs_them(mode):
         assert np.abs(ours - theirs).mean() < 6, mode
         changed = np.abs(ours - plain).mean(axis=2) > 16
         h, w = changed.shape
-        assert changed[int(0.65 * h):int(0.8 * h), int(0.65 * w):int(0.8 * w)].mean() > 0.3, mode
+        assert changed[int(0.65 * h) : int(0.8 * h), int(0.65 * w) : int(0.8 * w)].mean() > 0.3, mode
         assert not changed[: h // 4, : w // 4].any(), mode  # far from the box: untouched
 
 

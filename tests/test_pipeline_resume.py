@@ -1,6 +1,7 @@
 """A pipeline run killed with SIGKILL halfway (the CLI in its own process group, Ray's processes
 with it) resumes to exactly the keys an uninterrupted run produces, without fetching what was
 committed; the killed run's folder lock is taken over by the rerun."""
+
 from __future__ import annotations
 
 import os
@@ -44,6 +45,7 @@ def test_run_killed_halfway_resumes_to_the_same_keys(ray_local, tmp_path):
     routes = {f"/{i}.jpg": Route(body=jpeg_bytes(64, 48, seed=i), delay_s=0.1) for i in range(n)}
     routes.update({f"/gone{i}.jpg": Route(status=404, delay_s=0.1) for i in range(n)})
     with HTTPTestServer(routes) as server:
+
         def row(i: int):
             if i % 12 == 3:  # a line with 3 fields: a malformed row
                 return b"http://127.0.0.1/ragged\tmore", b"fields", "malformed"
@@ -53,9 +55,18 @@ def test_run_killed_halfway_resumes_to_the_same_keys(ray_local, tmp_path):
 
         rows = [row(i) for i in range(n)]
         write_tsv(tmp_path / "list.tsv", rows)
-        common = dict(input=str(tmp_path / "list.tsv"), allow_private_addresses=True, rows_per_shard=4,
-                      num_download_actors=1, threads_per_actor=2, image_size=32, timeout_s=5, retries=0,
-                      progress=False, filters={"dedup_url_caption": True})
+        common = dict(
+            input=str(tmp_path / "list.tsv"),
+            allow_private_addresses=True,
+            rows_per_shard=4,
+            num_download_actors=1,
+            threads_per_actor=2,
+            image_size=32,
+            timeout_s=5,
+            retries=0,
+            progress=False,
+            filters={"dedup_url_caption": True},
+        )
 
         # An uninterrupted run for reference.
         reference = run_pipeline(DataConfig(output=str(tmp_path / "reference"), **common))
@@ -65,14 +76,20 @@ def test_run_killed_halfway_resumes_to_the_same_keys(ray_local, tmp_path):
 
         # The same job from the CLI, killed with SIGKILL once some shards are committed.
         out = tmp_path / "killed"
-        (tmp_path / "job.yaml").write_text(yaml.safe_dump({"data": {**common, "output": str(out)},
-                                                           "ray": {"num_cpus": 2}}))
+        (tmp_path / "job.yaml").write_text(
+            yaml.safe_dump({"data": {**common, "output": str(out)}, "ray": {"num_cpus": 2}})
+        )
         ray_tmp = tempfile.mkdtemp(prefix="cr-", dir="/tmp")  # short: Ray's socket paths must fit
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.update(RAY_TMPDIR=ray_tmp, NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=str(PROJECT))
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--config", str(tmp_path / "job.yaml")],
-                                cwd=PROJECT, env=env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "--config", str(tmp_path / "job.yaml")],
+            cwd=PROJECT,
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         markers = out / "_state" / "download"
         try:
             deadline = time.time() + 240
@@ -104,8 +121,12 @@ def test_run_killed_halfway_resumes_to_the_same_keys(ray_local, tmp_path):
         assert 3 <= len(done) < n // 4, f"{len(done)} of {n // 4} shards were committed at the kill"
         assert not (out / "manifest.json").exists()
         assert (out / LOCK_NAME).exists(), "the killed run's lock is left behind (and taken over below)"
-        committed_urls = {rows[int(name) * 4 + r][0].decode() for name in done for r in range(4)
-                          if rows[int(name) * 4 + r][2] == "fetched"}
+        committed_urls = {
+            rows[int(name) * 4 + r][0].decode()
+            for name in done
+            for r in range(4)
+            if rows[int(name) * 4 + r][2] == "fetched"
+        }
         seen_before = len(server.requests)
 
         # The rerun finishes without redoing committed shards.

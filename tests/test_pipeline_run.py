@@ -1,5 +1,6 @@
 """The pipeline end to end on Ray: a misbehaving loopback server, the address guard, S3 on
 loopback, resume after SIGKILL, the CLIP-score filter and the CLI's input errors."""
+
 from __future__ import annotations
 
 import io
@@ -32,9 +33,19 @@ def read_table(folder: Path):
 
 
 def config(tmp: Path, input_path: Path, **kw) -> DataConfig:
-    base = dict(input=str(input_path), output=str(tmp / "out"), allow_private_addresses=True, timeout_s=1.0,
-                retries=1, retry_backoff_s=0.0, num_download_actors=2, threads_per_actor=4, rows_per_shard=8,
-                image_size=64, progress=False)
+    base = dict(
+        input=str(input_path),
+        output=str(tmp / "out"),
+        allow_private_addresses=True,
+        timeout_s=1.0,
+        retries=1,
+        retry_backoff_s=0.0,
+        num_download_actors=2,
+        threads_per_actor=4,
+        rows_per_shard=8,
+        image_size=64,
+        progress=False,
+    )
     base.update(kw)
     return DataConfig(**base)
 
@@ -43,24 +54,26 @@ def config(tmp: Path, input_path: Path, **kw) -> DataConfig:
 def servers():
     image = jpeg_bytes(120, 90, seed=1)
     other = HTTPTestServer({"/moved.jpg": jpeg_bytes(100, 100, seed=2)}).start()
-    main = HTTPTestServer({
-        "/ok.jpg": image,
-        "/404.jpg": Route(status=404),
-        "/500.jpg": Route(status=500),
-        "/reset.jpg": Route(reset=True),
-        "/hang.jpg": Route(hang=True),
-        "/loop.jpg": Route(redirect="/loop.jpg"),
-        "/hop.jpg": Route(redirect=other.url("/moved.jpg")),
-        "/page.html": b"<!DOCTYPE html><html><body>an image? no</body></html>",
-        "/truncated.jpg": jpeg_bytes(200, 150, seed=3)[:900],
-        "/alpha.png": png_bytes(50, 40, seed=4, mode="RGBA"),
-        "/cmyk.jpg": jpeg_bytes(80, 60, seed=5, mode="CMYK"),
-        "/bomb.png": bomb_png(),
-        "/tiny.jpg": jpeg_bytes(1, 1, seed=6),
-        "/noai.jpg": Route(body=jpeg_bytes(70, 70, seed=7), headers={"X-Robots-Tag": "noai"}),
-        "/same-a.jpg": jpeg_bytes(90, 90, seed=8),
-        "/same-b.jpg": jpeg_bytes(90, 90, seed=8),
-    }).start()
+    main = HTTPTestServer(
+        {
+            "/ok.jpg": image,
+            "/404.jpg": Route(status=404),
+            "/500.jpg": Route(status=500),
+            "/reset.jpg": Route(reset=True),
+            "/hang.jpg": Route(hang=True),
+            "/loop.jpg": Route(redirect="/loop.jpg"),
+            "/hop.jpg": Route(redirect=other.url("/moved.jpg")),
+            "/page.html": b"<!DOCTYPE html><html><body>an image? no</body></html>",
+            "/truncated.jpg": jpeg_bytes(200, 150, seed=3)[:900],
+            "/alpha.png": png_bytes(50, 40, seed=4, mode="RGBA"),
+            "/cmyk.jpg": jpeg_bytes(80, 60, seed=5, mode="CMYK"),
+            "/bomb.png": bomb_png(),
+            "/tiny.jpg": jpeg_bytes(1, 1, seed=6),
+            "/noai.jpg": Route(body=jpeg_bytes(70, 70, seed=7), headers={"X-Robots-Tag": "noai"}),
+            "/same-a.jpg": jpeg_bytes(90, 90, seed=8),
+            "/same-b.jpg": jpeg_bytes(90, 90, seed=8),
+        }
+    ).start()
     yield main, other
     main.stop()
     other.stop()
@@ -101,8 +114,7 @@ def test_every_misbehaving_row_ends_accepted_or_rejected_with_its_reason(ray_loc
     main, _ = servers
     rows = misbehaving_rows(main)
     write_tsv(tmp_path / "list.tsv", rows)
-    data = config(tmp_path, tmp_path / "list.tsv",
-                  filters={"dedup_sha256": True, "dedup_url_caption": True})
+    data = config(tmp_path, tmp_path / "list.tsv", filters={"dedup_sha256": True, "dedup_url_caption": True})
     manifest = run_pipeline(data)
 
     out = tmp_path / "out"
@@ -110,8 +122,17 @@ def test_every_misbehaving_row_ends_accepted_or_rejected_with_its_reason(ray_loc
     assert manifest["input_rows"] == len(rows)
     assert manifest["accepted"] + manifest["rejected"] == manifest["input_rows"]
     shards, rejects = read_table(out / "shards"), read_table(out / "rejects")
-    assert shards.column_names == ["key", "url", "caption", "jpg", "width", "height", "original_width",
-                                   "original_height", "sha256"]
+    assert shards.column_names == [
+        "key",
+        "url",
+        "caption",
+        "jpg",
+        "width",
+        "height",
+        "original_width",
+        "original_height",
+        "sha256",
+    ]
     assert rejects.column_names == ["key", "url", "caption", "stage", "reason", "detail"]
     keys = shards.column("key").to_pylist() + rejects.column("key").to_pylist()
     assert len(keys) == len(set(keys)) == len(rows)
@@ -148,8 +169,9 @@ def test_every_misbehaving_row_ends_accepted_or_rejected_with_its_reason(ray_loc
     again = run_pipeline(data)
     assert again["run"]["shards_already_done"] == 3 and again["run"]["rows_processed"] == 0
     assert {p.name: p.read_bytes() for p in (out / "shards").iterdir()} == before
-    assert {k: v for k, v in again.items() if k not in ("duration_s", "run")} == \
-           {k: v for k, v in manifest.items() if k not in ("duration_s", "run")}
+    assert {k: v for k, v in again.items() if k not in ("duration_s", "run")} == {
+        k: v for k, v in manifest.items() if k not in ("duration_s", "run")
+    }
 
 
 def test_malformed_source_rows_are_counted_rejects_in_every_format(ray_local, servers, tmp_path):
@@ -163,17 +185,29 @@ def test_malformed_source_rows_are_counted_rejects_in_every_format(ray_local, se
     lists.mkdir()
     (lists / "a.csv").write_bytes(
         b"url,caption\n"
-        + ok + b',"a photo, with a comma"\n'       # line 2: accepted
-        + ok + b",three,fields\n"                   # line 3: malformed
-        + b"\n"                                      # line 4: blank, not a row
-        + ok + b',"unterminated quote\n'            # line 5: malformed
+        + ok
+        + b',"a photo, with a comma"\n'  # line 2: accepted
+        + ok
+        + b",three,fields\n"  # line 3: malformed
+        + b"\n"  # line 4: blank, not a row
+        + ok
+        + b',"unterminated quote\n'  # line 5: malformed
         + b"http://127.0.0.1/\xff\xfe.jpg,bad url\n"  # line 6: malformed (url not UTF-8)
-        + cmyk + b",print colours\r\n")              # line 7: accepted
+        + cmyk
+        + b",print colours\r\n"
+    )  # line 7: accepted
     (lists / "b.jsonl").write_bytes(
-        b'{"url": "' + ok + b'", "caption": "json one"}\n'  # line 1: accepted
-        + b'{"url": "' + ok + b'", "caption": \n'            # line 2: malformed
-        + b"42\n"                                            # line 3: malformed
-        + b'{"url": "' + cmyk + b'", "caption": "json four"}')  # line 4: accepted
+        b'{"url": "'
+        + ok
+        + b'", "caption": "json one"}\n'  # line 1: accepted
+        + b'{"url": "'
+        + ok
+        + b'", "caption": \n'  # line 2: malformed
+        + b"42\n"  # line 3: malformed
+        + b'{"url": "'
+        + cmyk
+        + b'", "caption": "json four"}'
+    )  # line 4: accepted
     pq.write_table(pa.table({"url": [ok.decode(), None], "caption": ["parquet one", "no url"]}), lists / "c.parquet")
     (lists / "d.tsv").write_bytes(b"url\tcaption\n" + ok + b"\ttsv one\n" + ok + b"\tragged\tline\n")
     data = config(tmp_path, lists, rows_per_shard=4)
@@ -187,8 +221,14 @@ def test_malformed_source_rows_are_counted_rejects_in_every_format(ray_local, se
     rejects = read_table(tmp_path / "out" / "rejects").to_pylist()
     details = sorted(r["detail"] for r in rejects if r["reason"] == "malformed_row")
     assert all(r["stage"] == "filter" for r in rejects if r["reason"] == "malformed_row")
-    expected = [(lists / "a.csv", 3), (lists / "a.csv", 5), (lists / "a.csv", 6), (lists / "b.jsonl", 2),
-                (lists / "b.jsonl", 3), (lists / "d.tsv", 3)]
+    expected = [
+        (lists / "a.csv", 3),
+        (lists / "a.csv", 5),
+        (lists / "a.csv", 6),
+        (lists / "b.jsonl", 2),
+        (lists / "b.jsonl", 3),
+        (lists / "d.tsv", 3),
+    ]
     assert [d.split(":", 1)[0] for d in details] == [f"{path} line {line}" for path, line in expected]
     null_url = [r for r in rejects if r["reason"] == "invalid_url"]
     assert null_url[0]["caption"] == "no url" and null_url[0]["stage"] == "download"
@@ -198,28 +238,35 @@ def test_malformed_source_rows_are_counted_rejects_in_every_format(ray_local, se
     # A rerun finds every shard committed and reports the same.
     again = run_pipeline(data)
     assert again["run"]["rows_processed"] == 0
-    assert {k: v for k, v in again.items() if k not in ("duration_s", "run")} == \
-           {k: v for k, v in manifest.items() if k not in ("duration_s", "run")}
+    assert {k: v for k, v in again.items() if k not in ("duration_s", "run")} == {
+        k: v for k, v in manifest.items() if k not in ("duration_s", "run")
+    }
 
 
 def test_repeated_url_caption_rows_are_rejected_before_download(ray_local, tmp_path):
     image = jpeg_bytes(64, 64, seed=11)
-    with HTTPTestServer({"/a.jpg": image, "/b.jpg": jpeg_bytes(64, 64, seed=12), "/d.jpg": jpeg_bytes(64, 64, seed=13),
-                         "/gone.jpg": Route(status=404)}) as server:
+    with HTTPTestServer(
+        {
+            "/a.jpg": image,
+            "/b.jpg": jpeg_bytes(64, 64, seed=12),
+            "/d.jpg": jpeg_bytes(64, 64, seed=13),
+            "/gone.jpg": Route(status=404),
+        }
+    ) as server:
         u = lambda p: server.url(p).encode()  # noqa: E731
         rows = [
-            (u("/a.jpg"), b"cap A", "accepted"),                 # 0
-            (u("/a.jpg"), b"cap A", ("duplicate", 0)),           # 1
-            (u("/a.jpg"), b"cap A2", "accepted"),                # 2: same url, other caption: kept
-            (u("/b.jpg"), b"cap B", "accepted"),                 # 3
-            (u("/a.jpg"), b"cap A", ("duplicate", 0)),           # 4: in another shard
-            (u("/b.jpg"), b"cap B", ("duplicate", 3)),           # 5
-            (u("/d.jpg"), b"", "caption_empty"),                 # 6
-            (u("/d.jpg"), b"", "caption_empty"),                 # 7: keeps its own reason
-            (u("/d.jpg"), b"cap D", "accepted"),                 # 8
-            (u("/d.jpg"), b"cap D", ("duplicate", 8)),           # 9
-            (u("/gone.jpg"), b"x", "http_404"),                  # 10
-            (u("/gone.jpg"), b"x", ("duplicate", 10)),           # 11: not fetched although 10 failed
+            (u("/a.jpg"), b"cap A", "accepted"),  # 0
+            (u("/a.jpg"), b"cap A", ("duplicate", 0)),  # 1
+            (u("/a.jpg"), b"cap A2", "accepted"),  # 2: same url, other caption: kept
+            (u("/b.jpg"), b"cap B", "accepted"),  # 3
+            (u("/a.jpg"), b"cap A", ("duplicate", 0)),  # 4: in another shard
+            (u("/b.jpg"), b"cap B", ("duplicate", 3)),  # 5
+            (u("/d.jpg"), b"", "caption_empty"),  # 6
+            (u("/d.jpg"), b"", "caption_empty"),  # 7: keeps its own reason
+            (u("/d.jpg"), b"cap D", "accepted"),  # 8
+            (u("/d.jpg"), b"cap D", ("duplicate", 8)),  # 9
+            (u("/gone.jpg"), b"x", "http_404"),  # 10
+            (u("/gone.jpg"), b"x", ("duplicate", 10)),  # 11: not fetched although 10 failed
         ]
         write_tsv(tmp_path / "list.tsv", rows)
         data = config(tmp_path, tmp_path / "list.tsv", rows_per_shard=3, filters={"dedup_url_caption": True})
@@ -252,13 +299,21 @@ def test_loopback_urls_are_refused_and_the_server_sees_no_request(ray_local, tmp
     reset_log_once("ray_data_progress_manager_disabled")  # Ray Data says it once per process
     with HTTPTestServer({"/a.jpg": jpeg_bytes()}) as server:
         port = server.port
-        urls = [server.url("/a.jpg"), f"http://localhost:{port}/a.jpg", f"http://2130706433:{port}/a.jpg",
-                f"http://0x7f000001:{port}/a.jpg", f"http://[::1]:{port}/a.jpg", "http://169.254.169.254/latest/meta-data/",
-                "http://10.0.0.1/a.jpg", "http://192.168.1.1/a.jpg"]
+        urls = [
+            server.url("/a.jpg"),
+            f"http://localhost:{port}/a.jpg",
+            f"http://2130706433:{port}/a.jpg",
+            f"http://0x7f000001:{port}/a.jpg",
+            f"http://[::1]:{port}/a.jpg",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://10.0.0.1/a.jpg",
+            "http://192.168.1.1/a.jpg",
+        ]
         rows = [(u.encode(), b"caption", None) for u in urls]
         write_tsv(tmp_path / "list.tsv", rows)
-        manifest = run_pipeline(config(tmp_path, tmp_path / "list.tsv", allow_private_addresses=False,
-                                       num_download_actors=1))
+        manifest = run_pipeline(
+            config(tmp_path, tmp_path / "list.tsv", allow_private_addresses=False, num_download_actors=1)
+        )
         assert manifest["reasons"] == {"blocked_address": len(urls)}
         assert manifest["accepted"] == 0
         assert server.request_count() == 0
@@ -277,11 +332,27 @@ def test_input_list_and_output_shards_on_s3(ray_local, servers, tmp_path):
         import pyarrow as pa
 
         buf = io.BytesIO()
-        pq.write_table(pa.table({"URL": [main.url("/ok.jpg"), main.url("/cmyk.jpg"), main.url("/404.jpg")],
-                                 "TEXT": ["one", "two", "three"], "uid": ["u1", "u2", "u3"]}), buf)
+        pq.write_table(
+            pa.table(
+                {
+                    "URL": [main.url("/ok.jpg"), main.url("/cmyk.jpg"), main.url("/404.jpg")],
+                    "TEXT": ["one", "two", "three"],
+                    "uid": ["u1", "u2", "u3"],
+                }
+            ),
+            buf,
+        )
         fs.pipe("lists/laion/part-00000.parquet", buf.getvalue())
-        data = config(tmp_path, "s3://lists/laion", output="s3://shards/run1", url_col="URL", caption_col="TEXT",
-                      extra_cols=["uid"], storage_options=s3.storage_options(), num_download_actors=1)
+        data = config(
+            tmp_path,
+            "s3://lists/laion",
+            output="s3://shards/run1",
+            url_col="URL",
+            caption_col="TEXT",
+            extra_cols=["uid"],
+            storage_options=s3.storage_options(),
+            num_download_actors=1,
+        )
         manifest = run_pipeline(data)
         assert (manifest["input_rows"], manifest["accepted"], manifest["reasons"]) == (3, 2, {"http_404": 1})
         assert manifest["config"]["storage_options"]["secret"] == "***"
@@ -302,9 +373,12 @@ def test_clip_score_filter_keeps_the_top_fraction(ray_local, servers, tmp_path):
     model_pkg = pytest.importorskip("training.model")
     if not hasattr(model_pkg, "save_model"):
         pytest.skip("training.model has no save_model yet")
-    cfg = {"embed_dim": 16, "quick_gelu": False,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    cfg = {
+        "embed_dim": 16,
+        "quick_gelu": False,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
     import torch
 
     torch.manual_seed(0)
@@ -313,8 +387,13 @@ def test_clip_score_filter_keeps_the_top_fraction(ray_local, servers, tmp_path):
     with HTTPTestServer({f"/{i}.jpg": jpeg_bytes(48, 48, seed=100 + i) for i in range(10)}) as server:
         rows = [(server.url(f"/{i}.jpg").encode(), f"picture number {i}".encode(), None) for i in range(10)]
         write_tsv(tmp_path / "list.tsv", rows)
-        data = config(tmp_path, tmp_path / "list.tsv", rows_per_shard=5, num_download_actors=1,
-                      filters={"clip_score": {"model": str(tmp_path / "model"), "top_fraction": 0.3}})
+        data = config(
+            tmp_path,
+            tmp_path / "list.tsv",
+            rows_per_shard=5,
+            num_download_actors=1,
+            filters={"clip_score": {"model": str(tmp_path / "model"), "top_fraction": 0.3}},
+        )
         manifest = run_pipeline(data)
     assert (manifest["accepted"], manifest["reasons"]) == (3, {"clip_score": 7})
     rejects = read_table(tmp_path / "out" / "rejects")
@@ -341,8 +420,17 @@ def test_cli_reports_a_missing_column_before_downloading(ray_local, tmp_path, ca
 
     with HTTPTestServer({"/a.jpg": jpeg_bytes()}) as server:
         (tmp_path / "list.tsv").write_text(f"link\ttext\n{server.url('/a.jpg')}\tx\n")
-        code = cli(["pipeline", "--set", f"data.input={tmp_path / 'list.tsv'}",
-                    "--set", f"data.output={tmp_path / 'out'}", "--set", "data.allow_private_addresses=true"])
+        code = cli(
+            [
+                "pipeline",
+                "--set",
+                f"data.input={tmp_path / 'list.tsv'}",
+                "--set",
+                f"data.output={tmp_path / 'out'}",
+                "--set",
+                "data.allow_private_addresses=true",
+            ]
+        )
         assert code == 2
         err = capsys.readouterr().err
         assert "data.url_col 'url' is not a column of" in err and "(columns: link, text)" in err
@@ -362,13 +450,30 @@ def test_a_datacomp_style_pool_verifies_hashes_and_blurs_faces(ray_local, tmp_pa
     images = [jpeg_bytes(80, 60, seed=i) for i in range(3)]
     boxes = [[[0.0, 0.0, 0.5, 0.5]], None, []]
     with HTTPTestServer({f"/{i}.jpg": images[i] for i in range(3)}) as server:
-        pq.write_table(pa.table({
-            "uid": ["a", "b", "c"], "url": [server.url(f"/{i}.jpg") for i in range(3)], "text": ["x", "y", "z"],
-            "sha256": [hashlib.sha256(images[0]).hexdigest(), hashlib.sha256(images[0]).hexdigest(),
-                       hashlib.sha256(images[2]).hexdigest().upper()],
-            "face_bboxes": boxes}), tmp_path / "pool.parquet")
-        data = config(tmp_path, tmp_path / "pool.parquet", caption_col="text", extra_cols=["uid"],
-                      verify_hash={"column": "sha256", "algorithm": "sha256"}, bbox_col="face_bboxes")
+        pq.write_table(
+            pa.table(
+                {
+                    "uid": ["a", "b", "c"],
+                    "url": [server.url(f"/{i}.jpg") for i in range(3)],
+                    "text": ["x", "y", "z"],
+                    "sha256": [
+                        hashlib.sha256(images[0]).hexdigest(),
+                        hashlib.sha256(images[0]).hexdigest(),
+                        hashlib.sha256(images[2]).hexdigest().upper(),
+                    ],
+                    "face_bboxes": boxes,
+                }
+            ),
+            tmp_path / "pool.parquet",
+        )
+        data = config(
+            tmp_path,
+            tmp_path / "pool.parquet",
+            caption_col="text",
+            extra_cols=["uid"],
+            verify_hash={"column": "sha256", "algorithm": "sha256"},
+            bbox_col="face_bboxes",
+        )
         manifest = run_pipeline(data)
     assert (manifest["accepted"], manifest["reasons"]) == (2, {"hash_mismatch": 1})
     kept = read_table(tmp_path / "out" / "shards")

@@ -1,4 +1,5 @@
 """Reading URL lists in every supported layout, and the errors for bad ones (no Ray)."""
+
 from __future__ import annotations
 
 import gzip
@@ -14,8 +15,11 @@ from pipeline.sources import InputError, list_input_files, read_file
 from pipeline.staging import stage_file
 from storage import Folder
 
-ROWS = [("http://a.example/1.jpg", "a red car"), ("http://a.example/2.jpg", "a blue sky"),
-        ("http://a.example/3.jpg", "un café")]
+ROWS = [
+    ("http://a.example/1.jpg", "a red car"),
+    ("http://a.example/2.jpg", "a blue sky"),
+    ("http://a.example/3.jpg", "un café"),
+]
 
 
 def read_all(data: DataConfig) -> pa.Table:
@@ -29,16 +33,24 @@ def test_every_format_reads_to_the_same_rows(tmp_path, fmt, gz):
     table = pa.table({"link": [u for u, _ in ROWS], "text": [c for _, c in ROWS], "score": [0.1, 0.2, 0.3]})
     if fmt == "parquet":
         import io
+
         buf = io.BytesIO()
         pq.write_table(table, buf)
         raw = buf.getvalue()
     elif fmt in ("csv", "tsv"):
         sep = "," if fmt == "csv" else "\t"
-        raw = ("link" + sep + "text" + sep + "score\n" + "".join(
-            f"{u}{sep}{c}{sep}{s}\n" for (u, c), s in zip(ROWS, [0.1, 0.2, 0.3]))).encode()
+        raw = (
+            "link"
+            + sep
+            + "text"
+            + sep
+            + "score\n"
+            + "".join(f"{u}{sep}{c}{sep}{s}\n" for (u, c), s in zip(ROWS, [0.1, 0.2, 0.3]))
+        ).encode()
     elif fmt == "jsonl":
-        raw = "".join(json.dumps({"link": u, "text": c, "score": s}) + "\n"
-                      for (u, c), s in zip(ROWS, [0.1, 0.2, 0.3])).encode()
+        raw = "".join(
+            json.dumps({"link": u, "text": c, "score": s}) + "\n" for (u, c), s in zip(ROWS, [0.1, 0.2, 0.3])
+        ).encode()
     else:
         raw = json.dumps([{"link": u, "text": c, "score": s} for (u, c), s in zip(ROWS, [0.1, 0.2, 0.3])]).encode()
     path.write_bytes(gzip.compress(raw) if gz else raw)
@@ -70,8 +82,12 @@ def test_non_utf8_and_empty_captions_are_kept_and_flagged(tmp_path):
 
 
 def test_non_string_json_captions_are_flagged(tmp_path):
-    lines = [{"url": "http://a/1", "caption": 42}, {"url": "http://a/2", "caption": None},
-             {"url": "http://a/3", "caption": ["x"]}, {"url": "http://a/4", "caption": "ok"}]
+    lines = [
+        {"url": "http://a/1", "caption": 42},
+        {"url": "http://a/2", "caption": None},
+        {"url": "http://a/3", "caption": ["x"]},
+        {"url": "http://a/4", "caption": "ok"},
+    ]
     (tmp_path / "l.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     out = read_all(DataConfig(input=str(tmp_path / "l.jsonl")))
     assert out.column("caption_ok").to_pylist() == [False, False, False, True]
@@ -93,8 +109,11 @@ def test_folder_and_glob_inputs_list_files_in_order(tmp_path):
 def test_missing_column_is_a_clear_error(tmp_path):
     pq.write_table(pa.table({"url": ["http://a/1"], "text": ["x"]}), tmp_path / "urls.parquet")
     data = DataConfig(input=str(tmp_path / "urls.parquet"), caption_col="caption")
-    with pytest.raises(InputError, match=r"data.caption_col 'caption' is not a column of .*urls.parquet "
-                                         r"\(columns: url, text\)"):
+    with pytest.raises(
+        InputError,
+        match=r"data.caption_col 'caption' is not a column of .*urls.parquet "
+        r"\(columns: url, text\)",
+    ):
         read_all(data)
     data = DataConfig(input=str(tmp_path / "urls.parquet"), caption_col="text", extra_cols=["uid"])
     with pytest.raises(InputError, match=r"data.extra_cols \['uid'\]"):
@@ -126,7 +145,9 @@ def test_empty_and_unreadable_inputs_are_clear_errors(tmp_path):
 
 def test_staging_splits_files_into_fixed_shards_with_stable_keys(tmp_path):
     for i, n in enumerate([7, 3]):
-        (tmp_path / f"part{i}.tsv").write_text("url\tcaption\n" + "".join(f"http://a/{i}/{r}\tc{r}\n" for r in range(n)))
+        (tmp_path / f"part{i}.tsv").write_text(
+            "url\tcaption\n" + "".join(f"http://a/{i}/{r}\tc{r}\n" for r in range(n))
+        )
     data = DataConfig(input=str(tmp_path / "*.tsv"), output=str(tmp_path / "out"), rows_per_shard=3)
     out = Folder(data.output)
     staged = [stage_file(i, f, data, out) for i, f in enumerate(list_input_files(data))]
@@ -140,17 +161,19 @@ def test_staging_splits_files_into_fixed_shards_with_stable_keys(tmp_path):
     assert again.to_json() == plan.to_json()
 
 
-MESSY_CSV = (b"url,caption,uid\n"
-             b"http://a/1,one,u1\n"                 # line 2
-             b"http://a/2,two,u2,extra\n"           # line 3: 4 fields
-             b"\n"                                  # line 4: blank, not a row
-             b'http://a/3,"three, quoted",u3\n'     # line 5
-             b'http://a/4,"unterminated,u4\n'       # line 6: bad quoting
-             b'http://a/5,"a"b,u5\n'                # line 7: text after a closing quote
-             b"http://\xff\xfe/6,six,u6\n"          # line 8: url not UTF-8
-             b"http://a/7,caf\xe9,u7\n"             # line 9: caption not UTF-8 (a filter's business)
-             b"only-one-field\n"                    # line 10: 1 field
-             b"http://a/9,nine,u9\r\n")             # line 11: CRLF
+MESSY_CSV = (
+    b"url,caption,uid\n"
+    b"http://a/1,one,u1\n"  # line 2
+    b"http://a/2,two,u2,extra\n"  # line 3: 4 fields
+    b"\n"  # line 4: blank, not a row
+    b'http://a/3,"three, quoted",u3\n'  # line 5
+    b'http://a/4,"unterminated,u4\n'  # line 6: bad quoting
+    b'http://a/5,"a"b,u5\n'  # line 7: text after a closing quote
+    b"http://\xff\xfe/6,six,u6\n"  # line 8: url not UTF-8
+    b"http://a/7,caf\xe9,u7\n"  # line 9: caption not UTF-8 (a filter's business)
+    b"only-one-field\n"  # line 10: 1 field
+    b"http://a/9,nine,u9\r\n"
+)  # line 11: CRLF
 
 
 def test_malformed_csv_lines_become_rows_that_name_file_and_line(tmp_path):
@@ -178,7 +201,7 @@ def test_block_size_and_parser_path_do_not_change_what_is_read(tmp_path, monkeyp
     """pyarrow's fast path and the line-by-line path agree, and where blocks end does not matter."""
     import pipeline.sources.delimited as sources
 
-    rows = "".join(f"http://a/{i}\tcaption {i} \"quoted\"\tu{i}\n" for i in range(300))
+    rows = "".join(f'http://a/{i}\tcaption {i} "quoted"\tu{i}\n' for i in range(300))
     (tmp_path / "clean.tsv").write_text("url\tcaption\tuid\n" + rows)
     (tmp_path / "messy.csv").write_bytes(MESSY_CSV * 3)
     for name in ("clean.tsv", "messy.csv"):
@@ -193,15 +216,17 @@ def test_block_size_and_parser_path_do_not_change_what_is_read(tmp_path, monkeyp
     assert reference.num_rows - reference.column("source_error").null_count == 3 * 5  # (repeated headers are rows)
 
 
-MULTILINE_CSV = (b"url,caption,uid\n"
-                 b'http://a/1,"first line\nsecond line",u1\n'        # lines 2-3: one row
-                 b"http://a/2,two,u2\n"                                # line 4
-                 b'http://a/3,"with a blank line\r\n\r\nand ""quotes""",u3\r\n'  # lines 5-7, CRLF
-                 b'http://a/4,"stray quote,u4\n'                       # line 8: never closes...
-                 b"http://a/5,five,u5\n"                               # line 9: ...so this one is its own row
-                 b'http://a/6,"closes, but then",u6\n'                 # line 10
-                 b'http://a/7,"opens\nhttp://a/8,"x",u8\n'            # line 11: its quote never closes;
-                 b"http://a/9,nine,u9\n")                              # line 12 is a row, line 13 too
+MULTILINE_CSV = (
+    b"url,caption,uid\n"
+    b'http://a/1,"first line\nsecond line",u1\n'  # lines 2-3: one row
+    b"http://a/2,two,u2\n"  # line 4
+    b'http://a/3,"with a blank line\r\n\r\nand ""quotes""",u3\r\n'  # lines 5-7, CRLF
+    b'http://a/4,"stray quote,u4\n'  # line 8: never closes...
+    b"http://a/5,five,u5\n"  # line 9: ...so this one is its own row
+    b'http://a/6,"closes, but then",u6\n'  # line 10
+    b'http://a/7,"opens\nhttp://a/8,"x",u8\n'  # line 11: its quote never closes;
+    b"http://a/9,nine,u9\n"
+)  # line 12 is a row, line 13 too
 
 
 def test_a_quoted_csv_field_may_span_lines(tmp_path):
@@ -211,8 +236,11 @@ def test_a_quoted_csv_field_may_span_lines(tmp_path):
     out = read_all(data)
     errors = out.column("source_error").to_pylist()
     assert out.column("uid").to_pylist() == ["u1", "u2", "u3", None, "u5", "u6", None, "u8", "u9"]
-    assert out.column("caption").to_pylist()[:3] == ["first line\nsecond line", "two",
-                                                      'with a blank line\r\n\r\nand "quotes"']
+    assert out.column("caption").to_pylist()[:3] == [
+        "first line\nsecond line",
+        "two",
+        'with a blank line\r\n\r\nand "quotes"',
+    ]
     path = str(tmp_path / "multi.csv")
     bad = {i: e for i, e in enumerate(errors) if e is not None}
     assert sorted(bad) == [3, 6]
@@ -237,14 +265,16 @@ def test_a_multi_line_field_across_block_ends_reads_the_same(tmp_path, monkeypat
 
 
 def test_malformed_json_lines_become_rows_that_name_file_and_line(tmp_path):
-    lines = [b'{"url": "http://a/1", "caption": "one"}',    # line 1
-             b'{"url": "http://a/2", "caption": "two"',      # line 2: not JSON
-             b"",                                            # line 3: blank
-             b"[1, 2]",                                      # line 4: not an object
-             b'{"url": "http://a/5", "caption": "f\xffve"}',  # line 5: caption not UTF-8
-             b'{"url": "http://a/\xff6", "caption": "six"}',  # line 6: url not UTF-8
-             b'{"caption": "no url"}',                       # line 7: a row without a URL
-             b'{"url": "http://a/8", "caption": "eight"}']   # line 8
+    lines = [
+        b'{"url": "http://a/1", "caption": "one"}',  # line 1
+        b'{"url": "http://a/2", "caption": "two"',  # line 2: not JSON
+        b"",  # line 3: blank
+        b"[1, 2]",  # line 4: not an object
+        b'{"url": "http://a/5", "caption": "f\xffve"}',  # line 5: caption not UTF-8
+        b'{"url": "http://a/\xff6", "caption": "six"}',  # line 6: url not UTF-8
+        b'{"caption": "no url"}',  # line 7: a row without a URL
+        b'{"url": "http://a/8", "caption": "eight"}',
+    ]  # line 8
     (tmp_path / "l.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     out = read_all(DataConfig(input=str(tmp_path / "l.jsonl")))
     assert out.num_rows == 7
@@ -266,8 +296,16 @@ def test_parquet_null_url_stays_a_row(tmp_path):
 
 
 def test_verify_hash_column_is_read_normalised_or_named_when_missing(tmp_path):
-    pq.write_table(pa.table({"url": ["http://a/1", "http://a/2", "http://a/3"], "caption": ["a", "b", "c"],
-                             "sha256": [" ABCDEF ", None, "0123"]}), tmp_path / "pool.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "url": ["http://a/1", "http://a/2", "http://a/3"],
+                "caption": ["a", "b", "c"],
+                "sha256": [" ABCDEF ", None, "0123"],
+            }
+        ),
+        tmp_path / "pool.parquet",
+    )
     data = DataConfig(input=str(tmp_path / "pool.parquet"), verify_hash={"column": "sha256"})
     out = read_all(data)
     assert out.column("expected_hash").to_pylist() == ["abcdef", None, "0123"]
@@ -278,17 +316,27 @@ def test_verify_hash_column_is_read_normalised_or_named_when_missing(tmp_path):
 
 
 def test_bbox_column_is_read_from_lists_or_json_text_and_bad_values_are_malformed_rows(tmp_path):
-    pq.write_table(pa.table({"url": ["http://a/1", "http://a/2", "http://a/3"], "caption": ["a", "b", "c"],
-                             "face_bboxes": [[[0.1, 0.2, 0.3, 0.4]], None, []]}), tmp_path / "pool.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "url": ["http://a/1", "http://a/2", "http://a/3"],
+                "caption": ["a", "b", "c"],
+                "face_bboxes": [[[0.1, 0.2, 0.3, 0.4]], None, []],
+            }
+        ),
+        tmp_path / "pool.parquet",
+    )
     out = read_all(DataConfig(input=str(tmp_path / "pool.parquet"), bbox_col="face_bboxes"))
     assert out.column("blur_boxes").to_pylist() == [[[0.1, 0.2, 0.3, 0.4]], None, []]
     assert out.column("source_error").null_count == 3
     assert "face_bboxes" not in out.column_names  # read to blur with, not carried
-    (tmp_path / "list.tsv").write_text("url\tcaption\tboxes\n"
-                                       "http://a/1\ta\t[[0, 0, 1, 1], [0.5, 0.5, 0.6, 0.7]]\n"
-                                       "http://a/2\tb\t\n"
-                                       "http://a/3\tc\t[[0, 0, 1]]\n"
-                                       "http://a/4\td\tnot json\n")
+    (tmp_path / "list.tsv").write_text(
+        "url\tcaption\tboxes\n"
+        "http://a/1\ta\t[[0, 0, 1, 1], [0.5, 0.5, 0.6, 0.7]]\n"
+        "http://a/2\tb\t\n"
+        "http://a/3\tc\t[[0, 0, 1]]\n"
+        "http://a/4\td\tnot json\n"
+    )
     out = read_all(DataConfig(input=str(tmp_path / "list.tsv"), bbox_col="boxes"))
     assert out.column("blur_boxes").to_pylist() == [[[0, 0, 1, 1], [0.5, 0.5, 0.6, 0.7]], None, None, None]
     errors = out.column("source_error").to_pylist()

@@ -1,5 +1,6 @@
 """Compressed parquet inputs (`.parquet.gz`, `.bz2`, `.xz`): read through a temporary file on disk,
 never inflated whole in memory (no Ray)."""
+
 from __future__ import annotations
 
 import gzip
@@ -26,15 +27,22 @@ def test_a_compressed_parquet_is_inflated_to_a_temp_file_never_whole_in_memory(t
 
     rng = random.Random(0)
     rows = 40_000
-    table = pa.table({"url": [f"http://a.example/{rng.getrandbits(128):032x}.jpg" for _ in range(rows)],
-                      "caption": [f"caption {rng.getrandbits(64):016x}" for _ in range(rows)]})
+    table = pa.table(
+        {
+            "url": [f"http://a.example/{rng.getrandbits(128):032x}.jpg" for _ in range(rows)],
+            "caption": [f"caption {rng.getrandbits(64):016x}" for _ in range(rows)],
+        }
+    )
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="none")
     raw = sink.getvalue().to_pybytes()
     # An xz decoder holds the compressor's whole dictionary (8 MiB by default), whatever the file
     # size: a 64 KiB one keeps that constant below the bound measured here.
-    compress = {"gz": gzip.compress, "bz2": bz2.compress,
-                "xz": lambda b: lzma.compress(b, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 64 << 10}])}[ext]
+    compress = {
+        "gz": gzip.compress,
+        "bz2": bz2.compress,
+        "xz": lambda b: lzma.compress(b, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 64 << 10}]),
+    }[ext]
     (tmp_path / f"pool.parquet.{ext}").write_bytes(compress(raw))
     temp_dir = tmp_path / "tmp"
     temp_dir.mkdir()
@@ -94,6 +102,9 @@ def test_no_room_for_the_inflated_parquet_is_a_clear_error(tmp_path, monkeypatch
     (tmp_path / "pool.parquet.gz").write_bytes(gzip.compress(sink.getvalue().to_pybytes()))
     data = DataConfig(input=str(tmp_path / "pool.parquet.gz"))
     [file] = list_input_files(data)
-    with pytest.raises(InputError, match=r"pool.parquet.gz: cannot inflate it \(gzip\) into a temporary file in "
-                                         r".*No space left on device.*point TMPDIR at a larger disk"):
+    with pytest.raises(
+        InputError,
+        match=r"pool.parquet.gz: cannot inflate it \(gzip\) into a temporary file in "
+        r".*No space left on device.*point TMPDIR at a larger disk",
+    ):
         list(read_file(file, data))

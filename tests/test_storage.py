@@ -1,5 +1,6 @@
 """The storage layer on local disk and an in-memory fsspec store: URIs, atomic writes, names that stay
 inside their folder, and the one-run-per-folder lock."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,17 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from storage import (Folder, FolderInUse, FolderLock, StorageConfig, absolute, is_temporary, join,
-                     pyarrow_filesystem, safe_relative)
+from storage import (
+    Folder,
+    FolderInUse,
+    FolderLock,
+    StorageConfig,
+    absolute,
+    is_temporary,
+    join,
+    pyarrow_filesystem,
+    safe_relative,
+)
 from storage.lock import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +55,8 @@ def test_writes_outside_the_folder_are_refused_and_nothing_is_written(tmp_path):
             out.write_bytes(name, b"x")
     out.write_bytes("shards/ok.parquet", b"x")
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
-        "out/shards/ok.parquet"]
+        "out/shards/ok.parquet"
+    ]
 
 
 def test_write_is_atomic_and_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
@@ -106,14 +117,22 @@ def test_a_second_run_on_the_same_folder_fails_at_once_naming_the_holder(tmp_pat
 def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
     """SIGKILL leaves the lock file behind; the same machine sees its process is gone."""
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
         from storage import Folder, FolderLock
         FolderLock(Folder({str(out)!r}), "killed run").acquire()
         print("locked", flush=True)
         time.sleep(60)
-    """)], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(FolderInUse, match="killed run"):
@@ -128,8 +147,14 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
 
 def test_a_remote_lock_expires_only_after_its_heartbeat_goes_stale():
     folder = Folder("memory://clipray-lock-test/out")
-    other_host = {"owner": "x", "what": "run on node-7", "host": "node-7", "boot_id": "b", "pid": 1,
-                  "heartbeat": time.time()}
+    other_host = {
+        "owner": "x",
+        "what": "run on node-7",
+        "host": "node-7",
+        "boot_id": "b",
+        "pid": 1,
+        "heartbeat": time.time(),
+    }
     folder.write_json(LOCK_NAME, other_host)
     with pytest.raises(FolderInUse, match="run on node-7"):
         FolderLock(folder, "here", settle_s=0.0).acquire()

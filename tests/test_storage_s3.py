@@ -2,6 +2,7 @@
 standard AWS provider chain only, checked against a loopback S3 server that authenticates requests
 (moto with IAM/STS auth on: a wrong key, a temporary key without its token, an unknown profile are
 refused with 403, so a passing read proves which credentials were sent)."""
+
 from __future__ import annotations
 
 import re
@@ -12,10 +13,23 @@ import pytest
 from storage import Folder, StorageConfig, pyarrow_filesystem
 from tests.support.s3_server import AuthenticatedS3, S3TestServer
 
-AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                 "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
-                 "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_STS", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
-                 "AWS_ROLE_SESSION_NAME", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+AWS_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL_STS",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_SESSION_NAME",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +120,12 @@ def test_profile_from_the_shared_config_files_gives_credentials_region_and_endpo
     s3, auth = server
     (tmp_path / "credentials").write_text(
         f"[clipray]\naws_access_key_id = {auth.user_key}\naws_secret_access_key = {auth.user_secret}\n"
-        f"[wrong]\naws_access_key_id = {auth.user_key}\naws_secret_access_key = not-the-secret\n")
+        f"[wrong]\naws_access_key_id = {auth.user_key}\naws_secret_access_key = not-the-secret\n"
+    )
     (tmp_path / "config").write_text(
         f"[profile clipray]\nregion = eu-west-3\nendpoint_url = {s3.endpoint_url}\n"
-        f"[profile wrong]\nregion = eu-west-3\nendpoint_url = {s3.endpoint_url}\n")
+        f"[profile wrong]\nregion = eu-west-3\nendpoint_url = {s3.endpoint_url}\n"
+    )
     env = {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "credentials"), "AWS_CONFIG_FILE": str(tmp_path / "config")}
     assert _in_fresh_process({**env, "AWS_PROFILE": "clipray"}, PROFILE_PROBE) == "eu-west-3"
     with pytest.raises(AssertionError, match="(?i)forbidden|denied|403|does not exist|signature"):
@@ -147,11 +163,15 @@ def test_web_identity_token_file_as_on_eks_irsa(aws_env, tmp_path):
 def test_explicit_credentials_in_storage_options_reach_both_stacks(server, aws_env):
     s3, auth = server
     creds = auth.session()
-    config = StorageConfig(s3_endpoint_url=s3.endpoint_url,
-                           storage_options={"key": creds["key"], "secret": creds["secret"], "token": creds["token"]})
+    config = StorageConfig(
+        s3_endpoint_url=s3.endpoint_url,
+        storage_options={"key": creds["key"], "secret": creds["secret"], "token": creds["token"]},
+    )
     _round_trip("s3://data/explicit", config)
-    _refused("s3://data/explicit", config.model_copy(update={"storage_options": {"key": creds["key"],
-                                                                                  "secret": creds["secret"]}}))
+    _refused(
+        "s3://data/explicit",
+        config.model_copy(update={"storage_options": {"key": creds["key"], "secret": creds["secret"]}}),
+    )
 
 
 def test_region_comes_from_the_config_then_the_aws_chain_then_the_bucket(aws_env, monkeypatch):
@@ -176,17 +196,25 @@ def test_region_comes_from_the_config_then_the_aws_chain_then_the_bucket(aws_env
 def test_region_and_endpoint_of_the_config_reach_fsspec():
     from storage import fsspec_options
 
-    options = fsspec_options("s3://b/k", StorageConfig(s3_endpoint_url="http://127.0.0.1:9/", s3_region="eu-west-1",
-                                                       storage_options={"anon": True}))
-    assert options == {"anon": True, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "eu-west-1"}}
+    options = fsspec_options(
+        "s3://b/k",
+        StorageConfig(s3_endpoint_url="http://127.0.0.1:9/", s3_region="eu-west-1", storage_options={"anon": True}),
+    )
+    assert options == {
+        "anon": True,
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "eu-west-1"},
+    }
     assert fsspec_options("/local/path", StorageConfig(storage_options={"anon": True})) == {}
 
 
 def test_no_code_reads_aws_variables_itself():
     root = Path(__file__).resolve().parents[1]
     pattern = re.compile(r"(environ|getenv)[^\n]{0,40}[\"']AWS_")
-    offenders = [f"{path.relative_to(root)}:{n}"
-                 for package in ("storage", "pipeline", "training", "evaluation", "clipray", "ray_compat")
-                 for path in sorted((root / package).rglob("*.py"))
-                 for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    offenders = [
+        f"{path.relative_to(root)}:{n}"
+        for package in ("storage", "pipeline", "training", "evaluation", "clipray", "ray_compat")
+        for path in sorted((root / package).rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert offenders == [], "credentials, region and endpoint come from the AWS libraries' own chain"

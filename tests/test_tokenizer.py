@@ -1,4 +1,5 @@
 """CLIP tokenizer: reference ids, fast path == plain-Python BPE, cleaning, truncation, API."""
+
 from __future__ import annotations
 
 import html
@@ -12,8 +13,7 @@ import regex
 import torch
 
 from training.text_clean import fix_text, is_plain_ascii
-from training.tokenizer import (EOT_ID, SOT_ID, VOCAB_SIZE, Tokenizer, clean_text, load_vocab,
-                                tokenize)
+from training.tokenizer import EOT_ID, SOT_ID, VOCAB_SIZE, Tokenizer, clean_text, load_vocab, tokenize
 
 
 def _full_clean(text: str) -> str:
@@ -25,17 +25,63 @@ def _full_clean(text: str) -> str:
 def _random_texts(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     pools = [
-        "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", "0123456789", " \t\n\r\x0c  ",
-        "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~", "éèêëàâäôöùûüçñÉÀßøåæœ", "αβγδεζηθΣσςΩ", "абвгдежзийклмнопрЖЩЯ",
-        "日本語中文한국어のキャプション", "🐶🐱🚀👍🏽❤️‍🔥", "\u0301\u0308\u200b\u200d\u00a0\u2028\u3000",
-        "“”‘’«»—–…", "ﬁﬂＡＢＣ１２３", "\x00\x01\x07\x1b\x7f\x85\x9c", "\x1c\x1d\x1e\x1f\u2003\u202f\u205f",
-        "ΣσςΑΟΔ", "ÂÃÎÐØÙ€£¢©®°·»×²³", "ǅǈǋ\u0345ᾼ",
+        "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
+        "0123456789",
+        " \t\n\r\x0c  ",
+        "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~",
+        "éèêëàâäôöùûüçñÉÀßøåæœ",
+        "αβγδεζηθΣσςΩ",
+        "абвгдежзийклмнопрЖЩЯ",
+        "日本語中文한국어のキャプション",
+        "🐶🐱🚀👍🏽❤️‍🔥",
+        "\u0301\u0308\u200b\u200d\u00a0\u2028\u3000",
+        "“”‘’«»—–…",
+        "ﬁﬂＡＢＣ１２３",
+        "\x00\x01\x07\x1b\x7f\x85\x9c",
+        "\x1c\x1d\x1e\x1f\u2003\u202f\u205f",
+        "ΣσςΑΟΔ",
+        "ÂÃÎÐØÙ€£¢©®°·»×²³",
+        "ǅǈǋ\u0345ᾼ",
     ]
-    fragments = ["&amp;", "&lt;b&gt;", "&#39;", "&quot;", "cafÃ©", "Ã ", "'s", "'LL", "'re", "<end_of_text>",
-                 "<start_of_text>", "http://x.y/z?a=1&b=2", "don't", "ſ", "İstanbul", "ΣΑΣ",
-                 "&ldquo;", "&rsquo;", "&eacute;", "&EACUTE;", "&#x2019;", "&#8220;", "&amp;amp;", "&AMP;",
-                 "&nbsp;", "&#27;", "&#10;", "&#150;", "&#xe9;", "&hellip;", "<", "ОДОΣ ", " Σ", "вЂ",
-                 "â€™", "Ã¡", "Â "]
+    fragments = [
+        "&amp;",
+        "&lt;b&gt;",
+        "&#39;",
+        "&quot;",
+        "cafÃ©",
+        "Ã ",
+        "'s",
+        "'LL",
+        "'re",
+        "<end_of_text>",
+        "<start_of_text>",
+        "http://x.y/z?a=1&b=2",
+        "don't",
+        "ſ",
+        "İstanbul",
+        "ΣΑΣ",
+        "&ldquo;",
+        "&rsquo;",
+        "&eacute;",
+        "&EACUTE;",
+        "&#x2019;",
+        "&#8220;",
+        "&amp;amp;",
+        "&AMP;",
+        "&nbsp;",
+        "&#27;",
+        "&#10;",
+        "&#150;",
+        "&#xe9;",
+        "&hellip;",
+        "<",
+        "ОДОΣ ",
+        " Σ",
+        "вЂ",
+        "â€™",
+        "Ã¡",
+        "Â ",
+    ]
     texts = []
     for _ in range(n):
         parts = []
@@ -118,12 +164,57 @@ def test_plain_ascii_flags_every_ascii_character_in_ftfys_control_table():
 
 
 _CLEANING_CASES = [
-    "café", "東京タワー", "naïve", "Straße", "e\u0301", "ﬁne", "ＡＢＣ", "’s", "“q”", "a\u2028b", "x\x85y",
-    "cafÃ©", "Ã\xa0 la", "\x9c", "ｶﾀｶﾅ", "\u0130stanbul", "ΣΑΣ", "😀", "\ud83d", "x\u00a0y", "tab\there",
-    "line\nbreak", "&amp; é", "\x1b[1mé", "\u200bzero", "dž", "ǅ", "Ã la", "a Ã la", "“Ã ”", "‘cafÃ©’",
-    "&ldquo;quoted&rdquo;", "it&rsquo;s", "P&EACUTE;REZ", "&amp;amp;amp;", "a &lt;b&gt; c", "<b>&amp;</b>",
-    "x &#27; y", "x&#10;y", "&#150;", "&#x1F600;", "AT&T", "&notanentity;", "caf&eacute; “x”", "naïve &amp; “x”",
-    "ΟΔΟΣ", "“\u0301", "\u2018\u0308a", "é\ufeff", "a\u3000b", "é\r\nb",
+    "café",
+    "東京タワー",
+    "naïve",
+    "Straße",
+    "e\u0301",
+    "ﬁne",
+    "ＡＢＣ",
+    "’s",
+    "“q”",
+    "a\u2028b",
+    "x\x85y",
+    "cafÃ©",
+    "Ã\xa0 la",
+    "\x9c",
+    "ｶﾀｶﾅ",
+    "\u0130stanbul",
+    "ΣΑΣ",
+    "😀",
+    "\ud83d",
+    "x\u00a0y",
+    "tab\there",
+    "line\nbreak",
+    "&amp; é",
+    "\x1b[1mé",
+    "\u200bzero",
+    "dž",
+    "ǅ",
+    "Ã la",
+    "a Ã la",
+    "“Ã ”",
+    "‘cafÃ©’",
+    "&ldquo;quoted&rdquo;",
+    "it&rsquo;s",
+    "P&EACUTE;REZ",
+    "&amp;amp;amp;",
+    "a &lt;b&gt; c",
+    "<b>&amp;</b>",
+    "x &#27; y",
+    "x&#10;y",
+    "&#150;",
+    "&#x1F600;",
+    "AT&T",
+    "&notanentity;",
+    "caf&eacute; “x”",
+    "naïve &amp; “x”",
+    "ΟΔΟΣ",
+    "“\u0301",
+    "\u2018\u0308a",
+    "é\ufeff",
+    "a\u3000b",
+    "é\r\nb",
 ]
 
 
@@ -131,12 +222,57 @@ def _captions_with_clean_non_ascii(n: int, seed: int) -> list[str]:
     """English words mixed with accented, Greek, Cyrillic, CJK, emoji and symbol text."""
     rng = random.Random(seed)
     words = "a photo of the dog cat on in beach city old red".split()
-    extras = ["café", "naïve", "Straße", "São", "Ελλάδα", "Москва", "東京", "한국어", "😀🎉", "👍🏽", "—", "…",
-              "é", "Ñ", "ø", "£5", "°C", "×2", "½", "±", "«x»", "©", "™", "§", "µm", "²", "Ã", "Â", "Œ", "œuvre",
-              "\u00a0", "\u0301", "\u200d", "ß", "İ", "ς", "€", "¿", "¡", "·", "→", "★", "│", "░"]
-    return [" ".join(rng.choice(extras) if rng.random() < 0.3 else rng.choice(words)
-                     for _ in range(rng.randint(1, 10))) + rng.choice(["", ".", "!", "é"])
-            for _ in range(n)]
+    extras = [
+        "café",
+        "naïve",
+        "Straße",
+        "São",
+        "Ελλάδα",
+        "Москва",
+        "東京",
+        "한국어",
+        "😀🎉",
+        "👍🏽",
+        "—",
+        "…",
+        "é",
+        "Ñ",
+        "ø",
+        "£5",
+        "°C",
+        "×2",
+        "½",
+        "±",
+        "«x»",
+        "©",
+        "™",
+        "§",
+        "µm",
+        "²",
+        "Ã",
+        "Â",
+        "Œ",
+        "œuvre",
+        "\u00a0",
+        "\u0301",
+        "\u200d",
+        "ß",
+        "İ",
+        "ς",
+        "€",
+        "¿",
+        "¡",
+        "·",
+        "→",
+        "★",
+        "│",
+        "░",
+    ]
+    return [
+        " ".join(rng.choice(extras) if rng.random() < 0.3 else rng.choice(words) for _ in range(rng.randint(1, 10)))
+        + rng.choice(["", ".", "!", "é"])
+        for _ in range(n)
+    ]
 
 
 def test_ftfy_is_skipped_only_for_text_it_leaves_unchanged():
@@ -159,10 +295,26 @@ def test_ftfy_is_skipped_only_for_text_it_leaves_unchanged():
     assert kept > 2000 and changed > 2000, (kept, changed)  # both answers exercised
 
 
-@pytest.mark.parametrize("text", [
-    "cafÃ©", "“q”", "it’s", "ﬁne", "ＡＢＣ", "x\x85y", "a\u2028b", "é\r\nb", "é\x1b[1m", "\x9c", "\ud83d",
-    "e\u0301", "é\ufeff", "a\u3000b", "é &amp;",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "cafÃ©",
+        "“q”",
+        "it’s",
+        "ﬁne",
+        "ＡＢＣ",
+        "x\x85y",
+        "a\u2028b",
+        "é\r\nb",
+        "é\x1b[1m",
+        "\x9c",
+        "\ud83d",
+        "e\u0301",
+        "é\ufeff",
+        "a\u3000b",
+        "é &amp;",
+    ],
+)
 def test_ftfy_is_called_for_each_kind_of_text_it_changes(text, monkeypatch):
     import training.text_clean as text_clean
 
@@ -209,7 +361,7 @@ def test_captions_the_batch_path_cannot_take_are_encoded_one_by_one(monkeypatch)
 
 def test_cleaning_fixes_mojibake_entities_whitespace_and_case():
     assert clean_text("  Caf\u00c3\u00a9 &amp;amp;  CR\u00c8ME\u00a0\u3000br\u00fbl\u00e9e ") == "café & crème brûlée"
-    assert tokenize("A  B") .tolist() == tokenize("a b").tolist()
+    assert tokenize("A  B").tolist() == tokenize("a b").tolist()
 
 
 def test_overlong_text_is_cut_with_end_of_text_last():
@@ -228,7 +380,7 @@ def test_any_context_length_keeps_the_layout(context_length):
     for row in ids.tolist():
         assert row[0] == SOT_ID and EOT_ID in row
         end = row.index(EOT_ID)
-        assert all(t == 0 for t in row[end + 1:]) and 0 not in row[1:end]
+        assert all(t == 0 for t in row[end + 1 :]) and 0 not in row[1:end]
     # Rows are the 77-token rows cut to length, with end-of-text restored where it was cut.
     full = tokenize(texts, context_length=200)
     for row, long in zip(ids.tolist(), full.tolist()):
@@ -236,7 +388,7 @@ def test_any_context_length_keeps_the_layout(context_length):
         if end < context_length:
             assert row == long[:context_length]
         else:
-            assert row == long[:context_length - 1] + [EOT_ID]
+            assert row == long[: context_length - 1] + [EOT_ID]
 
 
 def test_single_string_gives_one_row_and_eot_is_the_row_argmax():
@@ -249,10 +401,13 @@ def test_special_token_text_in_a_caption_maps_to_the_special_id_as_clip_does():
     assert EOT_ID in Tokenizer().encode("x <END_OF_TEXT> y")
 
 
-@pytest.mark.parametrize("bad, error, message", [
-    ([1, "a"], TypeError, "text #0 is a int"),
-    (["a", None], TypeError, "text #1 is a NoneType"),
-])
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        ([1, "a"], TypeError, "text #0 is a int"),
+        (["a", None], TypeError, "text #1 is a NoneType"),
+    ],
+)
 def test_non_string_input_is_refused_naming_its_position(bad, error, message):
     with pytest.raises(error, match=message):
         tokenize(bad)

@@ -7,6 +7,7 @@ The runs share one config; the uninterrupted run is the reference the interrupte
 (same step count, learning rate and parameters): the data order, the crops and every random
 number are functions of the config and the data position, so resuming changes nothing.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,16 +41,38 @@ def data(tmp_path_factory) -> Path:
     from clipray.demo_data import draw_image, encode_jpeg, make_samples
 
     samples = make_samples("zs", 1, 7)[::2]
-    pq.write_table(pa.table({"jpg": pa.array([encode_jpeg(draw_image(s, 64)) for s in samples], pa.binary()),
-                             "label": [s.shape for s in samples]}), root / "zeroshot.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "jpg": pa.array([encode_jpeg(draw_image(s, 64)) for s in samples], pa.binary()),
+                "label": [s.shape for s in samples],
+            }
+        ),
+        root / "zeroshot.parquet",
+    )
     (root / "templates.txt").write_text("a {c}\na picture of a {c}\n")
     return root
 
 
 def config(data: Path, storage: str, name: str, **overrides) -> TrainConfig:
-    values = dict(data=[str(data / "shards")], storage_path=storage, name=name, num_workers=2, cpus_per_worker=1,
-                  batch_size=32, samples=32 * STEPS, lr=2e-3, warmup=20, weight_decay=0.1, checkpoint_every=50,
-                  keep_checkpoints=2, log_every=10, num_preprocess_actors=1, preprocess_cpus=0.5, seed=0)
+    values = dict(
+        data=[str(data / "shards")],
+        storage_path=storage,
+        name=name,
+        num_workers=2,
+        cpus_per_worker=1,
+        batch_size=32,
+        samples=32 * STEPS,
+        lr=2e-3,
+        warmup=20,
+        weight_decay=0.1,
+        checkpoint_every=50,
+        keep_checkpoints=2,
+        log_every=10,
+        num_preprocess_actors=1,
+        preprocess_cpus=0.5,
+        seed=0,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -110,8 +133,15 @@ def reference(data, ray_local, tmp_path_factory):
     from training.driver import run_training
 
     storage = tmp_path_factory.mktemp("runs")
-    cfg = config(data, str(storage), "reference", val_data=[str(data / "val")], val_every=STEPS,
-                 zeroshot_data=str(data / "zeroshot.parquet"), zeroshot_templates=str(data / "templates.txt"))
+    cfg = config(
+        data,
+        str(storage),
+        "reference",
+        val_data=[str(data / "val")],
+        val_every=STEPS,
+        zeroshot_data=str(data / "zeroshot.parquet"),
+        zeroshot_templates=str(data / "templates.txt"),
+    )
     result = run_training(MODEL, cfg)
     return result, storage / "reference"
 
@@ -141,7 +171,8 @@ def test_training_lowers_the_loss_and_writes_the_run_layout(reference):
 
 
 def test_killed_worker_is_replaced_from_the_last_checkpoint_and_ends_like_an_uninterrupted_run(
-        data, reference, tmp_path):
+    data, reference, tmp_path
+):
     from training.driver import run_training
 
     _, ref_dir = reference
@@ -171,9 +202,18 @@ def test_rerunning_a_finished_run_resumes_at_its_end_without_training_again(data
     result, run_dir = reference
     before = rows(run_dir)
     weights = (run_dir / "final" / "model.safetensors").stat().st_mtime
-    again = run_training(MODEL, config(data, str(run_dir.parent), "reference", val_data=[str(data / "val")],
-                                       val_every=STEPS, zeroshot_data=str(data / "zeroshot.parquet"),
-                                       zeroshot_templates=str(data / "templates.txt")))
+    again = run_training(
+        MODEL,
+        config(
+            data,
+            str(run_dir.parent),
+            "reference",
+            val_data=[str(data / "val")],
+            val_every=STEPS,
+            zeroshot_data=str(data / "zeroshot.parquet"),
+            zeroshot_templates=str(data / "templates.txt"),
+        ),
+    )
     assert rows(run_dir) == before  # no step trained, no row added
     assert (run_dir / "final" / "model.safetensors").stat().st_mtime >= weights
     assert again.path == result.path
@@ -190,8 +230,17 @@ def test_s3_storage_checkpoints_and_resumes_on_the_loopback_server(data, ray_loc
 
     with S3TestServer() as s3:
         s3.create_bucket("runs")
-        cfg = config(data, "s3://runs/clip", "s3run", samples=32 * 40, checkpoint_every=10, warmup=5,
-                     max_failures=0, s3_endpoint_url=s3.endpoint_url, storage_options=s3.credentials)
+        cfg = config(
+            data,
+            "s3://runs/clip",
+            "s3run",
+            samples=32 * 40,
+            checkpoint_every=10,
+            warmup=5,
+            max_failures=0,
+            s3_endpoint_url=s3.endpoint_url,
+            storage_options=s3.credentials,
+        )
         fs, run_path = run_folder(cfg).pyarrow()
 
         def remote_rows():

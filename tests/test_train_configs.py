@@ -1,5 +1,6 @@
 """The example training configs load and satisfy the train section's checks; the train section
 refuses impossible batch arithmetic with messages that name the keys."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,28 +12,46 @@ from clipray.config import ConfigError, load_config
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", ["cc3m-rn50", "cc3m-vit-b-32", "laion400m-vit-b-32", "datacomp-small",
-                                  "datacomp-medium"])
+@pytest.mark.parametrize(
+    "name", ["cc3m-rn50", "cc3m-vit-b-32", "laion400m-vit-b-32", "datacomp-small", "datacomp-medium"]
+)
 def test_example_training_configs_validate(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.train.batch_size % cfg.train.num_workers == 0 and cfg.train.use_gpu
 
 
 def test_laion_config_has_the_clip_papers_hyperparameters_and_fits_one_node_with_accumulation():
-    cfg = load_config(CONFIGS / "laion400m-vit-b-32.yaml",
-                      overrides=["train.num_workers=8", "train.micro_batch_size=512"])
+    cfg = load_config(
+        CONFIGS / "laion400m-vit-b-32.yaml", overrides=["train.num_workers=8", "train.micro_batch_size=512"]
+    )
     t = cfg.train
-    assert (t.batch_size, t.lr, t.beta1, t.beta2, t.eps, t.weight_decay, t.warmup) == (32768, 5e-4, 0.9, 0.98, 1e-6, 0.2, 2000)
+    assert (t.batch_size, t.lr, t.beta1, t.beta2, t.eps, t.weight_decay, t.warmup) == (
+        32768,
+        5e-4,
+        0.9,
+        0.98,
+        1e-6,
+        0.2,
+        2000,
+    )
     assert t.batch_size // t.num_workers // t.micro_batch_size == 8
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["train.batch_size=100", "train.num_workers=3"], "train.batch_size 100 is not divisible by train.num_workers 3"),
-    (["train.batch_size=64", "train.num_workers=2", "train.micro_batch_size=5"],
-     "train.micro_batch_size 5 does not divide the per-worker batch 32"),
-    (["train.samples=10", "train.batch_size=64"], "train.samples 10 is less than one global batch"),
-    (["train.val_every=100"], "train.val_every is set but train.val_data is empty"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["train.batch_size=100", "train.num_workers=3"],
+            "train.batch_size 100 is not divisible by train.num_workers 3",
+        ),
+        (
+            ["train.batch_size=64", "train.num_workers=2", "train.micro_batch_size=5"],
+            "train.micro_batch_size 5 does not divide the per-worker batch 32",
+        ),
+        (["train.samples=10", "train.batch_size=64"], "train.samples 10 is less than one global batch"),
+        (["train.val_every=100"], "train.val_every is set but train.val_data is empty"),
+    ],
+)
 def test_impossible_train_sections_are_refused_naming_the_keys(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides=overrides)
@@ -45,8 +64,15 @@ def test_a_run_is_its_samples_in_whole_global_batches(samples, batch, steps):
     assert TrainConfig(data=["x"], samples=samples, batch_size=batch, num_workers=1).total_steps == steps
 
 
-@pytest.mark.parametrize("value, expected", [("true", True), ("false", False), ("max-autotune", "max-autotune"),
-                                             ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("true", True),
+        ("false", False),
+        ("max-autotune", "max-autotune"),
+        ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"),
+    ],
+)
 def test_compile_is_a_switch_or_a_torch_compile_mode(value, expected):
     cfg = load_config(None, overrides=[f"train.compile={value}"])
     assert cfg.train.compile == expected

@@ -1,5 +1,6 @@
 """Analytic FLOPs per sample (training/flops.py) equal torch's FLOP counter on our models, and MFU
 is 3 x forward FLOPs x throughput over the peak."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,7 +28,7 @@ def test_analytic_forward_flops_match_torchs_counter(name, text_tokens):
     model = create_model(name).eval()
     size = model.image_size
     tokens = torch.zeros(2, 77, dtype=torch.long)
-    tokens[:, 0], tokens[:, 1:text_tokens - 1], tokens[:, text_tokens - 1] = 49406, 5, 49407
+    tokens[:, 0], tokens[:, 1 : text_tokens - 1], tokens[:, text_tokens - 1] = 49406, 5, 49407
     expected = clip_forward_flops(model.config, text_tokens=text_tokens)
     assert _counted(lambda: model.encode_image(torch.randn(2, 3, size, size))) == expected["image"]
     assert _counted(lambda: model.encode_text(tokens)) == expected["text"]

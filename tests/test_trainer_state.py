@@ -1,6 +1,7 @@
 """Checkpoints without pickle: a resumed loop continues bit-identically to an uninterrupted one (one
 process, SigLIP with accumulation, the fp16 scaler; DDP and FSDP on 2 gloo ranks; across a world-size
 change), and a planted pickle or a tampered trainer state is refused before anything is loaded."""
+
 from __future__ import annotations
 
 import os
@@ -107,7 +108,7 @@ def _resume_on_rank(rank: int, out_dir: str) -> None:
     """Per strategy: 3 steps straight vs 1 step, save, load into other weights, 2 steps; then the
     one-process checkpoint loaded under FSDP. Writes what the parent compares to rank{rank}.pt."""
     torch.set_num_threads(1)
-    data = [tuple(t[rank * 4:(rank + 1) * 4] for t in batch(8, seed=s)) for s in range(3)]
+    data = [tuple(t[rank * 4 : (rank + 1) * 4] for t in batch(8, seed=s)) for s in range(3)]
     results = {}
     for strategy in ("ddp", "fsdp"):
         folder = os.path.join(out_dir, strategy)
@@ -124,13 +125,21 @@ def _resume_on_rank(rank: int, out_dir: str) -> None:
         load_checkpoint(resumed, folder)
         results[strategy] = {"expected": expected[1:], "got": run_steps(resumed, data[1:])}
         for name, loop in (("straight", straight), ("resumed", resumed)):  # full on rank 0 under FSDP
-            results[strategy][name] = {"model": loop.model_state_dict(), "optimizer": loop.optimizer_state_dict(),
-                                       "bias": loop.module.logit_bias.detach().clone(), "step": loop.step_count}
+            results[strategy][name] = {
+                "model": loop.model_state_dict(),
+                "optimizer": loop.optimizer_state_dict(),
+                "bias": loop.module.logit_bias.detach().clone(),
+                "step": loop.step_count,
+            }
     loop = TrainLoop(tiny_clip(), rank_settings("fsdp"))
     rng_before = torch.get_rng_state()
     load_checkpoint(loop, os.path.join(out_dir, "single"))
-    results["from_single"] = {"step": loop.step_count, "rng_kept": torch.equal(torch.get_rng_state(), rng_before),
-                              "optimizer": loop.optimizer_state_dict(), "model": loop.model_state_dict()}
+    results["from_single"] = {
+        "step": loop.step_count,
+        "rng_kept": torch.equal(torch.get_rng_state(), rng_before),
+        "optimizer": loop.optimizer_state_dict(),
+        "model": loop.model_state_dict(),
+    }
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 

@@ -1,6 +1,7 @@
 """What a checkpoint's trainer state is on disk, and what is refused: the files are safetensors and
 JSON, loaded with no unpickling; a planted pickle, a tampered or unreadable state, an `extra` that is
 not JSON are refused with an error naming the file and the entry, before anything is loaded."""
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,11 @@ def test_checkpoint_holds_safetensors_and_json_and_loads_with_no_unpickling(tmp_
     loop.step(*batch(4))
     save_checkpoint(loop, tmp_path, extra={"data": {"step": 1}})
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "model.safetensors", "model_config.json", JSON_FILE, TENSORS_FILE]
+        "model.safetensors",
+        "model_config.json",
+        JSON_FILE,
+        TENSORS_FILE,
+    ]
     doc = json.loads((tmp_path / JSON_FILE).read_text())
     assert (doc["format"], doc["version"], doc["step"], doc["world_size"]) == ("clipray.trainer_state", 1, 1, 1)
     assert doc["extra"] == {"data": {"step": 1}} and doc["logit_bias"] is True
@@ -111,30 +116,45 @@ def _drop(mapping, key):
 
 JSON_TAMPERING = {
     "not an object": (lambda doc: [doc], "the document is a list, expected a JSON object"),
-    "unknown version": (lambda doc: doc.update(version=2),
-                        "version 2 is not a trainer-state format version this clipray reads \\(it reads 1\\)"),
+    "unknown version": (
+        lambda doc: doc.update(version=2),
+        "version 2 is not a trainer-state format version this clipray reads \\(it reads 1\\)",
+    ),
     "other format": (lambda doc: doc.update(format="torch"), "format is 'torch', expected 'clipray.trainer_state'"),
     "missing key": (lambda doc: _drop(doc, "samples_seen"), "the document has no key 'samples_seen'"),
     "unknown key": (lambda doc: doc.update(code="import os"), "the document has an unknown key 'code'"),
     "step as text": (lambda doc: doc.update(step="1"), "step is '1', expected an integer >= 0"),
-    "lr as text": (lambda doc: doc["optimizer"]["param_groups"][0].update(lr="0.1"),
-                   "optimizer.param_groups\\[0\\].lr is a string, expected a number"),
-    "renamed parameter": (lambda doc: doc["optimizer"]["param_groups"][0]["params"].__setitem__(0, "clip.evil"),
-                          "optimizer.param_groups\\[0\\].params are not the model's \\d+ parameters "
-                          "\\(#0 is 'clip.evil', the model's is 'clip.text_projection'\\)"),
-    "state of an unknown parameter": (lambda doc: doc["optimizer"]["with_state"].append("clip.evil"),
-                                      "optimizer.with_state is not a list of distinct parameter names"),
-    "scheduler key missing": (lambda doc: _drop(doc["scheduler"], "last_epoch"),
-                              "scheduler has no key 'last_epoch'"),
-    "scheduler attribute added": (lambda doc: doc["scheduler"]["lr_lambdas"][0].update(__class__="x"),
-                                  "scheduler.lr_lambdas\\[0\\] has an unknown key '__class__'"),
-    "rng of another world": (lambda doc: doc["rng"].append(doc["rng"][0]),
-                             "rng is a list, expected a list of 1 \\(one per rank\\)"),
-    "python rng version": (lambda doc: doc["rng"][0]["python"].update(version=2),
-                           "rng\\[0\\].python.version is 2, expected an integer from 3 to 3"),
+    "lr as text": (
+        lambda doc: doc["optimizer"]["param_groups"][0].update(lr="0.1"),
+        "optimizer.param_groups\\[0\\].lr is a string, expected a number",
+    ),
+    "renamed parameter": (
+        lambda doc: doc["optimizer"]["param_groups"][0]["params"].__setitem__(0, "clip.evil"),
+        "optimizer.param_groups\\[0\\].params are not the model's \\d+ parameters "
+        "\\(#0 is 'clip.evil', the model's is 'clip.text_projection'\\)",
+    ),
+    "state of an unknown parameter": (
+        lambda doc: doc["optimizer"]["with_state"].append("clip.evil"),
+        "optimizer.with_state is not a list of distinct parameter names",
+    ),
+    "scheduler key missing": (lambda doc: _drop(doc["scheduler"], "last_epoch"), "scheduler has no key 'last_epoch'"),
+    "scheduler attribute added": (
+        lambda doc: doc["scheduler"]["lr_lambdas"][0].update(__class__="x"),
+        "scheduler.lr_lambdas\\[0\\] has an unknown key '__class__'",
+    ),
+    "rng of another world": (
+        lambda doc: doc["rng"].append(doc["rng"][0]),
+        "rng is a list, expected a list of 1 \\(one per rank\\)",
+    ),
+    "python rng version": (
+        lambda doc: doc["rng"][0]["python"].update(version=2),
+        "rng\\[0\\].python.version is 2, expected an integer from 3 to 3",
+    ),
     "extra not an object": (lambda doc: doc.update(extra=[1]), "extra is a list, expected an object"),
-    "bias flag": (lambda doc: doc.update(logit_bias=False),
-                  "logit_bias is false, but this loop has a SigLIP bias \\(train.loss changed\\?\\)"),
+    "bias flag": (
+        lambda doc: doc.update(logit_bias=False),
+        "logit_bias is false, but this loop has a SigLIP bias \\(train.loss changed\\?\\)",
+    ),
 }
 
 
@@ -149,22 +169,34 @@ def _rewrite(tensors, **changes):
 
 
 TENSOR_TAMPERING = {
-    "moment in float64": (lambda t: _rewrite(t, **{"optimizer/clip.visual.proj/exp_avg":
-                                                   t["optimizer/clip.visual.proj/exp_avg"].double()}),
-                          "tensor 'optimizer/clip.visual.proj/exp_avg' is torch.float64 \\[128, 128\\], "
-                          "expected torch.float32 \\[128, 128\\]"),
-    "moment of another shape": (lambda t: _rewrite(t, **{"optimizer/clip.visual.proj/exp_avg_sq": torch.zeros(3)}),
-                                "tensor 'optimizer/clip.visual.proj/exp_avg_sq' is torch.float32 \\[3\\]"),
+    "moment in float64": (
+        lambda t: _rewrite(
+            t, **{"optimizer/clip.visual.proj/exp_avg": t["optimizer/clip.visual.proj/exp_avg"].double()}
+        ),
+        "tensor 'optimizer/clip.visual.proj/exp_avg' is torch.float64 \\[128, 128\\], "
+        "expected torch.float32 \\[128, 128\\]",
+    ),
+    "moment of another shape": (
+        lambda t: _rewrite(t, **{"optimizer/clip.visual.proj/exp_avg_sq": torch.zeros(3)}),
+        "tensor 'optimizer/clip.visual.proj/exp_avg_sq' is torch.float32 \\[3\\]",
+    ),
     "missing rng": (lambda t: _rewrite(t, **{"rng/0/torch": None}), "has no tensor 'rng/0/torch'"),
-    "short rng": (lambda t: _rewrite(t, **{"rng/0/torch": t["rng/0/torch"][:100].clone()}),
-                  "tensor 'rng/0/torch' is torch.uint8 \\[100\\], expected torch.uint8 \\[5056\\]"),
-    "rng word out of range": (lambda t: _rewrite(t, **{"rng/0/numpy": t["rng/0/numpy"] + 2 ** 32}),
-                              "tensor 'rng/0/numpy' holds values outside \\[0, 4294967295\\]"),
-    "python rng index": (lambda t: _rewrite(t, **{"rng/0/python": torch.cat([t["rng/0/python"][:-1],
-                                                                             torch.tensor([700])])}),
-                         "tensor 'rng/0/python' ends in index 700, expected at most 624"),
-    "bias as a vector": (lambda t: _rewrite(t, logit_bias=torch.zeros(2)),
-                         "tensor 'logit_bias' is torch.float32 \\[2\\], expected torch.float32 \\[\\]"),
+    "short rng": (
+        lambda t: _rewrite(t, **{"rng/0/torch": t["rng/0/torch"][:100].clone()}),
+        "tensor 'rng/0/torch' is torch.uint8 \\[100\\], expected torch.uint8 \\[5056\\]",
+    ),
+    "rng word out of range": (
+        lambda t: _rewrite(t, **{"rng/0/numpy": t["rng/0/numpy"] + 2**32}),
+        "tensor 'rng/0/numpy' holds values outside \\[0, 4294967295\\]",
+    ),
+    "python rng index": (
+        lambda t: _rewrite(t, **{"rng/0/python": torch.cat([t["rng/0/python"][:-1], torch.tensor([700])])}),
+        "tensor 'rng/0/python' ends in index 700, expected at most 624",
+    ),
+    "bias as a vector": (
+        lambda t: _rewrite(t, logit_bias=torch.zeros(2)),
+        "tensor 'logit_bias' is torch.float32 \\[2\\], expected torch.float32 \\[\\]",
+    ),
     "extra tensor": (lambda t: _rewrite(t, payload=torch.zeros(1)), "holds 1 unexpected tensors \\(payload\\)"),
 }
 
@@ -207,10 +239,13 @@ def test_tampered_trainer_state_tensors_are_refused_naming_the_tensor(siglip_che
     _refused(folder, TENSORS_FILE, pattern)
 
 
-@pytest.mark.parametrize("file, content, pattern", [
-    (JSON_FILE, b"{\"format\": ", "is not valid JSON"),
-    (TENSORS_FILE, pickle.dumps(CreatesFile("/nonexistent/never")), "is not a readable safetensors file"),
-])
+@pytest.mark.parametrize(
+    "file, content, pattern",
+    [
+        (JSON_FILE, b'{"format": ', "is not valid JSON"),
+        (TENSORS_FILE, pickle.dumps(CreatesFile("/nonexistent/never")), "is not a readable safetensors file"),
+    ],
+)
 def test_unreadable_trainer_state_files_are_refused(siglip_checkpoint, tmp_path, file, content, pattern):
     folder = shutil.copytree(siglip_checkpoint, tmp_path / "ckpt")
     (folder / file).write_bytes(content)
@@ -222,8 +257,6 @@ def test_fp16_resume_of_a_state_saved_without_the_grad_scaler_is_refused(tmp_pat
     fp16 = TrainLoop(tiny_clip(), LoopSettings(total_steps=8, precision="amp_fp16"))
     with pytest.raises(CheckpointError, match="scaler is empty: the run was saved without the fp16 grad scaler"):
         load_checkpoint(fp16, tmp_path)
-
-
 
 
 def test_extra_that_is_not_a_json_object_is_refused_before_anything_is_written(tmp_path):
@@ -251,6 +284,8 @@ def test_the_driver_refuses_a_legacy_checkpoint_before_any_worker_starts(tmp_pat
     (run / "checkpoint_000000020" / "trainer_state.pt").write_bytes(pickle.dumps({"step": 20}))
     with pytest.raises(CheckpointError, match=r"checkpoint_000000020/trainer_state.pt is a pickle .* not loaded"):
         refuse_legacy_checkpoint(Folder(str(run)))
-    (run / "checkpoint_000000020" / "trainer_state.json").write_text("{}")  # a new-format checkpoint is left to the workers
+    (run / "checkpoint_000000020" / "trainer_state.json").write_text(
+        "{}"
+    )  # a new-format checkpoint is left to the workers
     refuse_legacy_checkpoint(Folder(str(run)))
     refuse_legacy_checkpoint(Folder(str(tmp_path / "runs" / "new")))  # no run folder yet: nothing to refuse

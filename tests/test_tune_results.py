@@ -1,4 +1,5 @@
 """Sweep outputs from trial records: results.csv rows, the winner, best.json, the table, sweep.png."""
+
 from __future__ import annotations
 
 import csv
@@ -12,8 +13,16 @@ import pytest
 from clipray.config import load_config
 from training.config import ModelConfig, TrainConfig
 from training.tune.plots import heat_maps, plot_sweep
-from training.tune.results import (TrialRecord, best_config, best_json, format_table, results_csv, status_of,
-                                   summarise, winner)
+from training.tune.results import (
+    TrialRecord,
+    best_config,
+    best_json,
+    format_table,
+    results_csv,
+    status_of,
+    summarise,
+    winner,
+)
 
 
 def _history(values, every=640):
@@ -22,17 +31,50 @@ def _history(values, every=640):
 
 def _records():
     return [
-        TrialRecord("t_00000", {"width_mult": 0.5, "temperature_init": 0.03}, _history([3.0, 2.6, 2.4, 2.3, 2.2]),
-                    completed=True, steps=50, samples_seen=3200, run_dir="/s/runs/t_00000"),
-        TrialRecord("t_00001", {"width_mult": 1.0, "temperature_init": 0.03}, _history([3.0, 2.5, 2.1, 1.9, 1.8]),
-                    completed=True, steps=50, samples_seen=3200, run_dir="/s/runs/t_00001"),
+        TrialRecord(
+            "t_00000",
+            {"width_mult": 0.5, "temperature_init": 0.03},
+            _history([3.0, 2.6, 2.4, 2.3, 2.2]),
+            completed=True,
+            steps=50,
+            samples_seen=3200,
+            run_dir="/s/runs/t_00000",
+        ),
+        TrialRecord(
+            "t_00001",
+            {"width_mult": 1.0, "temperature_init": 0.03},
+            _history([3.0, 2.5, 2.1, 1.9, 1.8]),
+            completed=True,
+            steps=50,
+            samples_seen=3200,
+            run_dir="/s/runs/t_00001",
+        ),
         # Stopped early at a better-looking value than the winner's final one: must not win.
-        TrialRecord("t_00002", {"width_mult": 2.0, "temperature_init": 0.03}, _history([1.7]),
-                    completed=False, steps=12, samples_seen=768, run_dir="/s/runs/t_00002"),
-        TrialRecord("t_00003", {"width_mult": 0.5, "temperature_init": 0.1}, _history([3.2, 3.1]),
-                    completed=False, steps=22, samples_seen=1408, run_dir="/s/runs/t_00003"),
-        TrialRecord("t_00004", {"width_mult": 1e6, "temperature_init": 0.1}, [],
-                    error="MemoryError: model.width_mult=1e+06 makes ViT-Tiny a ...", run_dir="/s/runs/t_00004"),
+        TrialRecord(
+            "t_00002",
+            {"width_mult": 2.0, "temperature_init": 0.03},
+            _history([1.7]),
+            completed=False,
+            steps=12,
+            samples_seen=768,
+            run_dir="/s/runs/t_00002",
+        ),
+        TrialRecord(
+            "t_00003",
+            {"width_mult": 0.5, "temperature_init": 0.1},
+            _history([3.2, 3.1]),
+            completed=False,
+            steps=22,
+            samples_seen=1408,
+            run_dir="/s/runs/t_00003",
+        ),
+        TrialRecord(
+            "t_00004",
+            {"width_mult": 1e6, "temperature_init": 0.1},
+            [],
+            error="MemoryError: model.width_mult=1e+06 makes ViT-Tiny a ...",
+            run_dir="/s/runs/t_00004",
+        ),
     ]
 
 
@@ -59,18 +101,26 @@ def test_rows_rank_completed_trials_by_final_metric_and_failed_last():
 
 
 def test_max_mode_ranks_the_highest_metric_first():
-    records = [TrialRecord("a", {"width_mult": 1.0}, [{"samples_seen": 10, "acc1": 0.4}], completed=True),
-               TrialRecord("b", {"width_mult": 2.0}, [{"samples_seen": 10, "acc1": 0.9}, {"samples_seen": 20, "acc1": 0.6}],
-                           completed=True)]
+    records = [
+        TrialRecord("a", {"width_mult": 1.0}, [{"samples_seen": 10, "acc1": 0.4}], completed=True),
+        TrialRecord(
+            "b",
+            {"width_mult": 2.0},
+            [{"samples_seen": 10, "acc1": 0.9}, {"samples_seen": 20, "acc1": 0.6}],
+            completed=True,
+        ),
+    ]
     rows = summarise(records, "acc1", "max")
     assert [r["trial_id"] for r in rows] == ["b", "a"]
     assert rows[0]["final_acc1"] == 0.6 and rows[0]["best_acc1"] == 0.9
 
 
 def test_without_completed_trials_the_best_reported_value_wins():
-    records = [TrialRecord("a", {}, _history([2.0]), completed=False),
-               TrialRecord("b", {}, _history([1.5]), completed=False),
-               TrialRecord("c", {}, [], error="RuntimeError: boom")]
+    records = [
+        TrialRecord("a", {}, _history([2.0]), completed=False),
+        TrialRecord("b", {}, _history([1.5]), completed=False),
+        TrialRecord("c", {}, [], error="RuntimeError: boom"),
+    ]
     rows = summarise(records, "val_loss", "min")
     assert winner(rows, "val_loss")["trial_id"] == "b"
     assert winner(summarise(records[2:], "val_loss", "min"), "val_loss") is None
@@ -80,11 +130,26 @@ def test_results_csv_has_one_row_per_trial_with_config_metrics_and_progress():
     text = results_csv(summarise(_records(), "val_loss", "min"), "val_loss")
     rows = list(csv.DictReader(io.StringIO(text)))
     assert len(rows) == 5
-    assert list(rows[0]) == ["rank", "trial_id", "status", "stop_reason", "temperature_init", "width_mult",
-                             "final_val_loss", "best_val_loss", "steps", "samples_seen", "run_dir"]
+    assert list(rows[0]) == [
+        "rank",
+        "trial_id",
+        "status",
+        "stop_reason",
+        "temperature_init",
+        "width_mult",
+        "final_val_loss",
+        "best_val_loss",
+        "steps",
+        "samples_seen",
+        "run_dir",
+    ]
     first = rows[0]
-    assert (first["trial_id"], first["status"], first["width_mult"], first["temperature_init"]) == \
-        ("t_00001", "completed", "1.0", "0.03")
+    assert (first["trial_id"], first["status"], first["width_mult"], first["temperature_init"]) == (
+        "t_00001",
+        "completed",
+        "1.0",
+        "0.03",
+    )
     assert float(first["final_val_loss"]) == 1.8 and first["steps"] == "50" and first["samples_seen"] == "3200"
     failed = rows[-1]
     assert failed["status"] == "failed" and failed["final_val_loss"] == "" and "MemoryError" in failed["stop_reason"]
@@ -92,8 +157,14 @@ def test_results_csv_has_one_row_per_trial_with_config_metrics_and_progress():
 
 def test_best_json_is_a_job_config_that_clipray_train_accepts(tmp_path):
     model = ModelConfig(name="ViT-Tiny")
-    train = TrainConfig(data=["demo-run/pipeline/train/shards"], batch_size=64, samples=3200, storage_path="runs",
-                        name="demo", temperature_init=0.07)
+    train = TrainConfig(
+        data=["demo-run/pipeline/train/shards"],
+        batch_size=64,
+        samples=3200,
+        storage_path="runs",
+        name="demo",
+        temperature_init=0.07,
+    )
     best = winner(summarise(_records(), "val_loss", "min"), "val_loss")
     fragment = best_config(best, model, train, name="tune-demo-best")
     path = tmp_path / "best.json"
@@ -127,12 +198,22 @@ def test_heat_map_holds_each_cells_final_metric_and_marks_stopped_and_failed_cel
 
 def test_heat_maps_split_by_learn_temperature_and_bin_continuous_temperatures():
     rng = np.random.default_rng(0)
-    rows = [{"trial_id": f"t{i}", "status": "completed", "temperature_init": float(t), "width_mult": w,
-             "learn_temperature": lt, "final_val_loss": float(i)}
-            for i, (t, w, lt) in enumerate(zip(rng.uniform(0.01, 0.1, 24), [0.5, 1.0, 2.0] * 8, [True, False] * 12))]
+    rows = [
+        {
+            "trial_id": f"t{i}",
+            "status": "completed",
+            "temperature_init": float(t),
+            "width_mult": w,
+            "learn_temperature": lt,
+            "final_val_loss": float(i),
+        }
+        for i, (t, w, lt) in enumerate(zip(rng.uniform(0.01, 0.1, 24), [0.5, 1.0, 2.0] * 8, [True, False] * 12))
+    ]
     maps = heat_maps(rows, "val_loss", "min", base_temperature=0.07, base_width=1.0, base_learn=True)
-    assert [m.title for m in maps] == ["final val_loss, learn_temperature=True",
-                                       "final val_loss, learn_temperature=False"]
+    assert [m.title for m in maps] == [
+        "final val_loss, learn_temperature=True",
+        "final val_loss, learn_temperature=False",
+    ]
     assert all(len(m.temps) == 6 and m.widths == ["0.5", "1", "2"] for m in maps)
     assert maps[0].temps[0].startswith("0.01")
     total = sum(np.isfinite(m.values).sum() for m in maps)
@@ -142,8 +223,9 @@ def test_heat_maps_split_by_learn_temperature_and_bin_continuous_temperatures():
 def test_sweep_png_is_drawn_with_curves_and_heat_map():
     records = _records()
     rows = summarise(records, "val_loss", "min")
-    png = plot_sweep(records, rows, "val_loss", "min", base_temperature=0.07, base_width=1.0, base_learn=True,
-                     title="sweep test")
+    png = plot_sweep(
+        records, rows, "val_loss", "min", base_temperature=0.07, base_width=1.0, base_learn=True, title="sweep test"
+    )
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
 

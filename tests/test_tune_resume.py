@@ -6,6 +6,7 @@ are not run again, and the others are.
 The driver runs in its own session and its own Ray temp dir (RAY_TMPDIR), so the test ends exactly
 the processes that driver started: its process group and every descendant, found by PID.
 """
+
 from __future__ import annotations
 
 import csv
@@ -98,9 +99,11 @@ def _trial_states(sweep: Path) -> dict[str, str]:
 
 def _snapshot(sweep: Path, trial_id: str) -> dict:
     run = sweep / "runs" / trial_id
-    return {"metrics": (run / "metrics.jsonl").read_text(),
-            "final_mtime": (run / "final" / "model.safetensors").stat().st_mtime_ns,
-            "tune_results": (sweep / trial_id / "result.json").read_text()}
+    return {
+        "metrics": (run / "metrics.jsonl").read_text(),
+        "final_mtime": (run / "final" / "model.safetensors").stat().st_mtime_ns,
+        "tune_results": (sweep / trial_id / "result.json").read_text(),
+    }
 
 
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
@@ -108,11 +111,24 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     write_shards(tmp_path / "val", copies=1, rows_per_shard=300, side=64, split="heldout", seed=1)
     config = {
         "model": {"name": "ViT-Tiny"},
-        "train": {"data": [str(tmp_path / "train")], "val_data": [str(tmp_path / "val")], "batch_size": 16,
-                  "samples": 64, "val_every": 2, "log_every": 2, "checkpoint_every": 2, "warmup": 1,
-                  "num_workers": 1},
-        "tune": {"temperature_init": [0.03, 0.07, 0.1], "early_stopping": False,
-                 "max_concurrent_trials": 1, "storage_path": str(tmp_path / "sweeps"), "name": "r"},
+        "train": {
+            "data": [str(tmp_path / "train")],
+            "val_data": [str(tmp_path / "val")],
+            "batch_size": 16,
+            "samples": 64,
+            "val_every": 2,
+            "log_every": 2,
+            "checkpoint_every": 2,
+            "warmup": 1,
+            "num_workers": 1,
+        },
+        "tune": {
+            "temperature_init": [0.03, 0.07, 0.1],
+            "early_stopping": False,
+            "max_concurrent_trials": 1,
+            "storage_path": str(tmp_path / "sweeps"),
+            "name": "r",
+        },
         "ray": {"num_cpus": 4},
     }
     config_path = tmp_path / "sweep.yaml"
@@ -125,8 +141,9 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     log1, log2 = tmp_path / "driver1.log", tmp_path / "driver2.log"
     try:
         with log1.open("wb") as out:
-            driver = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+            driver = subprocess.Popen(
+                command, cwd=PROJECT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + 420
         while True:
             states = _trial_states(sweep)
@@ -147,8 +164,9 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
         assert len(finished) < 3 and not (sweep / "results.csv").exists()
 
         with log2.open("wb") as out:
-            rerun = subprocess.run(command, cwd=PROJECT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True, timeout=480)
+            rerun = subprocess.run(
+                command, cwd=PROJECT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, timeout=480
+            )
         text = log2.read_text()
         assert rerun.returncode == 0, text[-4000:]
         assert f"resuming sweep {sweep}" in text

@@ -1,4 +1,5 @@
 """The `tune` section: search-space validation, Ray Tune's space, trial sections, concurrency."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,13 @@ def _tune(**keys) -> TuneConfig:
 
 
 def test_grids_and_ranges_become_ray_tune_domains():
-    tune = _tune(width_mult="[0.5, 1, 2]", temperature_init="{loguniform: [0.01, 0.1]}",
-                 learn_temperature="[true, false]", lr="{uniform: [0.0001, 0.001]}", batch_size="{choice: [32, 64]}")
+    tune = _tune(
+        width_mult="[0.5, 1, 2]",
+        temperature_init="{loguniform: [0.01, 0.1]}",
+        learn_temperature="[true, false]",
+        lr="{uniform: [0.0001, 0.001]}",
+        batch_size="{choice: [32, 64]}",
+    )
     space = param_space(tune)
     assert space["width_mult"] == {"grid_search": [0.5, 1, 2]}
     assert space["learn_temperature"] == {"grid_search": [True, False]}
@@ -41,23 +47,26 @@ def test_trial_count_is_grid_points_times_num_samples():
     assert count_trials(_tune(temperature_init="{loguniform: [0.01, 0.1]}", num_samples=5)) == 5
 
 
-@pytest.mark.parametrize("override, message", [
-    ("tune.width_mult=[0, 1]", "tune.width_mult values must be > 0, got 0"),
-    ("tune.width_mult=2", "is not a search space"),
-    ("tune.width_mult=[]", "empty grid"),
-    ("tune.width_mult=[1, 1]", "repeats a value"),
-    ("tune.learn_temperature=[1, 0]", "must be true or false"),
-    ("tune.batch_size=[64, 1.5]", "positive integers"),
-    ("tune.batch_size={loguniform: [16, 64]}", "takes a grid or {choice"),
-    ("tune.temperature_init={loguniform: [0.1, 0.01]}", "low < high"),
-    ("tune.temperature_init={loguniform: [0, 0.1]}", "must be > 0"),
-    ("tune.lr={normal: [0.1, 0.2]}", "expected exactly one of loguniform, uniform, choice"),
-    ("tune.name=a/b", "plain folder name"),
-    ("tune.mode=best", "tune.mode"),
-    ("tune.metric=loss", "choose one of val_loss"),
-    ("tune.reduction_factor=1", "tune.reduction_factor"),
-    ("tune.widths=[1]", "unknown key 'tune.widths'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("tune.width_mult=[0, 1]", "tune.width_mult values must be > 0, got 0"),
+        ("tune.width_mult=2", "is not a search space"),
+        ("tune.width_mult=[]", "empty grid"),
+        ("tune.width_mult=[1, 1]", "repeats a value"),
+        ("tune.learn_temperature=[1, 0]", "must be true or false"),
+        ("tune.batch_size=[64, 1.5]", "positive integers"),
+        ("tune.batch_size={loguniform: [16, 64]}", "takes a grid or {choice"),
+        ("tune.temperature_init={loguniform: [0.1, 0.01]}", "low < high"),
+        ("tune.temperature_init={loguniform: [0, 0.1]}", "must be > 0"),
+        ("tune.lr={normal: [0.1, 0.2]}", "expected exactly one of loguniform, uniform, choice"),
+        ("tune.name=a/b", "plain folder name"),
+        ("tune.mode=best", "tune.mode"),
+        ("tune.metric=loss", "choose one of val_loss"),
+        ("tune.reduction_factor=1", "tune.reduction_factor"),
+        ("tune.widths=[1]", "unknown key 'tune.widths'"),
+    ],
+)
 def test_bad_search_space_is_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[override])
@@ -78,8 +87,14 @@ def test_mode_follows_the_metric_and_a_contrary_mode_is_refused():
 def test_trial_values_replace_the_model_and_train_keys():
     model = ModelConfig(name="ViT-Tiny", width_mult=1.0)
     train = TrainConfig(data=["shards"], batch_size=128, lr=1e-3, temperature_init=0.07, storage_path="runs", name="x")
-    values = {"width_mult": 2, "temperature_init": 0.03, "learn_temperature": False, "lr": 5e-4,
-              "batch_size": 32, SEED_AXIS: 7}
+    values = {
+        "width_mult": 2,
+        "temperature_init": 0.03,
+        "learn_temperature": False,
+        "lr": 5e-4,
+        "batch_size": 32,
+        SEED_AXIS: 7,
+    }
     m, t = trial_sections(model, train, values, runs_dir="/sweeps/s/runs", run_name="abc_00001")
     assert m.width_mult == 2.0 and m.name == "ViT-Tiny"
     assert (t.temperature_init, t.learn_temperature, t.lr, t.batch_size, t.seed) == (0.03, False, 5e-4, 32, 7)
@@ -141,20 +156,38 @@ def shards(tmp_path):
 
 
 def _job(shards, *overrides):
-    return load_config(overrides=[f"train.data=[{shards}]", f"train.val_data=[{shards}]", "train.val_every=10",
-                                  "train.batch_size=32", "train.samples=640", *overrides])
+    return load_config(
+        overrides=[
+            f"train.data=[{shards}]",
+            f"train.val_data=[{shards}]",
+            "train.val_every=10",
+            "train.batch_size=32",
+            "train.samples=640",
+            *overrides,
+        ]
+    )
 
 
-@pytest.mark.parametrize("overrides, error, message", [
-    (["train.val_data=[]", "train.val_every=null"], ValueError, "set train.val_data (held-out shard folders) and train.val_every"),
-    (["train.val_every=null"], ValueError, "train.val_every (steps between validations)"),
-    (["tune.metric=zeroshot_acc1"], ValueError, "set train.zeroshot_data"),
-    (["model.name=ViT-Huge-99"], ValueError, "'ViT-Huge-99' is neither a registered model nor a model JSON"),
-    (["tune.grace_period=640"], ValueError, "ASHA could never stop a trial"),
-    (["train.num_workers=2", "tune.batch_size=[32, 33]"], ValueError,
-     "tune.batch_size 33 cannot run: train.batch_size 33 is not divisible by train.num_workers 2"),
-    (["tune.batch_size={choice: [32, 1024]}"], ValueError, "train.samples 640 is less than one global batch"),
-])
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (
+            ["train.val_data=[]", "train.val_every=null"],
+            ValueError,
+            "set train.val_data (held-out shard folders) and train.val_every",
+        ),
+        (["train.val_every=null"], ValueError, "train.val_every (steps between validations)"),
+        (["tune.metric=zeroshot_acc1"], ValueError, "set train.zeroshot_data"),
+        (["model.name=ViT-Huge-99"], ValueError, "'ViT-Huge-99' is neither a registered model nor a model JSON"),
+        (["tune.grace_period=640"], ValueError, "ASHA could never stop a trial"),
+        (
+            ["train.num_workers=2", "tune.batch_size=[32, 33]"],
+            ValueError,
+            "tune.batch_size 33 cannot run: train.batch_size 33 is not divisible by train.num_workers 2",
+        ),
+        (["tune.batch_size={choice: [32, 1024]}"], ValueError, "train.samples 640 is less than one global batch"),
+    ],
+)
 def test_a_sweep_that_cannot_run_stops_before_any_trial(shards, overrides, error, message):
     from training.tune import check_sweep
 
@@ -188,12 +221,23 @@ def test_resuming_a_sweep_with_a_changed_config_is_refused(shards, tmp_path):
     (tmp_path / "sweeps" / "s" / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
 
     # retry_failed may change on resume; it reports what the sweep started with ...
-    same = _job(shards, "tune.width_mult=[0.5, 1]", f"tune.storage_path={tmp_path / 'sweeps'}", "tune.name=s",
-                "tune.retry_failed=true")
+    same = _job(
+        shards,
+        "tune.width_mult=[0.5, 1]",
+        f"tune.storage_path={tmp_path / 'sweeps'}",
+        "tune.name=s",
+        "tune.retry_failed=true",
+    )
     assert _guard_resume(storage, _fingerprint(same.model, same.train, same.tune), {}) == {"max_concurrent_trials": 3}
     # ... anything that changes what trials compute (or how many run at once) is refused.
-    changed = _job(shards, "tune.width_mult=[0.5, 2]", "train.lr=0.01", "tune.max_concurrent_trials=1",
-                   f"tune.storage_path={tmp_path / 'sweeps'}", "tune.name=s")
+    changed = _job(
+        shards,
+        "tune.width_mult=[0.5, 2]",
+        "train.lr=0.01",
+        "tune.max_concurrent_trials=1",
+        f"tune.storage_path={tmp_path / 'sweeps'}",
+        "tune.name=s",
+    )
     with pytest.raises(ValueError) as err:
         _guard_resume(storage, _fingerprint(changed.model, changed.train, changed.tune), {})
     assert "differs in: train.lr, tune.max_concurrent_trials, tune.width_mult" in str(err.value)
@@ -206,7 +250,9 @@ def test_sweep_files_round_trip_on_s3(shards):
 
     with S3TestServer() as s3:
         s3.create_bucket("sweeps")
-        cfg = _job(shards, "tune.storage_path=s3://sweeps/team", "tune.name=s", f"train.s3_endpoint_url={s3.endpoint_url}")
+        cfg = _job(
+            shards, "tune.storage_path=s3://sweeps/team", "tune.name=s", f"train.s3_endpoint_url={s3.endpoint_url}"
+        )
         with mock.patch.dict(os.environ, s3.env()):
             storage = sweep_folder(cfg.tune, cfg.train)
             assert storage.url == "s3://sweeps/team/s" and storage.full_url("runs") == "s3://sweeps/team/s/runs"
@@ -232,8 +278,12 @@ def test_trials_get_absolute_local_paths_because_tune_runs_them_in_their_own_fol
     (tmp_path / "model.json").write_text("{}")
     (tmp_path / "templates.txt").write_text("a {c}\n")
     model = ModelConfig(name="model.json", pretrained="missing.pt")
-    train = TrainConfig(data=["shards/train", "s3://bucket/shards"], val_data=["shards/val"],
-                        zeroshot_templates="templates.txt", zeroshot_classnames="imagenet")
+    train = TrainConfig(
+        data=["shards/train", "s3://bucket/shards"],
+        val_data=["shards/val"],
+        zeroshot_templates="templates.txt",
+        zeroshot_classnames="imagenet",
+    )
     trial_model, trial_train = absolute_local_paths(model, train)
     assert trial_model.name == str(tmp_path / "model.json")
     assert trial_model.pretrained == "missing.pt"  # not a file here: left for the loader to report

@@ -10,6 +10,7 @@ stopped, deterministically. Width 4096 turns ViT-Tiny into a ~10^13-parameter mo
 trial refuses before allocating anything. (The 6-trial acceptance sweep on the demo shards, with
 trials side by side, is `benchmarks/tune_demo.py`.)
 """
+
 from __future__ import annotations
 
 import csv
@@ -49,15 +50,29 @@ def test_sweep_stops_a_trailing_trial_reports_failures_and_its_best_config_train
     from training.tune import run_sweep
 
     sweeps = tmp_path / "sweeps"
-    cfg = load_config(overrides=[
-        "model.name=ViT-Tiny",
-        f"train.data=[{shards['train']}]", f"train.val_data=[{shards['val']}]",
-        "train.batch_size=16", "train.samples=64", "train.val_every=2", "train.log_every=1",
-        "train.checkpoint_every=4", "train.warmup=1", "train.lr=0.0005", "train.num_workers=1",
-        "tune.temperature_init=[0.5, 0.01]", "tune.learn_temperature=[false]", "tune.width_mult=[1, 4096]",
-        "tune.grace_period=32", "tune.reduction_factor=2", "tune.max_concurrent_trials=1",
-        f"tune.storage_path={sweeps}", "tune.name=t",
-    ])
+    cfg = load_config(
+        overrides=[
+            "model.name=ViT-Tiny",
+            f"train.data=[{shards['train']}]",
+            f"train.val_data=[{shards['val']}]",
+            "train.batch_size=16",
+            "train.samples=64",
+            "train.val_every=2",
+            "train.log_every=1",
+            "train.checkpoint_every=4",
+            "train.warmup=1",
+            "train.lr=0.0005",
+            "train.num_workers=1",
+            "tune.temperature_init=[0.5, 0.01]",
+            "tune.learn_temperature=[false]",
+            "tune.width_mult=[1, 4096]",
+            "tune.grace_period=32",
+            "tune.reduction_factor=2",
+            "tune.max_concurrent_trials=1",
+            f"tune.storage_path={sweeps}",
+            "tune.name=t",
+        ]
+    )
     pgs_before = set(ray_local.util.placement_group_table())
 
     summary = run_sweep(cfg.model, cfg.train, cfg.tune)
@@ -99,16 +114,29 @@ def test_sweep_stops_a_trailing_trial_reports_failures_and_its_best_config_train
         table = ray_local.util.placement_group_table()
         new = {pg: info for pg, info in table.items() if pg not in pgs_before}
         cpus = ray_local.available_resources().get("CPU", 0.0)
-        return new and all(info["state"] == "REMOVED" for info in new.values()) and \
-            cpus == ray_local.cluster_resources()["CPU"]
+        return (
+            new
+            and all(info["state"] == "REMOVED" for info in new.values())
+            and cpus == ray_local.cluster_resources()["CPU"]
+        )
+
     _wait_for(released, 60, "the sweep's placement groups to be removed and CPUs freed")
 
     # best.json is a job config `clipray train` runs as it is (here for a few samples).
     best_config = load_config(sweep / "best.json")
     assert best_config.train.temperature_init == float(best["temperature_init"])
     assert best_config.train.learn_temperature is False and best_config.model.width_mult == 1.0
-    rc = clipray_main(["train", "--config", str(sweep / "best.json"), "--set", "train.samples=32",
-                       "--set", f"train.storage_path={tmp_path / 'runs'}"])
+    rc = clipray_main(
+        [
+            "train",
+            "--config",
+            str(sweep / "best.json"),
+            "--set",
+            "train.samples=32",
+            "--set",
+            f"train.storage_path={tmp_path / 'runs'}",
+        ]
+    )
     assert rc == 0
     final = tmp_path / "runs" / "t-best" / "final"
     assert (final / "model.safetensors").exists()

@@ -4,6 +4,7 @@ image and text widths scale together (CLIP scales width, not depth, of both enco
 The multipliers are those of the shipped sweep configs plus a spread around them. Models are built
 on torch's meta device, so even ViT-L-14 x 2 costs no memory.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,8 +75,9 @@ def test_every_width_builds_keeps_depth_and_scales_both_encoders(arch):
         # ViT: whole heads of head_width; ResNet: 32*width divisible by head_width, width even.
         v_step = math.lcm(2, hw // math.gcd(hw, 32)) if base.vision.is_resnet else hw
         t_step = base.text.width // base.text.heads
-        assert abs(scaled.vision.width - base.vision.width * mult) <= v_step / 2 + 1e-9 \
-            or scaled.vision.width == v_step, where
+        assert (
+            abs(scaled.vision.width - base.vision.width * mult) <= v_step / 2 + 1e-9 or scaled.vision.width == v_step
+        ), where
         assert abs(scaled.text.width - base.text.width * mult) <= t_step / 2 + 1e-9 or scaled.text.heads == 1, where
         if mult > 1:
             assert scaled.vision.width > base.vision.width and scaled.text.width > base.text.width, where
@@ -86,6 +88,8 @@ def test_every_width_builds_keeps_depth_and_scales_both_encoders(arch):
 def test_widths_grow_monotonically_with_the_multiplier():
     for arch in ("ViT-Tiny", "ViT-B-32", "RN50"):
         cfg = get_model_config(arch)
-        widths = [(parse_config(scale_width(cfg, m)).vision.width, parse_config(scale_width(cfg, m)).text.width)
-                  for m in WIDTHS]
+        widths = [
+            (parse_config(scale_width(cfg, m)).vision.width, parse_config(scale_width(cfg, m)).text.width)
+            for m in WIDTHS
+        ]
         assert widths == sorted(widths), arch

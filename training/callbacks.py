@@ -3,6 +3,7 @@
 Both run on the Ray Train controller (one per run), once per `ray.train.report`; they see rank 0's
 row, whose values are already global (the workers all-reduce before reporting).
 """
+
 from __future__ import annotations
 
 import math

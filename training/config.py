@@ -1,4 +1,5 @@
 """The `model`, `train` and `tune` sections of the job config."""
+
 from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
@@ -50,18 +51,24 @@ class TrainConfig(StorageConfig):
     temperature_init: PositiveFloat = 0.07
     learn_temperature: bool = True
     compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = Field(
-        False, description="torch.compile the model: true (mode 'default') or a torch.compile mode; "
-                           "'reduce-overhead' and 'max-autotune' add CUDA graphs (one GPU, fixed shapes)")
+        False,
+        description="torch.compile the model: true (mode 'default') or a torch.compile mode; "
+        "'reduce-overhead' and 'max-autotune' add CUDA graphs (one GPU, fixed shapes)",
+    )
     strategy: Literal["ddp", "fsdp"] = "ddp"
     checkpoint_every: PositiveInt = 1000
     keep_checkpoints: PositiveInt = 3
     max_failures: int = Field(0, ge=-1)
     log_every: PositiveInt = 10
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "WARNING", description="level of Ray Train's own console logs (INFO shows every report); clipray prints "
-                               "a progress line either way")
+        "WARNING",
+        description="level of Ray Train's own console logs (INFO shows every report); clipray prints "
+        "a progress line either way",
+    )
     val_every: Optional[PositiveInt] = Field(None, description="steps between validations (needs val_data)")
-    val_batch_size: Optional[PositiveInt] = Field(None, description="pairs per validation-loss chunk (default: batch_size)")
+    val_batch_size: Optional[PositiveInt] = Field(
+        None, description="pairs per validation-loss chunk (default: batch_size)"
+    )
     zeroshot_data: Optional[str] = Field(None, description="labelled set for zero-shot accuracy at each validation")
     zeroshot_classnames: Optional[str] = Field(None, description="class names file or built-in name")
     zeroshot_templates: Optional[str] = Field(None, description="prompt templates file or built-in name")
@@ -70,7 +77,9 @@ class TrainConfig(StorageConfig):
     preprocess_cpus: PositiveFloat = Field(1.0, description="CPUs per preprocessing actor")
     prefetch_batches: PositiveInt = 2
     shuffle_rows: int = Field(4096, ge=0, description="rows per shuffle window of each worker's stream (0: file order)")
-    crop_scale_min: float = Field(0.9, gt=0.0, le=1.0, description="smallest random crop, as a fraction of the largest square's area")
+    crop_scale_min: float = Field(
+        0.9, gt=0.0, le=1.0, description="smallest random crop, as a fraction of the largest square's area"
+    )
     decoder: Literal["cv2", "pil"] = "cv2"
 
     @property
@@ -82,19 +91,25 @@ class TrainConfig(StorageConfig):
     def _check_batches(self) -> "TrainConfig":
         local, rest = divmod(self.batch_size, self.num_workers)
         if rest:
-            raise ValueError(f"train.batch_size {self.batch_size} is not divisible by train.num_workers "
-                             f"{self.num_workers}: every worker takes an equal share of the global batch")
+            raise ValueError(
+                f"train.batch_size {self.batch_size} is not divisible by train.num_workers "
+                f"{self.num_workers}: every worker takes an equal share of the global batch"
+            )
         if self.micro_batch_size is not None and local % self.micro_batch_size:
-            raise ValueError(f"train.micro_batch_size {self.micro_batch_size} does not divide the per-worker "
-                             f"batch {local} (train.batch_size / train.num_workers)")
+            raise ValueError(
+                f"train.micro_batch_size {self.micro_batch_size} does not divide the per-worker "
+                f"batch {local} (train.batch_size / train.num_workers)"
+            )
         if self.samples < self.batch_size:
-            raise ValueError(f"train.samples {self.samples} is less than one global batch "
-                             f"(train.batch_size {self.batch_size})")
+            raise ValueError(
+                f"train.samples {self.samples} is less than one global batch (train.batch_size {self.batch_size})"
+            )
         if self.val_every is not None and not self.val_data:
             raise ValueError("train.val_every is set but train.val_data is empty: give held-out shard folders")
         if self.zeroshot_data is not None and self.val_every is None:
             raise ValueError("train.zeroshot_data is set but train.val_every is not: zero-shot runs at validations")
         return self
+
 
 from pydantic import field_validator  # noqa: E402  (TuneConfig's validators)
 
@@ -112,7 +127,8 @@ Space = Union[list[Any], dict[str, list[Any]]]
 # Metrics a sweep can rank and stop trials by: what the training runner reports at validations
 # (train.val_data, train.val_every) and, with train.zeroshot_data, zero-shot accuracy.
 VALIDATION_METRICS = ("val_loss",) + tuple(
-    f"val_{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10))
+    f"val_{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)
+)
 ZEROSHOT_METRICS = ("zeroshot_acc1", "zeroshot_acc5", "zeroshot_mean_per_class_recall")
 
 
@@ -132,8 +148,10 @@ def _check_space_value(axis: str, value: Any) -> None:
 
 def check_space(axis: str, space: Any) -> Any:
     """Validate one axis of the search space: a list (a grid) or {loguniform|uniform|choice: [...]}."""
-    hint = (f"write tune.{axis} as a list (a grid, e.g. [0.5, 1, 2]) or as "
-            "{loguniform: [low, high]} / {uniform: [low, high]} / {choice: [a, b, ...]}")
+    hint = (
+        f"write tune.{axis} as a list (a grid, e.g. [0.5, 1, 2]) or as "
+        "{loguniform: [low, high]} / {uniform: [low, high]} / {choice: [a, b, ...]}"
+    )
     if isinstance(space, list):
         if not space:
             raise ValueError(f"tune.{axis} is an empty grid; {hint}")
@@ -145,10 +163,11 @@ def check_space(axis: str, space: Any) -> Any:
     if not isinstance(space, dict):
         raise ValueError(
             f"tune.{axis} = {space!r} is not a search space; {hint} "
-            f"(to fix one value for every trial, set it in the model/train section instead)")
+            f"(to fix one value for every trial, set it in the model/train section instead)"
+        )
     if len(space) != 1 or next(iter(space)) not in SPACE_KINDS:
         raise ValueError(f"tune.{axis} = {space!r}: expected exactly one of {', '.join(SPACE_KINDS)}; {hint}")
-    (kind, values), = space.items()
+    ((kind, values),) = space.items()
     if not isinstance(values, list) or not values:
         raise ValueError(f"tune.{axis}.{kind} must be a non-empty list, got {values!r}")
     for value in values:
@@ -172,29 +191,41 @@ class TuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     temperature_init: Optional[Space] = Field(
-        None, description="softmax temperature to start from: a grid or {loguniform: [low, high]}")
+        None, description="softmax temperature to start from: a grid or {loguniform: [low, high]}"
+    )
     learn_temperature: Optional[Space] = Field(None, description="grid of true/false")
     width_mult: Optional[Space] = Field(
-        None, description="width multiplier of both encoders, e.g. [0.5, 1, 2] (depth is kept)")
+        None, description="width multiplier of both encoders, e.g. [0.5, 1, 2] (depth is kept)"
+    )
     lr: Optional[Space] = Field(None, description="peak learning rate: a grid or {loguniform: [low, high]}")
     batch_size: Optional[Space] = Field(None, description="global batch size: a grid of integers")
     num_samples: PositiveInt = Field(
-        1, description="repeats of the grid; random draws for loguniform/uniform/choice axes")
-    metric: str = Field("val_loss", description="validation metric to rank and stop trials by: val_loss, "
-                        "val_{image,text}_retrieval_recall@{1,5,10}, zeroshot_{acc1,acc5,mean_per_class_recall}")
+        1, description="repeats of the grid; random draws for loguniform/uniform/choice axes"
+    )
+    metric: str = Field(
+        "val_loss",
+        description="validation metric to rank and stop trials by: val_loss, "
+        "val_{image,text}_retrieval_recall@{1,5,10}, zeroshot_{acc1,acc5,mean_per_class_recall}",
+    )
     mode: Optional[Literal["min", "max"]] = Field(
-        None, validate_default=True, description="min or max; default: min for val_loss, max for recalls and accuracies")
+        None, validate_default=True, description="min or max; default: min for val_loss, max for recalls and accuracies"
+    )
     storage_path: str = Field("sweeps", description="folder (or URI) holding the sweep folder")
     name: str = Field("sweep", description="the sweep's folder; rerunning with the same name resumes it")
     early_stopping: bool = Field(True, description="ASHA stops trials that trail at a rung")
     grace_period: Optional[PositiveInt] = Field(
-        None, description="samples a trial sees before ASHA may stop it (default: train.samples / 4)")
+        None, description="samples a trial sees before ASHA may stop it (default: train.samples / 4)"
+    )
     reduction_factor: float = Field(2.0, gt=1.0, description="ASHA keeps 1/reduction_factor of trials per rung")
     max_concurrent_trials: Optional[PositiveInt] = Field(
-        None, description="default: as many trials as the cluster's GPUs (or CPUs) hold at once")
+        None, description="default: as many trials as the cluster's GPUs (or CPUs) hold at once"
+    )
     trial_cpus: float = Field(
-        0.25, gt=0.0, description="CPUs reserved for each trial's driver function (its TorchTrainer "
-        "reserves the workers' own resources)")
+        0.25,
+        gt=0.0,
+        description="CPUs reserved for each trial's driver function (its TorchTrainer "
+        "reserves the workers' own resources)",
+    )
     retry_failed: bool = Field(False, description="on resume, rerun trials that failed")
 
     @field_validator(*TUNE_AXES, mode="before")
@@ -214,8 +245,9 @@ class TuneConfig(BaseModel):
     def _metric(cls, value: str) -> str:
         known = VALIDATION_METRICS + ZEROSHOT_METRICS
         if value not in known:
-            raise ValueError(f"tune.metric {value!r} is not a metric the trials report; "
-                             f"choose one of {', '.join(known)}")
+            raise ValueError(
+                f"tune.metric {value!r} is not a metric the trials report; choose one of {', '.join(known)}"
+            )
         return value
 
     @field_validator("mode")
@@ -226,9 +258,11 @@ class TuneConfig(BaseModel):
             return value
         natural = "min" if metric == "val_loss" else "max"
         if value is not None and value != natural:
-            raise ValueError(f"tune.mode {value!r} would rank the worst trial first: {metric} is "
-                             f"{'a loss (lower is better)' if natural == 'min' else 'higher-is-better'}; "
-                             f"use tune.mode: {natural} or leave tune.mode out")
+            raise ValueError(
+                f"tune.mode {value!r} would rank the worst trial first: {metric} is "
+                f"{'a loss (lower is better)' if natural == 'min' else 'higher-is-better'}; "
+                f"use tune.mode: {natural} or leave tune.mode out"
+            )
         return natural
 
     def axes(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ progress line per report.
 Layout under `{train.storage_path}/{train.name}/`: `checkpoint_<step>/` (model.safetensors,
 model_config.json, the trainer state, data_position.json), `metrics.jsonl`, `tensorboard/`, `final/`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,21 +60,44 @@ def worker_plan(model: ModelConfig, train: TrainConfig, cluster_cpus: float) -> 
     data_cpus = actors * train.preprocess_cpus
     needed = train.num_workers * (train.cpus_per_worker + data_cpus)
     if needed > cluster_cpus:
-        log.warning("train: %d workers x (%.2f CPU + %d preprocessing actors x %.2f CPU) = %.1f CPUs, but the "
-                    "cluster has %.1f; the run waits until the cluster grows (lower train.num_preprocess_actors "
-                    "or train.preprocess_cpus otherwise)", train.num_workers, train.cpus_per_worker, actors,
-                    train.preprocess_cpus, needed, cluster_cpus)
-    log.info("train: %d shards, %d rows; %d steps of %d; %d preprocessing actors per worker",
-             len(shards), sum(s.rows for s in shards), train.total_steps, train.batch_size, actors)
+        log.warning(
+            "train: %d workers x (%.2f CPU + %d preprocessing actors x %.2f CPU) = %.1f CPUs, but the "
+            "cluster has %.1f; the run waits until the cluster grows (lower train.num_preprocess_actors "
+            "or train.preprocess_cpus otherwise)",
+            train.num_workers,
+            train.cpus_per_worker,
+            actors,
+            train.preprocess_cpus,
+            needed,
+            cluster_cpus,
+        )
+    log.info(
+        "train: %d shards, %d rows; %d steps of %d; %d preprocessing actors per worker",
+        len(shards),
+        sum(s.rows for s in shards),
+        train.total_steps,
+        train.batch_size,
+        actors,
+    )
     return WorkerPlan(
-        model=model, train=train, model_dict=model_dict, shards=tuple(shards), data_fs=data_fs,
-        val_shards=tuple(val_shards), val_fs=val_fs, plan_id=plan_fingerprint(shards, train.num_workers, train.seed),
-        preprocess_actors=actors, data_cpus=data_cpus,
+        model=model,
+        train=train,
+        model_dict=model_dict,
+        shards=tuple(shards),
+        data_fs=data_fs,
+        val_shards=tuple(val_shards),
+        val_fs=val_fs,
+        plan_id=plan_fingerprint(shards, train.num_workers, train.seed),
+        preprocess_actors=actors,
+        data_cpus=data_cpus,
         # Forward FLOPs per sample for each number of text positions the tower may run (it stops
         # after the batch's longest caption unless compiled).
-        flops_by_text_tokens=tuple(clip_forward_flops(model_dict, text_tokens=n)["total"]
-                                   for n in range(model_dict["text_cfg"]["context_length"] + 1)),
-        run=run_folder(train))
+        flops_by_text_tokens=tuple(
+            clip_forward_flops(model_dict, text_tokens=n)["total"]
+            for n in range(model_dict["text_cfg"]["context_length"] + 1)
+        ),
+        run=run_folder(train),
+    )
 
 
 def refuse_legacy_checkpoint(run: Folder) -> None:
@@ -86,8 +110,11 @@ def refuse_legacy_checkpoint(run: Folder) -> None:
     except FileNotFoundError:
         return
     checkpoints = sorted(e for e in entries if e.startswith("checkpoint_"))
-    if checkpoints and run.exists(f"{checkpoints[-1]}/{LEGACY_FILE}") and not run.exists(
-            f"{checkpoints[-1]}/{JSON_FILE}"):
+    if (
+        checkpoints
+        and run.exists(f"{checkpoints[-1]}/{LEGACY_FILE}")
+        and not run.exists(f"{checkpoints[-1]}/{JSON_FILE}")
+    ):
         raise legacy_checkpoint_error(run.full_url(checkpoints[-1]))
 
 
@@ -112,8 +139,9 @@ def run_training(model: ModelConfig, train: TrainConfig, *, callbacks: Optional[
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"plan": plan},
-        scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources
+        ),
         run_config=ray.train.RunConfig(
             name=train.name,
             storage_path=storage_root,
@@ -129,5 +157,9 @@ def run_training(model: ModelConfig, train: TrainConfig, *, callbacks: Optional[
         result = trainer.fit()
     checkpoint = getattr(result, "checkpoint", None)
     metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
-    return TrainingResult(path=run.url, final_dir=f"{run.url}/{FINAL_DIR}", metrics=metrics,
-                          checkpoint=None if checkpoint is None else checkpoint.path)
+    return TrainingResult(
+        path=run.url,
+        final_dir=f"{run.url}/{FINAL_DIR}",
+        metrics=metrics,
+        checkpoint=None if checkpoint is None else checkpoint.path,
+    )

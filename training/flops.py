@@ -7,13 +7,14 @@ follows what our model executes (`training/model`): the last transformer block o
 for its one pooled token only, and the text tower runs `text_tokens` positions (CLIP's 77 unless
 trimmed). A training step costs 3x the forward (backward = 2x forward).
 """
+
 from __future__ import annotations
 
 from typing import Optional
 
 # Dense peak tensor throughput per device, FLOP/s, by precision. Datasheet numbers (no sparsity).
 PEAK_FLOPS = {
-    "H100": {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12},   # SXM
+    "H100": {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12},  # SXM
     "H200": {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12},
     "A100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12},
     "L40S": {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12},
@@ -24,15 +25,20 @@ PEAK_FLOPS = {
 def _block(tokens: int, width: int, mlp_ratio: float = 4.0) -> float:
     """A pre-LN transformer block over `tokens` tokens: QKV, scores, weighted sum, out proj, MLP."""
     hidden = width * mlp_ratio
-    return (2 * tokens * width * 3 * width + 4 * tokens * tokens * width
-            + 2 * tokens * width * width + 4 * tokens * width * hidden)
+    return (
+        2 * tokens * width * 3 * width
+        + 4 * tokens * tokens * width
+        + 2 * tokens * width * width
+        + 4 * tokens * width * hidden
+    )
 
 
 def _pooled_block(tokens: int, width: int, mlp_ratio: float = 4.0) -> float:
     """The last block for one query token: K/V for all tokens, the rest for one."""
     hidden = width * mlp_ratio
-    return (2 * tokens * width * 2 * width + 2 * width * width + 4 * tokens * width
-            + 2 * width * width + 4 * width * hidden)
+    return (
+        2 * tokens * width * 2 * width + 2 * width * width + 4 * tokens * width + 2 * width * width + 4 * width * hidden
+    )
 
 
 def _tower(tokens: int, width: int, layers: int) -> float:
@@ -42,7 +48,9 @@ def _tower(tokens: int, width: int, layers: int) -> float:
 def vit_flops(image_size: int, patch_size: int, width: int, layers: int, embed_dim: int) -> float:
     grid = image_size // patch_size
     patches = grid * grid
-    return 2 * 3 * patch_size * patch_size * width * patches + _tower(patches + 1, width, layers) + 2 * width * embed_dim
+    return (
+        2 * 3 * patch_size * patch_size * width * patches + _tower(patches + 1, width, layers) + 2 * width * embed_dim
+    )
 
 
 def resnet_flops(image_size: int, layers: tuple[int, ...], width: int, embed_dim: int) -> float:
@@ -52,7 +60,7 @@ def resnet_flops(image_size: int, layers: tuple[int, ...], width: int, embed_dim
     side //= 2  # stem average pool
     inplanes = width
     for stage, blocks in enumerate(layers):
-        planes = width * 2 ** stage
+        planes = width * 2**stage
         for b in range(blocks):
             stride = 2 if stage > 0 and b == 0 else 1
             out_side = side // stride
@@ -89,8 +97,9 @@ def peak_flops(device_name: str, precision: str) -> Optional[float]:
     return None
 
 
-def mfu(samples_per_s: float, forward_flops_per_sample: float, peak_per_device: Optional[float],
-        num_devices: int = 1) -> Optional[float]:
+def mfu(
+    samples_per_s: float, forward_flops_per_sample: float, peak_per_device: Optional[float], num_devices: int = 1
+) -> Optional[float]:
     """Model FLOPs utilisation: 3 x forward FLOPs x samples/s over the devices' peak."""
     if not peak_per_device:
         return None

@@ -15,6 +15,7 @@ is GradCache-style exact accumulation:
 The parameter gradient is then exactly that of one big batch, and the logits never take more than
 `local_batch x global_batch` memory.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,11 +72,20 @@ class LoopSettings:
     @classmethod
     def from_train_config(cls, train: Any, total_steps: int) -> "LoopSettings":
         """From a `training.config.TrainConfig` (duck-typed, so this module needs no pydantic)."""
-        return cls(total_steps=total_steps, lr=train.lr, warmup=train.warmup,
-                   weight_decay=train.weight_decay, betas=(train.beta1, train.beta2), eps=train.eps,
-                   grad_clip=train.grad_clip, precision=train.precision, loss=train.loss,
-                   micro_batch_size=train.micro_batch_size, compile=train.compile,
-                   strategy=train.strategy)
+        return cls(
+            total_steps=total_steps,
+            lr=train.lr,
+            warmup=train.warmup,
+            weight_decay=train.weight_decay,
+            betas=(train.beta1, train.beta2),
+            eps=train.eps,
+            grad_clip=train.grad_clip,
+            precision=train.precision,
+            loss=train.loss,
+            micro_batch_size=train.micro_batch_size,
+            compile=train.compile,
+            strategy=train.strategy,
+        )
 
 
 class WarmupCosine:
@@ -104,8 +114,7 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
             no_decay.append(param)
         else:
             decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class ContrastiveModel(nn.Module):
@@ -187,10 +196,15 @@ class TrainLoop:
             self.forward_module = self.wrapped
         fused = self.device.type == "cuda" and not self.fsdp
         self.optimizer = torch.optim.AdamW(
-            parameter_groups(self.module, settings.weight_decay), lr=settings.lr, betas=settings.betas,
-            eps=settings.eps, **({"fused": True} if fused else {}))
+            parameter_groups(self.module, settings.weight_decay),
+            lr=settings.lr,
+            betas=settings.betas,
+            eps=settings.eps,
+            **({"fused": True} if fused else {}),
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, WarmupCosine(settings.warmup, settings.total_steps))
+            self.optimizer, WarmupCosine(settings.warmup, settings.total_steps)
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "amp_fp16")
         self.step_count = 0
         self.samples_seen = 0
@@ -248,8 +262,7 @@ class TrainLoop:
         loss = self.compute_gradients(images, tokens)
         grad_norm = self.apply_gradients()
         self.samples_seen += images.shape[0] * self.world_size
-        return StepResult(loss=loss, lr=lr, logit_scale=self.module.clip.logit_scale.detach(),
-                          grad_norm=grad_norm)
+        return StepResult(loss=loss, lr=lr, logit_scale=self.module.clip.logit_scale.detach(), grad_norm=grad_norm)
 
     def compute_gradients(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Forward + backward of this rank's part of the global batch; gradients land in `.grad`
@@ -303,8 +316,11 @@ class TrainLoop:
         chunks = list(zip(images.split(micro), tokens.split(micro)))
         # 1. features of every micro-batch without graph; batch-norm running stats restored after,
         #    so only the recompute pass below updates them (once per micro-batch, as without caching).
-        saved_stats = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-                       for m in self._batchnorms if m.running_mean is not None]
+        saved_stats = [
+            (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+            for m in self._batchnorms
+            if m.running_mean is not None
+        ]
         rng_states, image_parts, text_parts = [], [], []
         with torch.no_grad():
             for chunk_images, chunk_tokens in chunks:
@@ -384,7 +400,7 @@ class TrainLoop:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            return {k[len("clip."):]: v for k, v in full.items() if k.startswith("clip.")}
+            return {k[len("clip.") :]: v for k, v in full.items() if k.startswith("clip.")}
         return {k: v.detach().cpu() for k, v in self.module.clip.state_dict().items()}
 
     def optimizer_state_dict(self) -> dict:
@@ -393,6 +409,7 @@ class TrainLoop:
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-            return get_optimizer_state_dict(self.module, self.optimizer,
-                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return get_optimizer_state_dict(
+                self.module, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
         return self.optimizer.state_dict()

@@ -9,6 +9,7 @@ to gradients) gives exactly the loss of one process holding the whole batch.
 Shapes: features `[B, D]`, L2-normalised by the model; `logit_scale` is exp(log-scale), a scalar
 tensor (the model's `forward` returns it already exponentiated).
 """
+
 from __future__ import annotations
 
 import math
@@ -54,7 +55,7 @@ class _GatherWithGrad(torch.autograd.Function):
             dist.reduce_scatter_tensor(out, grad)
             return out
         dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows].clone()
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows].clone()
 
 
 def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
@@ -68,8 +69,13 @@ def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(local)
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
-              logit_scale: torch.Tensor, *, distributed: Optional[bool] = None) -> torch.Tensor:
+def clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    distributed: Optional[bool] = None,
+) -> torch.Tensor:
     """CLIP's symmetric InfoNCE for this rank's rows.
 
     logits = logit_scale * image @ text^T over the global batch; cross-entropy of each local image
@@ -91,13 +97,18 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     rows = image_features.shape[0]
     labels = torch.arange(rows, device=image_features.device) + rank * rows
     logits_per_image = scale * image_features @ all_texts.T  # [B, world*B]
-    logits_per_text = scale * text_features @ all_images.T   # [B, world*B]
+    logits_per_text = scale * text_features @ all_images.T  # [B, world*B]
     return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
 
 
-def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
-                logit_scale: torch.Tensor, logit_bias: torch.Tensor, *,
-                distributed: Optional[bool] = None) -> torch.Tensor:
+def siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    *,
+    distributed: Optional[bool] = None,
+) -> torch.Tensor:
     """SigLIP's pairwise sigmoid loss for this rank's images against all texts of the global batch.
 
     logits = logit_scale * image @ text^T + logit_bias; label +1 on the matching pair, -1 elsewhere;
@@ -118,9 +129,15 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     return -F.logsigmoid(signs * logits).sum() / rows
 
 
-def contrastive_loss(kind: str, image_features: torch.Tensor, text_features: torch.Tensor,
-                     logit_scale: torch.Tensor, logit_bias: Optional[torch.Tensor] = None, *,
-                     distributed: Optional[bool] = None) -> torch.Tensor:
+def contrastive_loss(
+    kind: str,
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: Optional[torch.Tensor] = None,
+    *,
+    distributed: Optional[bool] = None,
+) -> torch.Tensor:
     """Dispatch on `kind` ("clip" or "siglip", the `train.loss` key)."""
     if kind == "clip":
         return clip_loss(image_features, text_features, logit_scale, distributed=distributed)
@@ -139,8 +156,11 @@ def clamp_logit_scale_(logit_scale: torch.nn.Parameter, max_value: float = LOGIT
 
 def _check_pairs(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
     if image_features.dim() != 2 or text_features.dim() != 2:
-        raise ValueError(f"features must be [B, D]; got image {tuple(image_features.shape)}, "
-                         f"text {tuple(text_features.shape)}")
+        raise ValueError(
+            f"features must be [B, D]; got image {tuple(image_features.shape)}, text {tuple(text_features.shape)}"
+        )
     if image_features.shape != text_features.shape:
-        raise ValueError(f"image and text features must pair up row by row; got image "
-                         f"{tuple(image_features.shape)} vs text {tuple(text_features.shape)}")
+        raise ValueError(
+            f"image and text features must pair up row by row; got image "
+            f"{tuple(image_features.shape)} vs text {tuple(text_features.shape)}"
+        )

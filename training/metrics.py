@@ -5,6 +5,7 @@
 checkpoint the steps go back: rows at or after the first repeated step are dropped from
 metrics.jsonl (they belong to the attempt that failed) and TensorBoard purges them too.
 """
+
 from __future__ import annotations
 
 import json

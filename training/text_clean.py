@@ -18,6 +18,7 @@ provably changes nothing:
 The tests hold both checks to ftfy: every ASCII character pair, random ASCII, and multilingual fuzz
 sets with mojibake and entities.
 """
+
 from __future__ import annotations
 
 import html
@@ -37,16 +38,37 @@ _PLAIN_ASCII_BYTES = bytes(c for c in range(128) if not _ASCII_NEEDS_FIXING.matc
 _WHITESPACE_RE = regex.compile(r"\s+")
 # ftfy's defaults and fixers when `_ftfy_keeps` was written (ftfy 6.3): its argument holds for these.
 _FTFY_DEFAULTS = {
-    "unescape_html": "auto", "remove_terminal_escapes": True, "fix_encoding": True,
-    "restore_byte_a0": True, "replace_lossy_sequences": True, "decode_inconsistent_utf8": True,
-    "fix_c1_controls": True, "fix_latin_ligatures": True, "fix_character_width": True,
-    "uncurl_quotes": True, "fix_line_breaks": True, "fix_surrogates": True,
-    "remove_control_chars": True, "normalization": "NFC", "max_decode_length": 1_000_000,
+    "unescape_html": "auto",
+    "remove_terminal_escapes": True,
+    "fix_encoding": True,
+    "restore_byte_a0": True,
+    "replace_lossy_sequences": True,
+    "decode_inconsistent_utf8": True,
+    "fix_c1_controls": True,
+    "fix_latin_ligatures": True,
+    "fix_character_width": True,
+    "uncurl_quotes": True,
+    "fix_line_breaks": True,
+    "fix_surrogates": True,
+    "remove_control_chars": True,
+    "normalization": "NFC",
+    "max_decode_length": 1_000_000,
     "explain": True,
 }
-_FTFY_FIXERS = {"unescape_html", "remove_terminal_escapes", "restore_byte_a0", "replace_lossy_sequences",
-                "decode_inconsistent_utf8", "fix_c1_controls", "fix_latin_ligatures", "fix_character_width",
-                "uncurl_quotes", "fix_line_breaks", "fix_surrogates", "remove_control_chars"}
+_FTFY_FIXERS = {
+    "unescape_html",
+    "remove_terminal_escapes",
+    "restore_byte_a0",
+    "replace_lossy_sequences",
+    "decode_inconsistent_utf8",
+    "fix_c1_controls",
+    "fix_latin_ligatures",
+    "fix_character_width",
+    "uncurl_quotes",
+    "fix_line_breaks",
+    "fix_surrogates",
+    "remove_control_chars",
+}
 
 
 def is_plain_ascii(text: str) -> bool:
@@ -96,9 +118,14 @@ def _build_ftfy_keeps() -> Optional[Callable[[str], bool]]:
     max_length = _FTFY_DEFAULTS["max_decode_length"]
 
     def keeps(text: str) -> bool:
-        return (len(text) <= max_length and touched_search(text) is None
-                and single_quote(text) is None and double_quote(text) is None
-                and unicodedata.is_normalized("NFC", text) and not is_bad(text))
+        return (
+            len(text) <= max_length
+            and touched_search(text) is None
+            and single_quote(text) is None
+            and double_quote(text) is None
+            and unicodedata.is_normalized("NFC", text)
+            and not is_bad(text)
+        )
 
     return keeps
 

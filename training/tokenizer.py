@@ -21,6 +21,7 @@ Speed (the default `fast=True` path), all id-identical to CLIP's definition:
 `ReferenceBPE` is the plain-Python BPE (the definition the tests hold the fast path to;
 `fast=False` uses it alone).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -45,8 +46,10 @@ SOT_ID, EOT_ID = 49406, 49407
 DEFAULT_CONTEXT_LENGTH = 77
 
 # CLIP's pre-tokenisation: specials, English contractions, letter runs, single digits, other runs.
-_WORD_PATTERN = (r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"
-                 r"[^\s\p{L}\p{N}]+")
+_WORD_PATTERN = (
+    r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"
+    r"[^\s\p{L}\p{N}]+"
+)
 _WORD_RE = regex.compile(_WORD_PATTERN, regex.IGNORECASE)
 # Separates the captions of a batch in the bulk path; never in a caption that takes that path.
 _ROW_END = "\x00"
@@ -61,8 +64,9 @@ def bytes_to_unicode() -> dict[int, str]:
     The 188 printable Latin-1 bytes map to themselves and come first; the other 68 bytes follow in
     byte order, mapped to code points 256, 257, ... The order matters: it is the order of ids 0-255.
     """
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table = {b: chr(b) for b in printable}
     others = [b for b in range(256) if b not in table]
     table.update({b: chr(256 + n) for n, b in enumerate(others)})
@@ -81,11 +85,10 @@ def _clean_chunks(text: str) -> list[str]:
 def load_merges() -> tuple[tuple[str, str], ...]:
     """The 48,894 BPE merges in rank order, from the packaged merges file."""
     if not MERGES_FILE.is_file():
-        raise FileNotFoundError(
-            f"CLIP's BPE merges file {MERGES_FILE} is missing; reinstall the clipray package")
+        raise FileNotFoundError(f"CLIP's BPE merges file {MERGES_FILE} is missing; reinstall the clipray package")
     with gzip.open(MERGES_FILE, "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
-    merges = [tuple(line.split()) for line in lines[1: NUM_MERGES + 1]]
+    merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
     if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
         raise ValueError(f"{MERGES_FILE} is not CLIP's merges file (expected {NUM_MERGES} pairs)")
     return tuple(merges)
@@ -149,8 +152,9 @@ def _build_word_bpe():
     from tokenizers import models, pre_tokenizers
 
     vocab = {tok: i for i, tok in enumerate(load_vocab())}
-    bpe = models.BPE(vocab=vocab, merges=list(load_merges()), end_of_word_suffix="</w>",
-                     continuing_subword_prefix="", fuse_unk=False)
+    bpe = models.BPE(
+        vocab=vocab, merges=list(load_merges()), end_of_word_suffix="</w>", continuing_subword_prefix="", fuse_unk=False
+    )
     tok = HFTokenizer(bpe)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     return tok
@@ -168,8 +172,7 @@ class Tokenizer:
     sot_token_id = SOT_ID
     eot_token_id = EOT_ID
 
-    def __init__(self, context_length: int = DEFAULT_CONTEXT_LENGTH, fast: bool = True,
-                 cache_size: int = 200_000):
+    def __init__(self, context_length: int = DEFAULT_CONTEXT_LENGTH, fast: bool = True, cache_size: int = 200_000):
         _check_context_length(context_length)
         self.context_length = context_length
         self.fast = fast
@@ -220,7 +223,8 @@ class Tokenizer:
                 words.update((w, tuple(e.ids)) for w, e in zip(new_words, encoded))
             cache.update(
                 (c, np.fromiter(chain.from_iterable(words[w] for w in ws), dtype=_IDS).tobytes())
-                for c, ws in split.items())
+                for c, ws in split.items()
+            )
             return cache
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -257,8 +261,7 @@ class Tokenizer:
             row = row[: row.index(EOT_ID)]
         vocab, inverse = load_vocab(), {c: b for b, c in bytes_to_unicode().items()}
         words = "".join(vocab[i] for i in row).split("</w>")
-        return " ".join(bytearray(inverse[c] for c in w).decode("utf-8", errors="replace")
-                        for w in words if w)
+        return " ".join(bytearray(inverse[c] for c in w).decode("utf-8", errors="replace") for w in words if w)
 
     def _bulk_ids(self, chunks: list[str]) -> np.ndarray:
         """Flat ids of a flat chunk list (row ends -> -1), learning unseen chunks first."""
@@ -268,8 +271,7 @@ class Tokenizer:
             cache = self._learn_chunks(set(chunks))
             return np.frombuffer(b"".join(map(cache.__getitem__, chunks)), dtype=_IDS)
 
-    def __call__(self, texts: Union[str, Sequence[str]],
-                 context_length: Optional[int] = None) -> torch.Tensor:
+    def __call__(self, texts: Union[str, Sequence[str]], context_length: Optional[int] = None) -> torch.Tensor:
         context_length = self.context_length if context_length is None else context_length
         _check_context_length(context_length)
         if isinstance(texts, str):
@@ -318,8 +320,9 @@ _BATCH_UNSAFE = re.compile("[\x00\x1c-\x1f]")
 
 
 def _with_row_ends(rows: list[list[int]]) -> np.ndarray:
-    return np.fromiter(chain.from_iterable((*r, -1) for r in rows), dtype=np.int64,
-                       count=sum(map(len, rows)) + len(rows))
+    return np.fromiter(
+        chain.from_iterable((*r, -1) for r in rows), dtype=np.int64, count=sum(map(len, rows)) + len(rows)
+    )
 
 
 def _place(out: np.ndarray, rows: np.ndarray, flat: np.ndarray, context_length: int) -> None:

@@ -29,6 +29,7 @@ entry added to one is seen in the other. safetensors and `training.model` are im
 functions: `training.loop` re-exports `save_checkpoint`, `load_checkpoint` and `gather_objects`,
 and importing it stays torch and numpy.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,19 @@ VERSION = 1
 TENSORS_FILE = "trainer_state.safetensors"
 JSON_FILE = "trainer_state.json"
 LEGACY_FILE = "trainer_state.pt"
-_TOP_KEYS = ("format", "version", "step", "samples_seen", "world_size", "optimizer", "scheduler", "scaler",
-             "rng", "logit_bias", "extra")
+_TOP_KEYS = (
+    "format",
+    "version",
+    "step",
+    "samples_seen",
+    "world_size",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "rng",
+    "logit_bias",
+    "extra",
+)
 _MT_WORDS = 624  # Mersenne Twister state words (numpy's and Python's generators)
 
 
@@ -112,22 +124,32 @@ def capture(loop: TrainLoop) -> TrainerState:
     optimizer = loop.optimizer_state_dict()
     if not loop.fsdp:  # torch numbers parameters 0..n-1 across the groups, in order
         flat = [n for group in param_names(loop) for n in group]
-        optimizer = {"state": {flat[i]: values for i, values in optimizer["state"].items()},
-                     "param_groups": [{**g, "params": [flat[i] for i in g["params"]]}
-                                      for g in optimizer["param_groups"]]}
+        optimizer = {
+            "state": {flat[i]: values for i, values in optimizer["state"].items()},
+            "param_groups": [{**g, "params": [flat[i] for i in g["params"]]} for g in optimizer["param_groups"]],
+        }
     bias = loop.module.logit_bias
-    return TrainerState(optimizer=optimizer, scheduler=loop.scheduler.state_dict(),
-                        scaler=loop.scaler.state_dict(), step=loop.step_count, samples_seen=loop.samples_seen,
-                        world_size=loop.world_size, rng=gather_objects(rng_snapshot(loop.device)),
-                        logit_bias=None if bias is None else bias.detach().cpu())
+    return TrainerState(
+        optimizer=optimizer,
+        scheduler=loop.scheduler.state_dict(),
+        scaler=loop.scaler.state_dict(),
+        step=loop.step_count,
+        samples_seen=loop.samples_seen,
+        world_size=loop.world_size,
+        rng=gather_objects(rng_snapshot(loop.device)),
+        logit_bias=None if bias is None else bias.detach().cpu(),
+    )
 
 
 def restore(loop: TrainLoop, model_state: dict[str, torch.Tensor], state: TrainerState) -> None:
     """Load CLIP weights (OpenAI key layout) and `state` into `loop`; this rank's RNG states only when
     the world size is the saved one."""
     if loop.fsdp:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         options = StateDictOptions(full_state_dict=True)
         full = {f"clip.{k}": v for k, v in model_state.items()}
@@ -141,10 +163,14 @@ def restore(loop: TrainLoop, model_state: dict[str, torch.Tensor], state: Traine
             with torch.no_grad():
                 loop.module.logit_bias.copy_(state.logit_bias)
         index = {n: i for i, n in enumerate(n for group in param_names(loop) for n in group)}
-        loop.optimizer.load_state_dict({
-            "state": {index[n]: values for n, values in state.optimizer["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
-                             for g in state.optimizer["param_groups"]]})
+        loop.optimizer.load_state_dict(
+            {
+                "state": {index[n]: values for n, values in state.optimizer["state"].items()},
+                "param_groups": [
+                    {**g, "params": [index[n] for n in g["params"]]} for g in state.optimizer["param_groups"]
+                ],
+            }
+        )
     loop.scheduler.load_state_dict(state.scheduler)
     loop.scaler.load_state_dict(state.scaler)  # a disabled scaler (not fp16) ignores it
     loop.step_count, loop.samples_seen = state.step, state.samples_seen
@@ -155,8 +181,11 @@ def restore(loop: TrainLoop, model_state: dict[str, torch.Tensor], state: Traine
 # --------------------------------------------------------------------------------- files
 def encode(state: TrainerState) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors for trainer_state.safetensors, document for trainer_state.json)."""
-    tensors = {f"optimizer/{name}/{key}": value.detach().cpu().contiguous()
-               for name, values in state.optimizer["state"].items() for key, value in values.items()}
+    tensors = {
+        f"optimizer/{name}/{key}": value.detach().cpu().contiguous()
+        for name, values in state.optimizer["state"].items()
+        for key, value in values.items()
+    }
     rng = []
     for rank, snapshot in enumerate(state.rng):
         tensors[f"rng/{rank}/torch"] = snapshot["torch"]
@@ -166,17 +195,28 @@ def encode(state: TrainerState) -> tuple[dict[str, torch.Tensor], dict]:
         tensors[f"rng/{rank}/numpy"] = torch.from_numpy(key.astype(np.int64))
         version, words, gauss_next = snapshot["python"]
         tensors[f"rng/{rank}/python"] = torch.tensor(words, dtype=torch.int64)
-        rng.append({"cuda": snapshot["cuda"] is not None,
-                    "numpy": {"pos": pos, "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
-                    "python": {"version": version, "gauss_next": gauss_next}})
+        rng.append(
+            {
+                "cuda": snapshot["cuda"] is not None,
+                "numpy": {"pos": pos, "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
+                "python": {"version": version, "gauss_next": gauss_next},
+            }
+        )
     if state.logit_bias is not None:
         tensors["logit_bias"] = state.logit_bias.detach().cpu().reshape(())
-    doc = {"format": FORMAT, "version": VERSION, "step": state.step, "samples_seen": state.samples_seen,
-           "world_size": state.world_size,
-           "optimizer": {"param_groups": state.optimizer["param_groups"],
-                         "with_state": list(state.optimizer["state"])},
-           "scheduler": state.scheduler, "scaler": state.scaler, "rng": rng,
-           "logit_bias": state.logit_bias is not None, "extra": state.extra}
+    doc = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": state.step,
+        "samples_seen": state.samples_seen,
+        "world_size": state.world_size,
+        "optimizer": {"param_groups": state.optimizer["param_groups"], "with_state": list(state.optimizer["state"])},
+        "scheduler": state.scheduler,
+        "scaler": state.scaler,
+        "rng": rng,
+        "logit_bias": state.logit_bias is not None,
+        "extra": state.extra,
+    }
     return tensors, doc
 
 
@@ -193,8 +233,9 @@ def save_checkpoint(loop: TrainLoop, directory: str | os.PathLike, extra: Option
             raise TypeError(f"it is a {type(extra).__name__}")
         json.dumps(extra)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"save_checkpoint: extra must be a JSON object (dict of str, numbers, lists, dicts): {e}") \
-            from None
+        raise TypeError(
+            f"save_checkpoint: extra must be a JSON object (dict of str, numbers, lists, dicts): {e}"
+        ) from None
     model_state = loop.model_state_dict()
     state = capture(loop)
     if loop.rank != 0:
@@ -226,8 +267,10 @@ def load_checkpoint(loop: TrainLoop, directory: str | os.PathLike) -> dict:
     if TENSORS_FILE in missing and JSON_FILE in missing and os.path.isfile(os.path.join(directory, LEGACY_FILE)):
         raise legacy_checkpoint_error(directory)
     if missing:
-        raise CheckpointError(f"checkpoint {directory} has no {', '.join(missing)}; it was not written by "
-                              "training.trainer_state.save_checkpoint")
+        raise CheckpointError(
+            f"checkpoint {directory} has no {', '.join(missing)}; it was not written by "
+            "training.trainer_state.save_checkpoint"
+        )
     state = read_trainer_state(loop, paths[TENSORS_FILE], paths[JSON_FILE])
     weights = load_state_dict(paths[WEIGHTS_FILE])
     check_state_dict(loop.module.clip, weights, source=paths[WEIGHTS_FILE])
@@ -247,7 +290,8 @@ def legacy_checkpoint_error(directory: str):
         f"a file runs whatever code the file names (anyone who can write under train.storage_path could run code "
         f"on the workers). To go on, start fresh under another train.name, or keep only the weights: a run under "
         f"another train.name with model.pretrained={directory}/{WEIGHTS_FILE} (optimizer, LR schedule and data "
-        f"position start over).")
+        f"position start over)."
+    )
 
 
 # --------------------------------------------------------------------------------- checked reading
@@ -279,8 +323,9 @@ class _Files:
     def error(path: str, problem: str) -> Exception:
         from training.model import CheckpointError
 
-        return CheckpointError(f"{path}: {problem}; the checkpoint is not loaded (resume from another checkpoint, "
-                               "or start fresh)")
+        return CheckpointError(
+            f"{path}: {problem}; the checkpoint is not loaded (resume from another checkpoint, or start fresh)"
+        )
 
     def bad(self, where: str, problem: str) -> Exception:
         return self.error(self.json_path, f"{where} {problem}")
@@ -314,8 +359,12 @@ class _Files:
         return value
 
     def integer(self, value: Any, where: str, least: int, most: Optional[int] = None) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < least or (
-                most is not None and value > most):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < least
+            or (most is not None and value > most)
+        ):
             bounds = f"from {least} to {most}" if most is not None else f">= {least}"
             raise self.bad(where, f"is {value!r}, expected an integer {bounds}")
         return value
@@ -327,11 +376,15 @@ class _Files:
             raise self.error(self.tensors_path, f"has no tensor {key!r}")
         value = self.tensors[key]
         self.used.add(key)
-        if value.dtype != dtype or value.ndim != len(shape) or any(
-                want is not None and got != want for got, want in zip(value.shape, shape)):
+        if (
+            value.dtype != dtype
+            or value.ndim != len(shape)
+            or any(want is not None and got != want for got, want in zip(value.shape, shape))
+        ):
             want = ["n" if s is None else s for s in shape]
-            raise self.error(self.tensors_path,
-                             f"tensor {key!r} is {value.dtype} {list(value.shape)}, expected {dtype} {want}")
+            raise self.error(
+                self.tensors_path, f"tensor {key!r} is {value.dtype} {list(value.shape)}, expected {dtype} {want}"
+            )
         if most is not None and value.numel() and (value.min() < 0 or value.max() > most):
             raise self.error(self.tensors_path, f"tensor {key!r} holds values outside [0, {most}]")
         return value
@@ -343,14 +396,20 @@ class _Files:
         if doc.get("format") != FORMAT:
             raise self.bad("format", f"is {doc.get('format')!r}, expected {FORMAT!r}")
         if doc.get("version") != VERSION:
-            raise self.bad("version", f"{doc.get('version')!r} is not a trainer-state format version this "
-                                      f"clipray reads (it reads {VERSION}); resume with the clipray that wrote it")
+            raise self.bad(
+                "version",
+                f"{doc.get('version')!r} is not a trainer-state format version this "
+                f"clipray reads (it reads {VERSION}); resume with the clipray that wrote it",
+            )
         self.keys(doc, _TOP_KEYS, "the document")
         world_size = self.integer(doc["world_size"], "world_size", 1)
         saved_bias = self.like(doc["logit_bias"], True, "logit_bias")
         if saved_bias != (loop.module.logit_bias is not None):
-            raise self.bad("logit_bias", f"is {str(saved_bias).lower()}, but this loop "
-                                         f"{'has no' if saved_bias else 'has a'} SigLIP bias (train.loss changed?)")
+            raise self.bad(
+                "logit_bias",
+                f"is {str(saved_bias).lower()}, but this loop "
+                f"{'has no' if saved_bias else 'has a'} SigLIP bias (train.loss changed?)",
+            )
         if not isinstance(doc["extra"], dict):
             raise self.bad("extra", f"is {_kind(doc['extra'])}, expected an object")
         state = TrainerState(
@@ -358,13 +417,15 @@ class _Files:
             scheduler=self.like(doc["scheduler"], loop.scheduler.state_dict(), "scheduler"),
             scaler=self.scaler(doc["scaler"], loop),
             step=self.integer(doc["step"], "step", 0),
-            samples_seen=self.integer(doc["samples_seen"], "samples_seen", 0), world_size=world_size,
+            samples_seen=self.integer(doc["samples_seen"], "samples_seen", 0),
+            world_size=world_size,
             rng=self.rng(doc["rng"], world_size, loop.device),
-            logit_bias=self.tensor("logit_bias", torch.float32, ()) if saved_bias else None, extra=doc["extra"])
+            logit_bias=self.tensor("logit_bias", torch.float32, ()) if saved_bias else None,
+            extra=doc["extra"],
+        )
         unknown = sorted(set(self.tensors) - self.used)
         if unknown:
-            raise self.error(self.tensors_path,
-                             f"holds {len(unknown)} unexpected tensors ({', '.join(unknown[:5])})")
+            raise self.error(self.tensors_path, f"holds {len(unknown)} unexpected tensors ({', '.join(unknown[:5])})")
         return state
 
     def optimizer(self, saved: Any, loop: TrainLoop) -> dict:
@@ -379,17 +440,29 @@ class _Files:
         for i, (group, live, wanted) in enumerate(zip(groups, loop.optimizer.param_groups, names)):
             where = f"optimizer.param_groups[{i}]"
             self.keys(group, live, where)
-            group = {**self.like({k: v for k, v in group.items() if k != "params"},
-                                 {k: v for k, v in live.items() if k != "params"}, where), "params": group["params"]}
+            group = {
+                **self.like(
+                    {k: v for k, v in group.items() if k != "params"},
+                    {k: v for k, v in live.items() if k != "params"},
+                    where,
+                ),
+                "params": group["params"],
+            }
             if group["params"] != wanted:
-                raise self.bad(f"{where}.params", f"are not the model's {len(wanted)} parameters "
-                                                  f"({_first_difference(group['params'], wanted)}): saved with "
-                                                  "another model or train.loss?")
+                raise self.bad(
+                    f"{where}.params",
+                    f"are not the model's {len(wanted)} parameters "
+                    f"({_first_difference(group['params'], wanted)}): saved with "
+                    "another model or train.loss?",
+                )
             param_groups.append(group)
             amsgrad.update(dict.fromkeys(wanted, bool(group.get("amsgrad"))))
         with_state = saved["with_state"]
-        if not isinstance(with_state, list) or any(not isinstance(n, str) or n not in amsgrad for n in with_state) \
-                or len(set(with_state)) != len(with_state):
+        if (
+            not isinstance(with_state, list)
+            or any(not isinstance(n, str) or n not in amsgrad for n in with_state)
+            or len(set(with_state)) != len(with_state)
+        ):
             raise self.bad("optimizer.with_state", "is not a list of distinct parameter names of the model")
         state = {}
         for name in with_state:
@@ -403,8 +476,11 @@ class _Files:
         if not loop.scaler.is_enabled():  # not fp16: restore ignores it
             return self.keys(saved, saved if isinstance(saved, dict) else {}, "scaler")
         if saved == {}:
-            raise self.bad("scaler", "is empty: the run was saved without the fp16 grad scaler (train.precision "
-                                     "was not amp_fp16); resume with the precision it was saved with")
+            raise self.bad(
+                "scaler",
+                "is empty: the run was saved without the fp16 grad scaler (train.precision "
+                "was not amp_fp16); resume with the precision it was saved with",
+            )
         return self.like(saved, loop.scaler.state_dict(), "scaler")
 
     def rng(self, saved: Any, world_size: int, device: torch.device) -> list[dict]:
@@ -418,32 +494,50 @@ class _Files:
             where, prefix = f"rng[{rank}]", f"rng/{rank}/"
             python = entry.get("python") if isinstance(entry, dict) else None
             gauss_next = python.get("gauss_next") if isinstance(python, dict) else None  # null or a number
-            template = {"cuda": False, "numpy": {"pos": 0, "has_gauss": 0, "cached_gaussian": 0.0},
-                        "python": {"version": 0, "gauss_next": None if gauss_next is None else 0.0}}
+            template = {
+                "cuda": False,
+                "numpy": {"pos": 0, "has_gauss": 0, "cached_gaussian": 0.0},
+                "python": {"version": 0, "gauss_next": None if gauss_next is None else 0.0},
+            }
             entry = self.like(entry, template, where)
             self.integer(entry["numpy"]["pos"], f"{where}.numpy.pos", 0, _MT_WORDS)
             self.integer(entry["numpy"]["has_gauss"], f"{where}.numpy.has_gauss", 0, 1)
             self.integer(entry["python"]["version"], f"{where}.python.version", 3, 3)
-            words = self.tensor(prefix + "python", torch.int64, (_MT_WORDS + 1,), most=2 ** 32 - 1)
+            words = self.tensor(prefix + "python", torch.int64, (_MT_WORDS + 1,), most=2**32 - 1)
             if words[-1] > _MT_WORDS:
-                raise self.error(self.tensors_path, f"tensor {prefix + 'python'!r} ends in index "
-                                                    f"{int(words[-1])}, expected at most {_MT_WORDS}")
-            key = self.tensor(prefix + "numpy", torch.int64, (_MT_WORDS,), most=2 ** 32 - 1)
+                raise self.error(
+                    self.tensors_path,
+                    f"tensor {prefix + 'python'!r} ends in index {int(words[-1])}, expected at most {_MT_WORDS}",
+                )
+            key = self.tensor(prefix + "numpy", torch.int64, (_MT_WORDS,), most=2**32 - 1)
             numpy_state = entry["numpy"]
-            out.append({
-                "torch": self.tensor(prefix + "torch", torch.uint8, (torch_size,)),
-                "cuda": self.tensor(prefix + "cuda", torch.uint8, (cuda_size,)) if entry["cuda"] else None,
-                "numpy": ("MT19937", key.numpy().astype(np.uint32), numpy_state["pos"], numpy_state["has_gauss"],
-                          float(numpy_state["cached_gaussian"])),
-                "python": (3, tuple(words.tolist()), entry["python"]["gauss_next"]),
-            })
+            out.append(
+                {
+                    "torch": self.tensor(prefix + "torch", torch.uint8, (torch_size,)),
+                    "cuda": self.tensor(prefix + "cuda", torch.uint8, (cuda_size,)) if entry["cuda"] else None,
+                    "numpy": (
+                        "MT19937",
+                        key.numpy().astype(np.uint32),
+                        numpy_state["pos"],
+                        numpy_state["has_gauss"],
+                        float(numpy_state["cached_gaussian"]),
+                    ),
+                    "python": (3, tuple(words.tolist()), entry["python"]["gauss_next"]),
+                }
+            )
         return out
 
 
 def _kind(value: Any) -> str:
     """What a JSON value is, as an error message names it."""
-    for types, name in ((type(None), "null"), (bool, "a boolean"), ((int, float), "a number"), (str, "a string"),
-                        ((list, tuple), "a list"), (dict, "an object")):
+    for types, name in (
+        (type(None), "null"),
+        (bool, "a boolean"),
+        ((int, float), "a number"),
+        (str, "a string"),
+        ((list, tuple), "a list"),
+        (dict, "an object"),
+    ):
         if isinstance(value, types):
             return name
     return type(value).__name__

@@ -11,6 +11,7 @@ the features are all-gathered, rank 0 computes the metrics.
 The metric functions are pure torch + numpy; the caller hands over the embedding functions and a
 gather function.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence
@@ -24,9 +25,16 @@ Gather = Callable[[Any], list]  # an object of this rank -> [object of each rank
 
 
 @torch.no_grad()
-def contrastive_metrics(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: float,
-                        logit_bias: Optional[float] = None, *, loss: str = "clip", chunk: int = 256,
-                        recall_k: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def contrastive_metrics(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: float,
+    logit_bias: Optional[float] = None,
+    *,
+    loss: str = "clip",
+    chunk: int = 256,
+    recall_k: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
     """{"val_loss", "val_image_retrieval_recall@k", "val_text_retrieval_recall@k"} for N held-out
     pairs (features [N, D], normalised; row i of each is a pair).
 
@@ -47,8 +55,9 @@ def contrastive_metrics(image_features: torch.Tensor, text_features: torch.Tenso
         stop = min(n, start + chunk)
         if stop - start < 2:
             continue
-        value = contrastive_loss(loss, image_features[start:stop], text_features[start:stop], scale, bias,
-                                 distributed=False)
+        value = contrastive_loss(
+            loss, image_features[start:stop], text_features[start:stop], scale, bias, distributed=False
+        )
         total += float(value) * (stop - start)
         weight += stop - start
     metrics = {"val_loss": total / weight, "val_samples": n}
@@ -71,22 +80,31 @@ class ZeroShot:
     the CLIP paper's ImageNet templates).
     """
 
-    def __init__(self, spec: str, classnames: Optional[str], templates: Optional[str], *, rank: int,
-                 world_size: int, batch_size: int = 256):
+    def __init__(
+        self,
+        spec: str,
+        classnames: Optional[str],
+        templates: Optional[str],
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int = 256,
+    ):
         from evaluation.datasets import open_dataset, resolve_classes
         from evaluation.templates import load_classnames, load_templates
 
         self.dataset = open_dataset(spec, need_labels=True, what="train.zeroshot_data")
         meta = self.dataset.meta
         given = load_classnames(classnames) if classnames else None
-        self.classnames, index, _ = resolve_classes(meta.column("label").to_pylist(),
-                                                    folder_classes=self.dataset.classes, classnames=given)
+        self.classnames, index, _ = resolve_classes(
+            meta.column("label").to_pylist(), folder_classes=self.dataset.classes, classnames=given
+        )
         row_ids = meta.column("row_id").to_pylist()
         self.label_of = dict(zip(row_ids, np.asarray(index, dtype=np.int64).tolist()))
         self.templates = load_templates(templates)
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         total = len(row_ids)
-        self.mine = set(row_ids[rank * total // world_size:(rank + 1) * total // world_size])
+        self.mine = set(row_ids[rank * total // world_size : (rank + 1) * total // world_size])
 
     def _my_images(self) -> tuple[list, np.ndarray]:
         """(images of this rank's rows, their row ids), reading only the chunks that hold them."""
@@ -121,17 +139,21 @@ class ZeroShot:
             prompts = [fill_template(t, c) for c in self.classnames for t in self.templates]
             lo, hi = (self.rank * len(prompts) // self.world_size, (self.rank + 1) * len(prompts) // self.world_size)
             text = TextEmbedder(model, device=str(device))
-            mine = (embed_local(text, iter_slices({"text": prompts[lo:hi]}, self.batch_size))["text_features"]
-                    if hi > lo else np.zeros((0, 0), np.float32))
+            mine = (
+                embed_local(text, iter_slices({"text": prompts[lo:hi]}, self.batch_size))["text_features"]
+                if hi > lo
+                else np.zeros((0, 0), np.float32)
+            )
             text_parts = [p for p in gather(np.asarray(mine, np.float32)) if p.size]
             features = torch.from_numpy(np.concatenate(text_parts))
-            classifier = classifier_from_text_features(
-                features.reshape(len(self.classnames), len(self.templates), -1))
+            classifier = classifier_from_text_features(features.reshape(len(self.classnames), len(self.templates), -1))
 
             images, rows = self._my_images()
             if len(images):
-                out = embed_local(ImageEmbedder(model, device=str(device)),
-                                  iter_slices({"image": images, "row": rows}, self.batch_size))
+                out = embed_local(
+                    ImageEmbedder(model, device=str(device)),
+                    iter_slices({"image": images, "row": rows}, self.batch_size),
+                )
                 ok = out["ok"]
                 mine_img = (np.asarray(out["image_features"])[ok], np.asarray(out["row"])[ok])
             else:
@@ -153,8 +175,17 @@ class Validator:
     and, with `train.zeroshot_data`, zero-shot accuracy. The data are opened at the first call.
     Every rank must call `evaluate` (collectives inside); rank 0 gets the metrics, others {}."""
 
-    def __init__(self, train: Any, val_shards: Sequence[Any], val_fs: Any, loop: Any, *, rank: int, world_size: int,
-                 settings: Any):
+    def __init__(
+        self,
+        train: Any,
+        val_shards: Sequence[Any],
+        val_fs: Any,
+        loop: Any,
+        *,
+        rank: int,
+        world_size: int,
+        settings: Any,
+    ):
         self.train, self.val_shards, self.val_fs, self.loop = train, val_shards, val_fs, loop
         self.rank, self.world_size, self.settings = rank, world_size, settings
         self._data = None
@@ -165,13 +196,25 @@ class Validator:
         from training.ingest import PreprocessSettings, eval_dataset
 
         clip = self.loop.module.clip
-        preprocess = PreprocessSettings(image_size=clip.image_size, context_length=clip.context_length, train=False,
-                                        decoder=self.train.decoder)
-        self._data = eval_dataset(self.val_shards, self.val_fs, rank=self.rank, world_size=self.world_size,
-                                  settings=self.settings, preprocess=preprocess)
+        preprocess = PreprocessSettings(
+            image_size=clip.image_size, context_length=clip.context_length, train=False, decoder=self.train.decoder
+        )
+        self._data = eval_dataset(
+            self.val_shards,
+            self.val_fs,
+            rank=self.rank,
+            world_size=self.world_size,
+            settings=self.settings,
+            preprocess=preprocess,
+        )
         if self.train.zeroshot_data:
-            self._zeroshot = ZeroShot(self.train.zeroshot_data, self.train.zeroshot_classnames,
-                                      self.train.zeroshot_templates, rank=self.rank, world_size=self.world_size)
+            self._zeroshot = ZeroShot(
+                self.train.zeroshot_data,
+                self.train.zeroshot_classnames,
+                self.train.zeroshot_templates,
+                rank=self.rank,
+                world_size=self.world_size,
+            )
         self._loaded = True
 
     def evaluate(self) -> dict:
@@ -192,9 +235,13 @@ class Validator:
         if self.rank == 0:
             bias = loop.module.logit_bias
             metrics = contrastive_metrics(
-                concat_features([g[0] for g in gathered], dim), concat_features([g[1] for g in gathered], dim),
-                clip.logit_scale.exp().item(), None if bias is None else bias.item(),
-                loss=self.train.loss, chunk=self.train.val_batch_size or self.train.batch_size)
+                concat_features([g[0] for g in gathered], dim),
+                concat_features([g[1] for g in gathered], dim),
+                clip.logit_scale.exp().item(),
+                None if bias is None else bias.item(),
+                loss=self.train.loss,
+                chunk=self.train.val_batch_size or self.train.batch_size,
+            )
         if self._zeroshot is not None:
             with torch.no_grad():
                 metrics.update(self._zeroshot.evaluate(clip, loop.device, gather_objects))

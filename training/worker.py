@@ -7,6 +7,7 @@ rank; restores the checkpoint; steps `training.loop.TrainLoop`; every `train.log
 reports global metrics through `ray.train.report` (the only per-step Ray call), with a checkpoint
 every `train.checkpoint_every` steps; and at the end rank 0 writes `final/`.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,7 +52,9 @@ class WorkerPlan:
             raise ValueError("a worker plan needs at least one shard")
         context = self.model_dict["text_cfg"]["context_length"]
         if len(self.flops_by_text_tokens) != context + 1:
-            raise ValueError(f"flops_by_text_tokens has {len(self.flops_by_text_tokens)} entries, expected {context + 1}")
+            raise ValueError(
+                f"flops_by_text_tokens has {len(self.flops_by_text_tokens)} entries, expected {context + 1}"
+            )
         if self.preprocess_actors < 1:
             raise ValueError(f"preprocess_actors must be >= 1, got {self.preprocess_actors}")
         if self.train.val_every is not None and not self.val_shards:
@@ -78,7 +81,7 @@ def train_worker(config: dict) -> None:
     set_train_report_log_level(plan.train.log_level)
     place = _placement(plan)
     checkpoint = ray.train.get_checkpoint()
-    with (checkpoint.as_directory() if checkpoint is not None else nullcontext(None)) as folder:
+    with checkpoint.as_directory() if checkpoint is not None else nullcontext(None) as folder:
         position, done = start_position(plan, read_position(folder), place)
         stream = _start_stream(plan, place, position, done)
         try:
@@ -124,8 +127,11 @@ def start_position(plan: WorkerPlan, saved: Optional[dict], place: Placement) ->
     # Other shards or another worker count: positions do not map; start a fresh pass.
     next_pass = 1 + max((p["pass"] for p in positions), default=-1)
     if place.rank == 0:
-        log.warning("train: the shards or train.num_workers changed since the checkpoint; the data position "
-                    "cannot be kept, continuing with pass %d from its start", next_pass)
+        log.warning(
+            "train: the shards or train.num_workers changed since the checkpoint; the data position "
+            "cannot be kept, continuing with pass %d from its start",
+            next_pass,
+        )
     return DataPosition(next_pass, 0), int(saved["step"])
 
 
@@ -133,12 +139,24 @@ def stream_settings(plan: WorkerPlan, place: Placement, *, train: bool = True):
     from training.ingest import PreprocessSettings, StreamSettings
 
     vision, text, cfg = plan.model_dict["vision_cfg"], plan.model_dict["text_cfg"], plan.train
-    preprocess = PreprocessSettings(image_size=vision["image_size"], context_length=text["context_length"],
-                                    train=train, seed=cfg.seed, crop_scale_min=cfg.crop_scale_min, decoder=cfg.decoder)
-    return StreamSettings(local_batch=place.local_batch, preprocess=preprocess, num_actors=plan.preprocess_actors,
-                          cpus_per_actor=cfg.preprocess_cpus, prefetch_batches=cfg.prefetch_batches,
-                          pin_memory=place.device.type == "cuda", data_cpus=plan.data_cpus,
-                          shuffle_rows=cfg.shuffle_rows)
+    preprocess = PreprocessSettings(
+        image_size=vision["image_size"],
+        context_length=text["context_length"],
+        train=train,
+        seed=cfg.seed,
+        crop_scale_min=cfg.crop_scale_min,
+        decoder=cfg.decoder,
+    )
+    return StreamSettings(
+        local_batch=place.local_batch,
+        preprocess=preprocess,
+        num_actors=plan.preprocess_actors,
+        cpus_per_actor=cfg.preprocess_cpus,
+        prefetch_batches=cfg.prefetch_batches,
+        pin_memory=place.device.type == "cuda",
+        data_cpus=plan.data_cpus,
+        shuffle_rows=cfg.shuffle_rows,
+    )
 
 
 def _start_stream(plan: WorkerPlan, place: Placement, position: DataPosition, done: int):
@@ -148,9 +166,16 @@ def _start_stream(plan: WorkerPlan, place: Placement, position: DataPosition, do
     steps = plan.train.total_steps
     if done >= steps:
         return None
-    return ShardStream(plan.shards, plan.data_fs, rank=place.rank, world_size=place.world_size, seed=plan.train.seed,
-                       start=position, settings=stream_settings(plan, place),
-                       rows_needed=(steps - done) * place.local_batch).start()
+    return ShardStream(
+        plan.shards,
+        plan.data_fs,
+        rank=place.rank,
+        world_size=place.world_size,
+        seed=plan.train.seed,
+        start=position,
+        settings=stream_settings(plan, place),
+        rows_needed=(steps - done) * place.local_batch,
+    ).start()
 
 
 def _build_loop(plan: WorkerPlan, place: Placement, folder: Optional[str]):
@@ -164,21 +189,27 @@ def _build_loop(plan: WorkerPlan, place: Placement, folder: Optional[str]):
 
     cfg = plan.train
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    clip = create_model(plan.model_dict, temperature_init=cfg.temperature_init, learn_temperature=cfg.learn_temperature,
-                        patch_dropout=plan.model.patch_dropout, grad_checkpointing=plan.model.grad_checkpointing)
+    clip = create_model(
+        plan.model_dict,
+        temperature_init=cfg.temperature_init,
+        learn_temperature=cfg.learn_temperature,
+        patch_dropout=plan.model.patch_dropout,
+        grad_checkpointing=plan.model.grad_checkpointing,
+    )
     if plan.model.pretrained and folder is None:
         clip.load_state_dict(load_model(plan.model.pretrained, storage=cfg).state_dict(), strict=True)
     # From here on every rank draws its own random numbers (patch dropout).
     torch.manual_seed(cfg.seed * 1000 + place.rank + 1)
-    np.random.seed((cfg.seed * 1000 + place.rank + 1) % 2 ** 32)
+    np.random.seed((cfg.seed * 1000 + place.rank + 1) % 2**32)
     loop = TrainLoop(clip, LoopSettings.from_train_config(cfg, cfg.total_steps), place.device)
     if folder is not None:
         load_checkpoint(loop, folder)
     return loop
 
 
-def run_loop(plan: WorkerPlan, place: Placement, loop, stream, position: DataPosition,
-             restored_from: Optional[int]) -> None:
+def run_loop(
+    plan: WorkerPlan, place: Placement, loop, stream, position: DataPosition, restored_from: Optional[int]
+) -> None:
     """Step until `train.total_steps`, reporting (and checkpointing, validating) on schedule."""
     import torch
 
@@ -208,8 +239,10 @@ def run_loop(plan: WorkerPlan, place: Placement, loop, stream, position: DataPos
             break
     stream.close()
     if loop.step_count < total:
-        raise RuntimeError(f"train.data ran out after step {loop.step_count} of {total}: rank {place.rank} "
-                           f"rejected {dict(stream.rebatcher.rejected)} rows; check the shards")
+        raise RuntimeError(
+            f"train.data ran out after step {loop.step_count} of {total}: rank {place.rank} "
+            f"rejected {dict(stream.rebatcher.rejected)} rows; check the shards"
+        )
 
 
 class Reporter:
@@ -222,8 +255,15 @@ class Reporter:
         self.pids, self.restored_from = pids, restored_from
         self.validator = None
         if plan.train.val_every is not None:
-            self.validator = Validator(plan.train, plan.val_shards, plan.val_fs, loop, rank=place.rank,
-                                       world_size=place.world_size, settings=stream_settings(plan, place))
+            self.validator = Validator(
+                plan.train,
+                plan.val_shards,
+                plan.val_fs,
+                loop,
+                rank=place.rank,
+                world_size=place.world_size,
+                settings=stream_settings(plan, place),
+            )
         self._start_window()
 
     def _start_window(self) -> None:
@@ -243,8 +283,9 @@ class Reporter:
         last = int(tokens.argmax(dim=-1).max()) + 1
         self._flops += table[min(context, -(-last // 8) * 8)] * tokens.shape[0]
 
-    def report(self, position: DataPosition, loss_sum, steps: int, lr: float, with_checkpoint: bool,
-               validate: bool, last: bool) -> None:
+    def report(
+        self, position: DataPosition, loss_sum, steps: int, lr: float, with_checkpoint: bool, validate: bool, last: bool
+    ) -> None:
         import ray.train
 
         metrics = self._metrics(position, loss_sum, steps, lr)
@@ -266,9 +307,14 @@ class Reporter:
 
         loop, place = self.loop, self.place
         elapsed = time.perf_counter() - self._t0
-        stats = torch.stack([loss_sum.float().detach(), torch.tensor(float(steps), device=place.device),
-                             torch.tensor(self.stream.data_wait_s - self._wait0, device=place.device),
-                             torch.tensor(self._flops, device=place.device)])
+        stats = torch.stack(
+            [
+                loss_sum.float().detach(),
+                torch.tensor(float(steps), device=place.device),
+                torch.tensor(self.stream.data_wait_s - self._wait0, device=place.device),
+                torch.tensor(self._flops, device=place.device),
+            ]
+        )
         if place.world_size > 1:
             dist.all_reduce(stats)
         loss, wait = (stats[0] / stats[1]).item(), (stats[2] / stats[1]).item()
@@ -276,10 +322,18 @@ class Reporter:
         samples_per_s = (loop.samples_seen - self._samples0) / max(elapsed, 1e-9)
         scale = loop.module.clip.logit_scale.detach().exp().item()
         metrics: dict[str, Any] = {
-            "step": loop.step_count, "samples_seen": loop.samples_seen, "loss": loss, "lr": lr,
-            "logit_scale": scale, "temperature": 1.0 / scale, "samples_per_s": samples_per_s,
-            "step_time_s": elapsed / max(steps, 1), "data_wait_s": wait, "pass": position.pass_index,
-            "rejected": sum(self.stream.rebatcher.rejected.values()), "pids": self.pids,
+            "step": loop.step_count,
+            "samples_seen": loop.samples_seen,
+            "loss": loss,
+            "lr": lr,
+            "logit_scale": scale,
+            "temperature": 1.0 / scale,
+            "samples_per_s": samples_per_s,
+            "step_time_s": elapsed / max(steps, 1),
+            "data_wait_s": wait,
+            "pass": position.pass_index,
+            "rejected": sum(self.stream.rebatcher.rejected.values()),
+            "pids": self.pids,
         }
         if loop.module.logit_bias is not None:
             metrics["logit_bias"] = loop.module.logit_bias.item()
@@ -298,16 +352,20 @@ class Reporter:
 
         from training.trainer_state import gather_objects, save_checkpoint
 
-        saved = {"step": self.loop.step_count, "plan": self.plan.plan_id,
-                 "positions": gather_objects(position.as_dict())}
+        saved = {
+            "step": self.loop.step_count,
+            "plan": self.plan.plan_id,
+            "positions": gather_objects(position.as_dict()),
+        }
         with tempfile.TemporaryDirectory(prefix="clipray-ckpt-") as folder:
             save_checkpoint(self.loop, folder, {"data": saved})
             if self.place.rank == 0:
                 with open(os.path.join(folder, POSITION_FILE), "w") as fh:
                     json.dump(saved, fh)
             checkpoint = ray.train.Checkpoint.from_directory(folder) if self.place.rank == 0 else None
-            ray.train.report(metrics, checkpoint=checkpoint,
-                             checkpoint_dir_name=f"checkpoint_{self.loop.step_count:09d}")
+            ray.train.report(
+                metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{self.loop.step_count:09d}"
+            )
 
 
 def write_final(plan: WorkerPlan, place: Placement, loop) -> None:

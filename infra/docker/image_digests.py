@@ -21,6 +21,7 @@ manifest list's, for a multi-platform image) and writes it in place of the note;
 those. So: `record rayproject/ray:...` before `docker build`, `record <your registry>/clipray:...`
 after `docker push`, where the registry is reachable.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,8 +85,10 @@ def kustomization_refs(path: Path = KUSTOMIZATION) -> list[ImageRef]:
     lines = path.read_text().splitlines()
     starts = _images_entry_lines(lines, path)
     if len(starts) != len(entries):
-        raise ValueError(f"{path}: found {len(starts)} `- ` lines under images: for {len(entries)} "
-                         "entries; write one entry per `- name:` line, at the start of the line")
+        raise ValueError(
+            f"{path}: found {len(starts)} `- ` lines under images: for {len(entries)} "
+            "entries; write one entry per `- name:` line, at the start of the line"
+        )
     refs = []
     for (start, end), entry in zip(starts, entries):
         tag = entry.get("newName", entry["name"]) + (f":{entry['newTag']}" if "newTag" in entry else "")
@@ -122,14 +125,14 @@ def problems(refs: list[ImageRef], require_pinned: bool = False) -> list[str]:
         if ref.digest is not None and not DIGEST.fullmatch(ref.digest):
             found.append(f"{ref.where()}: {ref.tag}: digest {ref.digest!r} is not sha256:<64 hex digits>")
         elif ref.digest and ref.note_line is not None:
-            found.append(f"{ref.where()}: {ref.tag}: pinned to {ref.digest} but still noted "
-                         f"'{NOTE}': delete the note")
+            found.append(f"{ref.where()}: {ref.tag}: pinned to {ref.digest} but still noted '{NOTE}': delete the note")
         elif ref.digest is None and ref.note_line is None:
-            found.append(f"{ref.where()}: {ref.tag}: no digest and no '{NOTE}' note: add the note, "
-                         "then run `python infra/docker/image_digests.py record` once it is pushed")
+            found.append(
+                f"{ref.where()}: {ref.tag}: no digest and no '{NOTE}' note: add the note, "
+                "then run `python infra/docker/image_digests.py record` once it is pushed"
+            )
         elif ref.digest is None and require_pinned:
-            found.append(f"{ref.where()}: {ref.tag}: not pinned yet: run "
-                         "`python infra/docker/image_digests.py record`")
+            found.append(f"{ref.where()}: {ref.tag}: not pinned yet: run `python infra/docker/image_digests.py record`")
     return found
 
 
@@ -142,8 +145,10 @@ def registry_digest(tag: str) -> str:
         sys.exit("image_digests.py: `docker` is not on PATH (docker buildx looks the digest up)")
     digest = out.stdout.strip()
     if out.returncode != 0 or not DIGEST.fullmatch(digest):
-        sys.exit(f"image_digests.py: `{' '.join(cmd)}` failed (exit {out.returncode}): "
-                 f"{(out.stderr or out.stdout).strip()[:500]}")
+        sys.exit(
+            f"image_digests.py: `{' '.join(cmd)}` failed (exit {out.returncode}): "
+            f"{(out.stderr or out.stdout).strip()[:500]}"
+        )
     return digest
 
 
@@ -157,8 +162,11 @@ def record(refs: list[ImageRef], lookup=registry_digest, only: set[str] | None =
     for path in dict.fromkeys(ref.file for ref in refs):
         lines = path.read_text().splitlines(keepends=True)
         drop = set()
-        for ref in (r for r in refs if r.file == path and r.digest is None and r.note_line is not None
-                    and (only is None or r.tag in only)):
+        for ref in (
+            r
+            for r in refs
+            if r.file == path and r.digest is None and r.note_line is not None and (only is None or r.tag in only)
+        ):
             digest = lookup(ref.tag)
             if path.name == "kustomization.yaml":
                 indent = lines[ref.note_line][: len(lines[ref.note_line]) - len(lines[ref.note_line].lstrip())]

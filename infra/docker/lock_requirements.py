@@ -9,6 +9,7 @@ image installs it first, pinned by its own build argument (`TORCH_SPEC`), becaus
 developer venv carries is not the CUDA wheel a GPU image needs. Run it with the venv the test
 suite passed in, on Linux x86_64 with the image's Python minor version.
 """
+
 from __future__ import annotations
 
 import importlib.metadata as metadata
@@ -54,8 +55,10 @@ def closure(roots: list[Requirement]) -> dict[str, str]:
         try:
             dist = metadata.distribution(req.name)
         except metadata.PackageNotFoundError:
-            sys.exit(f"{req.name} (needed by clipray) is not installed in {sys.prefix}; "
-                     "install the project first: make install")
+            sys.exit(
+                f"{req.name} (needed by clipray) is not installed in {sys.prefix}; "
+                "install the project first: make install"
+            )
         if not req.specifier.contains(dist.version, prereleases=True):
             sys.exit(f"installed {req.name}=={dist.version} does not satisfy {req}")
         pinned[name] = dist.version

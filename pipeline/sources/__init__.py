@@ -13,6 +13,7 @@ be opened or parsed at all (a parquet/JSON-array file that does not parse, a tex
 whose lines is a valid row) raises `InputError` (a ValueError) naming the file, the column and what
 to do.
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -27,8 +28,7 @@ from pipeline.sources.normal_form import normalise
 from pipeline.sources.parquet import read_parquet
 
 BATCH_ROWS = 65_536  # rows per batch of the parquet and json readers (csv/tsv: per 8 MiB block)
-READERS = {"parquet": read_parquet, "csv": read_delimited, "tsv": read_delimited,
-           "json": read_json, "jsonl": read_json}
+READERS = {"parquet": read_parquet, "csv": read_delimited, "tsv": read_delimited, "json": read_json, "jsonl": read_json}
 
 
 def read_file(file: InputFile, data: DataConfig, batch_rows: int = BATCH_ROWS) -> Iterator[pa.Table]:
@@ -47,7 +47,8 @@ def read_file(file: InputFile, data: DataConfig, batch_rows: int = BATCH_ROWS) -
         if valid == 0 and malformed:
             raise InputError(
                 f"{file.url}: none of its {malformed} row(s) can be read as {file.format} ({first_problem}); "
-                f"is it really a {file.format} file (compression, delimiter, data.columns)?")
+                f"is it really a {file.format} file (compression, delimiter, data.columns)?"
+            )
     except InputError as exc:
         message = str(exc)
         raise InputError(message if file.url in message else f"{file.url}: {message}") from None
@@ -60,5 +61,4 @@ def read_file(file: InputFile, data: DataConfig, batch_rows: int = BATCH_ROWS) -
         ) from None
 
 
-__all__ = ["BATCH_ROWS", "FORMATS", "READERS", "InputError", "InputFile", "list_input_files", "normalise",
-           "read_file"]
+__all__ = ["BATCH_ROWS", "FORMATS", "READERS", "InputError", "InputFile", "list_input_files", "normalise", "read_file"]

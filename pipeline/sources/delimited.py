@@ -15,6 +15,7 @@ The file is read in blocks of whole lines (`BLOCK_BYTES`, also the longest line 
 in which nothing can be ambiguous goes through pyarrow's parser; any other block is parsed line by
 line in Python. Both give the same rows. Cells come out as bytes: `normalise` validates UTF-8.
 """
+
 from __future__ import annotations
 
 import csv
@@ -49,7 +50,7 @@ def _blocks(fh, block_bytes: Optional[int] = None) -> Iterator[tuple[int, bytes]
             if len(rest) > block_bytes:
                 raise InputError(f"line {line} is longer than {block_bytes >> 20} MiB: not a URL list?")
             continue
-        block, rest = rest[: cut + 1], rest[cut + 1:]
+        block, rest = rest[: cut + 1], rest[cut + 1 :]
         yield line, block
         line += block.count(b"\n")
 
@@ -95,7 +96,7 @@ def read_delimited(file: InputFile, data: DataConfig, batch_rows: int) -> Iterat
         for first_line, block, last in blocks:
             if names is None:
                 cut = block.find(b"\n")
-                header, block = (block, b"") if cut < 0 else (block[:cut], block[cut + 1:])
+                header, block = (block, b"") if cut < 0 else (block[:cut], block[cut + 1 :])
                 names = _header_names(header, fmt)
                 check_columns(file, names, data)
                 first_line += 1
@@ -125,8 +126,9 @@ def _with_last(blocks: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes
         yield (*previous, True)
 
 
-def _parse_block_fast(block: bytes, first_line: int, names: list[str], wanted: list[str],
-                      fmt: str) -> Optional[pa.Table]:
+def _parse_block_fast(
+    block: bytes, first_line: int, names: list[str], wanted: list[str], fmt: str
+) -> Optional[pa.Table]:
     """pyarrow's parser on a block where it cannot misread anything (no quotes, no lone CR, the
     right number of fields on every line, no blank line); None: use the slow path."""
     # (Blank lines need no search: pyarrow skips them, so the row count below tells.)
@@ -143,22 +145,25 @@ def _parse_block_fast(block: bytes, first_line: int, names: list[str], wanted: l
             pa.py_buffer(block),
             read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 20),
             parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", quote_char=False),
-            convert_options=pacsv.ConvertOptions(column_types={c: pa.binary() for c in wanted},
-                                                 include_columns=wanted, strings_can_be_null=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.binary() for c in wanted}, include_columns=wanted, strings_can_be_null=False
+            ),
         )
     except (pa.ArrowInvalid, ValueError):
         return None
     if table.num_rows != lines:
         return None
     return table.append_column("source_error", pa.nulls(lines, pa.string())).append_column(
-        POSITION, pa.array(np.arange(first_line, first_line + lines, dtype=np.int64)))
+        POSITION, pa.array(np.arange(first_line, first_line + lines, dtype=np.int64))
+    )
 
 
 MAX_RECORD_LINES = 256  # lines one csv row may span (a quoted field with line breaks)
 
 
-def _parse_block_slowly(file: InputFile, block: bytes, first_line: int, names: list[str], wanted: list[str],
-                        fmt: str, last: bool = True) -> tuple[pa.Table, Optional[tuple[int, bytes]]]:
+def _parse_block_slowly(
+    file: InputFile, block: bytes, first_line: int, names: list[str], wanted: list[str], fmt: str, last: bool = True
+) -> tuple[pa.Table, Optional[tuple[int, bytes]]]:
     """Rows of a block, line by line; and, when the block ends inside a quoted field that may go on
     in the next block (not `last`), (number of its first line, its lines) to read with that block."""
     index = [names.index(c) for c in wanted]
@@ -184,7 +189,7 @@ def _parse_block_slowly(file: InputFile, block: bytes, first_line: int, names: l
             if fmt == "csv" and line.count(b'"') % 2:  # a quote still open at the end of the line
                 joined = _open_quote_record(lines, offset - 1, len(names))
                 if joined is None and not last and len(lines) - (offset - 1) < MAX_RECORD_LINES:
-                    rest = b"\n".join(lines[offset - 1:]) + (b"\n" if block.endswith(b"\n") else b"")
+                    rest = b"\n".join(lines[offset - 1 :]) + (b"\n" if block.endswith(b"\n") else b"")
                     return _slow_table(wanted, columns, errors, positions), (number, rest)
                 if joined:
                     (fields, more_lines), problem = joined, None
@@ -218,7 +223,7 @@ def _open_quote_record(lines: list[bytes], start: int, fields: int) -> Union[tup
         if end - start >= MAX_RECORD_LINES:
             return False
         quotes += lines[end].count(b'"')
-    record = b"\n".join(lines[start:end + 1])
+    record = b"\n".join(lines[start : end + 1])
     record = record[:-1] if record.endswith(b"\r") else record
     try:
         row = next(csv.reader([record.decode("utf-8", "surrogateescape")], strict=True))

@@ -2,6 +2,7 @@
 fsspec URL), what format and compression each one has (from its extension or `data.input_format`),
 and how to open one as a stream of bytes with the compression undone.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,8 +14,14 @@ from pipeline.config import DataConfig
 from storage import fsspec_filesystem, fsspec_options, protocol_of
 
 FORMATS = ("parquet", "csv", "tsv", "json", "jsonl")
-_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl",
-               ".ndjson": "jsonl"}
+_EXTENSIONS = {
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+}
 _COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".xz": "xz"}
 
 

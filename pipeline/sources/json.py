@@ -8,6 +8,7 @@ the file is unreadable. Cells come out as bytes: strings as their UTF-8 (invalid
 `normalise` flags them like in a TSV file), other values as their JSON text; a caption that is not
 a string is marked with `NOT_TEXT` so the caption filters reject it.
 """
+
 from __future__ import annotations
 
 import json

@@ -14,6 +14,7 @@ Readers hand `normalise` their raw columns (text formats as binary, so UTF-8 is 
 once), plus `source_error` for the rows they could not parse and `POSITION`, each row's line (text
 formats) or row (parquet) number for those messages.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,7 @@ def check_columns(file: InputFile, available: list[str], data: DataConfig) -> No
         )
     for key, col in _read_only_columns(data):
         if col not in available:
-            raise InputError(
-                f"{key} {col!r} is not a column of {file.url} (columns: {', '.join(map(str, available))})")
+            raise InputError(f"{key} {col!r} is not a column of {file.url} (columns: {', '.join(map(str, available))})")
 
 
 # --- text
@@ -79,7 +79,7 @@ def _decode_cell(value: Any) -> tuple[Optional[str], bool]:
         return None, False
     if isinstance(value, bytes):
         if value.startswith(NOT_TEXT):
-            return value[len(NOT_TEXT):].decode("utf-8", errors="replace"), False
+            return value[len(NOT_TEXT) :].decode("utf-8", errors="replace"), False
         try:
             return value.decode("utf-8"), True
         except UnicodeDecodeError:
@@ -124,8 +124,10 @@ def normalise(table: pa.Table, data: DataConfig, file: Optional[InputFile] = Non
         errors = pa.nulls(table.num_rows, pa.string())
     bad_url = pc.and_(pc.invert(pc.fill_null(url_ok, False)), url.is_valid())
     if pc.any(bad_url).as_py():
-        problems = [f"the url is not valid UTF-8: {text[:200]!r}" if flag else None
-                    for flag, text in zip(bad_url.to_pylist(), url.to_pylist())]
+        problems = [
+            f"the url is not valid UTF-8: {text[:200]!r}" if flag else None
+            for flag, text in zip(bad_url.to_pylist(), url.to_pylist())
+        ]
         errors = _with_problems(errors, problems, table, file)
     if data.bbox_col is not None:
         boxes, problems = _blur_boxes(table.column(data.bbox_col))
@@ -145,15 +147,20 @@ def normalise(table: pa.Table, data: DataConfig, file: Optional[InputFile] = Non
     return pa.table(columns)
 
 
-def _with_problems(errors: pa.Array, problems: list[Optional[str]], table: pa.Table,
-                   file: Optional[InputFile]) -> pa.Array:
+def _with_problems(
+    errors: pa.Array, problems: list[Optional[str]], table: pa.Table, file: Optional[InputFile]
+) -> pa.Array:
     """`errors` with each row's problem (where it had none yet), naming the file and line/row."""
     unit = "row" if file is None or file.format == "parquet" else "line"
-    positions = (table.column(POSITION).to_pylist() if POSITION in table.column_names
-                 else list(range(table.num_rows)))
+    positions = table.column(POSITION).to_pylist() if POSITION in table.column_names else list(range(table.num_rows))
     name = file.url if file is not None else "input"
-    return pa.array([e if e is not None or p is None else f"{name} {unit} {pos}: {p}"
-                     for e, p, pos in zip(errors.to_pylist(), problems, positions)], pa.string())
+    return pa.array(
+        [
+            e if e is not None or p is None else f"{name} {unit} {pos}: {p}"
+            for e, p, pos in zip(errors.to_pylist(), problems, positions)
+        ],
+        pa.string(),
+    )
 
 
 def _blur_boxes(column: pa.ChunkedArray) -> tuple[pa.Array, list[Optional[str]]]:
@@ -170,9 +177,13 @@ def _blur_boxes(column: pa.ChunkedArray) -> tuple[pa.Array, list[Optional[str]]]
                 boxes.append(None)
                 problems.append(f"not a JSON list of boxes: {value[:100]!r}")
                 continue
-        ok = value is None or (isinstance(value, list) and all(
-            isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in b)
-            for b in value))
+        ok = value is None or (
+            isinstance(value, list)
+            and all(
+                isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in b)
+                for b in value
+            )
+        )
         boxes.append([[float(v) for v in b] for b in value] if ok and value is not None else None)
         problems.append(None if ok else f"not a list of [x_min, y_min, x_max, y_max] boxes: {str(value)[:100]}")
     return pa.array(boxes, BOXES_TYPE), problems
@@ -181,8 +192,12 @@ def _blur_boxes(column: pa.ChunkedArray) -> tuple[pa.Array, list[Optional[str]]]
 def _expected_hashes(column: pa.ChunkedArray) -> pa.Array:
     """The verify-hash column as lower-case hex strings (null where absent or not text)."""
     typ = column.type
-    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_binary(typ)
-            or pa.types.is_large_binary(typ)):
+    if not (
+        pa.types.is_string(typ)
+        or pa.types.is_large_string(typ)
+        or pa.types.is_binary(typ)
+        or pa.types.is_large_binary(typ)
+    ):
         return pa.nulls(len(column), pa.string())
     text, ok = _as_text(column)
     text = pc.if_else(pc.fill_null(ok, False), text, pa.scalar(None, pa.string()))

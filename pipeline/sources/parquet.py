@@ -8,6 +8,7 @@ at a time, into a temporary file in the system temp dir (`TMPDIR`), read from th
 and the temporary file is removed when reading ends or stops. Memory stays at one chunk plus one
 batch, whatever the file's size; the temp dir needs room for the inflated file.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -50,7 +51,8 @@ def _inflate(file: InputFile, source, target) -> None:
             raise InputError(
                 f"{file.url}: cannot inflate it ({file.compression}) into a temporary file in "
                 f"{tempfile.gettempdir()}: {exc}; free space there, point TMPDIR at a larger disk, "
-                "or store the file uncompressed (parquet compresses its columns itself)") from None
+                "or store the file uncompressed (parquet compresses its columns itself)"
+            ) from None
     target.flush()
 
 

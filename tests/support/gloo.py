@@ -5,6 +5,7 @@ of the distributed maths (loss, accumulation, DDP/FSDP, checkpoints).
 
 `work` must be a module-level function (spawn pickles it by name).
 """
+
 from __future__ import annotations
 
 import gc

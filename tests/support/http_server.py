@@ -15,6 +15,7 @@ a server-side `ssl_context`), records every request it receives (path, headers, 
 and answers a path it does not know with 404.
 `stop()` (or leaving the `with`) also releases handlers that hang.
 """
+
 from __future__ import annotations
 
 import socket
@@ -150,8 +151,13 @@ class _Server(ThreadingHTTPServer):
 class HTTPTestServer:
     """Serve `routes` ({path: bytes | Route}) on 127.0.0.1:<free port> in a background thread."""
 
-    def __init__(self, routes: Optional[dict[str, Union[bytes, Route]]] = None, host: str = "127.0.0.1",
-                 record: bool = True, ssl_context=None):
+    def __init__(
+        self,
+        routes: Optional[dict[str, Union[bytes, Route]]] = None,
+        host: str = "127.0.0.1",
+        record: bool = True,
+        ssl_context=None,
+    ):
         if host not in ("127.0.0.1", "::1", "localhost"):
             raise ValueError("the test server only listens on loopback")
         self.routes: dict[str, Union[bytes, Route]] = dict(routes or {})
@@ -170,8 +176,12 @@ class HTTPTestServer:
         self._server = _Server(self, self.host)
         if self.ssl_context is not None:
             self._server.socket = self.ssl_context.wrap_socket(self._server.socket, server_side=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"http-test-server:{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"http-test-server:{self.port}",
+            daemon=True,
+        )
         self._thread.start()
         return self
 
@@ -215,8 +225,9 @@ class HTTPTestServer:
             with self._lock:
                 self._count = getattr(self, "_count", 0) + 1
             return
-        req = RecordedRequest(handler.command, handler.path, dict(handler.headers.items()),
-                              handler.client_address, time.time())
+        req = RecordedRequest(
+            handler.command, handler.path, dict(handler.headers.items()), handler.client_address, time.time()
+        )
         with self._lock:
             self._requests.append(req)
 
@@ -277,8 +288,8 @@ def jpeg_with_header_size(width: int, height: int) -> bytes:
     while i < len(data):
         marker, length = data[i + 1], (data[i + 2] << 8) | data[i + 3]
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            data[i + 5:i + 7] = height.to_bytes(2, "big")
-            data[i + 7:i + 9] = width.to_bytes(2, "big")
+            data[i + 5 : i + 7] = height.to_bytes(2, "big")
+            data[i + 7 : i + 9] = width.to_bytes(2, "big")
             return bytes(data)
         i += 2 + length
     raise AssertionError("no frame header found")

@@ -1,5 +1,6 @@
 """The files of infra/ and a walk over the pods and containers of KubeRay manifests, for the
 tests/test_infra_*.py files; plus the KubeRay CRD schemas made strict, as KubeRay's CI does."""
+
 from __future__ import annotations
 
 import copy
@@ -77,7 +78,11 @@ def containers(doc: dict) -> Iterator[tuple[str, dict, dict]]:
             yield f"{where}/{c['name']}", c, pod
     options = autoscaler(doc)
     if options is not None:
-        yield f"{doc['metadata']['name']}/head/autoscaler", options, cluster_spec(doc)["headGroupSpec"]["template"]["spec"]
+        yield (
+            f"{doc['metadata']['name']}/head/autoscaler",
+            options,
+            cluster_spec(doc)["headGroupSpec"]["template"]["spec"],
+        )
 
 
 def ray_containers(doc: dict) -> Iterator[tuple[str, dict]]:
@@ -108,6 +113,7 @@ def dockerfile_env() -> dict[str, str]:
 
 
 # --- the strict CRD schema --------------------------------------------------------------------
+
 
 def strict_schema(schema: Any, _name: str = "") -> Any:
     """The CRD's openAPIV3Schema made strict, as KubeRay's CI does with kubeconform.
@@ -161,5 +167,4 @@ def _validator(kind: str, shared: Path, strict: bool):
 
 def validation_errors(doc: dict, shared: Path, strict: bool = True) -> list[str]:
     validator = _validator(doc["kind"], shared, strict)
-    return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
-            for e in validator.iter_errors(doc)]
+    return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(doc)]

@@ -17,6 +17,7 @@ Three things Ray 2.60 does by default that a shared test machine must not get:
 - `ray start --head --temp-dir=X` records its address in `X/ray_current_cluster`, not in
   `/tmp/ray`, so a plain `ray.init()` elsewhere on the machine never joins this cluster.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,6 +40,7 @@ MARKER_VAR = "CLIPRAY_TEST_RAY_SESSION"
 TEMP_PREFIX = "clipray-ray-"
 OWNER_FILE = "owner.pid"  # the test process that started the cluster
 
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -57,8 +59,9 @@ class LocalRayCluster:
     carries the cluster's auth token and the venv's PATH).
     """
 
-    def __init__(self, num_cpus: int = 8, env: Optional[dict[str, str]] = None,
-                 object_store_memory: int = 300 * 1024 * 1024):
+    def __init__(
+        self, num_cpus: int = 8, env: Optional[dict[str, str]] = None, object_store_memory: int = 300 * 1024 * 1024
+    ):
         # Short path: Ray's unix sockets live under it and must stay below ~107 characters.
         # Each node gets a folder of its own below it, as each machine of a real cluster has its
         # own disk: nodes sharing one temp dir would unpack a job's working dir into the same
@@ -107,8 +110,15 @@ class LocalRayCluster:
 
     def _start(self, argv: list[str], timeout: float = 180) -> None:
         # A session of its own: every daemon that `ray start` leaves behind stays in it.
-        proc = subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, cwd=self.temp_dir, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=self.temp_dir,
+            start_new_session=True,
+        )
         self._sessions.add(proc.pid)
         try:
             out, err = proc.communicate(timeout=timeout)
@@ -116,8 +126,7 @@ class LocalRayCluster:
             proc.kill()
             out, err = proc.communicate()
         if proc.returncode != 0:
-            raise RayClusterError(f"`{' '.join(argv[-12:])}` exited {proc.returncode}:\n"
-                                  f"{out[-3000:]}\n{err[-3000:]}")
+            raise RayClusterError(f"`{' '.join(argv[-12:])}` exited {proc.returncode}:\n{out[-3000:]}\n{err[-3000:]}")
 
     def _node_ports(self) -> list[str]:
         # Every node on this machine needs its own agent ports; the defaults (52365, 10001, ...)
@@ -151,14 +160,25 @@ class LocalRayCluster:
         self.node_dir(0).mkdir(parents=True, exist_ok=True)
         ray_cli = str(Path(sys.executable).parent / "ray")
         try:
-            self._start([
-                ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
-                f"--temp-dir={self.node_dir(0)}", f"--num-cpus={self.num_cpus}", "--num-gpus=0",
-                f"--object-store-memory={self.object_store_memory}",
-                "--disable-usage-stats", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
-                *self._node_ports(),
-            ])
+            self._start(
+                [
+                    ray_cli,
+                    "start",
+                    "--head",
+                    "--node-ip-address=127.0.0.1",
+                    f"--port={self.gcs_port}",
+                    f"--temp-dir={self.node_dir(0)}",
+                    f"--num-cpus={self.num_cpus}",
+                    "--num-gpus=0",
+                    f"--object-store-memory={self.object_store_memory}",
+                    "--disable-usage-stats",
+                    "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={self.dashboard_port}",
+                    f"--ray-client-server-port={free_port()}",
+                    *self._node_ports(),
+                ]
+            )
         except RayClusterError as exc:
             # As for worker nodes: a raylet slower than `ray start`'s 30 s may still come up.
             if "timed out during startup" not in str(exc):
@@ -171,19 +191,27 @@ class LocalRayCluster:
             raise RayClusterError(f"{exc}\n{_log_tails(self.node_dir(0))}") from None
         address_file = self.node_dir(0) / "ray_current_cluster"
         if address_file.exists() and address_file.read_text().strip() != self.gcs_address:
-            raise RayClusterError(f"the head came up on {address_file.read_text().strip()}, "
-                                  f"not on {self.gcs_address}")
+            raise RayClusterError(f"the head came up on {address_file.read_text().strip()}, not on {self.gcs_address}")
         return self
 
     def add_node(self, num_cpus: int, resources: Optional[dict[str, float]] = None) -> None:
         """Join one more node (its own raylet and object store) on 127.0.0.1."""
         node_dir = self.node_dir(self.nodes)
         node_dir.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-c", LOOPBACK_WORKER_NODE_START, "start", f"--address={self.gcs_address}",
-                "--node-ip-address=127.0.0.1", f"--temp-dir={node_dir}",
-                f"--num-cpus={num_cpus}", "--num-gpus=0",
-                f"--object-store-memory={self.object_store_memory}", "--disable-usage-stats",
-                *self._node_ports()]
+        argv = [
+            sys.executable,
+            "-c",
+            LOOPBACK_WORKER_NODE_START,
+            "start",
+            f"--address={self.gcs_address}",
+            "--node-ip-address=127.0.0.1",
+            f"--temp-dir={node_dir}",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            f"--object-store-memory={self.object_store_memory}",
+            "--disable-usage-stats",
+            *self._node_ports(),
+        ]
         if resources:
             argv.append(f"--resources={json.dumps(resources)}")
         self.nodes += 1
@@ -204,8 +232,8 @@ class LocalRayCluster:
     def get_json(self, path: str) -> dict:
         """GET `path` from the dashboard, with the cluster's auth token."""
         request = urllib.request.Request(
-            f"{self.dashboard_url}{path}",
-            headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
+            f"{self.dashboard_url}{path}", headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
+        )
         with urllib.request.urlopen(request, timeout=10) as resp:
             return json.load(resp)
 
@@ -222,8 +250,9 @@ class LocalRayCluster:
             except (OSError, ValueError, KeyError):
                 pass
             time.sleep(0.5)
-        raise RayClusterError(f"the cluster in {self.temp_dir} did not reach {count} alive nodes "
-                              f"in {timeout}s; logs: {self.logs_dir}")
+        raise RayClusterError(
+            f"the cluster in {self.temp_dir} did not reach {count} alive nodes in {timeout}s; logs: {self.logs_dir}"
+        )
 
     def _wait_for_job_server(self, timeout: float = 90) -> None:
         deadline = time.time() + timeout
@@ -234,8 +263,9 @@ class LocalRayCluster:
             except (OSError, ValueError):
                 pass
             time.sleep(0.5)
-        raise RayClusterError(f"the job server at {self.dashboard_url} did not answer in "
-                              f"{timeout}s; logs: {self.logs_dir}")
+        raise RayClusterError(
+            f"the job server at {self.dashboard_url} did not answer in {timeout}s; logs: {self.logs_dir}"
+        )
 
     # --- stopping exactly what we started ---------------------------------------------------
 
@@ -248,8 +278,11 @@ class LocalRayCluster:
         own session but log into our temp dir), or descends from one of those.
         """
         temp = str(self.temp_dir)
-        if not (self.temp_dir.is_absolute() and self.temp_dir.parent == Path("/tmp")
-                and self.temp_dir.name.startswith(TEMP_PREFIX)):
+        if not (
+            self.temp_dir.is_absolute()
+            and self.temp_dir.parent == Path("/tmp")
+            and self.temp_dir.name.startswith(TEMP_PREFIX)
+        ):
             raise ValueError(f"{temp} is not a temp dir of this helper; refusing to look for its processes")
         protected = {os.getpid(), os.getppid(), 1}
         marker = f"{MARKER_VAR}={self.marker}".encode()

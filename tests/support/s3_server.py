@@ -21,6 +21,7 @@ As a pytest fixture:
         with S3TestServer() as server:
             yield server
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -68,9 +69,14 @@ class S3TestServer:
 
     def env(self) -> dict[str, str]:
         """Environment variables for code that configures S3 from the environment (boto3, pyarrow)."""
-        return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-                "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION, "AWS_ENDPOINT_URL": self.endpoint_url,
-                "AWS_ENDPOINT_URL_S3": self.endpoint_url}
+        return {
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_REGION": REGION,
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ENDPOINT_URL_S3": self.endpoint_url,
+        }
 
     def filesystem(self):
         import s3fs
@@ -82,8 +88,9 @@ class S3TestServer:
         from pyarrow import fs as pafs
 
         host = self.endpoint_url.split("://", 1)[1]
-        return pafs.S3FileSystem(access_key=ACCESS_KEY, secret_key=SECRET_KEY, endpoint_override=host,
-                                 scheme="http", region=REGION)
+        return pafs.S3FileSystem(
+            access_key=ACCESS_KEY, secret_key=SECRET_KEY, endpoint_override=host, scheme="http", region=REGION
+        )
 
     def create_bucket(self, name: str) -> str:
         """Create a bucket; returns `s3://name`."""
@@ -112,22 +119,33 @@ class AuthenticatedS3:
         self.server = server
         self.disable()  # moto's switch is process-wide, as are its IAM users: names are unique per instance
         suffix = uuid.uuid4().hex[:8]
-        admin = dict(endpoint_url=server.endpoint_url, aws_access_key_id="admin", aws_secret_access_key="admin",
-                     region_name=REGION)
+        admin = dict(
+            endpoint_url=server.endpoint_url,
+            aws_access_key_id="admin",
+            aws_secret_access_key="admin",
+            region_name=REGION,
+        )
         s3, iam = boto3.client("s3", **admin), boto3.client("iam", **admin)
         for bucket in buckets:
             s3.create_bucket(Bucket=bucket)
-        allow_all = json.dumps({"Version": "2012-10-17",
-                                "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]})
+        allow_all = json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+        )
         policy = iam.create_policy(PolicyName=f"allow-all-{suffix}", PolicyDocument=allow_all)["Policy"]["Arn"]
         user = f"clipray-{suffix}"
         iam.create_user(UserName=user)
         iam.attach_user_policy(UserName=user, PolicyArn=policy)
         key = iam.create_access_key(UserName=user)["AccessKey"]
         self.user_key, self.user_secret = key["AccessKeyId"], key["SecretAccessKey"]
-        trust = json.dumps({"Version": "2012-10-17", "Statement": [
-            {"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"},
-            {"Effect": "Allow", "Principal": {"Federated": "*"}, "Action": "sts:AssumeRoleWithWebIdentity"}]})
+        trust = json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"},
+                    {"Effect": "Allow", "Principal": {"Federated": "*"}, "Action": "sts:AssumeRoleWithWebIdentity"},
+                ],
+            }
+        )
         role = iam.create_role(RoleName=f"clipray-role-{suffix}", AssumeRolePolicyDocument=trust)["Role"]
         iam.attach_role_policy(RoleName=role["RoleName"], PolicyArn=policy)
         self.role_arn = role["Arn"]
@@ -145,15 +163,24 @@ class AuthenticatedS3:
     def _set_auth(self, free_requests: bytes) -> None:
         import urllib.request
 
-        request = urllib.request.Request(f"{self.server.endpoint_url}/moto-api/reset-auth", data=free_requests,
-                                         method="POST", headers={"Content-Type": "text/plain"})
+        request = urllib.request.Request(
+            f"{self.server.endpoint_url}/moto-api/reset-auth",
+            data=free_requests,
+            method="POST",
+            headers={"Content-Type": "text/plain"},
+        )
         urllib.request.urlopen(request, timeout=10).read()
 
     def session(self) -> dict[str, str]:
         """Fresh temporary credentials of the role: {"key", "secret", "token"}."""
         import boto3
 
-        sts = boto3.client("sts", endpoint_url=self.server.endpoint_url, aws_access_key_id=self.user_key,
-                           aws_secret_access_key=self.user_secret, region_name=REGION)
+        sts = boto3.client(
+            "sts",
+            endpoint_url=self.server.endpoint_url,
+            aws_access_key_id=self.user_key,
+            aws_secret_access_key=self.user_secret,
+            region_name=REGION,
+        )
         creds = sts.assume_role(RoleArn=self.role_arn, RoleSessionName="clipray-test")["Credentials"]
         return {"key": creds["AccessKeyId"], "secret": creds["SecretAccessKey"], "token": creds["SessionToken"]}

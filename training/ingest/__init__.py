@@ -14,16 +14,43 @@ consumed). A checkpoint stores every worker's position; a resumed run starts rig
 sample of the current pass is replayed or skipped. Crops are seeded by (train.seed, pass, key): a
 resumed run sees the same crops as an uninterrupted one.
 """
+
 from training.ingest.batches import Batch, DataPosition, Rebatcher
 from training.ingest.plan import Shard, list_shards, pass_units, plan_fingerprint, plan_pass, split_rows
-from training.ingest.preprocess import (CAPTION_COL, IMAGE_COL, KEY_COL, REJECT_REASONS, REQUIRED_COLUMNS, Preprocess,
-                                        PreprocessSettings, crop_box)
+from training.ingest.preprocess import (
+    CAPTION_COL,
+    IMAGE_COL,
+    KEY_COL,
+    REJECT_REASONS,
+    REQUIRED_COLUMNS,
+    Preprocess,
+    PreprocessSettings,
+    crop_box,
+)
 from training.ingest.read import ShardReader
 from training.ingest.stream import ShardStream, StreamSettings, eval_dataset, iter_eval_batches
 
 __all__ = [
-    "Batch", "DataPosition", "Rebatcher", "Shard", "list_shards", "pass_units", "plan_fingerprint", "plan_pass",
-    "split_rows", "CAPTION_COL", "IMAGE_COL", "KEY_COL", "REJECT_REASONS", "REQUIRED_COLUMNS", "Preprocess",
-    "PreprocessSettings", "crop_box", "ShardReader", "ShardStream", "StreamSettings", "eval_dataset",
+    "Batch",
+    "DataPosition",
+    "Rebatcher",
+    "Shard",
+    "list_shards",
+    "pass_units",
+    "plan_fingerprint",
+    "plan_pass",
+    "split_rows",
+    "CAPTION_COL",
+    "IMAGE_COL",
+    "KEY_COL",
+    "REJECT_REASONS",
+    "REQUIRED_COLUMNS",
+    "Preprocess",
+    "PreprocessSettings",
+    "crop_box",
+    "ShardReader",
+    "ShardStream",
+    "StreamSettings",
+    "eval_dataset",
     "iter_eval_batches",
 ]

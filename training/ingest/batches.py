@@ -1,4 +1,5 @@
 """Exact local batches from a stream of preprocessed rows, and the data position of each batch."""
+
 from __future__ import annotations
 
 from collections import Counter

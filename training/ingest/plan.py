@@ -15,6 +15,7 @@ executor and actor pool start) per pass, which costs seconds per pass and domina
 units also let a resumed run start at the exact row without decoding what it skips, and carry the
 pass into the crop seed.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -43,8 +44,9 @@ class Shard:
         return self.row_groups or (self.rows,)
 
 
-def list_shards(locations: Sequence[str], storage: Optional[StorageConfig] = None, *, what: str = "train.data",
-                threads: int = 32) -> tuple[Any, list[Shard]]:
+def list_shards(
+    locations: Sequence[str], storage: Optional[StorageConfig] = None, *, what: str = "train.data", threads: int = 32
+) -> tuple[Any, list[Shard]]:
     """Find the Parquet shards under `locations` (folders, files or globs; local or remote URIs)
     and read their footers.
 
@@ -79,8 +81,13 @@ def list_shards(locations: Sequence[str], storage: Optional[StorageConfig] = Non
                 found = [path]
             else:
                 infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                found = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-                         and not os.path.basename(i.path).startswith((".", "_"))]
+                found = [
+                    i.path
+                    for i in infos
+                    if i.type == pafs.FileType.File
+                    and i.path.endswith(".parquet")
+                    and not os.path.basename(i.path).startswith((".", "_"))
+                ]
         if not found:
             raise ValueError(f"{what}: {location} holds no .parquet shard")
         paths.extend(found)
@@ -94,9 +101,11 @@ def list_shards(locations: Sequence[str], storage: Optional[StorageConfig] = Non
         names = set(meta.schema.names)
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:
-            raise ValueError(f"{what}: shard {path} lacks column(s) {', '.join(missing)} "
-                             f"(has: {', '.join(sorted(names))}); training reads the pipeline's "
-                             f"shard layout: {', '.join(REQUIRED_COLUMNS)}")
+            raise ValueError(
+                f"{what}: shard {path} lacks column(s) {', '.join(missing)} "
+                f"(has: {', '.join(sorted(names))}); training reads the pipeline's "
+                f"shard layout: {', '.join(REQUIRED_COLUMNS)}"
+            )
         groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
         return Shard(path, meta.num_rows, groups)
 
@@ -134,8 +143,15 @@ def plan_fingerprint(shards: Sequence[Shard], num_workers: int, seed: int) -> st
     return h.hexdigest()
 
 
-def pass_units(files: Sequence[Shard], pass_index: int, start_row: int = 0, stop_row: Optional[int] = None, *,
-               window_rows: int = 0, seed: int = 0) -> list[dict]:
+def pass_units(
+    files: Sequence[Shard],
+    pass_index: int,
+    start_row: int = 0,
+    stop_row: Optional[int] = None,
+    *,
+    window_rows: int = 0,
+    seed: int = 0,
+) -> list[dict]:
     """Read units covering rows [start_row, stop_row) of a worker's pass stream.
 
     The stream is the row groups of `files` in order, cut into windows of at least `window_rows`
@@ -167,8 +183,17 @@ def pass_units(files: Sequence[Shard], pass_index: int, start_row: int = 0, stop
         end = first + sum(p[2] for p in pieces)
         lo, hi = max(start_row, first), end if stop_row is None else min(stop_row, end)
         if hi > lo:
-            units.append({"pieces": json.dumps(pieces), "pass": pass_index, "row": first, "skip": lo - first,
-                          "take": hi - lo, "shuffle": window_rows > 0, "seed": seed})
+            units.append(
+                {
+                    "pieces": json.dumps(pieces),
+                    "pass": pass_index,
+                    "row": first,
+                    "skip": lo - first,
+                    "take": hi - lo,
+                    "shuffle": window_rows > 0,
+                    "seed": seed,
+                }
+            )
     return units
 
 

@@ -5,6 +5,7 @@ Training crops are CLIP's augmentation: a random square covering a fraction in
 [crop_scale_min, 1] of the largest square's area, seeded by (train.seed, pass, key), so a resumed
 run sees the same crops as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,9 +45,9 @@ def crop_box(key: str, width: int, height: int, settings: PreprocessSettings, pa
     """
     short = min(width, height)
     digest = hashlib.blake2b(f"{settings.seed}/{pass_index}/{key}".encode(), digest_size=12).digest()
-    u = [int.from_bytes(digest[i:i + 4], "little") / 2 ** 32 for i in (0, 4, 8)]
+    u = [int.from_bytes(digest[i : i + 4], "little") / 2**32 for i in (0, 4, 8)]
     area = settings.crop_scale_min + (1.0 - settings.crop_scale_min) * u[0]
-    side = max(1, min(short, int(round(short * area ** 0.5))))
+    side = max(1, min(short, int(round(short * area**0.5))))
     return int(u[1] * (width - side + 1)), int(u[2] * (height - side + 1)), side
 
 
@@ -106,7 +107,7 @@ class Preprocess:
             return REJECT_REASONS.index("not_an_image")
         height, width = img.shape[:2]
         x, y, side = crop_box(key, width, height, self.settings, pass_index)
-        crop = img[y:y + side, x:x + side]
+        crop = img[y : y + side, x : x + side]
         size = self.settings.image_size
         if side != size:
             interp = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC

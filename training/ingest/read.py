@@ -1,4 +1,5 @@
 """`ShardReader`, the preprocessing actors' function: read units -> preprocessed rows, in order."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -42,17 +43,18 @@ class ShardReader:
         import pyarrow as pa
 
         pieces = json.loads(unit["pieces"]) if isinstance(unit["pieces"], str) else unit["pieces"]
-        table = pa.concat_tables([self._file(path).read_row_group(int(group), columns=list(REQUIRED_COLUMNS))
-                                  for path, group, _ in pieces])
+        table = pa.concat_tables(
+            [self._file(path).read_row_group(int(group), columns=list(REQUIRED_COLUMNS)) for path, group, _ in pieces]
+        )
         first, skip, take = int(unit["row"]), int(unit["skip"]), int(unit["take"])
         pass_index = int(unit["pass"])
         if bool(unit["shuffle"]):
             order = np.random.default_rng([int(unit["seed"]), pass_index, first]).permutation(table.num_rows)
         else:
             order = np.arange(table.num_rows)
-        order = order[skip:skip + take]
+        order = order[skip : skip + take]
         for start in range(0, len(order), self.rows_per_batch):
-            part = table.take(order[start:start + self.rows_per_batch])
+            part = table.take(order[start : start + self.rows_per_batch])
             columns = {name: part.column(name).to_numpy(zero_copy_only=False) for name in REQUIRED_COLUMNS}
             out = self.preprocess(columns, pass_index)
             k = part.num_rows

@@ -5,6 +5,7 @@
 hands the training loop exact batches with their data position (docs/training.md).
 `eval_dataset` / `iter_eval_batches` read a worker's share of a held-out set the same way.
 """
+
 from __future__ import annotations
 
 import logging
@@ -82,11 +83,18 @@ def units_dataset(units: list[dict], filesystem: Any, settings: StreamSettings, 
 
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     return ds.map_batches(
-        ShardReader, fn_constructor_kwargs={"settings": preprocess, "filesystem": filesystem,
-                                            "rows_per_batch": settings.rows_per_batch},
-        batch_size=1, batch_format="numpy", num_cpus=settings.cpus_per_actor,
+        ShardReader,
+        fn_constructor_kwargs={
+            "settings": preprocess,
+            "filesystem": filesystem,
+            "rows_per_batch": settings.rows_per_batch,
+        },
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=settings.cpus_per_actor,
         # No more actors than read units: a short segment or validation set would start idle ones.
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(settings.num_actors, len(units)))))
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(settings.num_actors, len(units)))),
+    )
 
 
 class ShardStream:
@@ -96,9 +104,19 @@ class ShardStream:
     accumulates the time the trainer waited for a batch.
     """
 
-    def __init__(self, shards: Sequence[Shard], filesystem: Any, *, rank: int, world_size: int, seed: int,
-                 start: DataPosition, settings: StreamSettings, rows_needed: Optional[int] = None,
-                 max_passes: Optional[int] = None):
+    def __init__(
+        self,
+        shards: Sequence[Shard],
+        filesystem: Any,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        start: DataPosition,
+        settings: StreamSettings,
+        rows_needed: Optional[int] = None,
+        max_passes: Optional[int] = None,
+    ):
         if not shards:
             raise ValueError("no shards to read")
         self.shards, self.filesystem = list(shards), filesystem
@@ -120,15 +138,26 @@ class ShardStream:
         pass_index, start_row = self.start_position.pass_index, self.start_position.rows
         planned, segment = 0, []
         while self.max_passes is None or pass_index < self.start_position.pass_index + self.max_passes:
-            units = pass_units(self.files_of_pass(pass_index), pass_index, start_row,
-                               window_rows=self.settings.shuffle_rows, seed=self.seed)
+            units = pass_units(
+                self.files_of_pass(pass_index),
+                pass_index,
+                start_row,
+                window_rows=self.settings.shuffle_rows,
+                seed=self.seed,
+            )
             segment.extend(units)
             planned += sum(u["take"] for u in units)
             pass_index, start_row = pass_index + 1, 0
             if self.rows_needed is not None and planned >= self.rows_needed + 1:
                 # One more pass as margin for rejected rows, then stop planning.
-                segment.extend(pass_units(self.files_of_pass(pass_index), pass_index,
-                                          window_rows=self.settings.shuffle_rows, seed=self.seed))
+                segment.extend(
+                    pass_units(
+                        self.files_of_pass(pass_index),
+                        pass_index,
+                        window_rows=self.settings.shuffle_rows,
+                        seed=self.seed,
+                    )
+                )
                 break
             if len(segment) >= self.settings.max_units:
                 yield segment
@@ -142,9 +171,12 @@ class ShardStream:
                 if self._stop.is_set():
                     return
                 ds = units_dataset(units, self.filesystem, self.settings, self.settings.preprocess)
-                for part in ds.iter_torch_batches(batch_size=self.settings.local_batch, collate_fn=_collate_fn(),
-                                                  prefetch_batches=self.settings.prefetch_batches,
-                                                  pin_memory=self.settings.pin_memory):
+                for part in ds.iter_torch_batches(
+                    batch_size=self.settings.local_batch,
+                    collate_fn=_collate_fn(),
+                    prefetch_batches=self.settings.prefetch_batches,
+                    pin_memory=self.settings.pin_memory,
+                ):
                     for batch in self.rebatcher.add(part):
                         if not self._put(batch):
                             return
@@ -191,8 +223,15 @@ class ShardStream:
             self._thread.join(timeout=2)
 
 
-def eval_dataset(shards: Sequence[Shard], filesystem: Any, *, rank: int, world_size: int,
-                 settings: StreamSettings, preprocess: PreprocessSettings):
+def eval_dataset(
+    shards: Sequence[Shard],
+    filesystem: Any,
+    *,
+    rank: int,
+    world_size: int,
+    settings: StreamSettings,
+    preprocess: PreprocessSettings,
+):
     """This worker's contiguous share of an evaluation set, preprocessed (centre crops) and
     materialised in the object store, to iterate at every validation. None for an empty share."""
     units = split_rows(shards, rank, world_size)
@@ -212,7 +251,10 @@ def iter_eval_batches(dataset, batch_size: int) -> Iterator[dict[str, Any]]:
         ok = part["status"] == 0
         if not bool(ok.all()):
             idx = torch.nonzero(ok).flatten()
-            part = {"image": part["image"][idx], "tokens": part["tokens"][idx],
-                    KEY_COL: [part[KEY_COL][i] for i in idx.tolist()]}
+            part = {
+                "image": part["image"][idx],
+                "tokens": part["tokens"][idx],
+                KEY_COL: [part[KEY_COL][i] for i in idx.tolist()],
+            }
         if len(part[KEY_COL]):
             yield part

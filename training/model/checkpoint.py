@@ -13,6 +13,7 @@ Without a config, the architecture is inferred from the state dict's shapes (as 
 `build_model` does; heads = width / 64). A checkpoint that does not fit raises `CheckpointError`
 listing missing keys, unexpected keys and shape mismatches.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,9 +52,15 @@ class CheckpointError(ValueError):
 # TorchScript archives: tensors only.
 
 _STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
     "BoolStorage": torch.bool,
 }
 
@@ -99,11 +106,11 @@ class _TensorsOnlyUnpickler(pickle.Unpickler):
                 self._classes[qualname] = type(name, (_ScriptedModule,), {"qualname": qualname})
             return self._classes[qualname]
         raise pickle.UnpicklingError(
-            f"refusing to load {module}.{name} from a TorchScript archive (only tensors are read)")
+            f"refusing to load {module}.{name} from a TorchScript archive (only tensors are read)"
+        )
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r} in TorchScript archive")
         _, storage_type, key, _location, numel = pid
         raw = bytearray(self._archive.read(f"{self._prefix}data/{key}"))
@@ -126,8 +133,12 @@ def _state_names(archive: zipfile.ZipFile, prefix: str, qualname: str) -> Option
         source = archive.read(path).decode("utf-8")
     except KeyError:
         return None
-    match = re.search(rf"^class {re.escape(cls)}\(Module\):\n  __parameters__ = \[(.*?)\]\n"
-                      rf"  __buffers__ = \[(.*?)\]", source, re.MULTILINE)
+    match = re.search(
+        rf"^class {re.escape(cls)}\(Module\):\n  __parameters__ = \[(.*?)\]\n"
+        rf"  __buffers__ = \[(.*?)\]",
+        source,
+        re.MULTILINE,
+    )
     if not match:
         return None
     names = re.findall(r'"([^"]+)"', match.group(1)) + re.findall(r'"([^"]+)"', match.group(2))
@@ -165,10 +176,11 @@ def _read_torchscript(path: Path, archive: zipfile.ZipFile) -> dict[str, torch.T
 # ---------------------------------------------------------------------------------------------
 # Reading state dicts.
 
+
 def _strip(state: dict) -> dict:
     for prefix in _PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -190,7 +202,8 @@ def load_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise CheckpointError(
-                f"{path}: refused to unpickle (only tensors and plain containers are loaded): {e}") from None
+                f"{path}: refused to unpickle (only tensors and plain containers are loaded): {e}"
+            ) from None
         except Exception as e:
             raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from None
         state = obj
@@ -201,8 +214,8 @@ def load_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
                     break
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(
-                f"{path}: expected a state dict (or a dict with 'state_dict') of tensors, "
-                f"got {type(obj).__name__}")
+                f"{path}: expected a state dict (or a dict with 'state_dict') of tensors, got {type(obj).__name__}"
+            )
     state = _strip(dict(state))
     return {k: v for k, v in state.items() if k not in _NON_WEIGHT_KEYS}
 
@@ -212,8 +225,9 @@ def _count(state: dict, pattern: str) -> int:
     return len({m.group(1) for k in state if (m := rx.match(k))})
 
 
-def infer_config(state: dict[str, torch.Tensor], *, quick_gelu: bool = True,
-                 head_width: int = 64, text_head_width: int = 64) -> dict:
+def infer_config(
+    state: dict[str, torch.Tensor], *, quick_gelu: bool = True, head_width: int = 64, text_head_width: int = 64
+) -> dict:
     """An open_clip-layout config from a state dict's shapes (heads are not stored: width / 64).
 
     quick_gelu defaults to True (OpenAI's released CLIPs); pass False for GELU-trained models.
@@ -223,28 +237,40 @@ def infer_config(state: dict[str, torch.Tensor], *, quick_gelu: bool = True,
             width = state["visual.conv1.weight"].shape[0]
             patch = state["visual.conv1.weight"].shape[-1]
             grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-            vision = {"image_size": patch * grid,
-                      "layers": _count(state, r"visual\.transformer\.resblocks\.(\d+)\."),
-                      "width": width, "patch_size": patch, "head_width": head_width}
+            vision = {
+                "image_size": patch * grid,
+                "layers": _count(state, r"visual\.transformer\.resblocks\.(\d+)\."),
+                "width": width,
+                "patch_size": patch,
+                "head_width": head_width,
+            }
         else:
             layers = [_count(state, rf"visual\.layer{i}\.(\d+)\.") for i in (1, 2, 3, 4)]
             grid = round((state["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-            vision = {"image_size": grid * 32, "layers": layers,
-                      "width": state["visual.layer1.0.conv1.weight"].shape[0], "head_width": head_width}
+            vision = {
+                "image_size": grid * 32,
+                "layers": layers,
+                "width": state["visual.layer1.0.conv1.weight"].shape[0],
+                "head_width": head_width,
+            }
         text_width = state["ln_final.weight"].shape[0]
         cfg = {
             "embed_dim": state["text_projection"].shape[1],
             "quick_gelu": quick_gelu,
             "vision_cfg": vision,
-            "text_cfg": {"context_length": state["positional_embedding"].shape[0],
-                         "vocab_size": state["token_embedding.weight"].shape[0],
-                         "width": text_width, "heads": max(1, text_width // text_head_width),
-                         "layers": _count(state, r"transformer\.resblocks\.(\d+)\.")},
+            "text_cfg": {
+                "context_length": state["positional_embedding"].shape[0],
+                "vocab_size": state["token_embedding.weight"].shape[0],
+                "width": text_width,
+                "heads": max(1, text_width // text_head_width),
+                "layers": _count(state, r"transformer\.resblocks\.(\d+)\."),
+            },
         }
     except KeyError as e:
         raise CheckpointError(
             f"cannot infer the architecture: the state dict has no {e.args[0]!r} "
-            f"(not an OpenAI-layout CLIP? give the model name or config)") from None
+            f"(not an OpenAI-layout CLIP? give the model name or config)"
+        ) from None
     parse_config(cfg)
     return cfg
 
@@ -254,8 +280,11 @@ def check_state_dict(model: torch.nn.Module, state: dict, source: str = "checkpo
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: checkpoint {list(state[k].shape)} vs model {list(expected[k].shape)}"
-              for k in expected if k in state and state[k].shape != expected[k].shape]
+    shapes = [
+        f"{k}: checkpoint {list(state[k].shape)} vs model {list(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
     if not (missing or unexpected or shapes):
         return
 
@@ -268,9 +297,11 @@ def check_state_dict(model: torch.nn.Module, state: dict, source: str = "checkpo
 
     raise CheckpointError(
         f"{source} does not fit the model"
-        + listing("missing keys", missing) + listing("unexpected keys", unexpected)
+        + listing("missing keys", missing)
+        + listing("unexpected keys", unexpected)
         + listing("shape mismatches", shapes)
-        + "\n  (wrong model name/config? give load_model(path, name=...) the architecture it was trained as)")
+        + "\n  (wrong model name/config? give load_model(path, name=...) the architecture it was trained as)"
+    )
 
 
 def _find_weights(directory: Path) -> Path:
@@ -283,7 +314,8 @@ def _find_weights(directory: Path) -> Path:
         return checkpoints[-1]
     found = ", ".join(sorted(p.name for p in directory.iterdir())[:20]) or "nothing"
     raise CheckpointError(
-        f"{directory} holds no {WEIGHTS_FILE} (looked in it, in final/ and in checkpoint_*/; found: {found})")
+        f"{directory} holds no {WEIGHTS_FILE} (looked in it, in final/ and in checkpoint_*/; found: {found})"
+    )
 
 
 def _fetch_remote(url: str, into: Path, storage: Optional[StorageConfig] = None) -> Path:
@@ -309,9 +341,15 @@ def _fetch_remote(url: str, into: Path, storage: Optional[StorageConfig] = None)
     return into / WEIGHTS_FILE
 
 
-def load_model(path: Union[str, os.PathLike], name: Union[str, dict, None] = None, *,
-               quick_gelu: Optional[bool] = None, device: Union[str, torch.device] = "cpu",
-               dtype: torch.dtype = torch.float32, storage: Optional[StorageConfig] = None) -> CLIP:
+def load_model(
+    path: Union[str, os.PathLike],
+    name: Union[str, dict, None] = None,
+    *,
+    quick_gelu: Optional[bool] = None,
+    device: Union[str, torch.device] = "cpu",
+    dtype: torch.dtype = torch.float32,
+    storage: Optional[StorageConfig] = None,
+) -> CLIP:
     """Load a CLIP from a checkpoint, in eval mode.
 
     path: our run dir / `final/` dir / any dir with model.safetensors, or a checkpoint file

@@ -5,6 +5,7 @@ State-dict keys and shapes are OpenAI CLIP's, so released OpenAI / OpenCLIP chec
 (`token_embedding`, `positional_embedding`, `transformer.resblocks.N.*`, `ln_final`,
 `text_projection`) and `logit_scale`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,8 +52,9 @@ class CLIP(nn.Module):
                 raise ValueError("patch_dropout applies to ViT image encoders only; this config is a ResNet")
             self.visual = ModifiedResNet(v.layers, cfg.embed_dim, v.heads, v.image_size, v.width)
         else:
-            self.visual = VisionTransformer(v.image_size, v.patch_size, v.width, v.layers, v.heads,
-                                            cfg.embed_dim, cfg.quick_gelu, patch_dropout)
+            self.visual = VisionTransformer(
+                v.image_size, v.patch_size, v.width, v.layers, v.heads, cfg.embed_dim, cfg.quick_gelu, patch_dropout
+            )
         self.image_size = v.image_size
         self.context_length = t.context_length
         self.vocab_size = t.vocab_size
@@ -74,7 +76,7 @@ class CLIP(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         self.transformer.init_weights()
-        nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
+        nn.init.normal_(self.text_projection, std=self.transformer.width**-0.5)
         self.visual.init_weights()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -101,8 +103,10 @@ class CLIP(nn.Module):
             raise ValueError(f"tokens must be [B, L], got shape {tuple(tokens.shape)}")
         length = tokens.shape[1]
         if length > self.context_length:
-            raise ValueError(f"tokens have {length} positions but the model's context_length is "
-                             f"{self.context_length}; tokenize with context_length={self.context_length}")
+            raise ValueError(
+                f"tokens have {length} positions but the model's context_length is "
+                f"{self.context_length}; tokenize with context_length={self.context_length}"
+            )
         eot = tokens.argmax(dim=-1)
         if self.text_trim and length > 1 and not torch.compiler.is_compiling():
             # Positions after the last end-of-text token cannot change any end-of-text feature
@@ -123,12 +127,18 @@ class CLIP(nn.Module):
         return image_features, text_features, self.logit_scale.exp()
 
 
-def create_model(name_or_config: Union[str, dict], width_mult: float = 1.0, *,
-                 temperature_init: float = 0.07, learn_temperature: bool = True,
-                 patch_dropout: float = 0.0, grad_checkpointing: bool = False,
-                 quick_gelu: Optional[bool] = None,
-                 device: Union[str, torch.device, None] = None,
-                 dtype: Optional[torch.dtype] = None) -> CLIP:
+def create_model(
+    name_or_config: Union[str, dict],
+    width_mult: float = 1.0,
+    *,
+    temperature_init: float = 0.07,
+    learn_temperature: bool = True,
+    patch_dropout: float = 0.0,
+    grad_checkpointing: bool = False,
+    quick_gelu: Optional[bool] = None,
+    device: Union[str, torch.device, None] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> CLIP:
     """Build a freshly initialised CLIP.
 
     name_or_config: a registered name (`list_models()`), a path to a model JSON, or an
@@ -148,4 +158,3 @@ def create_model(name_or_config: Union[str, dict], width_mult: float = 1.0, *,
     if dtype is not None:
         model.to(dtype)
     return model
-

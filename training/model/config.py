@@ -9,6 +9,7 @@ A config is a plain dict in open_clip's layout (so users can bring theirs):
 `vision_cfg.layers` a list of four ints means ModifiedResNet, an int means ViT. `parse_config`
 checks a dict and turns it into the typed `CLIPConfig` the modules are built from.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,10 +29,20 @@ _VISION_KEYS = {"image_size", "layers", "width", "patch_size", "head_width"}
 _TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers"}
 # open_clip keys that are harmless at their default value (some configs in the wild carry them).
 _IGNORABLE = {
-    "vision_cfg": {"mlp_ratio": 4.0, "timm_model_name": None, "ls_init_value": None,
-                   "patch_dropout": 0.0, "output_tokens": False},
-    "text_cfg": {"mlp_ratio": 4.0, "hf_model_name": None, "ls_init_value": None,
-                 "output_tokens": False, "proj_bias": False},
+    "vision_cfg": {
+        "mlp_ratio": 4.0,
+        "timm_model_name": None,
+        "ls_init_value": None,
+        "patch_dropout": 0.0,
+        "output_tokens": False,
+    },
+    "text_cfg": {
+        "mlp_ratio": 4.0,
+        "hf_model_name": None,
+        "ls_init_value": None,
+        "output_tokens": False,
+        "proj_bias": False,
+    },
     "": {"custom_text": False, "cast_dtype": None, "init_logit_scale": None, "init_logit_bias": None},
 }
 
@@ -92,10 +103,12 @@ def _check_keys(section: dict, allowed: set, where: str) -> None:
         if key in ignorable:
             raise ModelConfigError(
                 f"model config {where + '.' if where else ''}{key}={value!r} is not supported "
-                f"(only the default {ignorable[key]!r}); remove the key")
+                f"(only the default {ignorable[key]!r}); remove the key"
+            )
         raise ModelConfigError(
             f"model config has unknown key {where + '.' if where else ''}{key!r}; "
-            f"known keys: {', '.join(sorted(allowed))}")
+            f"known keys: {', '.join(sorted(allowed))}"
+        )
 
 
 def parse_config(cfg: dict) -> CLIPConfig:
@@ -129,16 +142,17 @@ def parse_config(cfg: dict) -> CLIPConfig:
     layers = v["layers"]
     if isinstance(layers, (list, tuple)):
         if len(layers) != 4:
-            raise ModelConfigError(
-                f"model config vision_cfg.layers {list(layers)!r}: a ModifiedResNet has 4 stages")
+            raise ModelConfigError(f"model config vision_cfg.layers {list(layers)!r}: a ModifiedResNet has 4 stages")
         layers = tuple(_positive_int(n, f"vision_cfg.layers[{i}]") for i, n in enumerate(layers))
         if image_size % 32:
             raise ModelConfigError(
-                f"model config vision_cfg.image_size {image_size} must be a multiple of 32 for a ResNet")
+                f"model config vision_cfg.image_size {image_size} must be a multiple of 32 for a ResNet"
+            )
         if (width * 32) % head_width:
             raise ModelConfigError(
                 f"model config vision_cfg.head_width {head_width} must divide the attention-pool width "
-                f"32*width = {width * 32}")
+                f"32*width = {width * 32}"
+            )
         if width % 2:
             raise ModelConfigError(f"model config vision_cfg.width {width} must be even (the stem uses width/2)")
         patch_size = None
@@ -147,10 +161,12 @@ def parse_config(cfg: dict) -> CLIPConfig:
         patch_size = _positive_int(v.get("patch_size"), "vision_cfg.patch_size")
         if image_size % patch_size:
             raise ModelConfigError(
-                f"model config vision_cfg.image_size {image_size} is not a multiple of patch_size {patch_size}")
+                f"model config vision_cfg.image_size {image_size} is not a multiple of patch_size {patch_size}"
+            )
         if width % head_width:
             raise ModelConfigError(
-                f"model config vision_cfg.head_width {head_width} must divide vision_cfg.width {width}")
+                f"model config vision_cfg.head_width {head_width} must divide vision_cfg.width {width}"
+            )
     vision = VisionConfig(image_size, layers, width, patch_size, head_width)
 
     t = cfg["text_cfg"]
@@ -160,8 +176,7 @@ def parse_config(cfg: dict) -> CLIPConfig:
     defaults = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}
     tv = {k: _positive_int(t.get(k, d), f"text_cfg.{k}") for k, d in defaults.items()}
     if tv["width"] % tv["heads"]:
-        raise ModelConfigError(
-            f"model config text_cfg.heads {tv['heads']} must divide text_cfg.width {tv['width']}")
+        raise ModelConfigError(f"model config text_cfg.heads {tv['heads']} must divide text_cfg.width {tv['width']}")
     return CLIPConfig(embed_dim, quick_gelu, vision, TextConfig(**tv))
 
 
@@ -196,8 +211,8 @@ def get_model_config(name: str) -> dict:
         parse_config(cfg)
         return cfg
     raise ModelConfigError(
-        f"model {name!r} is neither a registered model nor a model JSON file; "
-        f"registered: {', '.join(list_models())}")
+        f"model {name!r} is neither a registered model nor a model JSON file; registered: {', '.join(list_models())}"
+    )
 
 
 def _round_to(value: float, step: int) -> int:
@@ -243,5 +258,6 @@ def resolve_config(name_or_config: Union[str, dict], width_mult: float = 1.0) ->
         cfg = get_model_config(str(name_or_config))
     else:
         raise ModelConfigError(
-            f"model must be a registered name, a JSON path or a config dict, got {type(name_or_config).__name__}")
+            f"model must be a registered name, a JSON path or a config dict, got {type(name_or_config).__name__}"
+        )
     return scale_width(cfg, width_mult)

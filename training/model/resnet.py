@@ -7,6 +7,7 @@ Differences from torchvision's ResNet, as in the CLIP paper:
 - attention pooling instead of global average pooling: one multi-head attention whose query is the
   mean of the final feature map, with a positional embedding, projected to the output width.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -35,8 +36,7 @@ def _frozen_running_stats(modules: list[nn.Module]):
 def _checkpointed(fn, x: torch.Tensor, modules: list[nn.Module]) -> torch.Tensor:
     """fn(x) under activation checkpointing; the recomputation in backward leaves the BN stats of
     `modules` alone (they were updated once, in the forward)."""
-    return checkpoint(fn, x, use_reentrant=False,
-                      context_fn=lambda: (nullcontext(), _frozen_running_stats(modules)))
+    return checkpoint(fn, x, use_reentrant=False, context_fn=lambda: (nullcontext(), _frozen_running_stats(modules)))
 
 
 class Bottleneck(nn.Module):
@@ -58,11 +58,15 @@ class Bottleneck(nn.Module):
         self.downsample = None
         if stride > 1 or inplanes != out:
             # Key names "downsample.0" (conv) and "downsample.1" (BN) as in OpenAI's checkpoints.
-            self.downsample = nn.Sequential(OrderedDict([
-                ("-1", nn.AvgPool2d(stride) if stride > 1 else nn.Identity()),
-                ("0", nn.Conv2d(inplanes, out, 1, bias=False)),
-                ("1", nn.BatchNorm2d(out)),
-            ]))
+            self.downsample = nn.Sequential(
+                OrderedDict(
+                    [
+                        ("-1", nn.AvgPool2d(stride) if stride > 1 else nn.Identity()),
+                        ("0", nn.Conv2d(inplanes, out, 1, bias=False)),
+                        ("1", nn.BatchNorm2d(out)),
+                    ]
+                )
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -80,7 +84,7 @@ class AttentionPool2d(nn.Module):
 
     def __init__(self, spatial_dim: int, embed_dim: int, heads: int, output_dim: int):
         super().__init__()
-        self.positional_embedding = nn.Parameter(torch.randn(spatial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
+        self.positional_embedding = nn.Parameter(torch.randn(spatial_dim**2 + 1, embed_dim) / embed_dim**0.5)
         self.k_proj = nn.Linear(embed_dim, embed_dim)
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.v_proj = nn.Linear(embed_dim, embed_dim)
@@ -100,8 +104,9 @@ class AttentionPool2d(nn.Module):
 
 
 class ModifiedResNet(nn.Module):
-    def __init__(self, layers: tuple[int, int, int, int], output_dim: int, heads: int,
-                 image_size: int = 224, width: int = 64):
+    def __init__(
+        self, layers: tuple[int, int, int, int], output_dim: int, heads: int, image_size: int = 224, width: int = 64
+    ):
         super().__init__()
         self.image_size = image_size
         half = width // 2
@@ -141,7 +146,8 @@ class ModifiedResNet(nn.Module):
         """x [B, 3, image_size, image_size] float, normalised -> [B, output_dim]."""
         if x.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(
-                f"images are {tuple(x.shape[-2:])} but this ResNet takes {self.image_size}x{self.image_size}")
+                f"images are {tuple(x.shape[-2:])} but this ResNet takes {self.image_size}x{self.image_size}"
+            )
         if x.dtype != self.conv1.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.conv1.weight.dtype)  # e.g. float images into a half-precision model
         ckpt = self.grad_checkpointing and torch.is_grad_enabled()
@@ -154,7 +160,7 @@ class ModifiedResNet(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """CLIP's init: attention-pool projections std C^-0.5; last BN of each block zero (identity start)."""
-        std = self.attnpool.c_proj.in_features ** -0.5
+        std = self.attnpool.c_proj.in_features**-0.5
         for lin in (self.attnpool.q_proj, self.attnpool.k_proj, self.attnpool.v_proj, self.attnpool.c_proj):
             nn.init.normal_(lin.weight, std=std)
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):

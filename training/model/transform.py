@@ -7,6 +7,7 @@ centre crop with rounded offsets, convert to RGB), giving uint8 [S, S, 3]. Batch
 Evaluation and the pipeline's CLIP-score filter call these two functions, so the same image gives
 the same tensor in both.
 """
+
 from __future__ import annotations
 
 import io
@@ -50,8 +51,11 @@ def eval_pixels(image: Union[Image.Image, bytes, bytearray, memoryview], size: i
     return np.array(image, dtype=np.uint8)  # a writable copy
 
 
-def pixel_scale_shift(mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-                      device: Union[str, torch.device, None] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_scale_shift(
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    device: Union[str, torch.device, None] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift), float32 [1, 3, 1, 1] each: `x * scale + shift` == (x / 255 - mean) / std.
 
     Computed in float64 and rounded once to float32. Default mean/std: `image_mean_std()` (CLIP's).
@@ -66,9 +70,12 @@ def pixel_scale_shift(mean: Optional[Sequence[float]] = None, std: Optional[Sequ
     return (scale.float().view(1, 3, 1, 1).to(device), shift.float().view(1, 3, 1, 1).to(device))
 
 
-def normalize_pixels(x: torch.Tensor, mean: Optional[Sequence[float]] = None,
-                     std: Optional[Sequence[float]] = None,
-                     constants: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+def normalize_pixels(
+    x: torch.Tensor,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    constants: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> torch.Tensor:
     """uint8 [B, S, S, 3] (RGB, channels last) -> float32 [B, 3, S, S]: (x / 255 - mean) / std.
 
     Computed as one multiply and one add with `pixel_scale_shift`'s constants, on x's device: two

@@ -8,6 +8,7 @@ out of the last block (the class token, the end-of-text token), so `Transformer.
 runs the last block for that token alone: keys and values for every token, the query, output
 projection and MLP for one. Same numbers, less work.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -70,8 +71,9 @@ class SelfAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
-    def forward_query(self, x: torch.Tensor, query: torch.Tensor,
-                      key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward_query(
+        self, x: torch.Tensor, query: torch.Tensor, key_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Attention for one query token per sample.
 
         x: [B, L, width] (normalised) keys/values; query: [B, width] (normalised);
@@ -96,18 +98,23 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_1 = LayerNorm(width)
         self.attn = SelfAttention(width, heads)
         self.ln_2 = LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, hidden)),
-            ("gelu", activation(quick_gelu)),
-            ("c_proj", nn.Linear(hidden, width)),
-        ]))
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                [
+                    ("c_fc", nn.Linear(width, hidden)),
+                    ("gelu", activation(quick_gelu)),
+                    ("c_proj", nn.Linear(hidden, width)),
+                ]
+            )
+        )
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), causal)
         return x + self.mlp(self.ln_2(x))
 
-    def forward_token(self, x: torch.Tensor, index: torch.Tensor,
-                      key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward_token(
+        self, x: torch.Tensor, index: torch.Tensor, key_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """The block's output at one position per sample: x [B, L, width], index [B] -> [B, width]."""
         h = self.ln_1(x)
         rows = torch.arange(x.shape[0], device=x.device)
@@ -121,8 +128,7 @@ class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, quick_gelu: bool):
         super().__init__()
         self.width, self.layers, self.heads = width, layers, heads
-        self.resblocks = nn.ModuleList(
-            [ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
         self.grad_checkpointing = False
 
     def _run(self, block: nn.Module, *args):
@@ -152,7 +158,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """CLIP's init: attention std width^-0.5, residual projections scaled by (2*layers)^-0.5."""
-        attn_std = self.width ** -0.5
+        attn_std = self.width**-0.5
         proj_std = attn_std * (2 * self.layers) ** -0.5
         fc_std = (2 * self.width) ** -0.5
         for block in self.resblocks:

@@ -3,6 +3,7 @@
 patches (conv without bias) -> [class token; patches] + positional embedding -> (patch dropout,
 training only) -> ln_pre -> pre-LN transformer -> ln_post(class token) @ proj.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,15 +36,24 @@ class PatchDropout(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
-                 output_dim: int, quick_gelu: bool, patch_dropout: float = 0.0):
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        width: int,
+        layers: int,
+        heads: int,
+        output_dim: int,
+        quick_gelu: bool,
+        patch_dropout: float = 0.0,
+    ):
         super().__init__()
         self.image_size, self.patch_size = image_size, patch_size
         self.grid = image_size // patch_size
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
-        scale = width ** -0.5
+        scale = width**-0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid ** 2 + 1, width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid**2 + 1, width))
         self.patch_dropout = PatchDropout(patch_dropout)
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, layers, heads, quick_gelu)
@@ -53,8 +63,7 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, 3, image_size, image_size] float, normalised -> [B, output_dim]."""
         if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"images are {tuple(x.shape[-2:])} but this ViT takes {self.image_size}x{self.image_size}")
+            raise ValueError(f"images are {tuple(x.shape[-2:])} but this ViT takes {self.image_size}x{self.image_size}")
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)

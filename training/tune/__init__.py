@@ -12,6 +12,7 @@
 * `plots.py`: `sweep.png` (metric over training for every trial, heat map over temperature x width).
 * `runner.py`: the Ray wiring (Tuner, ASHA, the trial trainable, resume).
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -5,6 +5,7 @@ shards, a metric the trials cannot report, an ASHA grace period as long as the r
 `impossible_widths` lists the grid widths whose model cannot fit a node: those trials will fail
 (and be reported as failed) while the others run, so the driver only warns about them.
 """
+
 from __future__ import annotations
 
 from pydantic import ValidationError
@@ -24,10 +25,13 @@ def check_sweep(model: ModelConfig, train: TrainConfig, tune: TuneConfig) -> Non
     if train.val_every is None or (tune.metric in VALIDATION_METRICS and not train.val_data):
         raise ValueError(
             f"tune.metric '{tune.metric}' is measured at validations: set train.val_data (held-out shard "
-            f"folders) and train.val_every (steps between validations) so that every trial reports it")
+            f"folders) and train.val_every (steps between validations) so that every trial reports it"
+        )
     if tune.metric in ZEROSHOT_METRICS and not train.zeroshot_data:
-        raise ValueError(f"tune.metric '{tune.metric}' is a zero-shot accuracy: set train.zeroshot_data "
-                         f"(a labelled set) so that validations measure it")
+        raise ValueError(
+            f"tune.metric '{tune.metric}' is a zero-shot accuracy: set train.zeroshot_data "
+            f"(a labelled set) so that validations measure it"
+        )
     if train.val_data:
         list_shards(train.val_data, train, what="train.val_data")
     batch_space = tune.batch_size
@@ -41,7 +45,8 @@ def check_sweep(model: ModelConfig, train: TrainConfig, tune: TuneConfig) -> Non
     if tune.grace_period is not None and tune.early_stopping and tune.grace_period >= train.samples:
         raise ValueError(
             f"tune.grace_period {tune.grace_period} samples is not below train.samples {train.samples}: "
-            f"ASHA could never stop a trial; lower tune.grace_period or set tune.early_stopping: false")
+            f"ASHA could never stop a trial; lower tune.grace_period or set tune.early_stopping: false"
+        )
 
 
 def impossible_widths(model: ModelConfig, train: TrainConfig, tune: TuneConfig, memory: float) -> list[str]:

@@ -3,6 +3,7 @@ temperature x width (one per `learn_temperature` value when that axis is searche
 
 Drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend switch).
 """
+
 from __future__ import annotations
 
 import io
@@ -43,8 +44,9 @@ def _levels(values: Sequence[float]) -> tuple[list[str], list[int]]:
     return labels, index
 
 
-def heat_maps(rows: Sequence[dict], metric: str, mode: str, base_temperature: float, base_width: float,
-              base_learn: bool) -> list[HeatMap]:
+def heat_maps(
+    rows: Sequence[dict], metric: str, mode: str, base_temperature: float, base_width: float, base_learn: bool
+) -> list[HeatMap]:
     """The heat maps of the final metric; a cell holding several trials shows its best one."""
     if not rows:
         return []
@@ -71,8 +73,9 @@ def heat_maps(rows: Sequence[dict], metric: str, mode: str, base_temperature: fl
             tier = {"completed": 0, "early_stopped": 1}.get(row["status"], 2)
             value = row.get(final_key)
             current = values[ti, wi]
-            if tier < rank[ti, wi] or (tier == rank[ti, wi] and value is not None
-                                       and (np.isnan(current) or better(value, current))):
+            if tier < rank[ti, wi] or (
+                tier == rank[ti, wi] and value is not None and (np.isnan(current) or better(value, current))
+            ):
                 rank[ti, wi] = tier
                 values[ti, wi] = np.nan if value is None else value
                 notes[ti, wi] = ("", "ES", "fail")[tier]
@@ -82,8 +85,14 @@ def heat_maps(rows: Sequence[dict], metric: str, mode: str, base_temperature: fl
 
 
 def _label(values: dict[str, Any]) -> str:
-    short = {"temperature_init": "T0", "learn_temperature": "learnT", "width_mult": "w", "lr": "lr",
-             "batch_size": "bs", "seed": "seed"}
+    short = {
+        "temperature_init": "T0",
+        "learn_temperature": "learnT",
+        "width_mult": "w",
+        "lr": "lr",
+        "batch_size": "bs",
+        "seed": "seed",
+    }
     parts = []
     for key, value in values.items():
         value = f"{value:.3g}" if isinstance(value, float) else value
@@ -91,8 +100,17 @@ def _label(values: dict[str, Any]) -> str:
     return " ".join(parts) or "base"
 
 
-def plot_sweep(records: Sequence[TrialRecord], rows: Sequence[dict], metric: str, mode: str, *,
-               base_temperature: float, base_width: float, base_learn: bool, title: Optional[str] = None) -> bytes:
+def plot_sweep(
+    records: Sequence[TrialRecord],
+    rows: Sequence[dict],
+    metric: str,
+    mode: str,
+    *,
+    base_temperature: float,
+    base_width: float,
+    base_learn: bool,
+    title: Optional[str] = None,
+) -> bytes:
     """sweep.png as bytes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -107,8 +125,7 @@ def plot_sweep(records: Sequence[TrialRecord], rows: Sequence[dict], metric: str
     ax = axes[0]
     cmap = _colormap(len(records))
     # Legend labels name only the values that differ between trials.
-    varying = {k for k in {k for r in records for k in r.values}
-               if len({repr(r.values.get(k)) for r in records}) > 1}
+    varying = {k for k in {k for r in records for k in r.values} if len({repr(r.values.get(k)) for r in records}) > 1}
     for i, record in enumerate(records):
         series = record.metric_series(metric)
         if not series:
@@ -117,7 +134,7 @@ def plot_sweep(records: Sequence[TrialRecord], rows: Sequence[dict], metric: str
         st = status.get(record.trial_id, "")
         style = {"completed": "-", "early_stopped": "--"}.get(st, ":")
         shown = {k: v for k, v in record.values.items() if k in varying}
-        line, = ax.plot(xs, ys, style, color=cmap(i), lw=1.6, label=f"{_label(shown)} ({st.replace('_', ' ')})")
+        (line,) = ax.plot(xs, ys, style, color=cmap(i), lw=1.6, label=f"{_label(shown)} ({st.replace('_', ' ')})")
         ax.plot(xs[-1], ys[-1], "x" if st == "early_stopped" else "o", color=line.get_color(), ms=6)
     ax.set_xlabel("samples seen")
     ax.set_ylabel(metric)
@@ -134,8 +151,14 @@ def plot_sweep(records: Sequence[TrialRecord], rows: Sequence[dict], metric: str
             continue
         finite = hm.values[np.isfinite(hm.values)]
         cmap_name = "viridis_r" if mode == "min" else "viridis"
-        im = ax.imshow(np.ma.masked_invalid(hm.values), cmap=cmap_name, aspect="auto", origin="lower",
-                       vmin=finite.min() if finite.size else None, vmax=finite.max() if finite.size else None)
+        im = ax.imshow(
+            np.ma.masked_invalid(hm.values),
+            cmap=cmap_name,
+            aspect="auto",
+            origin="lower",
+            vmin=finite.min() if finite.size else None,
+            vmax=finite.max() if finite.size else None,
+        )
         ax.set_xticks(range(len(hm.widths)), hm.widths)
         ax.set_yticks(range(len(hm.temps)), hm.temps)
         ax.set_xlabel("width_mult")

@@ -7,6 +7,7 @@ more trials than the cluster holds and they would sit waiting for placement grou
 `max_concurrent_trials` is therefore derived here from the cluster's GPUs (or CPUs) and what one
 trial needs.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,9 @@ def trial_demand(train: TrainConfig, trial_cpus: float, data_cpus_per_worker: fl
     return TrialDemand(cpus=cpus, gpus=gpus)
 
 
-def max_concurrent_trials(cluster: Mapping[str, float], demand: TrialDemand, num_trials: int,
-                          requested: Optional[int] = None) -> tuple[int, str]:
+def max_concurrent_trials(
+    cluster: Mapping[str, float], demand: TrialDemand, num_trials: int, requested: Optional[int] = None
+) -> tuple[int, str]:
     """(trials to run at once, why) for a cluster's total resources (`ray.cluster_resources()`).
 
     GPU trials are bounded by GPUs (and CPUs), CPU trials by CPUs. Raises ValueError when not even
@@ -62,7 +64,8 @@ def max_concurrent_trials(cluster: Mapping[str, float], demand: TrialDemand, num
         raise ValueError(
             f"one trial needs {demand.describe()} (its Train workers, their data tasks and the trial's "
             f"own function) but the cluster has {cpus:g} CPUs and {gpus:g} GPUs; lower "
-            f"train.num_workers / train.cpus_per_worker / tune.trial_cpus or use a bigger cluster")
+            f"train.num_workers / train.cpus_per_worker / tune.trial_cpus or use a bigger cluster"
+        )
     n = min(fits, num_trials)
     return n, f"derived: {why} = {fits}, {num_trials} trials"
 
@@ -79,8 +82,13 @@ class TrialPlan:
     why: str
 
 
-def plan_trials(cluster: Mapping[str, float], train: TrainConfig, trial_cpus: float, num_trials: int,
-                requested: Optional[int] = None) -> TrialPlan:
+def plan_trials(
+    cluster: Mapping[str, float],
+    train: TrainConfig,
+    trial_cpus: float,
+    num_trials: int,
+    requested: Optional[int] = None,
+) -> TrialPlan:
     """How many trials at once, and how many preprocessing actors per worker each one gets.
 
     `train.num_preprocess_actors` is kept when set. Otherwise run_training would size the actors

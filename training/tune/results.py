@@ -11,6 +11,7 @@ The winner is the best final metric among completed trials (among all trials tha
 metric when none completed), so a trial stopped at a third of the budget cannot win on a value
 measured earlier than the others'.
 """
+
 from __future__ import annotations
 
 import csv
@@ -67,8 +68,12 @@ def status_of(record: TrialRecord, early_stopping: bool) -> tuple[str, str]:
     if record.error:
         return "failed", f"failed: {record.error}"
     if record.completed:
-        return "completed", f"trained to the budget ({record.samples_seen} samples)" \
-            if record.samples_seen is not None else "trained to the budget"
+        return (
+            "completed",
+            f"trained to the budget ({record.samples_seen} samples)"
+            if record.samples_seen is not None
+            else "trained to the budget",
+        )
     if record.history and early_stopping:
         last = record.history[-1]
         at = last.get("samples_seen", last.get("step"))
@@ -87,12 +92,19 @@ def summarise(records: Sequence[TrialRecord], metric: str, mode: str, early_stop
         series = [v for _, v in record.metric_series(metric)]
         final = series[-1] if series else None
         best = (min(series) if mode == "min" else max(series)) if series else None
-        rows.append({
-            "trial_id": record.trial_id, "status": status, "stop_reason": reason,
-            **{k: record.values.get(k) for k in (*TUNE_AXES, SEED_AXIS) if k in record.values},
-            f"final_{metric}": final, f"best_{metric}": best,
-            "steps": record.steps, "samples_seen": record.samples_seen, "run_dir": record.run_dir,
-        })
+        rows.append(
+            {
+                "trial_id": record.trial_id,
+                "status": status,
+                "stop_reason": reason,
+                **{k: record.values.get(k) for k in (*TUNE_AXES, SEED_AXIS) if k in record.values},
+                f"final_{metric}": final,
+                f"best_{metric}": best,
+                "steps": record.steps,
+                "samples_seen": record.samples_seen,
+                "run_dir": record.run_dir,
+            }
+        )
     any_completed = any(r["status"] == "completed" and r[f"final_{metric}"] is not None for r in rows)
 
     def key(row: dict) -> tuple:
@@ -116,8 +128,18 @@ def winner(rows: Sequence[dict], metric: str) -> Optional[dict]:
 
 def columns(rows: Sequence[dict], metric: str) -> list[str]:
     axes = [k for k in (*TUNE_AXES, SEED_AXIS) if any(k in r for r in rows)]
-    return ["rank", "trial_id", "status", "stop_reason", *axes, f"final_{metric}", f"best_{metric}",
-            "steps", "samples_seen", "run_dir"]
+    return [
+        "rank",
+        "trial_id",
+        "status",
+        "stop_reason",
+        *axes,
+        f"final_{metric}",
+        f"best_{metric}",
+        "steps",
+        "samples_seen",
+        "run_dir",
+    ]
 
 
 def results_csv(rows: Sequence[dict], metric: str) -> str:

@@ -21,6 +21,7 @@ job), and Ray Train's own cleaner needs the dashboard's state API, which a clust
 removes the workers and their placement group) in `cleanup()`, which Tune calls before it lets the
 actor go; the callback hands the controller's handle to the trainable through a small queue.
 """
+
 from __future__ import annotations
 
 import json
@@ -95,8 +96,12 @@ def _run_trial(config: dict, sweep: dict) -> None:
 
     trial_id = rt.get_context().get_trial_id()
     model, train = trial_sections(
-        ModelConfig.model_validate(sweep["model"]), TrainConfig.model_validate(sweep["train"]),
-        trial_values(config), runs_dir=sweep["runs_dir"], run_name=trial_id)
+        ModelConfig.model_validate(sweep["model"]),
+        TrainConfig.model_validate(sweep["train"]),
+        trial_values(config),
+        runs_dir=sweep["runs_dir"],
+        run_name=trial_id,
+    )
     train = train.model_copy(update={"num_preprocess_actors": sweep["preprocess_actors"]})
     check_model_fits(model, train, sweep["node_memory_bytes"])
     box = Queue(maxsize=1, actor_options={"num_cpus": 0})
@@ -176,8 +181,9 @@ def _guard_resume(storage: Folder, fingerprint: dict, started_with: dict) -> Opt
     filesystem, path = storage.pyarrow()
     resumable = Tuner.can_restore(path, storage_filesystem=filesystem)
     if not resumable:
-        storage.write_bytes(SWEEP_CONFIG, (json.dumps({**fingerprint, "started_with": started_with}, indent=2)
-                                           + "\n").encode())
+        storage.write_bytes(
+            SWEEP_CONFIG, (json.dumps({**fingerprint, "started_with": started_with}, indent=2) + "\n").encode()
+        )
         return None
     recorded = json.loads(previous) if previous is not None else {}
     changed = _diff_keys({k: recorded.get(k) for k in fingerprint}, fingerprint)
@@ -185,7 +191,8 @@ def _guard_resume(storage: Folder, fingerprint: dict, started_with: dict) -> Opt
         raise ValueError(
             f"the sweep in {storage.url} was started with another config (differs in: {', '.join(changed)}); "
             f"resuming it would mix trials of two sweeps. Use a new tune.name, or delete {storage.url} to "
-            f"start over")
+            f"start over"
+        )
     return recorded.get("started_with", {})
 
 
@@ -207,8 +214,10 @@ def _record(result, storage: Folder) -> TrialRecord:
     history: list[dict] = []
     df = result.metrics_dataframe
     if df is not None and len(df):
-        history = [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
-                   for row in df.to_dict("records")]
+        history = [
+            {k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+            for row in df.to_dict("records")
+        ]
     run = f"{RUNS_DIR}/{trial_id}"
     steps = samples = None
     text = storage.read_text(f"{run}/metrics.jsonl")
@@ -221,24 +230,36 @@ def _record(result, storage: Folder) -> TrialRecord:
     elif history:
         steps, samples = history[-1].get("step"), history[-1].get("samples_seen")
     return TrialRecord(
-        trial_id=trial_id, values=trial_values(result.config or {}), history=history,
+        trial_id=trial_id,
+        values=trial_values(result.config or {}),
+        history=history,
         error=_error_text(result.error) if result.error is not None else None,
         completed=result.error is None and storage.exists(f"{run}/final/model.safetensors"),
-        steps=steps, samples_seen=samples, run_dir=storage.full_url(run))
+        steps=steps,
+        samples_seen=samples,
+        run_dir=storage.full_url(run),
+    )
 
 
 def _scheduler(train: TrainConfig, tune: TuneConfig):
     if not tune.early_stopping:
         return FIFOScheduler(), "off"
     grace = tune.grace_period or max(1, int(train.samples / tune.reduction_factor**2))
-    scheduler = ASHAScheduler(time_attr="samples_seen", max_t=train.samples, grace_period=grace,
-                              reduction_factor=tune.reduction_factor, brackets=1,
-                              # A trial reaching max_t has finished; stopping it there could cut
-                              # the writing of its final/ model.
-                              stop_last_trials=False)
+    scheduler = ASHAScheduler(
+        time_attr="samples_seen",
+        max_t=train.samples,
+        grace_period=grace,
+        reduction_factor=tune.reduction_factor,
+        brackets=1,
+        # A trial reaching max_t has finished; stopping it there could cut
+        # the writing of its final/ model.
+        stop_last_trials=False,
+    )
     rungs = asha_rungs(grace, tune.reduction_factor, train.samples)
-    return scheduler, (f"ASHA on samples_seen: a trial may stop at {', '.join(map(str, rungs)) or 'no rung'} "
-                       f"samples when it trails the best 1/{tune.reduction_factor:g} there")
+    return scheduler, (
+        f"ASHA on samples_seen: a trial may stop at {', '.join(map(str, rungs)) or 'no rung'} "
+        f"samples when it trails the best 1/{tune.reduction_factor:g} there"
+    )
 
 
 def asha_rungs(grace: int, reduction_factor: float, max_t: int) -> list[int]:
@@ -265,11 +286,16 @@ def absolute_local_paths(model: ModelConfig, train: TrainConfig) -> tuple[ModelC
         return os.path.abspath(path)
 
     model = model.model_copy(update={"name": pinned(model.name, True), "pretrained": pinned(model.pretrained, True)})
-    train = train.model_copy(update={
-        "data": [pinned(p, False) for p in train.data], "val_data": [pinned(p, False) for p in train.val_data],
-        **{key: pinned(getattr(train, key), True)
-           for key in ("zeroshot_data", "zeroshot_classnames", "zeroshot_templates")},
-    })
+    train = train.model_copy(
+        update={
+            "data": [pinned(p, False) for p in train.data],
+            "val_data": [pinned(p, False) for p in train.val_data],
+            **{
+                key: pinned(getattr(train, key), True)
+                for key in ("zeroshot_data", "zeroshot_classnames", "zeroshot_templates")
+            },
+        }
+    )
     return model, train
 
 
@@ -292,40 +318,65 @@ def _run_sweep(model: ModelConfig, train: TrainConfig, tune: TuneConfig, storage
     scheduler, scheduler_text = _scheduler(train, tune)
     started_with = _guard_resume(storage, _fingerprint(model, train, tune), {"max_concurrent_trials": plan.concurrent})
     resuming = started_with is not None
-    concurrency = (f"{started_with.get('max_concurrent_trials', '?')} trials at once, as when it started"
-                   if resuming else f"{plan.concurrent} trials at once ({plan.why})")
+    concurrency = (
+        f"{started_with.get('max_concurrent_trials', '?')} trials at once, as when it started"
+        if resuming
+        else f"{plan.concurrent} trials at once ({plan.why})"
+    )
 
-    print(f"clipray tune: {'resuming' if resuming else 'starting'} sweep {storage.url}\n"
-          f"  {num_trials} trials of {model.name}, each {train.samples} samples; metric {tune.metric} ({tune.mode})\n"
-          f"{describe_space(tune)}\n"
-          f"  {concurrency}; one trial holds {plan.demand.describe()} with {plan.preprocess_actors} "
-          f"preprocessing actor(s) per worker\n"
-          f"  early stopping: {scheduler_text}", flush=True)
+    print(
+        f"clipray tune: {'resuming' if resuming else 'starting'} sweep {storage.url}\n"
+        f"  {num_trials} trials of {model.name}, each {train.samples} samples; metric {tune.metric} ({tune.mode})\n"
+        f"{describe_space(tune)}\n"
+        f"  {concurrency}; one trial holds {plan.demand.describe()} with {plan.preprocess_actors} "
+        f"preprocessing actor(s) per worker\n"
+        f"  early stopping: {scheduler_text}",
+        flush=True,
+    )
     for warning in impossible_widths(model, train, tune, memory):
         print(f"  warning: that trial will fail: {warning}", file=sys.stderr, flush=True)
 
     trial_model, trial_train = absolute_local_paths(model, train)
-    sweep = {"model": trial_model.model_dump(mode="json"), "train": trial_train.model_dump(mode="json"),
-             "metric": tune.metric, "runs_dir": storage.full_url(RUNS_DIR), "node_memory_bytes": memory,
-             "preprocess_actors": plan.preprocess_actors}
+    sweep = {
+        "model": trial_model.model_dump(mode="json"),
+        "train": trial_train.model_dump(mode="json"),
+        "metric": tune.metric,
+        "runs_dir": storage.full_url(RUNS_DIR),
+        "node_memory_bytes": memory,
+        "preprocess_actors": plan.preprocess_actors,
+    }
     trainable = rt.with_resources(make_trainable(sweep), {"CPU": tune.trial_cpus})
     sweep_fs, sweep_path = storage.pyarrow()
     remote_fs = None if storage.local else sweep_fs
     if resuming:
-        tuner = Tuner.restore(sweep_path, trainable=trainable, resume_unfinished=True,
-                              resume_errored=False, restart_errored=tune.retry_failed,
-                              storage_filesystem=remote_fs)
+        tuner = Tuner.restore(
+            sweep_path,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=tune.retry_failed,
+            storage_filesystem=remote_fs,
+        )
     else:
         tuner = Tuner(
             trainable,
             param_space=param_space(tune),
             tune_config=rt.TuneConfig(
-                metric=tune.metric, mode=tune.mode, scheduler=scheduler, num_samples=tune.num_samples,
-                max_concurrent_trials=plan.concurrent, reuse_actors=False,
-                trial_name_creator=_trial_dirname, trial_dirname_creator=_trial_dirname),
-            run_config=rt.RunConfig(name=tune.name, storage_path=Folder(tune.storage_path, train).pyarrow()[1],
-                                    storage_filesystem=remote_fs,
-                                    failure_config=rt.FailureConfig(max_failures=0)),
+                metric=tune.metric,
+                mode=tune.mode,
+                scheduler=scheduler,
+                num_samples=tune.num_samples,
+                max_concurrent_trials=plan.concurrent,
+                reuse_actors=False,
+                trial_name_creator=_trial_dirname,
+                trial_dirname_creator=_trial_dirname,
+            ),
+            run_config=rt.RunConfig(
+                name=tune.name,
+                storage_path=Folder(tune.storage_path, train).pyarrow()[1],
+                storage_filesystem=remote_fs,
+                failure_config=rt.FailureConfig(max_failures=0),
+            ),
         )
     started = time.monotonic()
     grid = tuner.fit()
@@ -333,16 +384,26 @@ def _run_sweep(model: ModelConfig, train: TrainConfig, tune: TuneConfig, storage
     return write_outputs(grid, storage, model, train, tune, elapsed)
 
 
-def write_outputs(grid, storage: Folder, model: ModelConfig, train: TrainConfig, tune: TuneConfig,
-                  elapsed: float) -> dict:
+def write_outputs(
+    grid, storage: Folder, model: ModelConfig, train: TrainConfig, tune: TuneConfig, elapsed: float
+) -> dict:
     """results.csv, sweep.png, best.json and the summary table from Ray Tune's ResultGrid."""
     records = sorted((_record(result, storage) for result in grid), key=lambda r: r.trial_id)
     rows = summarise(records, tune.metric, tune.mode, tune.early_stopping)
     best = winner(rows, tune.metric)
-    outputs = {"results.csv": results_csv(rows, tune.metric).encode(),
-               "sweep.png": plot_sweep(records, rows, tune.metric, tune.mode, base_temperature=train.temperature_init,
-                                       base_width=model.width_mult, base_learn=train.learn_temperature,
-                                       title=f"sweep {tune.name}")}
+    outputs = {
+        "results.csv": results_csv(rows, tune.metric).encode(),
+        "sweep.png": plot_sweep(
+            records,
+            rows,
+            tune.metric,
+            tune.mode,
+            base_temperature=train.temperature_init,
+            base_width=model.width_mult,
+            base_learn=train.learn_temperature,
+            title=f"sweep {tune.name}",
+        ),
+    }
     best_fragment = None
     if best is not None:
         best_fragment = best_config(best, model, train, name=f"{tune.name}-best")
@@ -352,13 +413,24 @@ def write_outputs(grid, storage: Folder, model: ModelConfig, train: TrainConfig,
         storage.write_bytes(name, data)
         files[name] = storage.full_url(name)
 
-    print(f"\nclipray tune: sweep {tune.name} done in {elapsed:.0f} s ({tune.metric}, {tune.mode})\n"
-          + format_table(rows, tune.metric), flush=True)
+    print(
+        f"\nclipray tune: sweep {tune.name} done in {elapsed:.0f} s ({tune.metric}, {tune.mode})\n"
+        + format_table(rows, tune.metric),
+        flush=True,
+    )
     for name, uri in files.items():
         print(f"  {name}: {uri}")
     if best is not None:
         print(f"  train the winner: clipray train --config {files['best.json']} --set train.samples=...")
     else:
         print("  no trial reported the metric: no best.json (see results.csv for why)", file=sys.stderr)
-    return {"sweep_dir": storage.url, "metric": tune.metric, "mode": tune.mode, "trials": rows, "best": best,
-            "best_config": best_fragment, "files": files, "elapsed_s": elapsed}
+    return {
+        "sweep_dir": storage.url,
+        "metric": tune.metric,
+        "mode": tune.mode,
+        "trials": rows,
+        "best": best,
+        "best_config": best_fragment,
+        "files": files,
+        "elapsed_s": elapsed,
+    }

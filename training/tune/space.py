@@ -4,6 +4,7 @@ A list is a grid (every value is tried); `{loguniform: [low, high]}`, `{uniform:
 and `{choice: [...]}` are drawn `tune.num_samples` times. The grid is crossed with itself
 `num_samples` times too, so 3 widths x 2 temperatures x num_samples 1 = 6 trials.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,7 +32,7 @@ def param_space(tune: TuneConfig) -> dict[str, Any]:
         if isinstance(space, list):
             out[axis] = rt.grid_search(space)
             continue
-        (kind, values), = space.items()
+        ((kind, values),) = space.items()
         if kind == "loguniform":
             out[axis] = rt.loguniform(*values)
         elif kind == "uniform":
@@ -50,7 +51,7 @@ def describe_space(tune: TuneConfig) -> str:
         if isinstance(space, list):
             lines.append(f"  {axis}: grid {space}")
         else:
-            (kind, values), = space.items()
+            ((kind, values),) = space.items()
             lines.append(f"  {axis}: {kind} {values}")
     if not lines:
         lines.append("  (no axis: every trial runs the train section as it is)")

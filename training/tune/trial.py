@@ -5,6 +5,7 @@ Pure: no Ray. `width_mult` replaces `model.width_mult`; `temperature_init`, `lea
 run lives under `{sweep}/runs/{run_name}`, so it has its own checkpoints, `metrics.jsonl` and
 `final/`, and a resumed trial resumes its own run.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -25,8 +26,9 @@ def trial_values(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: config[k] for k in (*TUNE_AXES, SEED_AXIS) if k in config}
 
 
-def trial_sections(model: ModelConfig, train: TrainConfig, values: Mapping[str, Any], *,
-                   runs_dir: str, run_name: str) -> tuple[ModelConfig, TrainConfig]:
+def trial_sections(
+    model: ModelConfig, train: TrainConfig, values: Mapping[str, Any], *, runs_dir: str, run_name: str
+) -> tuple[ModelConfig, TrainConfig]:
     """The `model` and `train` sections one trial runs with (validated like a job config)."""
     unknown = set(values) - set(TUNE_AXES) - {SEED_AXIS}
     if unknown:
@@ -69,5 +71,6 @@ def check_model_fits(model: ModelConfig, train: TrainConfig, node_memory_bytes: 
             f"model.width_mult={model.width_mult:g} makes {model.name} a {params / 1e6:,.0f}M-parameter "
             f"model: {'its weights' if train.use_gpu else 'its weights, gradients and Adam moments'} "
             f"alone need {need / 2**30:,.1f} GiB, more than the {node_memory_bytes / 2**30:,.1f} GiB "
-            f"of the largest node; sweep smaller widths (tune.width_mult)")
+            f"of the largest node; sweep smaller widths (tune.width_mult)"
+        )
     return params
