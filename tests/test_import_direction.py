@@ -22,7 +22,7 @@ from typing import Iterator, NamedTuple
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("clipray", "pipeline", "training", "evaluation", "storage", "ray_compat")
 # Modules every stage may use (the bottom of the order).
-SHARED = ("storage", "ray_compat", "training.model", "training.tokenizer")
+SHARED = ("storage", "ray_compat", "training.model", "training.tokenizer", "training.text_clean")
 STAGE_RULES = {
     "pipeline": ("pipeline", *SHARED),
     "evaluation": ("evaluation", *SHARED),
@@ -30,7 +30,8 @@ STAGE_RULES = {
     "storage": ("storage",),
     "ray_compat": ("ray_compat",),
     "training.model": ("training.model", "storage"),
-    "training.tokenizer": ("training.tokenizer",),
+    "training.tokenizer": ("training.tokenizer", "training.text_clean"),  # the tokenizer and its text cleaning
+    "training.text_clean": ("training.text_clean",),
 }
 VALIDATION_MODULE = "training.validation"
 
