@@ -35,7 +35,17 @@ AWS_VARIABLES = (
 @pytest.fixture(scope="module")
 def server():
     with S3TestServer() as s3:
-        yield s3, AuthenticatedS3(s3, buckets=("data",))
+        yield s3, AuthenticatedS3(s3, buckets=("data",), enable=False)
+
+
+@pytest.fixture
+def authenticated(server):
+    """The module's server with moto's authentication on for one test. The switch is process-wide,
+    so it is turned off again after the test: other tests' servers take any credentials."""
+    s3, auth = server
+    auth.enable()
+    yield s3, auth
+    auth.disable()
 
 
 @pytest.fixture
@@ -78,8 +88,8 @@ def _refused(uri: str, config: StorageConfig) -> None:
             fh.read()
 
 
-def test_temporary_credentials_with_session_token_from_the_environment(server, aws_env):
-    s3, auth = server
+def test_temporary_credentials_with_session_token_from_the_environment(authenticated, aws_env):
+    s3, auth = authenticated
     creds = auth.session()
     assert creds["key"].startswith("ASIA")
     aws_env.setenv("AWS_ENDPOINT_URL", s3.endpoint_url)  # the standard variable, read by the libraries
@@ -116,8 +126,8 @@ print(fs.region)
 """
 
 
-def test_profile_from_the_shared_config_files_gives_credentials_region_and_endpoint(server, tmp_path):
-    s3, auth = server
+def test_profile_from_the_shared_config_files_gives_credentials_region_and_endpoint(authenticated, tmp_path):
+    s3, auth = authenticated
     (tmp_path / "credentials").write_text(
         f"[clipray]\naws_access_key_id = {auth.user_key}\naws_secret_access_key = {auth.user_secret}\n"
         f"[wrong]\naws_access_key_id = {auth.user_key}\naws_secret_access_key = not-the-secret\n"
@@ -156,12 +166,15 @@ def test_web_identity_token_file_as_on_eks_irsa(aws_env, tmp_path):
         aws_env.delenv("AWS_ROLE_ARN")
         from botocore.exceptions import NoCredentialsError
 
-        with pytest.raises((PermissionError, NoCredentialsError, OSError)):  # no credentials: refused or none found
-            Folder("s3://irsa/run", StorageConfig(s3_region="us-east-1")).write_bytes("x.txt", b"x")
+        try:
+            with pytest.raises((PermissionError, NoCredentialsError, OSError)):  # no credentials at all
+                Folder("s3://irsa/run", StorageConfig(s3_region="us-east-1")).write_bytes("x.txt", b"x")
+        finally:
+            auth.disable()
 
 
-def test_explicit_credentials_in_storage_options_reach_both_stacks(server, aws_env):
-    s3, auth = server
+def test_explicit_credentials_in_storage_options_reach_both_stacks(authenticated, aws_env):
+    s3, auth = authenticated
     creds = auth.session()
     config = StorageConfig(
         s3_endpoint_url=s3.endpoint_url,

@@ -43,6 +43,7 @@ class S3TestServer:
         self._server.start()
         host, port = self._server.get_host_and_port()
         self.endpoint_url = f"http://{host}:{port}"
+        set_moto_auth(self.endpoint_url, enabled=False)  # a fresh server takes any credentials
         return self
 
     def stop(self) -> None:
@@ -155,21 +156,10 @@ class AuthenticatedS3:
     def enable(self) -> None:
         """Authenticate every request from now on (in every moto server of this process). moto
         cannot serve STS's unsigned AssumeRoleWithWebIdentity then: exchange tokens before."""
-        self._set_auth(b"0")
+        set_moto_auth(self.server.endpoint_url, enabled=True)
 
     def disable(self) -> None:
-        self._set_auth(b"inf")
-
-    def _set_auth(self, free_requests: bytes) -> None:
-        import urllib.request
-
-        request = urllib.request.Request(
-            f"{self.server.endpoint_url}/moto-api/reset-auth",
-            data=free_requests,
-            method="POST",
-            headers={"Content-Type": "text/plain"},
-        )
-        urllib.request.urlopen(request, timeout=10).read()
+        set_moto_auth(self.server.endpoint_url, enabled=False)
 
     def session(self) -> dict[str, str]:
         """Fresh temporary credentials of the role: {"key", "secret", "token"}."""
@@ -184,3 +174,17 @@ class AuthenticatedS3:
         )
         creds = sts.assume_role(RoleArn=self.role_arn, RoleSessionName="clipray-test")["Credentials"]
         return {"key": creds["AccessKeyId"], "secret": creds["SecretAccessKey"], "token": creds["SessionToken"]}
+
+
+def set_moto_auth(endpoint_url: str, enabled: bool) -> None:
+    """Switch moto's request authentication on or off. The switch is process-wide (every moto
+    server in this process), so whoever turns it on turns it off again."""
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{endpoint_url}/moto-api/reset-auth",
+        data=b"0" if enabled else b"inf",
+        method="POST",
+        headers={"Content-Type": "text/plain"},
+    )
+    urllib.request.urlopen(request, timeout=10).read()
