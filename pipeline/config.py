@@ -136,6 +136,13 @@ class DataConfig(StorageConfig):
     )
     # --- download
     allow_private_addresses: bool = False
+    dns_error_cache_s: float = Field(
+        5.0,
+        ge=0.0,
+        le=60.0,
+        description="a host name that failed to resolve is answered from the cache this long, then asked "
+        "again (resolved addresses and refused hosts are cached for 300 s)",
+    )
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
         description="X-Robots-Tag directives that opt an image out (img2dataset's defaults)",
