@@ -10,36 +10,15 @@ from typing import Any, Optional
 
 from pipeline.config import DataConfig
 from pipeline.reasons import STAGES
+from storage.redact import redact_config
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-_SECRET_KEYS = {
-    "key",
-    "secret",
-    "token",
-    "password",
-    "access_key",
-    "secret_key",
-    "aws_access_key_id",
-    "aws_secret_access_key",
-    "aws_session_token",
-    "session_token",
-}
 
 
 def redacted_config(data: DataConfig) -> dict[str, Any]:
-    """The data config as JSON, with credentials in storage_options replaced by '***'."""
-
-    def scrub(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: ("***" if k.lower() in _SECRET_KEYS and v else scrub(v)) for k, v in value.items()}
-        if isinstance(value, list):
-            return [scrub(v) for v in value]
-        return value
-
-    dumped = data.model_dump(mode="json")
-    dumped["storage_options"] = scrub(dumped.get("storage_options", {}))
-    return dumped
+    """The data config as JSON without credentials (`storage.redact.redact_config`)."""
+    return redact_config(data.model_dump(mode="json"))
 
 
 class InvariantError(RuntimeError):

@@ -43,6 +43,7 @@ from pipeline.run_global import global_pass, pair_duplicates
 from pipeline.sources import InputError, list_input_files
 from pipeline.staging import stage_file
 from storage import Folder, FolderLock, absolute, is_temporary
+from storage.redact import redact_text
 
 log = logging.getLogger("clipray.pipeline")
 
@@ -63,6 +64,10 @@ def run_pipeline(data: DataConfig) -> dict[str, Any]:
     disable_progress_bars(ctx)
     try:
         return _run(data)
+    except ValueError as exc:
+        # Bad input is reported to the user with the URL that failed: without its credentials.
+        exc.args = tuple(redact_text(a) if isinstance(a, str) else a for a in exc.args)
+        raise
     finally:
         ctx.enable_progress_bars = previous
 
