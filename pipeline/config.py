@@ -165,6 +165,13 @@ class DataConfig(StorageConfig):
     )
     threads_per_actor: PositiveInt = 16
     progress: bool = Field(True, description="progress bars and the closing summary on stdout")
+    warn_error_rate: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="warn when more than this share of a shard's rows fail to download or decode, naming "
+        "the top reasons (1: never warn)",
+    )
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
 
     @model_validator(mode="after")

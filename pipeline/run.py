@@ -223,7 +223,7 @@ def _download(
         f"download: {len(todo)} shards ({sum(s.rows for s in todo)} rows) on {actors} actor(s) "
         f"x {data.threads_per_actor} threads",
     )
-    yield from progress(data, results, "download", sum(s.rows for s in todo))
+    yield from progress(data, results, "download", sum(s.rows for s in todo), counts=lambda stats: stats)
 
 
 # --- markers and cleanup
