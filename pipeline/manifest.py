@@ -95,6 +95,11 @@ def summary(manifest: dict[str, Any]) -> str:
         f" ({manifest['duration_s']:.1f}s, {run.get('images_per_s', 0):.1f} images/s this run"
         f"{', resumed: ' + str(run['shards_already_done']) + ' shards were already done' if run.get('shards_already_done') else ''})",
     ]
+    if run.get("retry_round"):
+        lines.append(
+            f"retry round {run['retry_round']}: {run['rows_processed']} rows rejected for a transient reason "
+            f"were tried again, {run['images_downloaded']} of them are now accepted"
+        )
     if manifest["reasons"]:
         lines.append("rejected by reason:")
         width = max(len(r) for r in manifest["reasons"])
