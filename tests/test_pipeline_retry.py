@@ -13,25 +13,14 @@ import pytest
 from pipeline.config import DataConfig
 from pipeline.retry import is_transient
 from tests.support.http_server import HTTPTestServer, Route, jpeg_bytes
-from tests.test_pipeline_run import read_table, write_tsv
+from tests.test_pipeline_run import config, read_table, write_tsv
 
 
 def _config(tmp_path: Path, **kw) -> DataConfig:
-    base = dict(
-        input=str(tmp_path / "list.tsv"),
-        output=str(tmp_path / "out"),
-        allow_private_addresses=True,
-        rows_per_shard=4,
-        num_download_actors=1,
-        threads_per_actor=4,
-        image_size=32,
-        resize_mode="no",  # stored sizes are the served sizes: each image is recognised by its size
-        timeout_s=1.0,
-        retries=0,
-        progress=False,
-    )
-    base.update(kw)
-    return DataConfig(**base)
+    """One actor, shards of 4 rows, no retries inside a run; stored sizes are the served sizes
+    (`resize_mode: no`), so each image is recognised by its size."""
+    base = dict(rows_per_shard=4, num_download_actors=1, image_size=32, resize_mode="no", retries=0)
+    return config(tmp_path, tmp_path / "list.tsv", **{**base, **kw})
 
 
 def _image(i: int) -> bytes:
