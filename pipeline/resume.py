@@ -230,7 +230,8 @@ def load_plan(out: Folder, data: DataConfig) -> Optional[Plan]:
     if not out.exists(PLAN):
         return None
     plan = Plan.from_json(out.read_json(PLAN))
-    changes = fingerprint_changes(plan.fingerprint, fingerprint(data))
+    # (redacted again: a plan written before plans were redacted may hold credentials)
+    changes = fingerprint_changes(redact_config(plan.fingerprint), fingerprint(data))
     if changes:
         raise ValueError(
             f"data.output {out.url} holds a run made with a different config, so it cannot be resumed:\n  "

@@ -310,16 +310,16 @@ def _restage(data: DataConfig, out: Folder, plan: Plan, shards: list[ShardSpec])
     checking that they give the plan's chunks: the retry needs the input the run was made from."""
     files = list_input_files(data)
     urls = [redact_text(f.url) for f in files]
-    if urls != [f["url"] for f in plan.files]:
+    if urls != [redact_text(f["url"]) for f in plan.files]:
         raise InputError(
             f"data.input changed since the run in {out.url}: it now names {len(urls)} file(s) "
             f"({', '.join(urls[:3])}...), the run read {len(plan.files)} "
             f"({', '.join(f['url'] for f in plan.files[:3])}...); retry_rejects needs the same input"
         )
-    needed = sorted({urls.index(s.source) for s in shards})
+    needed = sorted({urls.index(redact_text(s.source)) for s in shards})
     for i, staged in zip(needed, _stage(data, out, [(i, files[i]) for i in needed])):
         chunks = [(c["name"], c["rows"]) for c in staged["chunks"]]
-        expected = [(s.input, s.rows) for s in plan.shards if s.source == urls[i]]
+        expected = [(s.input, s.rows) for s in plan.shards if redact_text(s.source) == urls[i]]
         if chunks != expected:
             raise InputError(
                 f"{urls[i]} changed since the run in {out.url}: it has {staged['rows']} rows, the run read "

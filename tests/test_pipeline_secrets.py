@@ -160,3 +160,22 @@ def test_an_input_error_names_the_url_without_its_credentials(tmp_path):
             run_pipeline(DataConfig(input=url, output=str(tmp_path / "out"), progress=False))
     assert f"127.0.0.1:{server.port}/missing.tsv" in str(caught.value)
     assert_no_secret(str(caught.value), "the error message")
+
+
+def test_a_plan_written_with_credentials_still_resumes(tmp_path):
+    """A plan from before plans were redacted holds the input URL with its password: the run resumes."""
+    import pyarrow as pa
+
+    from pipeline.resume import PLAN, load_plan, make_plan
+    from storage import Folder
+
+    url = "https://bob:OldPass1@lists.example/l.csv"
+    data = DataConfig(input=url, output=str(tmp_path / "out"))
+    chunk = {"name": "_work/input/00000-000000.arrow", "rows": 3}
+    plan = make_plan(data, [{"url": url, "format": "csv", "rows": 3, "chunks": [chunk], "schema": pa.schema([])}])
+    written = plan.to_json()
+    assert_no_secret(str(written), "the plan")
+    written["fingerprint"]["input"] = url  # as an older version wrote it
+    out = Folder(data.output)
+    out.write_json(PLAN, written)
+    assert load_plan(out, data).input_rows == 3
