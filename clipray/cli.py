@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--print-config",
                 action="store_true",
-                help="print the validated config as YAML and exit without running",
+                help="print the validated config as YAML (credentials masked as ***) and exit without running",
             )
     return parser
 
@@ -204,7 +204,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if getattr(args, "print_config", False):
             import yaml
 
-            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            from storage.redact import redact_config
+
+            print(yaml.safe_dump(redact_config(cfg.model_dump(mode="json")), sort_keys=False))
             return 0
         return RUNNERS[args.command](cfg, args)
     except ConfigError as exc:

@@ -136,6 +136,13 @@ class DataConfig(StorageConfig):
     )
     # --- download
     allow_private_addresses: bool = False
+    dns_error_cache_s: float = Field(
+        5.0,
+        ge=0.0,
+        le=60.0,
+        description="a host name that failed to resolve is answered from the cache this long, then asked "
+        "again (resolved addresses and refused hosts are cached for 300 s)",
+    )
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
         description="X-Robots-Tag directives that opt an image out (img2dataset's defaults)",
@@ -158,12 +165,30 @@ class DataConfig(StorageConfig):
     )
     threads_per_actor: PositiveInt = 16
     progress: bool = Field(True, description="progress bars and the closing summary on stdout")
+    warn_error_rate: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="warn when more than this share of a shard's rows fail to download or decode, naming "
+        "the top reasons (1: never warn)",
+    )
+    retry_rejects: bool = Field(
+        False,
+        description="rerun, in place, only the rows of the finished run in data.output that were rejected "
+        "for a transient reason (timeout, connection_error, dns_error, http_429, http_5xx)",
+    )
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> "DataConfig":
         if self.encode_format == "png" and self.encode_quality > 9:
             raise ValueError(f"data.encode_quality = {self.encode_quality}: for png it is the compression level 0-9")
+        if self.retry_rejects and self.filters.needs_global_pass:
+            raise ValueError(
+                "data.retry_rejects cannot be combined with data.filters.dedup_sha256 or data.filters.clip_score: "
+                "a retried image would change decisions made over the whole run; rerun the rows in a new "
+                "data.output instead"
+            )
         if self.columns is not None:
             if len(set(self.columns)) != len(self.columns) or not all(self.columns):
                 raise ValueError(f"data.columns {self.columns} must be distinct non-empty names")

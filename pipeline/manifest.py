@@ -10,36 +10,15 @@ from typing import Any, Optional
 
 from pipeline.config import DataConfig
 from pipeline.reasons import STAGES
+from storage.redact import redact_config
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-_SECRET_KEYS = {
-    "key",
-    "secret",
-    "token",
-    "password",
-    "access_key",
-    "secret_key",
-    "aws_access_key_id",
-    "aws_secret_access_key",
-    "aws_session_token",
-    "session_token",
-}
 
 
 def redacted_config(data: DataConfig) -> dict[str, Any]:
-    """The data config as JSON, with credentials in storage_options replaced by '***'."""
-
-    def scrub(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: ("***" if k.lower() in _SECRET_KEYS and v else scrub(v)) for k, v in value.items()}
-        if isinstance(value, list):
-            return [scrub(v) for v in value]
-        return value
-
-    dumped = data.model_dump(mode="json")
-    dumped["storage_options"] = scrub(dumped.get("storage_options", {}))
-    return dumped
+    """The data config as JSON without credentials (`storage.redact.redact_config`)."""
+    return redact_config(data.model_dump(mode="json"))
 
 
 class InvariantError(RuntimeError):
@@ -116,6 +95,11 @@ def summary(manifest: dict[str, Any]) -> str:
         f" ({manifest['duration_s']:.1f}s, {run.get('images_per_s', 0):.1f} images/s this run"
         f"{', resumed: ' + str(run['shards_already_done']) + ' shards were already done' if run.get('shards_already_done') else ''})",
     ]
+    if run.get("retry_round"):
+        lines.append(
+            f"retry round {run['retry_round']}: {run['rows_processed']} rows rejected for a transient reason "
+            f"were tried again, {run['images_downloaded']} of them are now accepted"
+        )
     if manifest["reasons"]:
         lines.append("rejected by reason:")
         width = max(len(r) for r in manifest["reasons"])

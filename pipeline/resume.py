@@ -12,7 +12,9 @@ whatever they had half written. On a local disk files are renamed into place; on
 object appears whole or not at all. The manifest is assembled from the markers alone.
 
 A plan is bound to the config that made it (`fingerprint`): resuming with a config that would
-produce different rows stops with a message naming the keys that changed.
+produce different rows stops with a message naming the keys that changed. The plan holds no
+credentials: URLs in it (the input's, each file's) lose their userinfo and secret query values
+(`storage.redact`), so a password changed between a run and its resume is no change.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pyarrow as pa
 
 from pipeline.config import DataConfig
 from storage import Folder
+from storage.redact import redact_config, redact_text
 
 PLAN = "_state/plan.json"
 STAGING = "_work/input"
@@ -65,8 +68,9 @@ FINGERPRINT_KEYS = (
 
 
 def fingerprint(data: DataConfig) -> dict[str, Any]:
+    """The FINGERPRINT_KEYS of `data`, credentials redacted (the fingerprint is stored in the plan)."""
     dumped = data.model_dump(mode="json")
-    return {k: dumped[k] for k in FINGERPRINT_KEYS}
+    return redact_config({k: dumped[k] for k in FINGERPRINT_KEYS})
 
 
 def fingerprint_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "data") -> list[str]:
@@ -76,7 +80,7 @@ def fingerprint_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = 
         if isinstance(a, dict) and isinstance(b, dict):
             changes += fingerprint_changes(a, b, f"{prefix}.{key}")
         elif a != b:
-            changes.append(f"{prefix}.{key}: {a!r} -> {b!r}")
+            changes.append(redact_text(f"{prefix}.{key}: {a!r} -> {b!r}"))
     return changes
 
 
@@ -200,6 +204,7 @@ def make_plan(data: DataConfig, staged: list[dict[str, Any]]) -> Plan:
         raise ValueError(f"data.extra_cols have different types in different input files: {exc}") from None
     shards = []
     for f in staged:
+        source = redact_text(f["url"])
         first = 0
         for chunk in f["chunks"]:
             sid = len(shards)
@@ -209,14 +214,14 @@ def make_plan(data: DataConfig, staged: list[dict[str, Any]]) -> Plan:
                     name=f"{sid:0{shard_digits}d}",
                     input=chunk["name"],
                     rows=chunk["rows"],
-                    source=f["url"],
+                    source=source,
                     first_row=first,
                     row_digits=row_digits,
                     global_pass=data.filters.needs_global_pass,
                 )
             )
             first += chunk["rows"]
-    files = [{"url": f["url"], "format": f["format"], "rows": f["rows"]} for f in staged]
+    files = [{"url": redact_text(f["url"]), "format": f["format"], "rows": f["rows"]} for f in staged]
     return Plan(fingerprint(data), files, shards, extra)
 
 
@@ -225,7 +230,8 @@ def load_plan(out: Folder, data: DataConfig) -> Optional[Plan]:
     if not out.exists(PLAN):
         return None
     plan = Plan.from_json(out.read_json(PLAN))
-    changes = fingerprint_changes(plan.fingerprint, fingerprint(data))
+    # (redacted again: a plan written before plans were redacted may hold credentials)
+    changes = fingerprint_changes(redact_config(plan.fingerprint), fingerprint(data))
     if changes:
         raise ValueError(
             f"data.output {out.url} holds a run made with a different config, so it cannot be resumed:\n  "

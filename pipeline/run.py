@@ -13,6 +13,9 @@ Phases, each resumable shard by shard (see `resume.py`):
              (`ActorPoolStrategy`, one actor per CPU by default); each actor downloads its shard
              with `data.threads_per_actor` threads and keep-alive connections, writes the shard's
              accepted rows and rejects, and commits it.
+   retry     (`data.retry_rejects`, instead of the download, on a finished run) the same actor
+             pool runs the rows rejected for a transient reason again and commits each shard
+             anew (`retry.py`).
 3. score     (CLIP-score filter only) an actor pool (GPU if asked) scores the accepted rows.
 4. global    (image dedup / CLIP score) decide the cut and the duplicates over all shards (Ray Data
              groupby per hash bucket), commit the decisions, then rewrite each shard without the
@@ -39,10 +42,20 @@ from pipeline.download import ShardDownloader
 from pipeline.manifest import MANIFEST, build_manifest, summary
 from pipeline.progress import progress, say
 from pipeline.resume import DOWNLOAD, PLAN, STAGING, Plan, ShardSpec, load_plan, make_plan, markers
+from pipeline.retry import (
+    ShardRetrier,
+    begin_round,
+    check_finished,
+    current_round,
+    end_round,
+    shards_to_retry,
+    transient_rejects,
+)
 from pipeline.run_global import global_pass, pair_duplicates
-from pipeline.sources import InputError, list_input_files
+from pipeline.sources import InputError, InputFile, list_input_files
 from pipeline.staging import stage_file
 from storage import Folder, FolderLock, absolute, is_temporary
+from storage.redact import redact_text
 
 log = logging.getLogger("clipray.pipeline")
 
@@ -63,6 +76,10 @@ def run_pipeline(data: DataConfig) -> dict[str, Any]:
     disable_progress_bars(ctx)
     try:
         return _run(data)
+    except ValueError as exc:
+        # Bad input is reported to the user with the URL that failed: without its credentials.
+        exc.args = tuple(redact_text(a) if isinstance(a, str) else a for a in exc.args)
+        raise
     finally:
         ctx.enable_progress_bars = previous
 
@@ -78,6 +95,11 @@ def _run(data: DataConfig) -> dict[str, Any]:
 def _run_locked(data: DataConfig, out: Folder, start: float) -> dict[str, Any]:
     plan = load_plan(out, data)
     if plan is None:
+        if data.retry_rejects:
+            raise ValueError(
+                f"data.retry_rejects: data.output {out.url} holds no run to retry (no {PLAN}); run the "
+                "pipeline without data.retry_rejects first"
+            )
         plan = _make_plan(data, out)
     say(
         data,
@@ -87,16 +109,16 @@ def _run_locked(data: DataConfig, out: Folder, start: float) -> dict[str, Any]:
 
     downloads = markers(out, DOWNLOAD, plan.shards)
     already_done = len(downloads)
-    todo = [s for s in plan.shards if s.name not in downloads]
-    repeated = pair_duplicates(data, out, plan) if data.filters.dedup_url_caption else {}
-    phase_start = time.time()
-    processed_rows = 0
-    processed_accepted = 0
-    if todo:
-        for stats in _download(data, out, plan, todo, repeated):
-            downloads[stats["shard"]] = stats
-            processed_rows += stats["rows"]
-            processed_accepted += stats["accepted"]
+    retry_round = None
+    if data.retry_rejects:
+        check_finished(out, plan, downloads)
+        retry_round = current_round(out)
+        phase_start = time.time()
+        processed_rows, processed_accepted = _retry(data, out, plan, downloads, retry_round)
+    else:
+        repeated = pair_duplicates(data, out, plan) if data.filters.dedup_url_caption else {}
+        phase_start = time.time()
+        processed_rows, processed_accepted = _download_missing(data, out, plan, downloads, repeated)
     download_s = time.time() - phase_start
 
     global_stats = global_pass(data, out, plan, downloads) if data.filters.needs_global_pass else None
@@ -110,11 +132,15 @@ def _run_locked(data: DataConfig, out: Folder, start: float) -> dict[str, Any]:
         "rows_per_s": round(processed_rows / download_s, 2) if download_s > 0 and processed_rows else 0.0,
         "images_per_s": round(processed_accepted / download_s, 2) if download_s > 0 and processed_rows else 0.0,
     }
+    if retry_round is not None:
+        run_info["retry_round"] = retry_round
     manifest = build_manifest(
         data, [s.to_dict() for s in plan.shards], downloads, global_stats, time.time() - start, run_info
     )
     _sweep(out, manifest)
     out.write_json(MANIFEST, manifest)
+    if retry_round is not None:
+        end_round(out, retry_round)
     say(data, summary(manifest))
     return manifest
 
@@ -137,22 +163,33 @@ def _with_absolute_paths(data: DataConfig) -> DataConfig:
 
 
 def _make_plan(data: DataConfig, out: Folder) -> Plan:
-    import ray
-
     files = list_input_files(data)
     # No committed plan: nothing here belongs to a run that can be resumed. Markers without a plan
     # (a plan.json deleted by hand) must not be trusted by the new plan.
     out.remove_tree("_state")
     out.remove_tree(STAGING)
-    staged, errors = [], []
+    staged = _stage(data, out, list(enumerate(files)))
+    plan = make_plan(data, staged)
+    if plan.input_rows == 0:
+        raise InputError(f"data.input {data.input!r} has no rows ({len(files)} file(s), all empty)")
+    out.write_json(PLAN, plan.to_json())  # the commit of the plan phase
+    return plan
+
+
+def _stage(data: DataConfig, out: Folder, files: list[tuple[int, InputFile]]) -> list[dict[str, Any]]:
+    """`stage_file` for each (index, file): one Ray task per file, a single file in the driver.
+    Raises InputError naming every file that cannot be read."""
+    import ray
+
     if len(files) == 1:
         # One file is read in the driver: a worker process would cost more than it saves.
-        results = [lambda: stage_file(0, files[0], data, out)]
+        results = [lambda: stage_file(files[0][0], files[0][1], data, out)]
     else:
         stage = ray.remote(num_cpus=1)(stage_file)
-        refs = [stage.remote(i, f, data, out) for i, f in enumerate(files)]
+        refs = [stage.remote(i, f, data, out) for i, f in files]
         results = [lambda ref=ref: ray.get(ref) for ref in refs]
-    for f, result in zip(files, results):
+    staged, errors = [], []
+    for (_, f), result in zip(files, results):
         try:
             staged.append(result())
         except Exception as exc:  # noqa: BLE001 - collect every file's problem, report them together
@@ -160,11 +197,7 @@ def _make_plan(data: DataConfig, out: Folder) -> Plan:
             errors.append(str(cause) if isinstance(cause, ValueError) else f"{f.url}: {type(cause).__name__}: {cause}")
     if errors:
         raise InputError("the URL list cannot be read; nothing was downloaded:\n  " + "\n  ".join(errors))
-    plan = make_plan(data, staged)
-    if plan.input_rows == 0:
-        raise InputError(f"data.input {data.input!r} has no rows ({len(files)} file(s), all empty)")
-    out.write_json(PLAN, plan.to_json())  # the commit of the plan phase
-    return plan
+    return staged
 
 
 # --- phase 2: download
@@ -185,24 +218,40 @@ class _DownloadUDF:
         return {"stats": [json.dumps(s) for s in stats]}
 
 
-def _download(
-    data: DataConfig, out: Folder, plan: Plan, todo: list[ShardSpec], repeated: dict[str, list]
-) -> Iterable[dict]:
+def _download_missing(
+    data: DataConfig, out: Folder, plan: Plan, downloads: dict[str, dict], repeated: dict[str, list]
+) -> tuple[int, int]:
+    """Download the shards without a marker (all of them in a new run); their stats join
+    `downloads`. repeated: the (url, caption) duplicates by shard (`pair_duplicates`).
+    Returns (rows, accepted images) processed."""
+    todo = [s for s in plan.shards if s.name not in downloads]
+    if not todo:
+        return 0, 0
+    items = [{"spec": json.dumps(s.to_dict()), "duplicates": json.dumps(repeated.get(s.name, []))} for s in todo]
+    rows = accepted = 0
+    kwargs = {"data": data, "out": out, "extra_schema": plan.extra_schema}
+    for stats in _on_actors(data, _DownloadUDF, kwargs, items, "download", sum(s.rows for s in todo), lambda s: s):
+        downloads[stats["shard"]] = stats
+        rows += stats["rows"]
+        accepted += stats["accepted"]
+    return rows, accepted
+
+
+def _on_actors(data: DataConfig, udf, kwargs: dict, items: list[dict], desc: str, rows: int, counts) -> Iterable[dict]:
+    """Run `udf` (a download-phase actor class, `kwargs` to construct it) over `items`, one shard
+    each, on the download actor pool; yields each shard's stats as it completes (`progress`)."""
     import ray
 
     actors = data.num_download_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    actors = min(actors, len(todo))
+    actors = min(actors, len(items))
     # Two shards per actor at a time when there is work enough: the second one starts while the
     # first waits on its slowest URLs. With fewer shards, one each, or one actor would take two
     # while another idles.
-    per_actor = 2 if len(todo) >= 2 * actors else 1
-    ds = ray.data.from_items(
-        [{"spec": json.dumps(s.to_dict()), "duplicates": json.dumps(repeated.get(s.name, []))} for s in todo],
-        override_num_blocks=len(todo),
-    )
+    per_actor = 2 if len(items) >= 2 * actors else 1
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     results = ds.map_batches(
-        _DownloadUDF,
-        fn_constructor_kwargs={"data": data, "out": out, "extra_schema": plan.extra_schema},
+        udf,
+        fn_constructor_kwargs=kwargs,
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(
@@ -213,12 +262,69 @@ def _download(
         ),
         num_cpus=1,
     )
-    say(
-        data,
-        f"download: {len(todo)} shards ({sum(s.rows for s in todo)} rows) on {actors} actor(s) "
-        f"x {data.threads_per_actor} threads",
-    )
-    yield from progress(data, results, "download", sum(s.rows for s in todo))
+    say(data, f"{desc}: {len(items)} shards ({rows} rows) on {actors} actor(s) x {data.threads_per_actor} threads")
+    yield from progress(data, results, desc, rows, counts=counts)
+
+
+# --- data.retry_rejects (see retry.py)
+
+
+class _RetryUDF:
+    """Ray Data actor: one ShardRetrier (a ShardDownloader working in _work/retry/) per actor."""
+
+    def __init__(self, data: DataConfig, out: Folder, extra_schema: pa.Schema, round_: int):
+        self.retrier = ShardRetrier(data, out, extra_schema, cpu_slots=1)
+        self.round = round_
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        stats = []
+        for spec, previous in zip(batch["spec"], batch["previous"]):
+            shard = ShardSpec.from_dict(json.loads(spec))
+            stats.append(self.retrier.process(shard, json.loads(previous), self.round))
+        return {"stats": [json.dumps(s) for s in stats]}
+
+
+def _retry(data: DataConfig, out: Folder, plan: Plan, downloads: dict[str, dict], round_: int) -> tuple[int, int]:
+    """Retry round `round_`: the transient rejects of the shards not yet retried in it; their new
+    stats replace theirs in `downloads`. Returns (rows retried, of them accepted)."""
+    todo = shards_to_retry(plan, downloads, round_)
+    if todo:
+        _restage(data, out, plan, todo)  # bad input stops here, before the run is touched
+    begin_round(out, round_)
+    if not todo:
+        say(data, f"retry round {round_}: no rows rejected for a transient reason are left to retry")
+        return 0, 0
+    items = [{"spec": json.dumps(s.to_dict()), "previous": json.dumps(downloads[s.name])} for s in todo]
+    rows = sum(transient_rejects(downloads[s.name]) for s in todo)
+    kwargs = {"data": data, "out": out, "extra_schema": plan.extra_schema, "round_": round_}
+    retried = accepted = 0
+    for stats in _on_actors(data, _RetryUDF, kwargs, items, f"retry round {round_}", rows, lambda s: s["retry"]):
+        downloads[stats["shard"]] = stats
+        retried += stats["retry"]["rows"]
+        accepted += stats["retry"]["accepted"]
+    return retried, accepted
+
+
+def _restage(data: DataConfig, out: Folder, plan: Plan, shards: list[ShardSpec]) -> None:
+    """Stage again the input files that `shards` come from (a finished run removed `_work/`),
+    checking that they give the plan's chunks: the retry needs the input the run was made from."""
+    files = list_input_files(data)
+    urls = [redact_text(f.url) for f in files]
+    if urls != [redact_text(f["url"]) for f in plan.files]:
+        raise InputError(
+            f"data.input changed since the run in {out.url}: it now names {len(urls)} file(s) "
+            f"({', '.join(urls[:3])}...), the run read {len(plan.files)} "
+            f"({', '.join(f['url'] for f in plan.files[:3])}...); retry_rejects needs the same input"
+        )
+    needed = sorted({urls.index(redact_text(s.source)) for s in shards})
+    for i, staged in zip(needed, _stage(data, out, [(i, files[i]) for i in needed])):
+        chunks = [(c["name"], c["rows"]) for c in staged["chunks"]]
+        expected = [(s.input, s.rows) for s in plan.shards if redact_text(s.source) == urls[i]]
+        if chunks != expected:
+            raise InputError(
+                f"{urls[i]} changed since the run in {out.url}: it has {staged['rows']} rows, the run read "
+                f"{plan.files[i]['rows']}; retry_rejects needs the input the run was made from"
+            )
 
 
 # --- markers and cleanup

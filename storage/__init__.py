@@ -7,6 +7,8 @@
   checked to stay inside; `write_file` / `read_file` for one file by its URI; `ParquetSink` for
   Parquet written in pieces.
 - `FolderLock`: one run at a time per output folder.
+- `redact_config` / `redact_text` / `redact_userinfo`: credentials out of everything written or
+  printed (config dumps, logs, messages; URL userinfo also out of stored URLs).
 """
 
 from storage.config import STORAGE_FIELDS, StorageConfig
@@ -24,6 +26,7 @@ from storage.filesystems import (
 from storage.folder import Folder, atomic_write, is_temporary, read_file, safe_relative, write_file
 from storage.lock import FolderInUse, FolderLock
 from storage.parquet import ParquetSink, parquet_options
+from storage.redact import redact_config, redact_text, redact_userinfo
 
 __all__ = [
     "STORAGE_FIELDS",
@@ -47,4 +50,7 @@ __all__ = [
     "FolderLock",
     "ParquetSink",
     "parquet_options",
+    "redact_config",
+    "redact_text",
+    "redact_userinfo",
 ]

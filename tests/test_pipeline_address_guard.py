@@ -65,11 +65,14 @@ def test_numeric_hosts_are_read_like_the_c_resolver():
     assert parse_numeric_host("deadbeef.example") is None
 
 
-def test_refusal_names_the_kind_of_address():
-    assert refusal(ipaddress.ip_address("169.254.169.254")) == "link-local"
-    assert refusal(ipaddress.ip_address("127.0.0.1")) == "loopback"
-    assert refusal(ipaddress.ip_address("10.1.2.3")) == "private"
-    assert refusal(ipaddress.ip_address("224.0.0.251")) == "multicast"
+def test_refusal_names_the_kind_of_address_and_its_range():
+    assert refusal(ipaddress.ip_address("169.254.169.254")) == "link-local (cloud metadata) (169.254.0.0/16, RFC 3927)"
+    assert refusal(ipaddress.ip_address("127.0.0.1")) == "loopback (127.0.0.0/8, RFC 1122)"
+    assert refusal(ipaddress.ip_address("10.1.2.3")) == "private (10.0.0.0/8, RFC 1918)"
+    assert refusal(ipaddress.ip_address("224.0.0.251")) == "multicast (224.0.0.0/4, RFC 5771)"
+    assert refusal(ipaddress.ip_address("2002:a9fe:a9fe::1")).endswith(
+        "(embedded in the 6to4 address 2002:a9fe:a9fe::1)"
+    )
     assert refusal(ipaddress.ip_address("1.1.1.1")) is None
 
 
@@ -158,3 +161,235 @@ def test_connection_goes_to_the_checked_address_with_the_original_host_header():
         result = fetcher.fetch(f"http://images.example:{server.port}/a.jpg")
         assert result.reason is None and result.body == image
         assert server.requests[0].headers["Host"] == f"images.example:{server.port}"
+
+
+# --- the explicit deny-list: every range the guard must refuse, by its first and last address.
+# Written out by hand (not derived from the guard's table), so a range dropped from the table fails.
+REQUIRED_V4 = [
+    ("0.0.0.0", "0.255.255.255"),  # 'this network'
+    ("10.0.0.0", "10.255.255.255"),  # RFC 1918
+    ("100.64.0.0", "100.127.255.255"),  # shared address space / CGN
+    ("127.0.0.0", "127.255.255.255"),  # loopback
+    ("169.254.0.0", "169.254.255.255"),  # link-local, cloud metadata
+    ("172.16.0.0", "172.31.255.255"),  # RFC 1918
+    ("192.0.0.0", "192.0.0.255"),  # IETF protocol assignments (whole /24, incl. 192.0.0.9 and .10)
+    ("192.0.2.0", "192.0.2.255"),  # TEST-NET-1
+    ("192.31.196.0", "192.31.196.255"),  # AS112-v4
+    ("192.52.193.0", "192.52.193.255"),  # AMT
+    ("192.88.99.0", "192.88.99.255"),  # 6to4 relay anycast
+    ("192.168.0.0", "192.168.255.255"),  # RFC 1918
+    ("192.175.48.0", "192.175.48.255"),  # AS112 direct delegation
+    ("198.18.0.0", "198.19.255.255"),  # benchmarking
+    ("198.51.100.0", "198.51.100.255"),  # TEST-NET-2
+    ("203.0.113.0", "203.0.113.255"),  # TEST-NET-3
+    ("224.0.0.0", "239.255.255.255"),  # multicast
+    ("240.0.0.0", "255.255.255.255"),  # reserved, broadcast
+    ("168.63.129.16", "168.63.129.16"),  # Azure's host endpoint
+]
+REQUIRED_V6 = [
+    ("::", "::"),  # unspecified
+    ("::1", "::1"),  # loopback
+    ("::2", "::ffff"),  # IPv4-compatible (deprecated)
+    ("::1:0", "::ffff:ffff"),  # IPv4-compatible with an IPv4 address in it
+    ("::ffff:0.0.0.0", "::ffff:255.255.255.255"),  # IPv4-mapped: 0/8 and 240/4 embedded
+    ("::ffff:10.0.0.0", "::ffff:10.255.255.255"),  # IPv4-mapped private
+    ("64:ff9b::", "64:ff9b::ffff:ffff"),  # NAT64 well-known prefix: 0/8 and 240/4 embedded
+    ("64:ff9b::7f00:1", "64:ff9b::a9fe:ffff"),  # NAT64 of loopback / link-local
+    ("64:ff9b:1::", "64:ff9b:1:ffff:ffff:ffff:ffff:ffff"),  # local-use NAT64
+    ("100::", "100::ffff:ffff:ffff:ffff"),  # discard-only
+    ("2001::", "2001:1ff:ffff:ffff:ffff:ffff:ffff:ffff"),  # IETF protocol assignments (Teredo inside)
+    ("2001:0:a00:1:8000:63bf:a247:27dd", "2001:0:a00:1:8000:63bf:a247:27dd"),  # Teredo, server 10.0.0.1
+    ("2001:0:4136:e378:8000:63bf:80ff:fffe", "2001:0:4136:e378:8000:63bf:80ff:fffe"),  # Teredo, client 127.0.0.1
+    ("2001:db8::", "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff"),  # documentation
+    ("2002::", "2002:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),  # 6to4: 0/8 and 240/4 embedded
+    ("2002:c0a8::", "2002:c0a8:ffff:ffff:ffff:ffff:ffff:ffff"),  # 6to4 of 192.168.0.0/16
+    ("2620:4f:8000::", "2620:4f:8000:ffff:ffff:ffff:ffff:ffff"),  # AS112 direct delegation
+    ("3fff::", "3fff:fff:ffff:ffff:ffff:ffff:ffff:ffff"),  # documentation (RFC 9637)
+    ("5f00::", "5f00:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),  # SRv6 SIDs
+    ("fc00::", "fdff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),  # unique-local
+    ("fe80::", "febf:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),  # link-local
+    ("fec0::", "feff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),  # site-local (deprecated)
+    ("ff00::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),  # multicast
+    ("4000::", "4000::"),  # outside global unicast 2000::/3
+    ("1fff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", "1fff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
+]
+# Neighbours of the ranges above, and embeddings of public IPv4: all contactable.
+PUBLIC = [
+    "1.0.0.0",
+    "9.255.255.255",
+    "11.0.0.0",
+    "100.63.255.255",
+    "100.128.0.0",
+    "126.255.255.255",
+    "128.0.0.0",
+    "169.253.255.255",
+    "169.255.0.0",
+    "172.15.255.255",
+    "172.32.0.0",
+    "191.255.255.255",
+    "192.0.1.0",
+    "192.167.255.255",
+    "192.169.0.0",
+    "198.17.255.255",
+    "198.20.0.0",
+    "223.255.255.255",
+    "168.63.129.15",
+    "168.63.129.17",
+    "93.184.216.34",
+    "2000::",
+    "2606:4700:4700::1111",
+    "2001:200::",  # just past 2001::/23
+    "2001:db7:ffff:ffff:ffff:ffff:ffff:ffff",
+    "3ffe:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+    "::ffff:93.184.216.34",  # IPv4-mapped public
+    "64:ff9b::5db8:d822",  # NAT64 of 93.184.216.34
+    "2002:5db8:d822::1",  # 6to4 of 93.184.216.34
+    "2001:0:4136:e378:8000:63bf:a247:27dd",  # Teredo: server 65.54.227.120, client 93.184.216.34
+]
+
+
+@pytest.mark.parametrize("first, last", REQUIRED_V4 + REQUIRED_V6)
+def test_every_denied_range_is_refused_from_its_first_to_its_last_address(first, last):
+    guard = AddressGuard(resolver=_no_dns)
+    for host in (first, last):
+        assert refusal(ipaddress.ip_address(host)) is not None, host
+        with pytest.raises(AddressRefused):
+            guard.resolve(host, 80)
+
+
+@pytest.mark.parametrize("host", PUBLIC)
+def test_addresses_next_to_the_denied_ranges_are_allowed(host):
+    assert refusal(ipaddress.ip_address(host)) is None
+    assert AddressGuard(resolver=_no_dns).resolve(host, 80) == str(ipaddress.ip_address(host))
+
+
+def test_the_table_is_the_decision_not_the_ipaddress_module(monkeypatch):
+    """The guard never asks `ipaddress` what is private or global: with those answers broken, its
+    decisions stay the same. And where `ipaddress` calls an address global, the table still refuses it."""
+    assert ipaddress.ip_address("168.63.129.16").is_global  # Azure's host endpoint: global to ipaddress
+    assert not ipaddress.ip_address("100.64.0.1").is_private  # CGN: not private to ipaddress
+    samples = [first for first, _ in REQUIRED_V4 + REQUIRED_V6] + PUBLIC
+    expected = {host: refusal(ipaddress.ip_address(host)) for host in samples}
+
+    def broken(self):
+        raise AssertionError("the guard consulted ipaddress's classification tables")
+
+    for cls in (ipaddress.IPv4Address, ipaddress.IPv6Address):
+        for name in (
+            "is_private",
+            "is_global",
+            "is_reserved",
+            "is_loopback",
+            "is_link_local",
+            "is_multicast",
+            "is_unspecified",
+        ):
+            monkeypatch.setattr(cls, name, property(broken))
+    for name in ("is_site_local", "sixtofour", "teredo"):
+        monkeypatch.setattr(ipaddress.IPv6Address, name, property(broken))
+    assert {host: refusal(ipaddress.ip_address(host)) for host in samples} == expected
+    assert (
+        refusal(ipaddress.ip_address("168.63.129.16")) == "Azure's host endpoint (168.63.129.16/32, Azure wireserver)"
+    )
+    assert refusal(ipaddress.ip_address("192.0.0.9")).startswith("IETF protocol assignments")
+
+
+# --- resolve_all: every checked address, for IPv4/IPv6 fallback
+
+
+def test_resolve_all_returns_every_checked_address_ipv4_first_each_once():
+    answers = ["2606:4700::1", "93.184.216.34", "2606:4700::1", "93.184.216.35", "fe80::1%eth0"]
+    guard = AddressGuard(allow_private=True, resolver=lambda host, port: answers)
+    assert guard.resolve_all("cdn.example", 443) == ["93.184.216.34", "93.184.216.35", "2606:4700::1", "fe80::1"]
+    assert guard.resolve("cdn.example", 443) == "93.184.216.34"
+    with pytest.raises(AddressRefused, match="fe80::1 is link-local"):  # one refused answer refuses the host
+        AddressGuard(resolver=lambda host, port: answers).resolve_all("cdn.example", 443)
+    assert AddressGuard(resolver=_no_dns).resolve_all("[2606:4700::1]", 80) == ["2606:4700::1"]
+
+
+# --- DNS failures are cached briefly; refusals and addresses for cache_s
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    import pipeline.address_guard as module
+
+    fake = _Clock()
+    monkeypatch.setattr(module, "time", fake)
+    return fake
+
+
+def _flaky_resolver(failures: int, answers: dict):
+    """A resolver that fails the first `failures` look-ups of every name, then answers."""
+    calls: list[str] = []
+
+    def resolve(host, port):
+        calls.append(host)
+        if calls.count(host) <= failures:
+            raise OSError(-3, "Temporary failure in name resolution")
+        return answers[host]
+
+    return resolve, calls
+
+
+def test_a_dns_failure_is_cached_only_briefly_then_asked_again(clock):
+    resolver, calls = _flaky_resolver(1, {"img.example": ["93.184.216.34"]})
+    guard = AddressGuard(resolver=resolver)
+    assert guard.dns_error_cache_s <= 5
+    with pytest.raises(ResolveError, match="Temporary failure"):
+        guard.resolve("img.example", 80)
+    clock.now += 4.9  # a burst of URLs of the host: answered from the cache, the resolver asked once
+    for _ in range(3):
+        with pytest.raises(ResolveError):
+            guard.resolve("img.example", 80)
+    assert calls == ["img.example"]
+    clock.now += 0.2  # past dns_error_cache_s: the blip has healed
+    assert guard.resolve("img.example", 80) == "93.184.216.34"
+    assert calls == ["img.example"] * 2
+
+
+def test_fresh_skips_a_cached_dns_failure_but_not_a_refusal(clock):
+    resolver, calls = _flaky_resolver(1, {"img.example": ["93.184.216.34"], "meta.example": ["169.254.169.254"]})
+    guard = AddressGuard(resolver=resolver, dns_error_cache_s=5)
+    with pytest.raises(ResolveError):
+        guard.resolve("img.example", 80)
+    assert guard.resolve("img.example", 80, fresh=True) == "93.184.216.34"  # a retry asks again
+    with pytest.raises(ResolveError):
+        guard.resolve("meta.example", 80)
+    with pytest.raises(AddressRefused):
+        guard.resolve("meta.example", 80, fresh=True)
+    with pytest.raises(AddressRefused):
+        guard.resolve("meta.example", 80, fresh=True)  # the refusal is cached: not asked again
+    assert calls.count("meta.example") == 2
+
+
+def test_refusals_and_addresses_stay_cached_for_cache_s(clock):
+    resolver, calls = _flaky_resolver(0, {"meta.example": ["169.254.169.254"], "img.example": ["93.184.216.34"]})
+    guard = AddressGuard(resolver=resolver, cache_s=300, dns_error_cache_s=5)
+    for _ in range(2):
+        with pytest.raises(AddressRefused):
+            guard.resolve("meta.example", 80)
+        guard.resolve("img.example", 80)
+        clock.now += 299
+    assert calls == ["meta.example", "img.example"]
+    with pytest.raises(AddressRefused):
+        guard.resolve("meta.example", 80)  # 598 s later: looked up again
+    assert calls == ["meta.example", "img.example", "meta.example"]
+
+
+def test_the_data_config_sets_the_guard():
+    from pipeline.config import DataConfig
+
+    guard = AddressGuard.for_data(DataConfig(dns_error_cache_s=1.5, allow_private_addresses=True))
+    assert (guard.dns_error_cache_s, guard.allow_private) == (1.5, True)
+    assert AddressGuard.for_data(DataConfig()).dns_error_cache_s == 5.0
+    with pytest.raises(ValueError, match="dns_error_cache_s"):
+        DataConfig(dns_error_cache_s=600)
