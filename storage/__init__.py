@@ -23,7 +23,7 @@ from storage.filesystems import (
     protocol_of,
     pyarrow_filesystem,
 )
-from storage.folder import Folder, atomic_write, is_temporary, read_file, safe_relative, write_file
+from storage.folder import Folder, atomic_local_write, atomic_write, is_temporary, read_file, safe_relative, write_file
 from storage.lock import FolderInUse, FolderLock
 from storage.parquet import ParquetSink, parquet_options
 from storage.redact import redact_config, redact_text, redact_userinfo
@@ -41,6 +41,7 @@ __all__ = [
     "protocol_of",
     "pyarrow_filesystem",
     "Folder",
+    "atomic_local_write",
     "atomic_write",
     "is_temporary",
     "read_file",

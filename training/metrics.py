@@ -13,8 +13,15 @@ import math
 import os
 from typing import Any, Optional
 
+from storage import atomic_local_write
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+
+
+def _write_rows(path: str, rows: list[dict]) -> None:
+    with open(path, "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def _clean(value: Any) -> Any:
@@ -52,9 +59,7 @@ class MetricsWriter:
         purge = None
         if isinstance(step, int) and self._last_step is not None and step <= self._last_step:
             kept = [r for r in self.rows() if not (isinstance(r.get("step"), int) and r["step"] >= step)]
-            with open(self.path + ".tmp", "w") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(self.path + ".tmp", self.path)
+            atomic_local_write(self.path, lambda tmp: _write_rows(tmp, kept))
             purge = step
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")

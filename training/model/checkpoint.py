@@ -21,7 +21,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -30,7 +29,7 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
-from storage import StorageConfig, fsspec_filesystem
+from storage import StorageConfig, atomic_local_write, fsspec_filesystem
 
 from .clip import CLIP, create_model
 from .config import get_model_config, parse_config
@@ -401,16 +400,8 @@ def save_model(model: torch.nn.Module, directory: Union[str, os.PathLike]) -> Pa
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    for filename, write in (
-        (WEIGHTS_FILE, lambda p: save_safetensors(state, p, metadata={"format": "pt"})),
-        (CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(model.config, indent=2) + "\n")),
-    ):
-        fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", dir=directory)
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, directory / filename)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    atomic_local_write(str(directory / WEIGHTS_FILE), lambda p: save_safetensors(state, p, metadata={"format": "pt"}))
+    atomic_local_write(
+        str(directory / CONFIG_FILE), lambda p: Path(p).write_text(json.dumps(model.config, indent=2) + "\n")
+    )
     return directory
