@@ -28,6 +28,7 @@ import uuid
 from typing import Any, Optional
 
 from storage.folder import Folder, temporary_name
+from storage.redact import redact_userinfo
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +132,10 @@ class FolderLock:
         age = time.time() - info["heartbeat"] if isinstance(info.get("heartbeat"), (int, float)) else float("nan")
         holder = f"{info.get('what', '?')} (host {info.get('host', '?')}, pid {info.get('pid', '?')})"
         return FolderInUse(
-            f"{self.folder.url} is in use by another run: {holder}, last seen {age:.0f} s ago. Two runs must not "
+            f"{redact_userinfo(self.folder.url)} is in use by another run: {holder}, last seen {age:.0f} s ago. Two runs must not "
             f"write one folder: wait for it to finish or give this run another folder. If that run is dead on "
             f"another machine, its lock expires {self.ttl_s:.0f} s after its last heartbeat (or delete "
-            f"{self.folder.full_url(LOCK_NAME)})"
+            f"{redact_userinfo(self.folder.full_url(LOCK_NAME))})"
         )
 
     # --- taking and giving back
@@ -156,7 +157,7 @@ class FolderLock:
                     raise self._in_use(current)
                 log.warning(
                     "%s: taking over the lock of a run that is gone (%s, pid %s)",
-                    self.folder.url,
+                    redact_userinfo(self.folder.url),
                     current.get("what"),
                     current.get("pid"),
                 )
@@ -195,13 +196,13 @@ class FolderLock:
                 if current is None or current.get("owner") != self.owner:
                     log.error(
                         "%s: the folder lock was taken by another run (%s); this run's heartbeat stops",
-                        self.folder.url,
+                        redact_userinfo(self.folder.url),
                         None if current is None else current.get("what"),
                     )
                     return
                 self.folder.write_bytes(LOCK_NAME, json.dumps(self._info()).encode())
             except Exception as exc:  # noqa: BLE001 - a missed heartbeat is retried at the next beat
-                log.warning("%s: could not refresh the folder lock: %s", self.folder.url, exc)
+                log.warning("%s: could not refresh the folder lock: %s", redact_userinfo(self.folder.url), exc)
 
     def release(self) -> None:
         self._stop.set()
@@ -213,7 +214,7 @@ class FolderLock:
             if current is not None and current.get("owner") == self.owner:
                 self.folder.remove([LOCK_NAME])
         except Exception as exc:  # noqa: BLE001 - a lock left behind is taken over by the next run
-            log.warning("%s: could not remove the folder lock: %s", self.folder.url, exc)
+            log.warning("%s: could not remove the folder lock: %s", redact_userinfo(self.folder.url), exc)
 
     def __enter__(self) -> "FolderLock":
         return self.acquire()
