@@ -1,25 +1,32 @@
 """Read one downloaded image's header, then decode it to an 8-bit array in bounded memory.
 
-`read_header(data)` reads only the header (format, size, and the channels and sample width the
-decoder will return): JPEG and PNG by hand (tens of microseconds), anything else with Pillow. From
-it `Probed.decoded_bytes()` gives the size of the array a decode allocates, so the caller can refuse
-an image before any pixel is decoded (`data.max_decoded_bytes`).
+`read_header(data)` reads only the header (format, size, and how many bytes per pixel the decoder
+will hold): JPEG and PNG by hand (tens of microseconds), anything else with Pillow. From it
+`Probed.decoded_bytes()` gives the size of the decoded image, so the caller can refuse an image
+before any pixel is decoded (`data.max_decoded_bytes`).
 
-`decode_jpeg` is the fast JPEG path: TurboJPEG (simplejpeg) at a reduced DCT scale, OpenCV for
-CMYK/YCCK and for JPEGs libjpeg reads only with warnings. `decode_image` decodes every other format
-with OpenCV's `IMREAD_UNCHANGED` (img2dataset's decoder: first frame of an animated GIF/WebP/PNG,
-EXIF orientation ignored, palettes expanded, CMYK TIFFs converted) and Pillow where OpenCV has no
-reader (ICO, ...); then `to_8bit` turns what came out into what img2dataset stores:
+Decoders:
+- JPEG (`decode_jpeg`, the fast path): TurboJPEG (simplejpeg) at a reduced DCT scale; OpenCV for
+  CMYK/YCCK and for JPEGs libjpeg reads only with warnings.
+- PNG: Pillow. libpng, under OpenCV, prints its warnings and errors straight to the process's
+  stderr (`libpng warning: iCCP: known incorrect sRGB profile` is common on the web), which Ray
+  streams to the driver's console for every such image; img2dataset hides them by swapping file
+  descriptors, which is not thread-safe. Pillow's reader raises instead, holds 16-bit RGB(A) as
+  8-bit, and decodes the same pixels (PNG is lossless).
+- anything else: OpenCV's `IMREAD_UNCHANGED`, img2dataset's decoder (first frame of an animated
+  GIF/WebP, EXIF orientation ignored, palettes expanded, CMYK TIFFs converted); Pillow where
+  OpenCV has no reader (ICO, ...).
 
-- 16-bit samples keep their high byte (as libpng's `strip_16` and Pillow's 16-bit RGB(A) decoding);
-- an alpha channel is matted on white with img2dataset's formula `rint(a/255*c + 255 - a)`,
-  computed exactly in integers;
-- grayscale stays grayscale (img2dataset keeps it so), colour is BGR (OpenCV's order).
+What comes out is turned into what img2dataset stores (`to_8bit`): 16-bit samples keep their high
+byte (as libpng's `strip_16` and Pillow's 16-bit RGB(A) decoding); alpha is matted on white with
+img2dataset's formula `rint(a/255*c + 255 - a)`, exactly; grayscale stays grayscale (img2dataset
+keeps it so), colour is BGR (OpenCV's order).
 
-Memory: OpenCV's PNG decoder holds a second copy of the image while it decodes (measured: the
-process grows by 2.0x the array for 8- and 16-bit PNGs), and `to_8bit` writes its output row
-strip by row strip (at most `STRIP_PIXELS` pixels of temporaries), so a decode peaks at about
-2 x `decoded_bytes()`, never at img2dataset's float64 copies (~19 bytes per pixel for RGBA).
+Memory: the conversion runs row strip by row strip (`STRIP_PIXELS`), so a decode holds the decoded
+image, the 8-bit output (at most 3 bytes per pixel) and a few strips: the 9459x9459 RGBA PNG of
+issue 15 peaks at ~0.7 GB in a fresh process (tests/test_pipeline_image_decode.py), where
+img2dataset's float64 matting took 6.7 GB. OpenCV's own decoders hold up to a second copy while
+they decode.
 """
 
 from __future__ import annotations
@@ -50,33 +57,13 @@ JPEG_FLAGS = {
 # cache (matting a 9459x9459 RGBA image: 0.29 s of CPU, against 1.3-1.5 s with 1M-pixel strips).
 STRIP_PIXELS = 1 << 16
 
-# PNG colour type -> channels of OpenCV's IMREAD_UNCHANGED array (gray+alpha comes back as BGRA;
-# a palette as BGR, or BGRA with a tRNS chunk: counted as 4).
-_PNG_CHANNELS = {0: 1, 2: 3, 3: 4, 4: 4, 6: 4}
+# PNG colour type -> bytes per pixel Pillow holds (gray "L", palette "P", the rest 4 bytes: RGB is
+# stored as RGBX, LA as 4 bands; 16-bit colour is read as 8-bit, 16-bit gray as "I;16").
+_PNG_PIXEL_BYTES = {0: 1, 2: 4, 3: 1, 4: 4, 6: 4}
 
-# Pillow mode -> (channels, bytes per sample) of the array the decoders return.
-_MODE_LAYOUT = {
-    "1": (1, 1),
-    "L": (1, 1),
-    "P": (4, 1),  # OpenCV gives GIFs as BGRA
-    "LA": (4, 1),
-    "La": (4, 1),
-    "PA": (4, 1),
-    "RGB": (3, 1),
-    "RGBA": (4, 1),
-    "RGBa": (4, 1),
-    "RGBX": (4, 1),
-    "CMYK": (4, 1),
-    "YCbCr": (3, 1),
-    "LAB": (3, 1),
-    "HSV": (3, 1),
-    "I;16": (1, 2),
-    "I;16L": (1, 2),
-    "I;16B": (1, 2),
-    "I;16N": (1, 2),
-    "I": (1, 4),
-    "F": (1, 4),
-}
+# Pillow mode -> bytes per pixel, the larger of OpenCV's array (BGRA for alpha, palettes and CMYK,
+# BGR for colour) and Pillow's storage (4 bytes for any mode of several bands); 4 for the others.
+_MODE_PIXEL_BYTES = {"1": 1, "L": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 # Formats whose Pillow mode does not tell the sample width OpenCV decodes to (10/12-bit AVIF and
 # JPEG 2000 come back as 16-bit): counted as 2 bytes per sample.
 _DEEP_FORMATS = frozenset({"AVIF", "JPEG2000", "HEIF"})
@@ -95,19 +82,18 @@ class ImageReject(Exception):
 
 @dataclass
 class Probed:
-    """An image's header. `channels` and `sample_bytes` describe the array the decoder returns
-    (not the file): 4 channels for any alpha or palette, 2 bytes per sample for 16-bit images."""
+    """An image's header; `pixel_bytes`: bytes per pixel of the image its decoder holds (an upper
+    bound where the header does not tell, e.g. 4 for any alpha or palette outside PNG)."""
 
     data: bytes
     format: str  # Pillow's name: JPEG, PNG, WEBP, GIF, ...
     width: int
     height: int
-    channels: int = 3
-    sample_bytes: int = 1
+    pixel_bytes: int = 3  # JPEG: 3-channel BGR, whatever the file's colour space
 
     def decoded_bytes(self, reduce: int = 1) -> int:
-        """Bytes of the decoded array at 1/reduce scale (each side rounded up, as libjpeg does)."""
-        return -(-self.width // reduce) * -(-self.height // reduce) * self.channels * self.sample_bytes
+        """Bytes of the decoded image at 1/reduce scale (each side rounded up, as libjpeg does)."""
+        return -(-self.width // reduce) * -(-self.height // reduce) * self.pixel_bytes
 
 
 def jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
@@ -138,15 +124,16 @@ def jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
 
 def sniff(data: bytes) -> Optional[Probed]:
     """The header of a JPEG or PNG without Pillow (tens of microseconds less); None otherwise.
-    A JPEG decodes to 3 channels of 8 bits (grayscale and CMYK converted); a PNG's IHDR gives its
-    bit depth and colour type."""
+    A JPEG decodes to 3 channels of 8 bits (grayscale and CMYK converted); a PNG's IHDR gives the
+    colour type and bit depth, hence what Pillow holds."""
     if data[:3] == b"\xff\xd8\xff":
         size = jpeg_size(data)
         return Probed(data, "JPEG", *size) if size else None
     if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 26:
         width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
         depth, colour = data[24], data[25]
-        return Probed(data, "PNG", width, height, _PNG_CHANNELS.get(colour, 4), 2 if depth == 16 else 1)
+        pixel_bytes = 2 if (colour, depth) == (0, 16) else _PNG_PIXEL_BYTES.get(colour, 4)
+        return Probed(data, "PNG", width, height, pixel_bytes)
     return None
 
 
@@ -160,7 +147,6 @@ def read_header(data: bytes) -> Probed:
     try:
         with Image.open(io.BytesIO(data)) as image:
             fmt, (width, height), mode = image.format or "", image.size, image.mode
-            channels, sample_bytes = _MODE_LAYOUT.get(mode, (4, 4))
             bits = getattr(image, "tag_v2", {}).get(258)  # TIFF BitsPerSample: 16-bit RGB is mode "RGB"
     except UnidentifiedImageError:
         head = data[:64].lstrip().lower()
@@ -171,11 +157,13 @@ def read_header(data: bytes) -> Probed:
         if cut is not None:
             raise ImageReject("truncated_image", cut) from None
         raise ImageReject("decode_error", f"unreadable image header: {type(exc).__name__}: {exc}") from None
+    pixel_bytes = _MODE_PIXEL_BYTES.get(mode, 4)
+    sample_bytes = 2 if fmt in _DEEP_FORMATS else 1
     if bits is not None:
         sample_bytes = max(sample_bytes, -(-max(bits if isinstance(bits, tuple) else (bits,)) // 8))
-    if fmt in _DEEP_FORMATS:
-        sample_bytes = max(sample_bytes, 2)
-    return Probed(data, fmt, width, height, channels, sample_bytes)
+    if sample_bytes > 1:  # OpenCV's array: 1 or 4 channels (BGRA covers BGR) of that width
+        pixel_bytes = max(pixel_bytes, (1 if Image.getmodebands(mode) == 1 else 4) * sample_bytes)
+    return Probed(data, fmt, width, height, pixel_bytes)
 
 
 def jpeg_is_cut(data: bytes) -> bool:
@@ -226,37 +214,51 @@ def decode_image(probed: Probed) -> np.ndarray:
     cut = _cut_off(probed.data, probed.format)
     if cut is not None:
         raise ImageReject("truncated_image", cut)
-    array = cv2.imdecode(np.frombuffer(probed.data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if array is None:
-        array = _decode_with_pillow(probed)
-    return to_8bit(array, probed.format)
-
-
-def _decode_with_pillow(probed: Probed) -> np.ndarray:
-    """The first frame, for what OpenCV cannot read, as OpenCV's layout would have it: BGR(A) or
-    gray, 16-bit grayscale kept 16-bit (its 8-bit conversion is `to_8bit`'s, not Pillow's
-    `convert("L")`, which clips every value above 255 to white)."""
+    if probed.format != "PNG":
+        array = cv2.imdecode(np.frombuffer(probed.data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if array is not None:
+            return to_8bit(array, probed.format)
     try:
         with Image.open(io.BytesIO(probed.data)) as image:
-            mode = image.mode
-            if mode.startswith("I;16"):
-                return np.asarray(image).astype(np.uint16)
-            if mode in ("I", "F"):
-                raise ImageReject("decode_error", f"{probed.format} with 32-bit samples (mode {mode}) is not supported")
-            if mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
-                return np.asarray(image.convert("RGBA"))[..., [2, 1, 0, 3]]
-            if mode in ("1", "L"):
-                return np.asarray(image.convert("L"))
-            return np.ascontiguousarray(np.asarray(image.convert("RGB"))[..., ::-1])
+            image.load()
+            return _pillow_to_8bit(image, probed.format)
     except ImageReject:
         raise
     except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's problem
         message = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, OSError) and "truncated" in str(exc):  # Pillow: "image file is truncated"
             raise ImageReject("truncated_image", f"{probed.format} data ends early ({message})") from None
-        raise ImageReject(
-            "decode_error", f"neither OpenCV nor Pillow could decode this {probed.format} ({message})"
-        ) from None
+        tried = "Pillow" if probed.format == "PNG" else "neither OpenCV nor Pillow"
+        raise ImageReject("decode_error", f"{tried} could not decode this {probed.format} ({message})") from None
+
+
+def _pillow_to_8bit(image: Image.Image, fmt: str) -> np.ndarray:
+    """A loaded Pillow image (its current frame: the first) as `to_8bit` gives OpenCV's arrays,
+    converted strip by strip: palettes and transparency expanded to BGRA and matted, 16-bit gray
+    kept 16-bit until `to_8bit` (Pillow's own `convert("L")` clips every value above 255 to white)."""
+    mode = image.mode
+    if mode.startswith("I;16"):
+        target, rawmode = None, None
+    elif mode in ("I", "F"):
+        raise ImageReject("decode_error", f"{fmt} with 32-bit samples (Pillow mode {mode}) is not supported")
+    elif mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+        target, rawmode = "RGBA", "BGRA"
+    elif mode in ("1", "L"):
+        target, rawmode = "L", "L"
+    else:
+        target, rawmode = "RGB", "BGR"
+    width, height = image.size
+    out = np.empty((height, width) if target in (None, "L") else (height, width, 3), np.uint8)
+    rows = max(1, STRIP_PIXELS // max(1, width))
+    for y in range(0, height, rows):
+        piece = image.crop((0, y, width, min(height, y + rows)))
+        if target is None:
+            strip = np.asarray(piece).astype(np.uint16)  # I;16B is big-endian: native order first
+        else:
+            piece = piece if piece.mode == target else piece.convert(target)
+            strip = np.frombuffer(piece.tobytes("raw", rawmode), np.uint8).reshape(piece.height, width, -1)
+        out[y : y + rows] = to_8bit(strip, fmt)
+    return out
 
 
 def to_8bit(array: np.ndarray, fmt: str = "image") -> np.ndarray:

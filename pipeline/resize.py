@@ -10,8 +10,9 @@ pixel is decoded. `ImageProcessor.resize(probed)` then produces the stored image
    before its end marker, a PNG without its IEND chunk, a WebP shorter than its RIFF header says);
 2. decode to 8 bits: JPEGs (most of the web) at a reduced DCT scale (1/2, 1/4, 1/8: libjpeg-turbo's
    scaled IDCT through `simplejpeg`, the same pixels as OpenCV's `IMREAD_REDUCED_COLOR_*` for ~8%
-   less CPU) when the target is at most that size, always to 3 channels; every other format with
-   img2dataset's decoder (OpenCV `IMREAD_UNCHANGED`, first frame, EXIF orientation ignored),
+   less CPU) when the target is at most that size, always to 3 channels; PNGs with Pillow (libpng
+   under OpenCV prints its warnings to stderr), every other format with img2dataset's decoder
+   (OpenCV `IMREAD_UNCHANGED`); first frame, EXIF orientation ignored as img2dataset ignores it,
    16-bit samples reduced to 8 and alpha matted on white as img2dataset mattes 8-bit images, in
    strips, so memory stays near the decoded image's own size (`image_decode.py`);
 3. resize, blur (`data.bbox_col`), pad or crop, and encode exactly as img2dataset's `Resizer` modes
@@ -20,9 +21,9 @@ pixel is decoded. `ImageProcessor.resize(probed)` then produces the stored image
    right (8-bit images; tests compare them byte for byte); JPEG pixels differ only by the
    DCT-domain pre-scaling.
 
-Threads run all of this in parallel (OpenCV, simplejpeg and numpy's large operations release the
-GIL). `data.fast_jpeg_decode: false` sends JPEGs through img2dataset's own `Resizer` at full scale;
-its decoder silences stdout/stderr by swapping the process's file descriptors, which is not
+Threads run all of this in parallel (OpenCV, simplejpeg and Pillow's decoders release the GIL).
+`data.fast_jpeg_decode: false` sends JPEGs through img2dataset's own `Resizer` at full scale; its
+decoder silences stdout/stderr by swapping the process's file descriptors, which is not
 thread-safe, so those calls are serialised by a lock.
 
 Every output is 8-bit, 3-channel (RGB content, OpenCV encodes BGR arrays) except where img2dataset
@@ -191,12 +192,11 @@ class ImageProcessor:
     def _check_decoded_bytes(self, probed: Probed, reduce: int) -> None:
         need = probed.decoded_bytes(reduce)
         if need > self.max_decoded_bytes:
-            depth = f"{8 * probed.sample_bytes}-bit"
+            scale = "" if reduce == 1 else f" at 1/{reduce} scale"
             raise ImageReject(
                 "too_large",
-                f"{probed.width}x{probed.height} {probed.format} decodes to {need} bytes ({probed.channels} channels, "
-                f"{depth}{'' if reduce == 1 else f', at 1/{reduce} scale'}) > data.max_decoded_bytes "
-                f"{self.max_decoded_bytes}",
+                f"{probed.width}x{probed.height} {probed.format} decodes{scale} to {need} bytes "
+                f"({probed.pixel_bytes} per pixel) > data.max_decoded_bytes {self.max_decoded_bytes}",
             )
 
     def _resize_with_img2dataset(self, probed: Probed, blur_boxes: Optional[list] = None) -> Resized:

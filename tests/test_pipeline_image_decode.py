@@ -1,17 +1,11 @@
-"""Decoding every image format in bounded memory, with img2dataset's output where img2dataset is
-right (8-bit images) and Pillow's pixels where it is not (16-bit PNGs)."""
+"""Decoding every image format: img2dataset's output where img2dataset is right (8-bit images),
+Pillow's pixels where it is not (16-bit PNGs), first frames, EXIF orientation, truncated files, and
+the format read from the bytes whatever the URL or Content-Type says."""
 
 from __future__ import annotations
 
 import io
-import json
-import os
-import struct
-import subprocess
-import sys
 import warnings
-import zlib
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -20,73 +14,19 @@ from PIL import Image
 
 from pipeline import img2dataset_parts
 from pipeline.config import DataConfig
-from pipeline.image_decode import read_header, to_8bit
-from pipeline.resize import ImageProcessor, ImageReject
+from pipeline.image_decode import to_8bit
 from tests.support.http_server import jpeg_bytes
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-# --- images
-
-
-def smooth(height: int, width: int, channels: int = 3, seed: int = 0, dtype=np.uint8) -> np.ndarray:
-    """A photo-like array (a coarse random grid upsampled bicubically), full range of `dtype`."""
-    rng = np.random.default_rng(seed)
-    top = np.iinfo(dtype).max
-    coarse = rng.integers(0, top + 1, (4, 5, channels)).astype(np.float32)
-    big = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC).reshape(height, width, channels)
-    return np.clip(big, 0, top).astype(dtype)
-
-
-def encode(image: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def rgba_image(width: int = 70, height: int = 50, seed: int = 0) -> Image.Image:
-    """Colours with an alpha ramp from transparent (left) to opaque (right) and a fully
-    transparent and a fully opaque block."""
-    rgba = smooth(height, width, 4, seed)
-    rgba[..., 3] = np.linspace(0, 255, width).astype(np.uint8)[None, :]
-    rgba[: height // 4, : width // 4, 3] = 0
-    rgba[-height // 4 :, -width // 4 :, 3] = 255
-    return Image.fromarray(rgba, "RGBA")
-
-
-def palette_image(width: int = 70, height: int = 50) -> Image.Image:
-    return Image.fromarray(smooth(height, width, 3, seed=5)).convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
-
-
-def png16(rgb_or_rgba: np.ndarray) -> bytes:
-    """A 16-bit PNG from an RGB(A) uint16 array (OpenCV writes BGR(A) order)."""
-    order = [2, 1, 0, 3][: rgb_or_rgba.shape[2]]
-    return cv2.imencode(".png", rgb_or_rgba[..., order])[1].tobytes()
-
-
-def matte(rgba: np.ndarray) -> np.ndarray:
-    """img2dataset's alpha matting on white (float64, then rint), on an 8-bit [H, W, 4] RGBA array."""
-    alpha = rgba[..., 3:4]
-    return np.rint((alpha / 255 * rgba[..., :3] + 255 - alpha).clip(0, 255)).astype(np.uint8)
-
-
-EIGHT_BIT = {
-    "png_rgb": lambda: encode(Image.fromarray(smooth(50, 70)), "PNG"),
-    "png_rgba": lambda: encode(rgba_image(), "PNG"),
-    "png_gray": lambda: encode(Image.fromarray(smooth(50, 70, 1)[..., 0]), "PNG"),
-    "png_1bit": lambda: encode(Image.fromarray(smooth(50, 70, 1)[..., 0]).convert("1"), "PNG"),
-    "png_palette": lambda: encode(palette_image(), "PNG"),
-    "png_palette_trns": lambda: encode(palette_image(), "PNG", transparency=3),
-    "png_gray_alpha": lambda: encode(rgba_image().convert("LA"), "PNG"),
-    "gif": lambda: encode(palette_image(), "GIF"),
-    "gif_transparent": lambda: encode(palette_image(), "GIF", transparency=3),
-    "webp_rgba": lambda: encode(rgba_image(), "WEBP", lossless=True),
-    "webp_rgb_lossy": lambda: encode(Image.fromarray(smooth(50, 70)), "WEBP", quality=80),
-    "bmp": lambda: encode(Image.fromarray(smooth(50, 70)), "BMP"),
-    "tiff_rgb": lambda: encode(Image.fromarray(smooth(50, 70)), "TIFF"),
-    "tiff_cmyk": lambda: encode(Image.fromarray(smooth(50, 70)).convert("CMYK"), "TIFF"),
-}
+from tests.support.image_samples import (
+    EIGHT_BIT,
+    encode,
+    matte,
+    palette_image,
+    png16,
+    process,
+    reject,
+    rgba_image,
+    smooth,
+)
 
 
 def img2dataset_resize(data: bytes, boxes=None, **kw):
@@ -106,17 +46,6 @@ def img2dataset_resize(data: bytes, boxes=None, **kw):
         out, width, height, ow, oh, err = resizer(io.BytesIO(data), boxes)
     assert err is None, err
     return out, width, height, ow, oh
-
-
-def process(data: bytes, boxes=None, **kw):
-    p = ImageProcessor(**kw)
-    return p.resize(p.probe(data), boxes)
-
-
-def reject(data: bytes, **kw) -> ImageReject:
-    with pytest.raises(ImageReject) as info:
-        process(data, **kw)
-    return info.value
 
 
 def stored(data: bytes, **kw) -> np.ndarray:
@@ -314,120 +243,6 @@ def test_truncated_images_are_rejected_as_truncated(name, data, fast_jpeg_decode
         data = cut(data)
     err = reject(data, fast_jpeg_decode=fast_jpeg_decode)
     assert (err.reason, err.stage) == ("truncated_image", "decode"), (name, err.detail)
-
-
-# --- the byte cap and memory
-
-
-@pytest.mark.parametrize("name", sorted(EIGHT_BIT) + ["png16_rgb", "png16_rgba", "png16_gray", "jpeg"])
-def test_header_predicts_the_decoded_array_size(name):
-    """decoded_bytes() from the header is at least the decoder's array (exactly it, for PNGs
-    without a palette), so the byte cap is applied before the memory is spent."""
-    data = {
-        "png16_rgb": lambda: png16(smooth(20, 30, 3, dtype=np.uint16)),
-        "png16_rgba": lambda: png16(smooth(20, 30, 4, dtype=np.uint16)),
-        "png16_gray": lambda: encode(Image.fromarray(smooth(20, 30, 1, dtype=np.uint16)[..., 0]), "PNG"),
-        "jpeg": lambda: jpeg_bytes(70, 50, mode="CMYK"),
-    }.get(name, EIGHT_BIT.get(name))()
-    flags = cv2.IMREAD_COLOR if name == "jpeg" else cv2.IMREAD_UNCHANGED
-    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    predicted = read_header(data).decoded_bytes()
-    assert predicted >= decoded.nbytes, name
-    if name.startswith("png") and "palette" not in name:
-        assert predicted == decoded.nbytes, name
-
-
-def test_an_image_over_max_decoded_bytes_is_rejected_before_decoding(monkeypatch):
-    import pipeline.image_decode as image_decode
-
-    data = png16(smooth(300, 400, 4, dtype=np.uint16))  # 300 x 400 x 4 x 2 = 960,000 bytes decoded
-    monkeypatch.setattr(image_decode.cv2, "imdecode", lambda *a: pytest.fail("decoded despite the cap"))
-    err = reject(data, max_decoded_bytes=959_999)
-    assert (err.reason, err.stage) == ("too_large", "decode")
-    assert "960000 bytes" in err.detail and "data.max_decoded_bytes 959999" in err.detail
-    assert "16-bit" in err.detail
-
-
-def test_the_byte_cap_counts_a_jpeg_at_its_reduced_decode_scale():
-    data = jpeg_bytes(2000, 1600)  # 9.6 MB at full scale; 1/4 scale (500 x 400) covers a 256 px target
-    out = process(data, image_size=256, max_decoded_bytes=1_000_000)
-    assert (out.width, out.height) == (256, 256)
-    err = reject(data, image_size=256, max_decoded_bytes=1_000_000, fast_jpeg_decode=False)
-    assert err.reason == "too_large" and "9600000 bytes" in err.detail
-
-
-def test_max_decoded_bytes_is_a_validated_config_key():
-    assert DataConfig().max_decoded_bytes == ImageProcessor().max_decoded_bytes == 384 * 2**20
-    with pytest.raises(ValueError, match="max_decoded_bytes"):
-        DataConfig(max_decoded_bytes=0)
-
-
-def big_flat_rgba_png(path: Path, side: int) -> None:
-    """A side x side RGBA PNG written row by row (little memory): the left half opaque red, the
-    right half transparent, and a half-transparent blue square in the middle third of both sides."""
-    half = np.zeros((side, 4), np.uint8)
-    half[: side // 2] = (255, 0, 0, 255)
-    band = half.copy()
-    band[side // 3 : 2 * side // 3] = (0, 0, 255, 128)
-    plain_row, band_row = b"\x00" + half.tobytes(), b"\x00" + band.tobytes()
-    deflate = zlib.compressobj(1)
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    with path.open("wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 6, 0, 0, 0)))
-        pixels = [deflate.compress(band_row if side // 3 <= y < 2 * side // 3 else plain_row) for y in range(side)]
-        f.write(chunk(b"IDAT", b"".join(pixels) + deflate.flush()) + chunk(b"IEND", b""))
-
-
-DECODE_AND_REPORT_PEAK = """
-import json, resource, sys
-import cv2, numpy as np
-from pipeline.resize import ImageProcessor
-data = open(sys.argv[1], "rb").read()
-processor = ImageProcessor(image_size=256, encode_format="png", encode_quality=1)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-out = processor.resize(processor.probe(data))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-pixels = cv2.imdecode(np.frombuffer(out.data, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
-print(json.dumps({"before_kib": before, "peak_kib": peak, "size": [out.width, out.height, out.original_width,
-    out.original_height], "red": pixels[20, 20].tolist(), "clear": pixels[20, 236].tolist(),
-    "blue": pixels[128, 150].tolist(), "red_beside": pixels[128, 20].tolist(),
-    "clear_beside": pixels[128, 236].tolist()}))
-"""
-
-
-def test_a_9459px_rgba_png_decodes_in_bounded_memory(tmp_path):
-    """The issue's image: 9459 x 9459 RGBA (89.47 Mpx, under data.max_pixels), ~0.5 MB on the wire,
-    358 MB decoded; img2dataset's float matting peaks at 6.7 GB on it. Decoded in a fresh process,
-    the peak RSS must stay under 1 GiB: OpenCV's PNG decoder holds the image twice while it
-    decodes (2 x 358 MB), the 8-bit output (268 MB) comes after that copy is freed, and the
-    interpreter with numpy, OpenCV, Pillow and the config's imports is ~100 MB. A single float64
-    copy of the image (2.1 GB) would break the bound."""
-    side = 9459
-    path = tmp_path / "big.png"
-    big_flat_rgba_png(path, side)
-    assert path.stat().st_size < 2_000_000
-    decoded = side * side * 4
-    assert read_header(path.read_bytes()).decoded_bytes() == decoded < DataConfig().max_decoded_bytes
-    run = subprocess.run(
-        [sys.executable, "-c", DECODE_AND_REPORT_PEAK, str(path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
-    )
-    assert run.returncode == 0, run.stderr
-    report = json.loads(run.stdout)
-    peak, growth = report["peak_kib"] * 1024, (report["peak_kib"] - report["before_kib"]) * 1024
-    assert peak < 2**30, report
-    assert growth < 2.2 * decoded, report
-    assert report["size"] == [256, 256, side, side]
-    assert report["red"] == [255, 0, 0] and report["clear"] == [255, 255, 255]
-    assert report["blue"] == [127, 127, 255]  # 50% blue over white: round(255 * 128 / 255) + 127
-    assert report["red_beside"] == [255, 0, 0] and report["clear_beside"] == [255, 255, 255]
 
 
 # --- the format comes from the bytes, not the URL or the Content-Type

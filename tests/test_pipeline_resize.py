@@ -190,7 +190,7 @@ def test_encode_format_and_quality_are_applied():
 def test_header_parsers_read_sizes_without_decoding():
     assert jpeg_size(jpeg_bytes(321, 123)) == (321, 123)
     head = sniff(png_bytes(17, 9))
-    assert (head.format, head.width, head.height, head.channels, head.sample_bytes) == ("PNG", 17, 9, 4, 1)
+    assert (head.format, head.width, head.height, head.pixel_bytes) == ("PNG", 17, 9, 4)
     assert sniff(b"<html>") is None
 
 
