@@ -166,7 +166,8 @@ class ImageProcessor:
             self._check_decoded_bytes(probed, 1)
             return self._resize_with_img2dataset(probed, blur_boxes)
         self._check_size(ow, oh)
-        tw, th, _ = self._target(ow, oh)
+        target = self._target(ow, oh)
+        tw, th = target[:2]
         if jpeg:
             # Largest DCT reduction whose output still covers the target (libjpeg rounds sizes up).
             reduce = next((s for s in (8, 4, 2) if ow // s >= tw and oh // s >= th), 1)
@@ -181,7 +182,8 @@ class ImageProcessor:
             if array.shape[:2] != (oh, ow):  # a decoder that disagrees with the header decides (img2dataset's)
                 oh, ow = array.shape[:2]
                 self._check_size(ow, oh)
-        return self._resize_and_encode(array, ow, oh, reduce, blur_boxes)
+                target = self._target(ow, oh)
+        return self._resize_and_encode(array, ow, oh, reduce, target, blur_boxes)
 
     def _check_size(self, width: int, height: int) -> None:
         if min(width, height) < self.min_image_size:
@@ -245,10 +247,17 @@ class ImageProcessor:
             return self._get_blurrer()(img=array, bbox_list=boxes)
 
     def _resize_and_encode(
-        self, array: np.ndarray, ow: int, oh: int, reduce: int, blur_boxes: Optional[list] = None
+        self,
+        array: np.ndarray,
+        ow: int,
+        oh: int,
+        reduce: int,
+        target: tuple[int, int, bool],
+        blur_boxes: Optional[list] = None,
     ) -> Resized:
-        """array: the ow x oh image decoded at 1/reduce scale, uint8 [H, W, 3] BGR or [H, W] gray."""
-        tw, th, pad_or_crop = self._target(ow, oh)
+        """array: the ow x oh image decoded at 1/reduce scale, uint8 [H, W, 3] BGR or [H, W] gray;
+        target: `_target(ow, oh)`."""
+        tw, th, pad_or_crop = target
         if array.shape[:2] != (th, tw):
             downscale = array.shape[0] > th or array.shape[1] > tw
             interpolation = self.downscale if downscale else self.upscale
