@@ -12,7 +12,8 @@ Decoders:
   stderr (`libpng warning: iCCP: known incorrect sRGB profile` is common on the web), which Ray
   streams to the driver's console for every such image; img2dataset hides them by swapping file
   descriptors, which is not thread-safe. Pillow's reader raises instead, holds 16-bit RGB(A) as
-  8-bit, and decodes the same pixels (PNG is lossless).
+  8-bit, and decodes the same pixels (PNG is lossless). OpenCV decodes what Pillow refuses (a bad
+  CRC in an ancillary chunk, which libpng reads with a warning).
 - anything else: OpenCV's `IMREAD_UNCHANGED`, img2dataset's decoder (first frame of an animated
   GIF/WebP, EXIF orientation ignored, palettes expanded, CMYK TIFFs converted); Pillow where
   OpenCV has no reader (ICO, ...).
@@ -210,14 +211,32 @@ def _cut_off(data: bytes, fmt: str) -> Optional[str]:
 
 def decode_image(probed: Probed) -> np.ndarray:
     """Any non-JPEG image as uint8 BGR [H, W, 3], or gray [H, W] for a grayscale image without
-    alpha; its first frame when animated. Rejects `truncated_image` or `decode_error`."""
+    alpha; its first frame when animated. Rejects `truncated_image` or `decode_error`.
+
+    PNG: Pillow first, OpenCV for what Pillow refuses and libpng reads with a warning (a bad CRC
+    in an ancillary chunk: img2dataset stores those); the others: OpenCV first, Pillow for what
+    OpenCV has no reader for."""
     cut = _cut_off(probed.data, probed.format)
     if cut is not None:
         raise ImageReject("truncated_image", cut)
-    if probed.format != "PNG":
-        array = cv2.imdecode(np.frombuffer(probed.data, np.uint8), cv2.IMREAD_UNCHANGED)
-        if array is not None:
+    if probed.format == "PNG":
+        try:
+            return _decode_with_pillow(probed)
+        except ImageReject as rej:
+            array = _decode_with_opencv(probed.data) if rej.reason == "decode_error" else None
+            if array is None:
+                raise
             return to_8bit(array, probed.format)
+    array = _decode_with_opencv(probed.data)
+    return _decode_with_pillow(probed) if array is None else to_8bit(array, probed.format)
+
+
+def _decode_with_opencv(data: bytes) -> Optional[np.ndarray]:
+    """img2dataset's decoder: the first frame, as it is stored (uint8/uint16, 1-4 channels)."""
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def _decode_with_pillow(probed: Probed) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(probed.data)) as image:
             image.load()
@@ -228,8 +247,7 @@ def decode_image(probed: Probed) -> np.ndarray:
         message = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, OSError) and "truncated" in str(exc):  # Pillow: "image file is truncated"
             raise ImageReject("truncated_image", f"{probed.format} data ends early ({message})") from None
-        tried = "Pillow" if probed.format == "PNG" else "neither OpenCV nor Pillow"
-        raise ImageReject("decode_error", f"{tried} could not decode this {probed.format} ({message})") from None
+        raise ImageReject("decode_error", f"could not decode this {probed.format} ({message})") from None
 
 
 def _pillow_to_8bit(image: Image.Image, fmt: str) -> np.ndarray:

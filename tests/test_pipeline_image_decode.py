@@ -5,6 +5,7 @@ the format read from the bytes whatever the URL or Content-Type says."""
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 import cv2
@@ -209,6 +210,18 @@ def test_a_format_opencv_cannot_read_is_decoded_by_pillow():
     data = encode(icon, "ICO", sizes=[(32, 32)])
     assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) is None
     assert np.array_equal(stored(data), matte(np.asarray(Image.open(io.BytesIO(data)).convert("RGBA"))))
+
+
+def test_png_with_a_broken_ancillary_chunk_is_stored_as_img2dataset_stores_it():
+    """A bad CRC on a text chunk: libpng warns and decodes (img2dataset keeps the image), Pillow
+    refuses the file; the pipeline keeps it too, with img2dataset's bytes."""
+    png = EIGHT_BIT["png_rgba"]()
+    text = struct.pack(">I", 13) + b"tEXtComment\x00hello" + b"\x00\x00\x00\x00"  # CRC should not be 0
+    data = png[:33] + text + png[33:]  # after the 8-byte signature and the 25-byte IHDR chunk
+    with pytest.raises(OSError):
+        Image.open(io.BytesIO(data)).load()
+    ours = process(data, image_size=48, resize_mode="border")
+    assert ours.data == img2dataset_resize(data, image_size=48, resize_mode="border")[0]
 
 
 def test_float_samples_are_rejected_with_the_sample_type():
