@@ -11,6 +11,10 @@ from storage import StorageConfig
 EXPECTED_HASH = "expected_hash"  # the staged input's copy of data.verify_hash.column
 BLUR_BOXES = "blur_boxes"  # the staged input's copy of data.bbox_col
 
+# Any 8-bit image at the default data.max_pixels fits (89,478,485 x 4 bytes = 358 MB); 16-bit
+# images outside PNG (OpenCV holds them as 16-bit) get about half as many pixels.
+DEFAULT_MAX_DECODED_BYTES = 384 * 2**20
+
 INTERPOLATIONS = Literal["nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4"]
 
 
@@ -131,6 +135,12 @@ class DataConfig(StorageConfig):
     min_image_size: int = Field(0, ge=0, description="img2dataset's min_image_size, pixels")
     max_image_area: Optional[float] = Field(None, gt=0, description="img2dataset's max_image_area")
     max_pixels: PositiveInt = Field(89_478_485, description="decompression-bomb cap on decoded pixels")
+    max_decoded_bytes: PositiveInt = Field(
+        DEFAULT_MAX_DECODED_BYTES,
+        description="cap on one decoded image in bytes (width x height x the bytes per pixel its decoder holds, "
+        "from the header; JPEGs at their reduced DCT scale), checked before decoding; the 8-bit output (at most "
+        "3 bytes per pixel) comes on top",
+    )
     fast_jpeg_decode: bool = Field(
         True, description="decode JPEGs at a reduced DCT scale when the target is at most half the size"
     )

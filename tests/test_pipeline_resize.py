@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.resize import _JPEG_FLAGS, ImageProcessor, ImageReject, _decode_jpeg, jpeg_size, sniff
+from pipeline.image_decode import JPEG_FLAGS, decode_jpeg, jpeg_size, sniff
+from pipeline.resize import ImageProcessor, ImageReject
 from tests.support.http_server import jpeg_bytes, jpeg_with_header_size, png_bytes
 
 
@@ -43,8 +44,8 @@ def test_jpeg_decoder_gives_opencvs_reduced_decode_pixel_for_pixel(mode, size, r
     """TurboJPEG (simplejpeg) at 1/reduce scale: the same array as OpenCV's IMREAD_REDUCED_COLOR_*,
     sizes rounded up as libjpeg rounds them, grayscale and CMYK converted to 3 channels."""
     data = jpeg_bytes(*size, seed=reduce, mode=mode)
-    expected = cv2.imdecode(np.frombuffer(data, np.uint8), _JPEG_FLAGS[reduce])
-    got = _decode_jpeg(data, reduce, *size)
+    expected = cv2.imdecode(np.frombuffer(data, np.uint8), JPEG_FLAGS[reduce])
+    got = decode_jpeg(data, reduce, *size)
     assert got.shape == (-(-size[1] // reduce), -(-size[0] // reduce), 3) == expected.shape
     assert np.array_equal(got, expected)
 
@@ -57,8 +58,8 @@ def test_jpeg_that_libjpeg_reads_only_with_a_warning_is_decoded_by_opencv_as_bef
     data = data[:cut] + b"\xff\xd3" + data[cut:]  # a stray restart marker: "Corrupt JPEG data"
     with pytest.raises(ValueError, match="Corrupt JPEG data"):
         simplejpeg.decode_jpeg(data, "BGR")  # strict: TurboJPEG refuses it
-    got = _decode_jpeg(data, 2, 200, 150)
-    assert np.array_equal(got, cv2.imdecode(np.frombuffer(data, np.uint8), _JPEG_FLAGS[2]))
+    got = decode_jpeg(data, 2, 200, 150)
+    assert np.array_equal(got, cv2.imdecode(np.frombuffer(data, np.uint8), JPEG_FLAGS[2]))
 
 
 def test_turbojpeg_output_of_an_unexpected_size_is_not_used(monkeypatch):
@@ -66,8 +67,8 @@ def test_turbojpeg_output_of_an_unexpected_size_is_not_used(monkeypatch):
 
     data = jpeg_bytes(200, 150, seed=4)
     monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda *a, **k: np.zeros((10, 10, 3), np.uint8))
-    got = _decode_jpeg(data, 2, 200, 150)
-    assert np.array_equal(got, cv2.imdecode(np.frombuffer(data, np.uint8), _JPEG_FLAGS[2]))
+    got = decode_jpeg(data, 2, 200, 150)
+    assert np.array_equal(got, cv2.imdecode(np.frombuffer(data, np.uint8), JPEG_FLAGS[2]))
 
 
 def test_grayscale_jpeg_is_stored_as_rgb():
@@ -90,7 +91,8 @@ def test_png_with_alpha_is_accepted_matted_on_white_and_stored_as_rgb():
 
 def test_decompression_bomb_is_rejected_from_the_header_before_decoding():
     bomb_jpeg = jpeg_with_header_size(20000, 20000)
-    assert sniff(bomb_jpeg) == ("JPEG", 20000, 20000)
+    head = sniff(bomb_jpeg)
+    assert (head.format, head.width, head.height) == ("JPEG", 20000, 20000)
     err = reject(bomb_jpeg)
     assert (err.reason, err.stage) == ("too_large", "decode")
     assert "400000000 pixels" in err.detail
@@ -119,13 +121,21 @@ def test_jpeg_with_bytes_after_its_end_marker_is_accepted():
     assert process(data, image_size=100).width == 100
 
 
+def corrupt_png_data(png: bytes) -> bytes:
+    """The PNG with the middle of its IDAT data overwritten (chunks, CRCs and IEND in place)."""
+    start = png.index(b"IDAT") + 4
+    length = int.from_bytes(png[start - 8 : start - 4], "big")
+    return png[: start + 8] + bytes(length - 16) + png[start + length - 8 :]
+
+
 @pytest.mark.parametrize(
     "data, reason",
     [
         (b"<!DOCTYPE html><html><body>Not found</body></html>", "not_an_image"),
         (b"", "not_an_image"),
         (b"GIF89a" + b"\x00" * 3, "not_an_image"),
-        (png_bytes(64, 64)[:60] + b"\x00" * 200, "decode_error"),  # a PNG header, then garbage
+        (png_bytes(64, 64)[:60] + b"\x00" * 200, "truncated_image"),  # a PNG header, then garbage, no IEND
+        (corrupt_png_data(png_bytes(64, 64)), "decode_error"),  # whole file, its pixel data garbage
     ],
 )
 def test_non_images_are_rejected(data, reason):
@@ -179,7 +189,8 @@ def test_encode_format_and_quality_are_applied():
 
 def test_header_parsers_read_sizes_without_decoding():
     assert jpeg_size(jpeg_bytes(321, 123)) == (321, 123)
-    assert sniff(png_bytes(17, 9)) == ("PNG", 17, 9)
+    head = sniff(png_bytes(17, 9))
+    assert (head.format, head.width, head.height, head.pixel_bytes) == ("PNG", 17, 9, 4)
     assert sniff(b"<html>") is None
 
 
