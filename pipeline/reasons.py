@@ -47,7 +47,11 @@ REASONS: dict[str, tuple[str, str]] = {
     "not_an_image": (DECODE, "the bytes are not an image format Pillow/OpenCV can read (HTML, text, ...)"),
     "truncated_image": (DECODE, "the image data ends early"),
     "decode_error": (DECODE, "the image could not be decoded or encoded"),
-    "too_large": (DECODE, "more pixels than data.max_pixels (decompression bomb) or data.max_image_area"),
+    "too_large": (
+        DECODE,
+        "more pixels than data.max_pixels, more decoded bytes than data.max_decoded_bytes (decompression bombs) "
+        "or more than data.max_image_area",
+    ),
     # decode (img2dataset's Resizer checks) and filter (data.filters) share these two
     "too_small": (FILTER, "the short side is below data.min_image_size / data.filters.min_image_side"),
     "aspect_ratio": (FILTER, "long side / short side is above data.filters.max_aspect_ratio"),

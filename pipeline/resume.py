@@ -33,7 +33,7 @@ from storage.redact import redact_config, redact_text
 
 PLAN = "_state/plan.json"
 STAGING = "_work/input"
-PLAN_VERSION = 2  # 2: staged rows carry source_error; (url, caption) dedup before the download
+PLAN_VERSION = 3  # 2: staged rows carry source_error, pair dedup first; 3: 16-bit/palette PNGs decoded to their pixels
 
 # Config keys that change which rows are accepted or what is stored. The others (timeouts,
 # retries, threads, actors, progress, credentials) may change between a run and its resume.
@@ -55,6 +55,7 @@ FINGERPRINT_KEYS = (
     "min_image_size",
     "max_image_area",
     "max_pixels",
+    "max_decoded_bytes",
     "fast_jpeg_decode",
     "allow_private_addresses",
     "disallowed_header_directives",

@@ -10,6 +10,7 @@ from typing import Sequence
 import pyarrow as pa
 
 from pipeline.reasons import Rejection
+from storage import redact_text, redact_userinfo
 
 IMAGE_FIELDS = [
     pa.field("jpg", pa.binary()),
@@ -60,14 +61,23 @@ def rejects_table(keys: pa.Array, urls: pa.Array, captions: pa.Array, rejections
     return pa.table(
         {
             "key": keys,
-            "url": urls,
+            "url": redact_userinfo_column(urls),
             "caption": captions,
             "stage": pa.array([r.stage for r in rejections], pa.string()),
             "reason": pa.array([r.reason for r in rejections], pa.string()),
-            "detail": pa.array([r.detail[:2000] for r in rejections], pa.string()),
+            "detail": pa.array([redact_text(r.detail)[:2000] for r in rejections], pa.string()),
         },
         schema=REJECT_SCHEMA,
     )
+
+
+def redact_userinfo_column(urls: pa.Array) -> pa.Array:
+    """URLs without their userinfo (`https://user:pass@host/` -> `https://***@host/`): what is a
+    password in a URL list must not be stored in shards or rejects. Only values with '@' are touched."""
+    values = urls.to_pylist()
+    if not any(isinstance(u, str) and "@" in u for u in values):
+        return urls
+    return pa.array([redact_userinfo(u) if isinstance(u, str) and "@" in u else u for u in values], urls.type)
 
 
 def empty_rejects() -> pa.Table:

@@ -179,3 +179,20 @@ def test_a_plan_written_with_credentials_still_resumes(tmp_path):
     out = Folder(data.output)
     out.write_json(PLAN, written)
     assert load_plan(out, data).input_rows == 3
+
+
+def test_a_rejected_rows_url_and_detail_are_stored_without_userinfo():
+    import pyarrow as pa
+
+    from pipeline.reasons import Rejection
+    from pipeline.shards import rejects_table
+
+    urls = pa.array(["https://alice:s3cr3t-pw@images.example/a.jpg", "https://images.example/b.jpg", None])
+    rejections = [
+        Rejection("download", "http_404", "https://alice:s3cr3t-pw@images.example/a.jpg: 404 Not Found"),
+        Rejection("download", "timeout", "no answer in 10 s"),
+        Rejection("filter", "malformed_row", "line 3: no url"),
+    ]
+    table = rejects_table(pa.array(["0", "1", "2"]), urls, pa.array(["a", "b", "c"]), rejections)
+    assert table.column("url").to_pylist() == ["https://***@images.example/a.jpg", "https://images.example/b.jpg", None]
+    assert "s3cr3t-pw" not in " ".join(table.column("detail").to_pylist())
