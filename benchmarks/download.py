@@ -87,10 +87,8 @@ def main(argv=None) -> int:
     ceiling = cpu_ceiling(images, args.image_size, 2.0 if args.quick else 6.0)
 
     results = {}
-    with loopback_server(images, args.urls) as (port, server_pid):
-        url_list = write_url_list(
-            work / "urls.parquet", [f"http://127.0.0.1:{port}/img/{i}.jpg" for i in range(args.urls)]
-        )
+    with loopback_server(images, args.urls) as (urls, server_pid):
+        url_list = write_url_list(work / "urls.parquet", urls)
         try:
             if args.only in (None, "img2dataset"):
                 shutil.rmtree(work / "img2dataset", ignore_errors=True)

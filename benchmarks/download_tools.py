@@ -218,8 +218,9 @@ def write_url_list(path: Path, urls: list[str]) -> Path:
 
 
 @contextlib.contextmanager
-def loopback_server(images: list[bytes], urls: int) -> Iterator[tuple[int, int]]:
-    """`loopback_images.serve` (zero latency, 127.0.0.1) in its own forked process: (port, pid)."""
+def loopback_server(images: list[bytes], urls: int) -> Iterator[tuple[list[str], int]]:
+    """`loopback_images.serve` (zero latency, 127.0.0.1) in its own forked process: (its `urls`
+    URLs, the process id)."""
     import multiprocessing
 
     from benchmarks.loopback_images import serve
@@ -229,7 +230,8 @@ def loopback_server(images: list[bytes], urls: int) -> Iterator[tuple[int, int]]
     server = ctx.Process(target=serve, args=(images, urls, ready), daemon=True)
     server.start()
     try:
-        yield ready.get(timeout=60), server.pid
+        port = ready.get(timeout=60)
+        yield [f"http://127.0.0.1:{port}/img/{i}.jpg" for i in range(urls)], server.pid
     finally:
         server.kill()
         server.join()
