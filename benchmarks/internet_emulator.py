@@ -25,8 +25,10 @@ is drawn from (seed, host, URL index, attempt), the attempt counting requests fo
 host, so a retry gets a fresh draw and a rerun the same one. Capped at `max_ttfb_s` (below the tools'
 10 s timeout: a healthy host stays healthy, so both tools see the same dead hosts).
 
-Bandwidth: per host log-uniform in [low, high] bytes/s, per connection: the body goes out in pieces of
-rate x 10 ms every 10 ms (one piece when the image is smaller), so pacing costs a timer per piece.
+Bandwidth: per host log-uniform in [low, high] bytes/s, per connection: the head and the body's first
+piece leave together, each later piece when the bytes before it would have left at the host's rate;
+pieces are rate x 10 ms, at least 32 KiB (a send and a timer each: the server shares the tools'
+CPUs), so the last byte leaves at most one piece early (<= 32 ms at 1 MB/s, <= 10 ms from 3.3 MB/s).
 Connection set-up (TCP/TLS handshakes, 1-3 round trips on the internet) is not emulated; it would
 favour clients that keep connections alive over those that open one per request.
 """
@@ -56,8 +58,23 @@ EXPECTED_REASON = {
     NOT_FOUND: "http_404",
     RESET: "connection_error",
 }
-_TICK_S = 0.01  # pacing interval of a bandwidth-capped body
-_Z95 = NormalDist().inv_cdf(0.95)
+TICK_S = 0.01  # a bandwidth-capped body leaves in pieces of rate x TICK_S bytes,
+MIN_PIECE_BYTES = 32 * 1024  # but no smaller than this (fewer sends: the server shares the tools' CPUs)
+_STANDARD_NORMAL = NormalDist()
+_Z95 = _STANDARD_NORMAL.inv_cdf(0.95)
+_MASK64 = (1 << 64) - 1
+
+
+def _uniform(*keys: int) -> float:
+    """A uniform draw in (0, 1) fixed by the integer keys: splitmix64's finaliser chained over them
+    (a few microseconds, where seeding a `random.Random` per request costs ~30)."""
+    x = 0
+    for key in keys:
+        x = (x ^ (key & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+        x ^= x >> 31
+    return ((x >> 11) + 0.5) / (1 << 53)
 
 
 @dataclass(frozen=True)
@@ -155,7 +172,7 @@ class Web:
     def ttfb_s(self, host: Host, url_index: int, attempt: int) -> float:
         """Seconds from the end of request number `attempt` (0 first) for `url_index` at `host` to
         the first byte of its answer."""
-        z = random.Random(hash((self.config.seed, host.index, url_index, attempt))).gauss(0.0, 1.0)
+        z = _STANDARD_NORMAL.inv_cdf(_uniform(self.config.seed, host.index, url_index, attempt))
         return min(self.config.max_ttfb_s, host.base_ttfb_s * math.exp(self.sigma_request * z))
 
     def expected(self, urls: int) -> dict[str, int]:
@@ -277,23 +294,27 @@ class _Connection(asyncio.Protocol):
             self.transport.write(_status(302, "Found", b"", close, extra=f"Location: {location}\r\n"))
             return self._done(close)
         image = url_index % len(site.images)
-        self.transport.write(site.image_heads[close][image])
+        body = site.images[image]
         if kind == TRICKLE:
-            rate, interval = 1.0 / site.web.config.trickle_gap_s, site.web.config.trickle_gap_s
+            piece, rate = 1, 1.0 / site.web.config.trickle_gap_s
         else:
-            rate, interval = self.host.bandwidth_bytes_per_s, _TICK_S
-        piece = max(1, int(rate * interval))
-        self._send(memoryview(site.images[image]), 0, piece, interval, self.loop.time(), close)
+            rate = self.host.bandwidth_bytes_per_s
+            piece = max(MIN_PIECE_BYTES, int(rate * TICK_S))
+        self.transport.write(site.image_heads[close][image] + body[:piece])  # one send for both
+        self._schedule(memoryview(body), piece, piece, rate, self.loop.time(), close)
 
-    def _send(self, body: memoryview, sent: int, piece: int, interval: float, start: float, close: bool) -> None:
+    def _schedule(self, body: memoryview, sent: int, piece: int, rate: float, start: float, close: bool) -> None:
+        """The next piece leaves when the `sent` bytes before it would have at `rate` (a fixed
+        schedule from `start`: a late timer does not lower the rate)."""
+        if sent >= len(body):
+            return self._done(close)
+        self.timer = self.loop.call_at(start + sent / rate, self._send, body, sent, piece, rate, start, close)
+
+    def _send(self, body: memoryview, sent: int, piece: int, rate: float, start: float, close: bool) -> None:
         if self.transport.is_closing():
             return
         self.transport.write(body[sent : sent + piece])
-        sent += piece
-        if sent >= len(body):
-            return self._done(close)
-        due = start + interval * (sent // piece)  # on a fixed schedule: late timers do not lower the rate
-        self.timer = self.loop.call_at(due, self._send, body, sent, piece, interval, start, close)
+        self._schedule(body, sent + piece, piece, rate, start, close)
 
     def _done(self, close: bool) -> None:
         self.timer = None

@@ -17,11 +17,13 @@ import pytest
 from benchmarks.download_tools import img2dataset_reason
 from benchmarks.internet_emulator import (
     EXPECTED_REASON,
+    MIN_PIECE_BYTES,
     NEVER,
     NOT_FOUND,
     OK,
     REDIRECT,
     RESET,
+    TICK_S,
     TRICKLE,
     EmulatorConfig,
     Web,
@@ -186,7 +188,8 @@ def test_body_is_paced_at_the_hosts_bandwidth(emulator):
             body += chunk
         elapsed = time.perf_counter() - start
     assert _content_length(head) == len(BIG) and body == BIG
-    first_piece = slowest.bandwidth_bytes_per_s * 0.01  # comes with the head
+    # the first piece comes with the head, each later one when the bytes before it would have left
+    first_piece = max(MIN_PIECE_BYTES, slowest.bandwidth_bytes_per_s * TICK_S)
     assert elapsed >= (len(BIG) - first_piece) / slowest.bandwidth_bytes_per_s - 0.011
 
 
