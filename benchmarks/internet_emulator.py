@@ -145,7 +145,7 @@ class Web:
         sigma = math.log(config.p95_ttfb_s / config.median_ttfb_s) / _Z95
         self.sigma_host = sigma * math.sqrt(config.host_variance_share)
         self.sigma_request = sigma * math.sqrt(1 - config.host_variance_share)
-        z_hosts = [NormalDist().inv_cdf((k + 0.5) / config.hosts) for k in range(config.hosts)]
+        z_hosts = [_STANDARD_NORMAL.inv_cdf((k + 0.5) / config.hosts) for k in range(config.hosts)]
         rng.shuffle(z_hosts)
         first = ipaddress.IPv4Address(config.first_address)
         addresses = [str(first + k) for k in range(config.hosts)]
@@ -198,9 +198,10 @@ class Web:
         return "\n".join(lines)
 
 
-def _status(code: int, text: str, body: bytes, close: bool, extra: str = "", content_type: str = "text/plain") -> bytes:
+def _head(code: int, text: str, length: int, close: bool, extra: str = "", content_type: str = "text/plain") -> bytes:
+    """A response's status line and headers, for a body of `length` bytes."""
     head = (
-        f"HTTP/1.1 {code} {text}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n{extra}"
+        f"HTTP/1.1 {code} {text}\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\n{extra}"
         + ("Connection: close\r\n" if close else "")
         + "\r\n"
     )
@@ -213,11 +214,10 @@ class _Site:
     def __init__(self, web: Web, images: list[bytes]):
         self.web, self.images, self.port = web, images, 0
         self.image_heads = {
-            close: [_status(200, "OK", b, close, content_type="image/jpeg") for b in images] for close in (False, True)
+            close: [_head(200, "OK", len(b), close, content_type="image/jpeg") for b in images]
+            for close in (False, True)
         }
-        self.not_found = {
-            close: _status(404, "Not Found", b"not found", close) + b"not found" for close in (False, True)
-        }
+        self.not_found = {close: _head(404, "Not Found", 9, close) + b"not found" for close in (False, True)}
         self.attempts: Counter = Counter()
 
     def draw_ttfb(self, host: Host, url_index: int) -> float:
@@ -291,7 +291,7 @@ class _Connection(asyncio.Protocol):
             return self._done(close)
         if kind == REDIRECT:
             location = f"http://{self.host.redirect_to}:{site.port}/img/{url_index}.jpg"
-            self.transport.write(_status(302, "Found", b"", close, extra=f"Location: {location}\r\n"))
+            self.transport.write(_head(302, "Found", 0, close, extra=f"Location: {location}\r\n"))
             return self._done(close)
         image = url_index % len(site.images)
         body = site.images[image]
