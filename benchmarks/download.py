@@ -24,177 +24,26 @@ them (every URL is a separate request).
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing
 import os
 import platform
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home otherwise
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.cpu_accounting import cmdline, descendants, proc_table, become_subreaper, measured  # noqa: E402
-from benchmarks.loopback_images import serve, make_images  # noqa: E402
-
-
-def cpu_ceiling(images: list[bytes], image_size: int, seconds: float = 6.0, rounds: int = 4) -> dict[str, float]:
-    """Images/s on one core, the best of `rounds`: plain OpenCV (full decode, INTER_AREA, border
-    pad, encode q95), and clipray's own decode path for comparison."""
-    import cv2
-    import numpy as np
-
-    from pipeline.resize import ImageProcessor
-
-    cv2.setNumThreads(1)
-
-    def opencv(data: bytes) -> bytes:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        h, w = img.shape[:2]
-        s = image_size / max(h, w)
-        img = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
-        h, w = img.shape[:2]
-        top, left = (image_size - h) // 2, (image_size - w) // 2
-        img = cv2.copyMakeBorder(
-            img, top, image_size - h - top, left, image_size - w - left, cv2.BORDER_CONSTANT, value=(255, 255, 255)
-        )
-        return cv2.imencode(".jpg", img, [int(cv2.IMWRITE_JPEG_QUALITY), 95])[1].tobytes()
-
-    ours = ImageProcessor(image_size=image_size, resize_mode="border")
-    rates = {}
-    for name, fn in (("opencv", opencv), ("clipray", lambda d: ours.resize(ours.probe(d)).data)):
-        fn(images[0])
-        best = 0.0
-        for _ in range(rounds):  # the best round: the ceiling is not lowered by a noisy moment
-            start_cpu, count = time.process_time(), 0
-            start = time.perf_counter()
-            while time.perf_counter() - start < seconds / rounds:
-                fn(images[count % len(images)])
-                count += 1
-            best = max(best, count / (time.process_time() - start_cpu))  # per CPU-second: per core
-        rates[name] = best
-    return rates
-
-
-def run_img2dataset(url_list: Path, out: Path, args, mark) -> dict:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from img2dataset import download
-
-    mark()
-    start = time.perf_counter()
-    download(
-        url_list=str(url_list),
-        input_format="parquet",
-        url_col="url",
-        caption_col="caption",
-        output_format="parquet",
-        output_folder=str(out),
-        processes_count=args.processes,
-        thread_count=args.threads,
-        image_size=args.image_size,
-        resize_mode=args.resize_mode,
-        number_sample_per_shard=args.rows_per_shard,
-        timeout=10,
-        retries=0,
-        extract_exif=False,
-        compute_hash="sha256",
-        enable_wandb=False,
-    )
-    wall = time.perf_counter() - start
-    mark()
-    stats = [json.loads(p.read_text()) for p in out.glob("*_stats.json")]
-    ok = sum(s["successes"] for s in stats)
-    span = max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)
-    return {
-        "wall_s": wall,
-        "accepted": ok,
-        "images_per_s": ok / wall,
-        "in_shard_images_per_s": ok / span,
-        "workers": args.processes,
-    }
-
-
-class _Identity:
-    def __call__(self, batch):
-        return batch
-
-
-def warm_ray_data() -> None:
-    """A tiny Ray Data job on an actor pool, before the timed call: it starts Ray Data's
-    per-cluster service actors (_StatsActor, AutoscalingCoordinator, ActorLocationTracker: detached,
-    created by the first Data job on a cluster and kept), as on any cluster that has run a Data job
-    before. Each is a Python process importing Ray Data: ~2 CPU-s apiece, ~6 CPU-s of a 20k-URL run
-    when counted in (`--cold-ray`). Our download actors still start inside the timed call."""
-    import ray
-
-    ray.data.range(2, override_num_blocks=1).map_batches(
-        _Identity, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1
-    ).materialize()
-    # Its actor exits afterwards (~0.3 CPU-s of Python shutdown): not inside the timed call.
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any("_Identity" in (cmdline(pid) or "") for pid in descendants(proc_table())):
-        time.sleep(0.1)
-
-
-def run_clipray(url_list: Path, out: Path, args, mark) -> dict:
-    import ray
-
-    from pipeline.config import DataConfig
-    from pipeline.run import run_pipeline
-
-    # Ray starts its worker processes at nice 15 (RAY_worker_niceness), img2dataset's run at nice 0:
-    # on a machine where anything else runs, that alone would starve our actors. Same priority.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(
-        num_cpus=args.processes,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}},
-    )
-    try:
-        if not args.cold_ray:
-            warm_ray_data()
-        data = DataConfig(
-            input=str(url_list),
-            output=str(out),
-            image_size=args.image_size,
-            resize_mode=args.resize_mode,
-            num_download_actors=args.processes,
-            threads_per_actor=args.threads,
-            rows_per_shard=args.rows_per_shard,
-            allow_private_addresses=True,
-            timeout_s=10,
-            retries=0,
-            progress=False,
-        )
-        mark()
-        start, epoch = time.perf_counter(), time.time()
-        manifest = run_pipeline(data)
-        wall = time.perf_counter() - start
-        mark()
-    finally:
-        ray.shutdown()
-    # shard spans: each marker is written last, when its shard is done, after `duration_s` of work
-    spans = [
-        (p.stat().st_mtime - json.loads(p.read_text())["duration_s"], p.stat().st_mtime)
-        for p in (out / "_state" / "download").glob("*.json")
-    ]
-    busy = max(end for _, end in spans) - min(start for start, _ in spans)
-    return {
-        "wall_s": wall,
-        "accepted": manifest["accepted"],
-        "images_per_s": manifest["accepted"] / wall,
-        "in_shard_images_per_s": manifest["accepted"] / busy,
-        "workers": args.processes,
-        "shard_spans_s": sorted((round(a - epoch, 2), round(b - epoch, 2)) for a, b in spans),
-    }
+from benchmarks.cpu_accounting import become_subreaper, measured  # noqa: E402
+from benchmarks.download_tools import (  # noqa: E402
+    cpu_ceiling,
+    loopback_server,
+    run_clipray,
+    run_img2dataset,
+    write_url_list,
+)
+from benchmarks.loopback_images import make_images  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -237,41 +86,54 @@ def main(argv=None) -> int:
     )
     ceiling = cpu_ceiling(images, args.image_size, 2.0 if args.quick else 6.0)
 
-    ctx = multiprocessing.get_context("fork")
-    ready = ctx.Queue()
-    server = ctx.Process(target=serve, args=(images, args.urls, ready), daemon=True)
-    server.start()
-    port = ready.get(timeout=60)
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    url_list = work / "urls.parquet"
-    pq.write_table(
-        pa.table(
-            {
-                "url": [f"http://127.0.0.1:{port}/img/{i}.jpg" for i in range(args.urls)],
-                "caption": [f"image number {i}" for i in range(args.urls)],
-            }
-        ),
-        url_list,
-    )
     results = {}
-    try:
-        if args.only in (None, "img2dataset"):
-            shutil.rmtree(work / "img2dataset", ignore_errors=True)
-            results["img2dataset"] = measured(
-                lambda mark: run_img2dataset(url_list, work / "img2dataset", args, mark), server.pid
-            )
-            print(f"img2dataset: {results['img2dataset']}", flush=True)
-        if args.only in (None, "clipray"):
-            shutil.rmtree(work / "clipray", ignore_errors=True)
-            results["clipray"] = measured(lambda mark: run_clipray(url_list, work / "clipray", args, mark), server.pid)
-            print(f"clipray:     {results['clipray']}", flush=True)
-    finally:
-        server.kill()
-        server.join()
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+    with loopback_server(images, args.urls) as (urls, server_pid):
+        url_list = write_url_list(work / "urls.parquet", urls)
+        try:
+            if args.only in (None, "img2dataset"):
+                shutil.rmtree(work / "img2dataset", ignore_errors=True)
+                results["img2dataset"] = measured(
+                    lambda mark: run_img2dataset(
+                        url_list,
+                        work / "img2dataset",
+                        mark,
+                        processes_count=args.processes,
+                        thread_count=args.threads,
+                        image_size=args.image_size,
+                        resize_mode=args.resize_mode,
+                        number_sample_per_shard=args.rows_per_shard,
+                        timeout=10,
+                        retries=0,
+                        extract_exif=False,
+                        compute_hash="sha256",
+                    ),
+                    server_pid,
+                )
+                print(f"img2dataset: {results['img2dataset']}", flush=True)
+            if args.only in (None, "clipray"):
+                shutil.rmtree(work / "clipray", ignore_errors=True)
+                results["clipray"] = measured(
+                    lambda mark: run_clipray(
+                        url_list,
+                        work / "clipray",
+                        mark,
+                        cpus=args.processes,
+                        cold_ray=args.cold_ray,
+                        image_size=args.image_size,
+                        resize_mode=args.resize_mode,
+                        num_download_actors=args.processes,
+                        threads_per_actor=args.threads,
+                        rows_per_shard=args.rows_per_shard,
+                        allow_private_addresses=True,
+                        timeout_s=10,
+                        retries=0,
+                    ),
+                    server_pid,
+                )
+                print(f"clipray:     {results['clipray']}", flush=True)
+        finally:
+            if not args.workdir:
+                shutil.rmtree(work, ignore_errors=True)
 
     ceiling_total = ceiling["opencv"] * cores
     print()
