@@ -1,0 +1,250 @@
+"""One GET on a libcurl easy handle: the request's options, the response head and body, the cap,
+and libcurl's outcome as one of the pipeline's reason codes.
+
+libcurl parses the response (status line, headers, Content-Length / chunked / until-close framing,
+gzip and deflate content encoding, 1xx interim responses, excess bytes that close a keep-alive
+connection instead of being read as the next response). What is ours:
+
+- the connection goes only to the addresses the address guard checked: `CURLOPT_RESOLVE` pins the
+  host name to them for this transfer (libcurl does no name resolution of its own), and the
+  socket-open callback refuses any other address (through a proxy: the proxy's address);
+- the size cap counts the *decoded* body (`data.max_response_bytes`): the body callback stops the
+  transfer as soon as the bytes handed to it pass the cap, so a small gzip body that inflates to
+  gigabytes costs at most the cap plus one decoded block (16 KiB); a Content-Length above the cap is
+  refused before the body (`CURLOPT_MAXFILESIZE_LARGE`);
+- the head decides before the body: a redirect or an error status keeps at most 64 KiB of body
+  (read so the connection can be reused, then dropped), an `X-Robots-Tag` opt-out stops at once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+from typing import Callable, Optional
+
+import pycurl
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_MAX_DISCARD = 1 << 16  # body bytes of a redirect or an error read (and dropped) to keep the connection
+_BUFFER = 1 << 18  # libcurl's receive buffer: fewer, larger body callbacks
+
+# libcurl error numbers -> reasons (pipeline/reasons.py). Anything else is an `http_error`.
+_TLS_ERRORS = {35, 51, 53, 54, 58, 59, 60, 64, 66, 77, 80, 82, 83, 90, 91, 98}
+_CONNECTION_ERRORS = {5, 7, 18, 45, 52, 55, 56, 97}
+_REASONS = {
+    3: "invalid_url",
+    6: "dns_error",
+    28: "timeout",
+    63: "response_too_large",
+    **{n: "tls_error" for n in _TLS_ERRORS},
+    **{n: "connection_error" for n in _CONNECTION_ERRORS},
+}
+
+
+def default_ca_file() -> Optional[str]:
+    """The system's CA bundle (what Python's `ssl` trusts), else certifi's; None: libcurl's own."""
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.cafile, paths.openssl_cafile):
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    try:
+        import certifi
+    except ImportError:
+        return None
+    return certifi.where()
+
+
+class Headers:
+    """Response headers: case-insensitive, repeated names kept (`get_all`, as email.Message)."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self) -> None:
+        self._values: dict[str, list[str]] = {}
+
+    def add(self, name: str, value: str) -> None:
+        self._values.setdefault(name.lower(), []).append(value)
+
+    def fold(self, name: str, more: str) -> None:
+        """An obsolete folded continuation line of the last header `name`."""
+        values = self._values.get(name)
+        if values:
+            values[-1] = f"{values[-1]} {more}"
+
+    def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
+        values = self._values.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name: str, default=None):
+        return list(self._values.get(name.lower(), [])) or default
+
+
+class Outcome:
+    """What one exchange ended with: a response (`status`, `headers`, `body`: the whole decoded
+    body for a 2xx, b"" for anything else) or a failure (`reason`, `detail`)."""
+
+    __slots__ = ("status", "headers", "body", "reason", "detail")
+
+    def __init__(self, status=None, headers=None, body=b"", reason=None, detail=""):
+        self.status, self.headers, self.body, self.reason, self.detail = status, headers, body, reason, detail
+
+
+# A check on the final response head: returns (reason, detail) to stop the transfer, or None.
+HeadCheck = Callable[[int, Headers], Optional[tuple[str, str]]]
+
+
+class Exchange:
+    """A libcurl easy handle and the state of the one request it carries at a time."""
+
+    def __init__(
+        self,
+        *,
+        user_agent: str,
+        max_response_bytes: int,
+        ca_file: Optional[str],
+        head_check: HeadCheck,
+    ):
+        self.cap = max_response_bytes
+        self.head_check = head_check
+        c = self.handle = pycurl.Curl()
+        c.setopt(pycurl.NOSIGNAL, 1)
+        c.setopt(pycurl.FOLLOWLOCATION, 0)  # redirects are followed by the fetcher, hop by hop, each checked
+        c.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        c.setopt(pycurl.USERAGENT, user_agent)
+        c.setopt(pycurl.HTTPHEADER, ["Accept: image/avif,image/webp,image/*,*/*;q=0.8"])
+        c.setopt(pycurl.ACCEPT_ENCODING, "gzip, deflate")
+        c.setopt(pycurl.MAXFILESIZE_LARGE, max_response_bytes)
+        c.setopt(pycurl.BUFFERSIZE, _BUFFER)
+        c.setopt(pycurl.SSL_VERIFYPEER, 1)
+        c.setopt(pycurl.SSL_VERIFYHOST, 2)
+        if ca_file:
+            c.setopt(pycurl.CAINFO, ca_file)
+        c.setopt(pycurl.HEADERFUNCTION, self._header_line)
+        c.setopt(pycurl.WRITEFUNCTION, self._body)
+        c.setopt(pycurl.OPENSOCKETFUNCTION, self._open_socket)
+        self.url = ""
+        self.allowed: Optional[frozenset[str]] = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.status = 0
+        self.headers = Headers()
+        self._last_header: Optional[str] = None
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._keep_body = True
+        self._stop: Optional[tuple[str, str]] = None  # why our callback stopped the transfer
+        self._refused: Optional[str] = None
+        self._head_ended = False  # the final head's empty line arrived
+
+    def prepare(
+        self, url: str, host: str, port: int, addresses: list[str], proxy: Optional[str], timeout_s: float
+    ) -> pycurl.Curl:
+        """Set the handle up for GET `url`, connecting only to `addresses` (the guard's answer for
+        `host`) or, with `proxy`, through that proxy; libcurl gives up after `timeout_s`."""
+        self._reset()
+        self.url = url
+        c = self.handle
+        c.setopt(pycurl.URL, url)
+        c.setopt(pycurl.PROXY, proxy or "")  # "" also keeps libcurl from reading proxy variables itself
+        if proxy:
+            self.allowed = None  # the proxy connects to the host; the guard checked the host's name
+            c.setopt(pycurl.RESOLVE, [])
+        else:
+            self.allowed = frozenset(addresses)
+            shown = ",".join(f"[{a}]" if ":" in a else a for a in addresses)
+            c.setopt(pycurl.RESOLVE, [f"+{host.strip('[]')}:{port}:{shown}"])
+        ms = max(1, int(timeout_s * 1000))
+        c.setopt(pycurl.TIMEOUT_MS, ms)
+        c.setopt(pycurl.CONNECTTIMEOUT_MS, ms)
+        return c
+
+    def connections_made(self) -> int:
+        """New connections the last transfer opened (0: it reused a kept-alive one)."""
+        return self.handle.getinfo(pycurl.NUM_CONNECTS)
+
+    def close(self) -> None:
+        self.handle.close()
+
+    # --- libcurl's callbacks (on the network thread)
+
+    def _open_socket(self, purpose, address):
+        family, socktype, protocol, addr = address
+        if self.allowed is not None and addr[0] not in self.allowed:
+            self._refused = addr[0]
+            return None  # CURL_SOCKET_BAD: libcurl does not connect
+        return socket.socket(family, socktype, protocol)
+
+    def _header_line(self, line: bytes) -> Optional[int]:
+        if line[:5] == b"HTTP/":  # a new response head: after 1xx ones, or a proxy's CONNECT answer
+            parts = line.split(None, 2)
+            self.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+            self.headers = Headers()
+            self._last_header = None
+            self._keep_body = True
+            self._head_ended = False
+            return None
+        if line in (b"\r\n", b"\n"):
+            if self.status >= 200:
+                self._head_ended = True
+                return self._head_done()
+            return None
+        if line[:1] in (b" ", b"\t"):
+            if self._last_header is not None:
+                self.headers.fold(self._last_header, line.strip().decode("latin-1"))
+            return None
+        name, sep, value = line.partition(b":")
+        if sep:
+            self._last_header = name.strip().decode("latin-1").lower()
+            self.headers.add(self._last_header, value.strip().decode("latin-1"))
+        return None
+
+    def _head_done(self) -> Optional[int]:
+        status = self.status
+        if status in REDIRECT_STATUSES or not 200 <= status < 300:
+            self._keep_body = False
+            return None
+        stop = self.head_check(status, self.headers)
+        if stop is not None:
+            self._stop = stop
+            return -1  # not the line's length: libcurl stops the transfer
+        return None
+
+    def _body(self, data: bytes) -> Optional[int]:
+        self._size += len(data)
+        if not self._keep_body:
+            return None if self._size <= _MAX_DISCARD else 0  # 0: stop, the head is all we need
+        if self._size > self.cap:
+            self._stop = ("response_too_large", f"more than data.max_response_bytes {self.cap} bytes (decoded)")
+            return 0
+        self._chunks.append(data)
+        return None
+
+    # --- the outcome
+
+    def outcome(self, errno: int, message: str) -> Outcome:
+        """The exchange's result once libcurl finished it with `errno` (0: complete)."""
+        url = self.url[:200]
+        if self._stop is not None:
+            reason, detail = self._stop
+            return Outcome(self.status, self.headers, reason=reason, detail=f"{url}: {detail}")
+        if self._refused is not None:
+            return Outcome(
+                reason="blocked_address",
+                detail=f"{url}: libcurl was about to connect to {self._refused}, not an address the guard checked",
+            )
+        if errno == 0 and not self._head_ended:  # libcurl accepts a head cut off by the connection's end
+            return Outcome(reason="connection_error", detail=f"{url}: the connection closed inside the response head")
+        if errno == 0 or (errno == pycurl.E_WRITE_ERROR and not self._keep_body):
+            if not self._keep_body:
+                return Outcome(self.status, self.headers)
+            chunks = self._chunks
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return Outcome(self.status, self.headers, body)
+        reason = _REASONS.get(errno, "http_error")
+        if errno == pycurl.E_RECV_ERROR and "chunk" in message:  # bad chunked framing, not the network
+            reason = "http_error"
+        if reason == "response_too_large":
+            message = f"Content-Length over data.max_response_bytes {self.cap} ({message})"
+        return Outcome(self.status or None, self.headers, reason=reason, detail=f"{url}: {message} (curl {errno})")
