@@ -34,8 +34,9 @@ from typing import Callable, Iterable, Optional, Union
 from pipeline import img2dataset_parts
 from pipeline.address_guard import AddressGuard, AddressRefused, ResolveError, parse_numeric_host
 from pipeline.http.curl_loop import CurlLoop
-from pipeline.http.exchange import REDIRECT_STATUSES, Exchange, Headers, default_ca_file
+from pipeline.http.exchange import REDIRECT_STATUSES, STALE, Exchange, Headers, default_ca_file
 from pipeline.http.proxies import ProxySettings
+from pipeline.http.reuse_check import ReuseCheck
 from pipeline.reasons import http_reason
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -62,7 +63,20 @@ class _Failure(Exception):
 class _Job:
     """One URL on its way through attempts and redirect hops (touched on the network thread only)."""
 
-    __slots__ = ("url", "on_done", "attempt", "current", "seen", "deadline", "host", "slot", "step", "timer", "done")
+    __slots__ = (
+        "url",
+        "on_done",
+        "attempt",
+        "current",
+        "seen",
+        "deadline",
+        "host",
+        "slot",
+        "step",
+        "timer",
+        "done",
+        "fresh",
+    )
 
     def __init__(self, url: str, on_done: Callable[[FetchResult], None]):
         self.url, self.on_done = url, on_done
@@ -75,6 +89,7 @@ class _Job:
         self.step = 0  # bumped at each hop and attempt: late callbacks of an earlier one are dropped
         self.timer = None
         self.done = False
+        self.fresh = False  # the next request goes on a new connection
 
 
 _BAD_HOST = re.compile(r"[^A-Za-z0-9._~:%!$&'()*+,;=-]")  # what may stand in a host (IPv6: no brackets)
@@ -172,6 +187,7 @@ class Fetcher:
         self.ca_file = ca_file or default_ca_file()
         self.resolver_threads = resolver_threads
         self.loop = CurlLoop()
+        self.reuse_check = ReuseCheck()
         self.connections_opened = 0  # new connections libcurl made (for tests and benchmarks)
         self._free: list[Exchange] = []
         self._busy: dict[tuple[str, int], int] = {}
@@ -294,7 +310,9 @@ class Fetcher:
             scheme, host, port, wire_url = job.host
             exchange = self._free.pop() if self._free else self._new_exchange()
             exchange.job = job
-            handle = exchange.prepare(wire_url, host, port, answer, self.proxies.for_url(scheme, host), remaining)
+            proxy = self.proxies.for_url(scheme, host)
+            handle = exchange.prepare(wire_url, host, port, answer, proxy, remaining, fresh=job.fresh)
+            job.fresh = False
             self.loop.add(handle, self._transferred)
         except Exception:  # noqa: BLE001
             self._crashed(job)
@@ -313,6 +331,9 @@ class Fetcher:
         if outcome is None:
             return self._crashed(job)
         try:
+            if outcome.reason == STALE:  # not sent: again, on a new connection
+                job.fresh = True
+                return self._hop(job)
             if outcome.reason is not None:
                 return self._attempt_failed(job, _Failure(outcome.reason, outcome.detail, outcome.status))
             status = outcome.status
@@ -406,6 +427,7 @@ class Fetcher:
             max_response_bytes=self.max_response_bytes,
             ca_file=self.ca_file,
             head_check=self._head_check,
+            reuse_check=self.reuse_check,
         )
         exchange.handle.exchange = exchange
         return exchange

@@ -12,6 +12,7 @@ connection instead of being read as the next response). What is ours:
   transfer as soon as the bytes handed to it pass the cap, so a small gzip body that inflates to
   gigabytes costs at most the cap plus one decoded block (16 KiB); a Content-Length above the cap is
   refused before the body (`CURLOPT_MAXFILESIZE_LARGE`);
+- a kept-alive connection with bytes waiting is not reused (`reuse_check.py`);
 - the head decides before the body: a redirect or an error status keeps at most 64 KiB of body
   (read so the connection can be reused, then dropped), an `X-Robots-Tag` opt-out stops at once.
 """
@@ -25,6 +26,9 @@ from typing import Callable, Optional
 
 import pycurl
 
+from pipeline.http.reuse_check import ReuseCheck
+
+STALE = "stale_connection"  # not a row's reason: the fetcher sends the request again on a new connection
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _MAX_DISCARD = 1 << 16  # body bytes of a redirect or an error read (and dropped) to keep the connection
 _BUFFER = 1 << 18  # libcurl's receive buffer: fewer, larger body callbacks
@@ -104,11 +108,15 @@ class Exchange:
         max_response_bytes: int,
         ca_file: Optional[str],
         head_check: HeadCheck,
+        reuse_check: ReuseCheck,
     ):
         self.cap = max_response_bytes
         self.head_check = head_check
         c = self.handle = pycurl.Curl()
         c.setopt(pycurl.NOSIGNAL, 1)
+        # HTTP/1.1 only: one request per connection at a time, so `reuse_check` can tell a stale
+        # connection by any byte waiting on it (HTTP/2 sends frames on idle connections).
+        c.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
         c.setopt(pycurl.FOLLOWLOCATION, 0)  # redirects are followed by the fetcher, hop by hop, each checked
         c.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
         c.setopt(pycurl.USERAGENT, user_agent)
@@ -123,6 +131,9 @@ class Exchange:
         c.setopt(pycurl.HEADERFUNCTION, self._header_line)
         c.setopt(pycurl.WRITEFUNCTION, self._body)
         c.setopt(pycurl.OPENSOCKETFUNCTION, self._open_socket)
+        c.setopt(pycurl.PREREQFUNCTION, self._before_request)
+        self.reuse_check = reuse_check
+        reuse_check.configure(c)
         self.url = ""
         self.allowed: Optional[frozenset[str]] = None
         self._reset()
@@ -137,16 +148,26 @@ class Exchange:
         self._stop: Optional[tuple[str, str]] = None  # why our callback stopped the transfer
         self._refused: Optional[str] = None
         self._head_ended = False  # the final head's empty line arrived
+        self._stale = False  # the connection had bytes waiting: the request was not sent
 
     def prepare(
-        self, url: str, host: str, port: int, addresses: list[str], proxy: Optional[str], timeout_s: float
+        self,
+        url: str,
+        host: str,
+        port: int,
+        addresses: list[str],
+        proxy: Optional[str],
+        timeout_s: float,
+        fresh: bool = False,
     ) -> pycurl.Curl:
         """Set the handle up for GET `url`, connecting only to `addresses` (the guard's answer for
-        `host`) or, with `proxy`, through that proxy; libcurl gives up after `timeout_s`."""
+        `host`) or, with `proxy`, through that proxy; libcurl gives up after `timeout_s`. fresh: on
+        a new connection (the last one offered was stale)."""
         self._reset()
         self.url = url
         c = self.handle
         c.setopt(pycurl.URL, url)
+        c.setopt(pycurl.FRESH_CONNECT, 1 if fresh else 0)
         c.setopt(pycurl.PROXY, proxy or "")  # "" also keeps libcurl from reading proxy variables itself
         if proxy:
             self.allowed = None  # the proxy connects to the host; the guard checked the host's name
@@ -175,6 +196,12 @@ class Exchange:
             self._refused = addr[0]
             return None  # CURL_SOCKET_BAD: libcurl does not connect
         return socket.socket(family, socktype, protocol)
+
+    def _before_request(self, primary_ip: str, local_ip: str, primary_port: int, local_port: int) -> int:
+        if self.reuse_check.reusable(local_ip, local_port):
+            return pycurl.PREREQFUNC_OK
+        self._stale = True
+        return pycurl.PREREQFUNC_ABORT
 
     def _header_line(self, line: bytes) -> Optional[int]:
         if line[:5] == b"HTTP/":  # a new response head: after 1xx ones, or a proxy's CONNECT answer
@@ -226,6 +253,8 @@ class Exchange:
     def outcome(self, errno: int, message: str) -> Outcome:
         """The exchange's result once libcurl finished it with `errno` (0: complete)."""
         url = self.url[:200]
+        if self._stale:
+            return Outcome(reason=STALE, detail=f"{url}: a kept-alive connection had bytes waiting")
         if self._stop is not None:
             reason, detail = self._stop
             return Outcome(self.status, self.headers, reason=reason, detail=f"{url}: {detail}")
@@ -245,6 +274,6 @@ class Exchange:
         reason = _REASONS.get(errno, "http_error")
         if errno == pycurl.E_RECV_ERROR and "chunk" in message:  # bad chunked framing, not the network
             reason = "http_error"
-        if reason == "response_too_large":
-            message = f"Content-Length over data.max_response_bytes {self.cap} ({message})"
+        if reason == "response_too_large":  # announced by Content-Length, or counted by libcurl as decoded
+            message = f"more than data.max_response_bytes {self.cap} bytes ({message})"
         return Outcome(self.status or None, self.headers, reason=reason, detail=f"{url}: {message} (curl {errno})")
