@@ -76,6 +76,7 @@ class _Job:
         "timer",
         "done",
         "fresh",
+        "dns_failed",
     )
 
     def __init__(self, url: str, on_done: Callable[[FetchResult], None]):
@@ -90,6 +91,7 @@ class _Job:
         self.timer = None
         self.done = False
         self.fresh = False  # the next request goes on a new connection
+        self.dns_failed = False  # the last attempt ended in dns_error: look the name up again
 
 
 _BAD_HOST = re.compile(r"[^A-Za-z0-9._~:%!$&'()*+,;=-]")  # what may stand in a host (IPv6: no brackets)
@@ -144,11 +146,14 @@ def retry_after_s(headers: Optional[Headers], now: float) -> Optional[float]:
     return max(0.0, when.timestamp() - now) if when is not None and when.tzinfo is not None else None
 
 
-def checked_addresses(guard: AddressGuard, host: str, port: int) -> list[str]:
-    """Every address of `host` the guard checked, in the order to try (IPv4/IPv6 fallback), when it
-    offers `resolve_all`; its one `resolve` answer otherwise."""
+def checked_addresses(guard: AddressGuard, host: str, port: int, fresh: bool = False) -> list[str]:
+    """Every address of `host` the guard checked, in the order to try (IPv4/IPv6 fallback).
+    fresh: a retry after `dns_error`, so the guard asks its resolver again. A guard without
+    `resolve_all` gives its one `resolve` answer (no fallback)."""
     resolve_all = getattr(guard, "resolve_all", None)
-    return list(resolve_all(host, port)) if resolve_all is not None else [guard.resolve(host, port)]
+    if resolve_all is None:
+        return [guard.resolve(host, port)]
+    return list(resolve_all(host, port, fresh=fresh))
 
 
 class Fetcher:
@@ -234,11 +239,19 @@ class Fetcher:
     # --- a job's steps (network thread). Each catches its own errors: a job always ends.
 
     def _new_job(self, url: str, on_done: Callable[[FetchResult], None]) -> None:
-        self._start_attempt(_Job(url, on_done))
+        self._step(_Job(url, on_done), self._start_attempt)
 
     def _new_jobs(self, requests: list[tuple[str, Callable[[FetchResult], None]]]) -> None:
         for url, on_done in requests:
-            self._start_attempt(_Job(url, on_done))
+            self._step(_Job(url, on_done), self._start_attempt)
+
+    def _step(self, job: _Job, fn: Callable, *args) -> None:
+        """Run one of the job's steps; a bug in it ends the job as `internal_error` (the row is
+        rejected with the traceback, never lost: its shard waits for every row)."""
+        try:
+            fn(job, *args)
+        except Exception:  # noqa: BLE001
+            self._crashed(job)
 
     def _start_attempt(self, job: _Job) -> None:
         job.attempt += 1
@@ -254,8 +267,6 @@ class Fetcher:
             job.host = parse_url(job.current)
         except _Failure as f:
             return self._attempt_failed(job, f)
-        except Exception:  # noqa: BLE001 - a bug must end the row, not lose it
-            return self._crashed(job)
         key = (job.host[1].lower(), job.host[2])
         if self._busy.get(key, 0) < self.per_host:
             self._take_slot(job, key)
@@ -271,18 +282,21 @@ class Fetcher:
         elif now >= job.deadline:
             return self._attempt_failed(job, self._timeout(job))
         host, port = job.host[1], job.host[2]
+        fresh, job.dns_failed = job.dns_failed, False
         if parse_numeric_host(host) is not None:  # checked without a look-up: no thread needed
             return self._resolved(job, job.step, self._resolve(host, port))
         if self._resolvers is None:
             self._resolvers = ThreadPoolExecutor(self.resolver_threads, thread_name_prefix="resolve")
         step = job.step
-        job.timer = self.loop.call_at(job.deadline, self._resolve_timed_out, job, step)
-        self._resolvers.submit(lambda: self.loop.call_soon(self._resolved, job, step, self._resolve(host, port)))
+        job.timer = self.loop.call_at(job.deadline, self._step, job, self._resolve_timed_out, step)
+        self._resolvers.submit(
+            lambda: self.loop.call_soon(self._step, job, self._resolved, step, self._resolve(host, port, fresh))
+        )
 
-    def _resolve(self, host: str, port: int) -> Union[list[str], _Failure]:
+    def _resolve(self, host: str, port: int, fresh: bool = False) -> Union[list[str], _Failure]:
         """The guard's checked addresses, or the failure (any thread)."""
         try:
-            return checked_addresses(self.guard, host, port)
+            return checked_addresses(self.guard, host, port, fresh)
         except AddressRefused as exc:
             return _Failure("blocked_address", str(exc))
         except ResolveError as exc:
@@ -303,48 +317,42 @@ class Fetcher:
             job.timer = None
         if isinstance(answer, _Failure):
             return self._attempt_failed(job, answer)
-        try:
-            remaining = job.deadline - time.monotonic()
-            if remaining <= 0:
-                return self._attempt_failed(job, self._timeout(job))
-            scheme, host, port, wire_url = job.host
-            exchange = self._free.pop() if self._free else self._new_exchange()
-            exchange.job = job
-            proxy = self.proxies.for_url(scheme, host)
-            handle = exchange.prepare(wire_url, host, port, answer, proxy, remaining, fresh=job.fresh)
-            job.fresh = False
-            self.loop.add(handle, self._transferred)
-        except Exception:  # noqa: BLE001
-            self._crashed(job)
+        remaining = job.deadline - time.monotonic()
+        if remaining <= 0:
+            return self._attempt_failed(job, self._timeout(job))
+        scheme, host, port, wire_url = job.host
+        exchange = self._free.pop() if self._free else self._new_exchange()
+        proxy = self.proxies.for_url(scheme, host)
+        handle = exchange.prepare(wire_url, host, port, answer, proxy, remaining, fresh=job.fresh)
+        job.fresh = False
+        exchange.job = job
+        self.loop.add(handle, self._transferred)
 
     def _transferred(self, handle, errno: int, message: str) -> None:
+        """libcurl finished a transfer (the loop's callback)."""
         exchange = handle.exchange
-        job = exchange.job
+        self._step(exchange.job, self._after_transfer, exchange, errno, message)
+
+    def _after_transfer(self, job: _Job, exchange: Exchange, errno: int, message: str) -> None:
         try:
             outcome = exchange.outcome(errno, message)
             self.connections_opened += exchange.connections_made()
-        except Exception:  # noqa: BLE001
-            outcome = None
-        exchange.job = None
-        self._free.append(exchange)
-        self._release_slot(job)
-        if outcome is None:
-            return self._crashed(job)
-        try:
-            if outcome.reason == STALE:  # not sent: again, on a new connection
-                job.fresh = True
-                return self._hop(job)
-            if outcome.reason is not None:
-                return self._attempt_failed(job, _Failure(outcome.reason, outcome.detail, outcome.status))
-            status = outcome.status
-            if status in REDIRECT_STATUSES:
-                return self._redirect(job, status, outcome.headers)
-            if not 200 <= status < 300:
-                detail = f"{job.current[:200]}: HTTP {status}"
-                return self._attempt_failed(job, _Failure(http_reason(status), detail, status, outcome.headers))
-            self._finish(job, FetchResult(outcome.body, status=status, url=job.current, attempts=job.attempt))
-        except Exception:  # noqa: BLE001
-            self._crashed(job)
+        finally:
+            exchange.job = None
+            self._free.append(exchange)
+            self._release_slot(job)
+        if outcome.reason == STALE:  # not sent: again, on a new connection
+            job.fresh = True
+            return self._hop(job)
+        if outcome.reason is not None:
+            return self._attempt_failed(job, _Failure(outcome.reason, outcome.detail, outcome.status))
+        status = outcome.status
+        if status in REDIRECT_STATUSES:
+            return self._redirect(job, status, outcome.headers)
+        if not 200 <= status < 300:
+            detail = f"{job.current[:200]}: HTTP {status}"
+            return self._attempt_failed(job, _Failure(http_reason(status), detail, status, outcome.headers))
+        self._finish(job, FetchResult(outcome.body, status=status, url=job.current, attempts=job.attempt))
 
     def _redirect(self, job: _Job, status: int, headers: Headers) -> None:
         location = headers.get("Location")
@@ -379,7 +387,7 @@ class Fetcher:
             if not waiting:
                 del self._waiting[key]
             self._busy[key] -= 1
-            self._take_slot(nxt, key)
+            self._step(nxt, self._take_slot, key)
         elif self._busy[key] <= 1:
             del self._busy[key]
         else:
@@ -389,6 +397,7 @@ class Fetcher:
         self._release_slot(job)
         retryable = failure.reason in RETRY_REASONS or failure.status in RETRY_STATUSES
         if retryable and job.attempt <= self.retries:
+            job.dns_failed = failure.reason == "dns_error"
             delay = self.retry_backoff_s * (2 ** (job.attempt - 1))
             if failure.status in RETRY_AFTER_STATUSES:
                 asked = retry_after_s(failure.headers, time.time())
@@ -397,7 +406,7 @@ class Fetcher:
                     return self._finish(job, self._result(job, failure.reason, detail, failure.status))
                 delay = max(delay, asked or 0.0)
             job.step += 1
-            self.loop.call_at(time.monotonic() + delay, self._start_attempt, job)
+            self.loop.call_at(time.monotonic() + delay, self._step, job, self._start_attempt)
             return
         self._finish(job, self._result(job, failure.reason, failure.detail, failure.status))
 

@@ -240,7 +240,7 @@ def test_a_fetch_goes_through_the_proxy_named_by_http_proxy(monkeypatch):
 class _TwoAddressGuard(AddressGuard):
     """A guard whose look-up gives two checked addresses (IPv4 first), as `resolve_all` does."""
 
-    def resolve_all(self, host, port):
+    def resolve_all(self, host, port, fresh=False):
         return ["127.0.0.1", "::1"]
 
 
