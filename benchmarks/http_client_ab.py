@@ -18,8 +18,10 @@ Settings:
 
 Clients (the libraries' plain use, as the downloader would use them: keep-alive, a per-host
 connection limit, bodies read whole):
-- `handwritten`: pipeline/fetch.py's `Fetcher` as of the A/B (sockets + our HTTP/1.1 framing) on a
-  thread pool of `concurrency` threads;
+- `clipray`: pipeline/fetch.py's `Fetcher` of the checkout given by `--root` (default: this one):
+  the libcurl one with `concurrency` requests submitted at a time; the hand-written HTTP/1.1 one
+  (up to 276d24b: `git archive 276d24b pipeline storage | tar -x -C /tmp/old`, `--root /tmp/old`)
+  on a thread pool of `concurrency` threads;
 - `aiohttp`: one asyncio loop, `concurrency` tasks, one `ClientSession` (TCPConnector with
   limit_per_host, a resolver that answers from a table, as the address guard would);
 - `pycurl`: one libcurl multi handle driven from one thread, `concurrency` easy handles
@@ -47,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.loopback_images import make_images, serve  # noqa: E402
 
-CLIENTS = ("handwritten", "aiohttp", "pycurl", "urllib3")
+CLIENTS = ("clipray", "aiohttp", "pycurl", "urllib3")
 
 
 # --- the latency server
@@ -111,17 +113,42 @@ def serve_with_latency(images: list[bytes], hosts: int, low_s: float, high_s: fl
 # --- the clients (each runs in its own process: `--client NAME --urls-file F`)
 
 
-def run_handwritten(urls: list[str], concurrency: int, per_host: int) -> list[bytes]:
-    from concurrent.futures import ThreadPoolExecutor
+def run_clipray(urls: list[str], concurrency: int, per_host: int) -> list[bytes]:
+    """pipeline/fetch.py's Fetcher: `submit` with `concurrency` requests in flight where it has it
+    (the libcurl client), else `fetch` on a pool of `concurrency` threads (the hand-written one)."""
+    import threading
 
     from pipeline.address_guard import AddressGuard
     from pipeline.fetch import Fetcher
 
-    fetcher = Fetcher(guard=AddressGuard(allow_private=True), retries=0, timeout_s=30)
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda u: fetcher.fetch(u).body, urls))
+    guard = AddressGuard(allow_private=True)
+    if not hasattr(Fetcher, "submit"):
+        from concurrent.futures import ThreadPoolExecutor
+
+        fetcher = Fetcher(guard=guard, retries=0, timeout_s=30)
+        with ThreadPoolExecutor(concurrency) as pool:
+            results = list(pool.map(lambda u: fetcher.fetch(u).body, urls))
+        fetcher.close()
+        return results
+    fetcher = Fetcher(guard=guard, retries=0, timeout_s=30, max_connections_per_host=per_host)
+    out: list = [None] * len(urls)
+    free = threading.Semaphore(concurrency)
+    done = threading.Event()
+    left = [len(urls)]
+
+    def finished(i, result):
+        out[i] = result.body
+        free.release()
+        left[0] -= 1  # only the network thread calls this
+        if not left[0]:
+            done.set()
+
+    for i, url in enumerate(urls):
+        free.acquire()
+        fetcher.submit(url, lambda result, i=i: finished(i, result))
+    done.wait()
     fetcher.close()
-    return results
+    return out
 
 
 def run_urllib3(urls: list[str], concurrency: int, per_host: int) -> list[bytes]:
@@ -238,7 +265,7 @@ def run_pycurl(urls: list[str], concurrency: int, per_host: int) -> list[bytes]:
     return out
 
 
-RUNNERS = {"handwritten": run_handwritten, "aiohttp": run_aiohttp, "pycurl": run_pycurl, "urllib3": run_urllib3}
+RUNNERS = {"clipray": run_clipray, "aiohttp": run_aiohttp, "pycurl": run_pycurl, "urllib3": run_urllib3}
 
 
 def client_main(args) -> int:
@@ -272,12 +299,14 @@ def main(argv=None) -> int:
     p.add_argument("--hosts", type=int, default=64, help="loopback hosts of the latency server")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--cores", type=int, default=None, help="pin clients and servers to this many cores")
+    p.add_argument("--root", default=str(ROOT), help="checkout whose pipeline/ the clipray client imports")
     # one client's run, in a child process
     p.add_argument("--client", choices=CLIENTS, help=argparse.SUPPRESS)
     p.add_argument("--urls-file", help=argparse.SUPPRESS)
     p.add_argument("--concurrency", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.client:
+        sys.path.insert(0, args.root)
         return client_main(args)
     if args.cores:
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.cores]))
@@ -328,6 +357,8 @@ def main(argv=None) -> int:
                         str(files[setting]),
                         "--concurrency",
                         str(concurrency),
+                        "--root",
+                        args.root,
                         "--per-host",
                         str(args.per_host if setting == "zero" else min(args.per_host, 8)),
                     ]

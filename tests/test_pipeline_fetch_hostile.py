@@ -130,6 +130,7 @@ def test_a_body_after_a_204_or_304_is_not_read_as_the_next_response(status, reas
         (b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:99999/x\r\nContent-Length: 0\r\n\r\n", "bad_redirect"),
         (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 300_000 + b"\r\nContent-Length: 2\r\n\r\nok", "http_error"),
         (b"HTTP/1.1 100 Continue\r\n\r\n" * 2000 + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", None),
+        (b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\nok", "http_error"),
     ],
     ids=[
         "content-length-superscript",
@@ -138,6 +139,7 @@ def test_a_body_after_a_204_or_304_is_not_read_as_the_next_response(status, reas
         "location-bad-port",
         "huge-header",
         "1xx-flood",
+        "four-digit-status",
     ],
 )
 def test_unparsable_heads_end_with_a_reason_and_never_raise(response, reason):

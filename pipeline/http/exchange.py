@@ -206,7 +206,11 @@ class Exchange:
     def _header_line(self, line: bytes) -> Optional[int]:
         if line[:5] == b"HTTP/":  # a new response head: after 1xx ones, or a proxy's CONNECT answer
             parts = line.split(None, 2)
-            self.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+            code = parts[1] if len(parts) > 1 else b""
+            if len(code) != 3 or not code.isdigit():  # libcurl takes "HTTP/1.1 2000" as status 2000
+                self._stop = ("http_error", f"not an HTTP status line: {line[:80]!r}")
+                return -1
+            self.status = int(code)
             self.headers = Headers()
             self._last_header = None
             self._keep_body = True
@@ -272,8 +276,8 @@ class Exchange:
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             return Outcome(self.status, self.headers, body)
         reason = _REASONS.get(errno, "http_error")
-        if errno == pycurl.E_RECV_ERROR and "chunk" in message:  # bad chunked framing, not the network
-            reason = "http_error"
+        if errno == pycurl.E_RECV_ERROR and ("chunk" in message or "header" in message):
+            reason = "http_error"  # bad chunked framing, headers past libcurl's cap: the server, not the network
         if reason == "response_too_large":  # announced by Content-Length, or counted by libcurl as decoded
             message = f"more than data.max_response_bytes {self.cap} bytes ({message})"
         return Outcome(self.status or None, self.headers, reason=reason, detail=f"{url}: {message} (curl {errno})")
