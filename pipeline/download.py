@@ -92,6 +92,7 @@ def fetcher(data: DataConfig, resolver: Resolver = system_resolver) -> Fetcher:
         disallowed_header_directives=data.disallowed_header_directives,
         max_connections_per_host=data.max_connections_per_host,
         max_retry_after_s=data.max_retry_after_s,
+        reuse_connections=data.reuse_connections,
         proxies=ProxySettings.from_environment(),  # the actor's environment: the network it runs on
     )
 

@@ -15,7 +15,12 @@ in flight). The rules are ours:
 - retries after `timeout`, `connection_error`, `dns_error`, 429 and 5xx with doubling backoff;
   `Retry-After` on 429/503 is honoured up to `max_retry_after_s` (a server that asks for longer is
   not retried: the row keeps its `http_429`/`http_503`);
-- proxies (`ProxySettings`): the guard still checks the URL's host, the proxy then connects to it.
+- proxies (`ProxySettings`): the guard still checks the URL's host, the proxy then connects to it;
+- keep-alive (`reuse_connections`): a connection is reused only when nothing waits on it before the
+  next request (`http/reuse_check.py`). What keep-alive cannot rule out: a host that holds back a
+  planted response until our next request to it is on the wire; that response answers the request
+  (an image of that same host, under another of its URLs). `reuse_connections=False` rules it out
+  at the cost of a new connection (and TLS handshake) per request.
 """
 
 from __future__ import annotations
@@ -176,6 +181,7 @@ class Fetcher:
         proxies: Optional[ProxySettings] = None,
         ca_file: Optional[str] = None,
         resolver_threads: int = 16,
+        reuse_connections: bool = True,
     ):
         self.guard = guard or AddressGuard()
         self.timeout_s = timeout_s
@@ -191,6 +197,7 @@ class Fetcher:
         self.proxies = proxies or ProxySettings()
         self.ca_file = ca_file or default_ca_file()
         self.resolver_threads = resolver_threads
+        self.reuse_connections = reuse_connections
         self.loop = CurlLoop()
         self.reuse_check = ReuseCheck()
         self.connections_opened = 0  # new connections libcurl made (for tests and benchmarks)
@@ -198,6 +205,7 @@ class Fetcher:
         self._busy: dict[tuple[str, int], int] = {}
         self._waiting: dict[tuple[str, int], deque] = {}
         self._resolvers: Optional[ThreadPoolExecutor] = None
+        self._numeric: dict[str, bool] = {}  # host -> written as an address (no look-up)
         self._closed = False
 
     # --- the API (any thread)
@@ -283,7 +291,12 @@ class Fetcher:
             return self._attempt_failed(job, self._timeout(job))
         host, port = job.host[1], job.host[2]
         fresh, job.dns_failed = job.dns_failed, False
-        if parse_numeric_host(host) is not None:  # checked without a look-up: no thread needed
+        numeric = self._numeric.get(host)
+        if numeric is None:
+            if len(self._numeric) > 4096:
+                self._numeric.clear()
+            numeric = self._numeric[host] = parse_numeric_host(host) is not None
+        if numeric:  # checked without a look-up: no thread needed
             return self._resolved(job, job.step, self._resolve(host, port))
         if self._resolvers is None:
             self._resolvers = ThreadPoolExecutor(self.resolver_threads, thread_name_prefix="resolve")
@@ -352,6 +365,9 @@ class Fetcher:
         if not 200 <= status < 300:
             detail = f"{job.current[:200]}: HTTP {status}"
             return self._attempt_failed(job, _Failure(http_reason(status), detail, status, outcome.headers))
+        if self.directives and img2dataset_parts.is_disallowed(outcome.headers, self.user_agent_token, self.directives):
+            detail = "X-Robots-Tag: " + ", ".join(outcome.headers.get_all("X-Robots-Tag", []))
+            return self._attempt_failed(job, _Failure("optout", detail, status))
         self._finish(job, FetchResult(outcome.body, status=status, url=job.current, attempts=job.attempt))
 
     def _redirect(self, job: _Job, status: int, headers: Headers) -> None:
@@ -428,21 +444,13 @@ class Fetcher:
         job.done = True
         job.on_done(result)
 
-    # --- the response head check (network thread, inside libcurl's header callback)
-
     def _new_exchange(self) -> Exchange:
         exchange = Exchange(
             user_agent=self.user_agent,
             max_response_bytes=self.max_response_bytes,
             ca_file=self.ca_file,
-            head_check=self._head_check,
             reuse_check=self.reuse_check,
+            reuse_connections=self.reuse_connections,
         )
         exchange.handle.exchange = exchange
         return exchange
-
-    def _head_check(self, status: int, headers: Headers) -> Optional[tuple[str, str]]:
-        """Stop a 2xx response before its body: an X-Robots-Tag opt-out."""
-        if self.directives and img2dataset_parts.is_disallowed(headers, self.user_agent_token, self.directives):
-            return "optout", "X-Robots-Tag: " + ", ".join(headers.get_all("X-Robots-Tag", []))
-        return None

@@ -145,6 +145,15 @@ def test_keep_alive_reuses_connections(server):
     assert fetcher.connections_opened == 1
 
 
+def test_without_keep_alive_each_request_has_its_own_connection(server):
+    fetcher = make_fetcher(reuse_connections=False)
+    start = len(server.requests)
+    for _ in range(4):
+        assert fetcher.fetch(server.url("/ok.jpg")).body == IMAGE
+    assert len({r.client for r in server.requests[start:]}) == 4
+    assert fetcher.connections_opened == 4
+
+
 def test_a_refused_connection_is_a_connection_error():
     with HTTPTestServer() as srv:
         port = srv.port
@@ -278,7 +287,7 @@ def _chunked(body: bytes, size: int = 1000) -> bytes:
             b"HTTP/1.1 200 OK\r\nX-Robots-Tag: noindex\r\nX-Robots-Tag: other\r\n  folded\r\nContent-Length: 1\r\n\r\nx",
             False,
             "optout",
-            False,
+            True,  # the opted-out body is read (1 byte here), so the connection stays usable
         ),
         (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", True, "http_error", False),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", True, "http_error", False),

@@ -8,13 +8,13 @@ connection instead of being read as the next response). What is ours:
 - the connection goes only to the addresses the address guard checked: `CURLOPT_RESOLVE` pins the
   host name to them for this transfer (libcurl does no name resolution of its own), and the
   socket-open callback refuses any other address (through a proxy: the proxy's address);
-- the size cap counts the *decoded* body (`data.max_response_bytes`): the body callback stops the
-  transfer as soon as the bytes handed to it pass the cap, so a small gzip body that inflates to
-  gigabytes costs at most the cap plus one decoded block (16 KiB); a Content-Length above the cap is
-  refused before the body (`CURLOPT_MAXFILESIZE_LARGE`);
+- the size cap (`data.max_response_bytes`, `CURLOPT_MAXFILESIZE_LARGE`): libcurl refuses a
+  Content-Length above it before the body, and stops a body (chunked, until close, or gzip/deflate
+  *decoded*) before it hands over the byte that would pass it, so a small gzip body that inflates to
+  gigabytes costs at most the cap;
 - a kept-alive connection with bytes waiting is not reused (`reuse_check.py`);
-- the head decides before the body: a redirect or an error status keeps at most 64 KiB of body
-  (read so the connection can be reused, then dropped), an `X-Robots-Tag` opt-out stops at once.
+- header lines and body pieces (at most 16 KiB each) are appended to lists by libcurl's callbacks
+  bound to `list.append` (no Python frame per piece); the final head is parsed once, at the end.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-from typing import Callable, Optional
+from typing import Optional
 
 import pycurl
 
@@ -30,8 +30,7 @@ from pipeline.http.reuse_check import ReuseCheck
 
 STALE = "stale_connection"  # not a row's reason: the fetcher sends the request again on a new connection
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-_MAX_DISCARD = 1 << 16  # body bytes of a redirect or an error read (and dropped) to keep the connection
-_BUFFER = 1 << 18  # libcurl's receive buffer: fewer, larger body callbacks
+_BUFFER = 1 << 18  # libcurl's receive buffer: fewer socket reads
 
 # libcurl error numbers -> reasons (pipeline/reasons.py). Anything else is an `http_error`.
 _TLS_ERRORS = {35, 51, 53, 54, 58, 59, 60, 64, 66, 77, 80, 82, 83, 90, 91, 98}
@@ -94,10 +93,6 @@ class Outcome:
         self.status, self.headers, self.body, self.reason, self.detail = status, headers, body, reason, detail
 
 
-# A check on the final response head: returns (reason, detail) to stop the transfer, or None.
-HeadCheck = Callable[[int, Headers], Optional[tuple[str, str]]]
-
-
 class Exchange:
     """A libcurl easy handle and the state of the one request it carries at a time."""
 
@@ -107,11 +102,10 @@ class Exchange:
         user_agent: str,
         max_response_bytes: int,
         ca_file: Optional[str],
-        head_check: HeadCheck,
         reuse_check: ReuseCheck,
+        reuse_connections: bool = True,
     ):
         self.cap = max_response_bytes
-        self.head_check = head_check
         c = self.handle = pycurl.Curl()
         c.setopt(pycurl.NOSIGNAL, 1)
         # HTTP/1.1 only: one request per connection at a time, so `reuse_check` can tell a stale
@@ -128,10 +122,13 @@ class Exchange:
         c.setopt(pycurl.SSL_VERIFYHOST, 2)
         if ca_file:
             c.setopt(pycurl.CAINFO, ca_file)
-        c.setopt(pycurl.HEADERFUNCTION, self._header_line)
-        c.setopt(pycurl.WRITEFUNCTION, self._body)
+        self._lines: list[bytes] = []  # every header line received, 1xx and proxy CONNECT heads included
+        self._chunks: list[bytes] = []  # the body as libcurl hands it over (decoded)
+        c.setopt(pycurl.HEADERFUNCTION, self._lines.append)
+        c.setopt(pycurl.WRITEFUNCTION, self._chunks.append)
         c.setopt(pycurl.OPENSOCKETFUNCTION, self._open_socket)
         c.setopt(pycurl.PREREQFUNCTION, self._before_request)
+        c.setopt(pycurl.FORBID_REUSE, 0 if reuse_connections else 1)
         self.reuse_check = reuse_check
         reuse_check.configure(c)
         self.url = ""
@@ -139,15 +136,9 @@ class Exchange:
         self._reset()
 
     def _reset(self) -> None:
-        self.status = 0
-        self.headers = Headers()
-        self._last_header: Optional[str] = None
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._keep_body = True
-        self._stop: Optional[tuple[str, str]] = None  # why our callback stopped the transfer
+        self._lines.clear()
+        self._chunks.clear()
         self._refused: Optional[str] = None
-        self._head_ended = False  # the final head's empty line arrived
         self._stale = False  # the connection had bytes waiting: the request was not sent
 
     def prepare(
@@ -203,55 +194,6 @@ class Exchange:
         self._stale = True
         return pycurl.PREREQFUNC_ABORT
 
-    def _header_line(self, line: bytes) -> Optional[int]:
-        if line[:5] == b"HTTP/":  # a new response head: after 1xx ones, or a proxy's CONNECT answer
-            parts = line.split(None, 2)
-            code = parts[1] if len(parts) > 1 else b""
-            if len(code) != 3 or not code.isdigit():  # libcurl takes "HTTP/1.1 2000" as status 2000
-                self._stop = ("http_error", f"not an HTTP status line: {line[:80]!r}")
-                return -1
-            self.status = int(code)
-            self.headers = Headers()
-            self._last_header = None
-            self._keep_body = True
-            self._head_ended = False
-            return None
-        if line in (b"\r\n", b"\n"):
-            if self.status >= 200:
-                self._head_ended = True
-                return self._head_done()
-            return None
-        if line[:1] in (b" ", b"\t"):
-            if self._last_header is not None:
-                self.headers.fold(self._last_header, line.strip().decode("latin-1"))
-            return None
-        name, sep, value = line.partition(b":")
-        if sep:
-            self._last_header = name.strip().decode("latin-1").lower()
-            self.headers.add(self._last_header, value.strip().decode("latin-1"))
-        return None
-
-    def _head_done(self) -> Optional[int]:
-        status = self.status
-        if status in REDIRECT_STATUSES or not 200 <= status < 300:
-            self._keep_body = False
-            return None
-        stop = self.head_check(status, self.headers)
-        if stop is not None:
-            self._stop = stop
-            return -1  # not the line's length: libcurl stops the transfer
-        return None
-
-    def _body(self, data: bytes) -> Optional[int]:
-        self._size += len(data)
-        if not self._keep_body:
-            return None if self._size <= _MAX_DISCARD else 0  # 0: stop, the head is all we need
-        if self._size > self.cap:
-            self._stop = ("response_too_large", f"more than data.max_response_bytes {self.cap} bytes (decoded)")
-            return 0
-        self._chunks.append(data)
-        return None
-
     # --- the outcome
 
     def outcome(self, errno: int, message: str) -> Outcome:
@@ -259,25 +201,58 @@ class Exchange:
         url = self.url[:200]
         if self._stale:
             return Outcome(reason=STALE, detail=f"{url}: a kept-alive connection had bytes waiting")
-        if self._stop is not None:
-            reason, detail = self._stop
-            return Outcome(self.status, self.headers, reason=reason, detail=f"{url}: {detail}")
         if self._refused is not None:
             return Outcome(
                 reason="blocked_address",
                 detail=f"{url}: libcurl was about to connect to {self._refused}, not an address the guard checked",
             )
-        if errno == 0 and not self._head_ended:  # libcurl accepts a head cut off by the connection's end
-            return Outcome(reason="connection_error", detail=f"{url}: the connection closed inside the response head")
-        if errno == 0 or (errno == pycurl.E_WRITE_ERROR and not self._keep_body):
-            if not self._keep_body:
-                return Outcome(self.status, self.headers)
+        status, headers, complete = final_head(self._lines)
+        if errno == 0:
+            if status is None:
+                return Outcome(reason="http_error", detail=f"{url}: not an HTTP status line: {self._status_line()!r}")
+            if not complete:  # libcurl accepts a head cut off by the connection's end
+                return Outcome(
+                    reason="connection_error", detail=f"{url}: the connection closed inside the response head"
+                )
             chunks = self._chunks
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            return Outcome(self.status, self.headers, body)
+            return Outcome(status, headers, body)
         reason = _REASONS.get(errno, "http_error")
         if errno == pycurl.E_RECV_ERROR and ("chunk" in message or "header" in message):
             reason = "http_error"  # bad chunked framing, headers past libcurl's cap: the server, not the network
-        if reason == "response_too_large":  # announced by Content-Length, or counted by libcurl as decoded
+        if reason == "response_too_large":  # announced by Content-Length, or counted as decoded
             message = f"more than data.max_response_bytes {self.cap} bytes ({message})"
-        return Outcome(self.status or None, self.headers, reason=reason, detail=f"{url}: {message} (curl {errno})")
+        return Outcome(status, headers, reason=reason, detail=f"{url}: {message} (curl {errno})")
+
+    def _status_line(self) -> bytes:
+        found = [line for line in self._lines if line[:5] == b"HTTP/"]
+        return found[-1][:80] if found else b""
+
+
+def final_head(lines: list[bytes]) -> tuple[Optional[int], Headers, bool]:
+    """(status, headers, ended) of the last response head in `lines` (header lines as libcurl
+    passes them, 1xx heads and a proxy's CONNECT answer first). status is None when the status line
+    is not `HTTP/x.y NNN` (libcurl itself takes `HTTP/1.1 2000` as status 2000); ended is False when
+    the head's empty line never came. Lines after that empty line are a chunked body's trailers."""
+    start = len(lines) - 1
+    while start >= 0 and lines[start][:5] != b"HTTP/":
+        start -= 1
+    headers = Headers()
+    if start < 0:
+        return None, headers, False
+    parts = lines[start].split(None, 2)
+    code = parts[1] if len(parts) > 1 else b""
+    status = int(code) if len(code) == 3 and code.isdigit() else None
+    last = None
+    for line in lines[start + 1 :]:
+        if line in (b"\r\n", b"\n"):
+            return status, headers, True  # what follows are a chunked body's trailers: not headers
+        if line[:1] in (b" ", b"\t"):  # an obsolete folded continuation line
+            if last is not None:
+                headers.fold(last, line.strip().decode("latin-1"))
+            continue
+        name, sep, value = line.partition(b":")
+        if sep:
+            last = name.strip().decode("latin-1").lower()
+            headers.add(last, value.strip().decode("latin-1"))
+    return status, headers, False
