@@ -174,6 +174,13 @@ class DataConfig(StorageConfig):
     max_connections_per_host: PositiveInt = Field(
         8, description="requests at a time to one host (name and port), per download actor"
     )
+    skip_host_after_timeouts: int = Field(
+        8,
+        ge=0,
+        description="a host whose last this many requests all timed out (no answer in between) is skipped "
+        "for data.skip_host_for_s: its rows end at once as timeout instead of queueing for its slots (0: never)",
+    )
+    skip_host_for_s: PositiveFloat = Field(60.0, description="how long a timed-out host is skipped")
     reuse_connections: bool = Field(
         True,
         description="keep-alive: send a host's next request on an idle connection with nothing waiting on it "

@@ -10,7 +10,8 @@ in flight). The rules are ours:
   the connection goes only to the addresses it checked; redirects are followed here, hop by hop,
   each hop resolved and checked again (`redirect_loop`, `too_many_redirects`, `bad_redirect`);
 - one deadline per attempt (`timeout_s`): name resolution, every redirect hop and every byte;
-- at most `max_connections_per_host` requests at a time per host (politeness); a request that waits
+- at most `max_connections_per_host` requests at a time per host (politeness), and a host whose
+  last requests all timed out is skipped for a while (`http/hosts.py`); a request that waits
   for its turn is not yet on the clock;
 - retries after `timeout`, `connection_error`, `dns_error`, 429 and 5xx with doubling backoff;
   `Retry-After` on 429/503 is honoured up to `max_retry_after_s` (a server that asks for longer is
@@ -31,7 +32,6 @@ import threading
 import time
 import traceback
 import urllib.parse
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Union
@@ -40,6 +40,7 @@ from pipeline import img2dataset_parts
 from pipeline.address_guard import AddressGuard, AddressRefused, ResolveError, parse_numeric_host
 from pipeline.http.curl_loop import CurlLoop
 from pipeline.http.exchange import REDIRECT_STATUSES, STALE, Exchange, Headers, default_ca_file
+from pipeline.http.hosts import HostSlots
 from pipeline.http.proxies import ProxySettings
 from pipeline.http.reuse_check import ReuseCheck
 from pipeline.reasons import http_reason
@@ -177,6 +178,8 @@ class Fetcher:
         user_agent_token: Optional[str] = None,
         disallowed_header_directives: Iterable[str] = (),
         max_connections_per_host: int = 8,
+        skip_host_after_timeouts: int = 8,
+        skip_host_for_s: float = 60.0,
         max_retry_after_s: float = 30.0,
         proxies: Optional[ProxySettings] = None,
         ca_file: Optional[str] = None,
@@ -192,7 +195,6 @@ class Fetcher:
         self.user_agent = re.sub(r"[\r\n]+", " ", user_agent)
         self.user_agent_token = user_agent_token.strip().lower() if user_agent_token else None
         self.directives = {d.strip().lower() for d in disallowed_header_directives}
-        self.per_host = max_connections_per_host
         self.max_retry_after_s = max_retry_after_s
         self.proxies = proxies or ProxySettings()
         self.ca_file = ca_file or default_ca_file()
@@ -202,8 +204,7 @@ class Fetcher:
         self.reuse_check = ReuseCheck()
         self.connections_opened = 0  # new connections libcurl made (for tests and benchmarks)
         self._free: list[Exchange] = []
-        self._busy: dict[tuple[str, int], int] = {}
-        self._waiting: dict[tuple[str, int], deque] = {}
+        self.hosts = HostSlots(max_connections_per_host, skip_host_after_timeouts, skip_host_for_s)
         self._resolvers: Optional[ThreadPoolExecutor] = None
         self._numeric: dict[str, bool] = {}  # host -> written as an address (no look-up)
         self._closed = False
@@ -276,15 +277,16 @@ class Fetcher:
         except _Failure as f:
             return self._attempt_failed(job, f)
         key = (job.host[1].lower(), job.host[2])
-        if self._busy.get(key, 0) < self.per_host:
+        if self.hosts.take(key, job):
             self._take_slot(job, key)
-        else:
-            self._waiting.setdefault(key, deque()).append(job)
 
     def _take_slot(self, job: _Job, key: tuple[str, int]) -> None:
-        self._busy[key] = self._busy.get(key, 0) + 1
+        """The job holds a slot of its host: start its request (name resolution first)."""
         job.slot = key
         now = time.monotonic()
+        skipped = self.hosts.skipped(key, now)
+        if skipped is not None:
+            return self._attempt_failed(job, _Failure("timeout", f"{job.current[:200]}: {skipped}"))
         if job.deadline is None:
             job.deadline = now + self.timeout_s
         elif now >= job.deadline:
@@ -320,6 +322,7 @@ class Fetcher:
     def _resolve_timed_out(self, job: _Job, step: int) -> None:
         if job.step == step and not job.done:
             job.step += 1  # the look-up's late answer is dropped
+            self.hosts.timed_out(job.slot, time.monotonic())
             self._attempt_failed(job, self._timeout(job, "resolving the host"))
 
     def _resolved(self, job: _Job, step: int, answer: Union[list[str], _Failure]) -> None:
@@ -347,6 +350,7 @@ class Fetcher:
         self._step(exchange.job, self._after_transfer, exchange, errno, message)
 
     def _after_transfer(self, job: _Job, exchange: Exchange, errno: int, message: str) -> None:
+        key = job.slot
         try:
             outcome = exchange.outcome(errno, message)
             self.connections_opened += exchange.connections_made()
@@ -354,6 +358,10 @@ class Fetcher:
             exchange.job = None
             self._free.append(exchange)
             self._release_slot(job)
+        if outcome.status is not None:
+            self.hosts.answered(key)
+        elif outcome.reason == "timeout":
+            self.hosts.timed_out(key, time.monotonic())
         if outcome.reason == STALE:  # not sent: again, on a new connection
             job.fresh = True
             return self._hop(job)
@@ -397,17 +405,9 @@ class Fetcher:
         key, job.slot = job.slot, None
         if key is None:
             return
-        waiting = self._waiting.get(key)
-        if waiting:
-            nxt = waiting.popleft()
-            if not waiting:
-                del self._waiting[key]
-            self._busy[key] -= 1
+        nxt = self.hosts.give(key)
+        if nxt is not None:
             self._step(nxt, self._take_slot, key)
-        elif self._busy[key] <= 1:
-            del self._busy[key]
-        else:
-            self._busy[key] -= 1
 
     def _attempt_failed(self, job: _Job, failure: _Failure) -> None:
         self._release_slot(job)

@@ -307,3 +307,35 @@ def test_requests_to_one_host_are_limited_and_many_hosts_run_at_once():
         assert done.wait(10)
     assert all(r.body == IMAGE for r in results)
     assert peak[0] == 3
+
+
+def test_a_host_that_only_times_out_is_skipped_for_a_while():
+    """With 2 slots per host, 12 rows of a host that never answers would take 6 timeouts in a row;
+    once 2 requests in a row timed out it is skipped: the other rows end at once as `timeout`
+    without a request. Any answer clears the count; after the skip period requests go out again."""
+    with HTTPTestServer({"/hang": Route(hang=True), "/a.jpg": IMAGE}) as srv:
+        fetcher = make_fetcher(
+            timeout_s=0.5, max_connections_per_host=2, skip_host_after_timeouts=2, skip_host_for_s=1.0
+        )
+        done, results = threading.Event(), []
+
+        def finished(result):
+            results.append(result)
+            if len(results) == 12:
+                done.set()
+
+        start = time.monotonic()
+        for _ in range(12):
+            fetcher.submit(srv.url("/hang"), finished)
+        assert done.wait(10)
+        assert time.monotonic() - start < 2.0  # about one timeout, not six
+        assert [r.reason for r in results] == ["timeout"] * 12
+        skipped = sum("not sent" in r.detail for r in results)
+        assert skipped >= 8  # at most two rounds of two requests went out before the host was skipped
+        assert srv.paths().count("/hang") == 12 - skipped
+        assert "not sent" in fetcher.fetch(srv.url("/a.jpg")).detail  # same host: still skipped
+        time.sleep(1.0)
+        assert fetcher.fetch(srv.url("/a.jpg")).body == IMAGE  # tried again after the skip period
+        assert fetcher.fetch(srv.url("/hang")).reason == "timeout"  # the answer cleared the count:
+        assert srv.paths().count("/hang") == 13 - skipped  # one timeout does not skip the host again
+        assert fetcher.fetch(srv.url("/a.jpg")).body == IMAGE
