@@ -4,6 +4,7 @@ fallback: tests/test_pipeline_fetch_hostile.py."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -202,11 +203,9 @@ def test_optout_rule_agrees_with_img2dataset(values):
     assert is_disallowed(headers, "clipray", directives) == reference(headers, "clipray", directives)
 
 
-def test_https_is_pinned_to_the_checked_address_and_verifies_the_certificate(tmp_path):
-    """TLS to a name (server name and certificate check use the name) over a connection to the
-    address the guard checked; an untrusted certificate is a tls_error."""
+def _self_signed(tmp_path):
+    """(key file, certificate file) of a self-signed certificate for images.test; skips without openssl."""
     import shutil
-    import ssl
     import subprocess
 
     if shutil.which("openssl") is None:
@@ -234,6 +233,15 @@ def test_https_is_pinned_to_the_checked_address_and_verifies_the_certificate(tmp
         check=True,
         capture_output=True,
     )
+    return key, cert
+
+
+def test_https_is_pinned_to_the_checked_address_and_verifies_the_certificate(tmp_path):
+    """TLS to a name (server name and certificate check use the name) over a connection to the
+    address the guard checked; an untrusted certificate is a tls_error."""
+    import ssl
+
+    key, cert = _self_signed(tmp_path)
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(cert, key)
     with HTTPTestServer({"/a.jpg": IMAGE}, ssl_context=server_ctx) as server:
@@ -246,6 +254,82 @@ def test_https_is_pinned_to_the_checked_address_and_verifies_the_certificate(tmp
         assert make_fetcher(ca_file=str(cert)).fetch(server.url("/a.jpg")).reason == "tls_error"
         # and a certificate nobody trusts fails too
         assert make_fetcher(guard=guard).fetch(f"https://images.test:{server.port}/a.jpg").reason == "tls_error"
+
+
+class _ConnectProxy:
+    """A loopback HTTPS proxy: answers `CONNECT host:port` (any host: it connects to 127.0.0.1 at
+    that port) and then relays bytes both ways; records the CONNECT lines."""
+
+    def __init__(self):
+        import socket
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.requests: list[str] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            line = head.split(b"\r\n", 1)[0].decode()
+            self.requests.append(line)
+            upstream = socket.create_connection(("127.0.0.1", int(line.split()[1].rsplit(":", 1)[1])))
+            conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self):
+        self.listener.close()
+
+
+def test_https_goes_through_the_proxy_as_a_tunnel_and_still_verifies_the_origin(tmp_path, monkeypatch):
+    """HTTPS_PROXY: one CONNECT to the URL's host and port, the origin's certificate checked end to
+    end. The URL's host resolves (by stub) to a public address: the guard passes it, the proxy is
+    what connects."""
+    import ssl
+
+    from pipeline.http.proxies import ProxySettings
+
+    key, cert = _self_signed(tmp_path)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    proxy = _ConnectProxy()
+    try:
+        with HTTPTestServer({"/a.jpg": IMAGE}, ssl_context=server_ctx) as server:
+            monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.port}")
+            monkeypatch.delenv("https_proxy", raising=False)
+            guard = AddressGuard(resolver=lambda host, port: ["93.184.216.34"])
+            fetcher = make_fetcher(guard=guard, ca_file=str(cert), proxies=ProxySettings.from_environment())
+            result = fetcher.fetch(f"https://images.test:{server.port}/a.jpg")
+            assert (result.reason, result.body) == (None, IMAGE), result.detail
+            assert proxy.requests == [f"CONNECT images.test:{server.port} HTTP/1.1"]
+            assert server.requests[-1].headers["Host"] == f"images.test:{server.port}"
+            untrusted = make_fetcher(guard=guard, proxies=ProxySettings.from_environment())
+            assert untrusted.fetch(f"https://images.test:{server.port}/a.jpg").reason == "tls_error"
+    finally:
+        proxy.close()
 
 
 def _raw(response: bytes, close: bool = False):
