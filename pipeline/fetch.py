@@ -285,8 +285,9 @@ class Fetcher:
         job.slot = key
         now = time.monotonic()
         skipped = self.hosts.skipped(key, now)
-        if skipped is not None:
-            return self._attempt_failed(job, _Failure("timeout", f"{job.current[:200]}: {skipped}"))
+        if skipped is not None:  # no retry either: it would be skipped too
+            self._release_slot(job)
+            return self._finish(job, self._result(job, "timeout", f"{job.current[:200]}: {skipped}", None))
         if job.deadline is None:
             job.deadline = now + self.timeout_s
         elif now >= job.deadline:
@@ -351,17 +352,20 @@ class Fetcher:
 
     def _after_transfer(self, job: _Job, exchange: Exchange, errno: int, message: str) -> None:
         key = job.slot
+        started = []
         try:
             outcome = exchange.outcome(errno, message)
             self.connections_opened += exchange.connections_made()
+            if outcome.reason == "timeout":  # also after a head: a host that trickles its body is as stuck
+                self.hosts.timed_out(key, time.monotonic())
+            elif outcome.status is not None:
+                started = self.hosts.answered(key)
         finally:
             exchange.job = None
             self._free.append(exchange)
             self._release_slot(job)
-        if outcome.status is not None:
-            self.hosts.answered(key)
-        elif outcome.reason == "timeout":
-            self.hosts.timed_out(key, time.monotonic())
+        for waiter in started:  # the host answered: the rows waiting for its slots go on
+            self._step(waiter, self._take_slot, key)
         if outcome.reason == STALE:  # not sent: again, on a new connection
             job.fresh = True
             return self._hop(job)

@@ -339,3 +339,18 @@ def test_a_host_that_only_times_out_is_skipped_for_a_while():
         assert fetcher.fetch(srv.url("/hang")).reason == "timeout"  # the answer cleared the count:
         assert srv.paths().count("/hang") == 13 - skipped  # one timeout does not skip the host again
         assert fetcher.fetch(srv.url("/a.jpg")).body == IMAGE
+
+
+def test_after_a_timeout_a_host_gets_one_request_at_a_time_until_it_answers():
+    from pipeline.http.hosts import HostSlots
+
+    hosts = HostSlots(per_host=3, down_after=0, down_for_s=60)
+    key = ("images.example", 80)
+    assert [hosts.take(key, f"row{i}") for i in range(5)] == [True, True, True, False, False]
+    hosts.timed_out(key, now=0.0)
+    assert hosts.give(key) is None  # 2 still out, more than the 1 a timed-out host gets
+    assert hosts.give(key) is None
+    assert hosts.give(key) == "row3"  # the last one out: the next waiter goes, alone
+    assert hosts.take(key, "row5") is False
+    assert hosts.answered(key) == ["row4", "row5"]  # back to 3 at a time: both waiters start
+    assert hosts.skipped(key, now=1.0) is None  # down_after=0: never skipped
