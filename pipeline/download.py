@@ -26,7 +26,7 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import pyarrow as pa
 
@@ -79,7 +79,9 @@ def image_processor(data: DataConfig) -> ImageProcessor:
     )
 
 
-def fetcher(data: DataConfig, resolver: Resolver = system_resolver) -> Fetcher:
+def fetcher(
+    data: DataConfig, resolver: Resolver = system_resolver, waiting: Optional[Callable[[bool], None]] = None
+) -> Fetcher:
     return Fetcher(
         guard=AddressGuard(allow_private=data.allow_private_addresses, resolver=resolver),
         timeout_s=data.timeout_s,
@@ -96,13 +98,20 @@ def fetcher(data: DataConfig, resolver: Resolver = system_resolver) -> Fetcher:
         max_retry_after_s=data.max_retry_after_s,
         reuse_connections=data.reuse_connections,
         proxies=ProxySettings.from_environment(),  # the actor's environment: the network it runs on
+        waiting=waiting,
     )
 
 
 class RowProcessor:
     """One row from its fetched response to a stored image or a rejection; thread-safe."""
 
-    def __init__(self, data: DataConfig, resolver: Resolver = system_resolver, cpu_slots: Optional[int] = None):
+    def __init__(
+        self,
+        data: DataConfig,
+        resolver: Resolver = system_resolver,
+        cpu_slots: Optional[int] = None,
+        waiting: Optional[Callable[[bool], None]] = None,
+    ):
         # At most `cpu_slots` threads decode at once: the actor holds that many CPUs, and more
         # concurrent decoders only add context switches and cache misses (downloads go on meanwhile).
         # One slot is a plain Lock: a C lock, where a Semaphore is Python code over a Condition.
@@ -110,7 +119,7 @@ class RowProcessor:
             None if not cpu_slots else threading.Lock() if cpu_slots == 1 else threading.BoundedSemaphore(cpu_slots)
         )
         self.filters = RowFilters(data.filters)
-        self.fetcher = fetcher(data, resolver)
+        self.fetcher = fetcher(data, resolver, waiting)
         self.images = image_processor(data)
         self.verify = data.verify_hash
 
@@ -180,7 +189,9 @@ class RowProcessor:
 class Permits:
     """A counting semaphore taken in batches: `take(n)` waits until at least `min(n, batch)`
     permits are free and takes up to n; `give()` returns one. Waiters wake once per `batch`
-    returns, not once per return (the feeder then starts a batch of requests in one hand-off)."""
+    returns, not once per return (the feeder then starts a batch of requests in one hand-off).
+    `lend(True)` returns a permit for a while (a row that waits for its host's turn or a retry),
+    `lend(False)` takes it back without waiting: free may go below zero until rows end."""
 
     def __init__(self, total: int, batch: int):
         self.free = total
@@ -202,6 +213,13 @@ class Permits:
             if self.free >= self.batch and self.free - n < self.batch:
                 self._cond.notify_all()
 
+    def lend(self, waiting: bool) -> None:
+        if waiting:
+            self.give()
+        else:
+            with self._cond:
+                self.free -= 1
+
 
 class ShardDownloader:
     """Processes whole shards: one fetcher, `data.threads_per_actor` decoder threads and at most
@@ -218,10 +236,12 @@ class ShardDownloader:
         self.data = data
         self.out = out
         self.extra_schema = extra_schema
-        self.rows = RowProcessor(data, resolver, cpu_slots)
         # A row holds a permit from the start of its request to the end of its decode, so the
-        # bodies waiting for a decoder are bounded too (the network outruns decoding on a fast link).
+        # bodies waiting for a decoder are bounded too (the network outruns decoding on a fast link);
+        # not while it waits for its host's turn or a retry (a slow host's backlog must not starve
+        # the other hosts' requests).
         self.in_flight = Permits(data.max_in_flight, batch=max(1, data.max_in_flight // 16))
+        self.rows = RowProcessor(data, resolver, cpu_slots, waiting=self.in_flight.lend)
         self.fetched: queue.SimpleQueue = queue.SimpleQueue()  # (rows, j, result, hash, boxes); None: stop
         self.decoders = [
             threading.Thread(target=self._decode_loop, name=f"decode-{k}", daemon=True)

@@ -16,6 +16,8 @@ in flight). The rules are ours:
 - retries after `timeout`, `connection_error`, `dns_error`, 429 and 5xx with doubling backoff;
   `Retry-After` on 429/503 is honoured up to `max_retry_after_s` (a server that asks for longer is
   not retried: the row keeps its `http_429`/`http_503`);
+- `waiting(True/False)` (optional): called when a download starts and stops waiting for its host's
+  turn or a retry's backoff, so the download actor counts only the requests under way;
 - proxies (`ProxySettings`): the guard still checks the URL's host, the proxy then connects to it;
 - keep-alive (`reuse_connections`): a connection is reused only when nothing waits on it before the
   next request (`http/reuse_check.py`). What keep-alive cannot rule out: a host that holds back a
@@ -83,6 +85,7 @@ class _Job:
         "done",
         "fresh",
         "dns_failed",
+        "waiting",
     )
 
     def __init__(self, url: str, on_done: Callable[[FetchResult], None]):
@@ -98,6 +101,7 @@ class _Job:
         self.done = False
         self.fresh = False  # the next request goes on a new connection
         self.dns_failed = False  # the last attempt ended in dns_error: look the name up again
+        self.waiting = False  # in its host's line or in a retry's backoff (see Fetcher's `waiting`)
 
 
 _BAD_HOST = re.compile(r"[^A-Za-z0-9._~:%!$&'()*+,;=-]")  # what may stand in a host (IPv6: no brackets)
@@ -185,6 +189,7 @@ class Fetcher:
         ca_file: Optional[str] = None,
         resolver_threads: int = 16,
         reuse_connections: bool = True,
+        waiting: Optional[Callable[[bool], None]] = None,
     ):
         self.guard = guard or AddressGuard()
         self.timeout_s = timeout_s
@@ -200,6 +205,7 @@ class Fetcher:
         self.ca_file = ca_file or default_ca_file()
         self.resolver_threads = resolver_threads
         self.reuse_connections = reuse_connections
+        self.waiting_hook = waiting
         self.loop = CurlLoop()
         self.reuse_check = ReuseCheck()
         self.connections_opened = 0  # new connections libcurl made (for tests and benchmarks)
@@ -279,6 +285,8 @@ class Fetcher:
         key = (job.host[1].lower(), job.host[2])
         if self.hosts.take(key, job):
             self._take_slot(job, key)
+        else:
+            self._wait(job, True)
 
     def _take_slot(self, job: _Job, key: tuple[str, int]) -> None:
         """The job holds a slot of its host: start its request (name resolution first)."""
@@ -365,7 +373,7 @@ class Fetcher:
             self._free.append(exchange)
             self._release_slot(job)
         for waiter in started:  # the host answered: the rows waiting for its slots go on
-            self._step(waiter, self._take_slot, key)
+            self._step(waiter, self._resume, key)
         if outcome.reason == STALE:  # not sent: again, on a new connection
             job.fresh = True
             return self._hop(job)
@@ -411,7 +419,7 @@ class Fetcher:
             return
         nxt = self.hosts.give(key)
         if nxt is not None:
-            self._step(nxt, self._take_slot, key)
+            self._step(nxt, self._resume, key)
 
     def _attempt_failed(self, job: _Job, failure: _Failure) -> None:
         self._release_slot(job)
@@ -426,7 +434,8 @@ class Fetcher:
                     return self._finish(job, self._result(job, failure.reason, detail, failure.status))
                 delay = max(delay, asked or 0.0)
             job.step += 1
-            self.loop.call_at(time.monotonic() + delay, self._step, job, self._start_attempt)
+            self._wait(job, True)
+            self.loop.call_at(time.monotonic() + delay, self._step, job, self._retry)
             return
         self._finish(job, self._result(job, failure.reason, failure.detail, failure.status))
 
@@ -441,6 +450,22 @@ class Fetcher:
 
     def _result(self, job: _Job, reason: str, detail: str, status: Optional[int]) -> FetchResult:
         return FetchResult(None, reason=reason, detail=detail, status=status, url=job.url, attempts=job.attempt)
+
+    def _wait(self, job: _Job, waiting: bool) -> None:
+        """The job starts or stops waiting (for its host's turn, or a retry's backoff): told to the
+        `waiting` hook, so the caller can count only the requests that are under way."""
+        if job.waiting != waiting:
+            job.waiting = waiting
+            if self.waiting_hook is not None:
+                self.waiting_hook(waiting)
+
+    def _resume(self, job: _Job, key: tuple[str, int]) -> None:
+        self._wait(job, False)
+        self._take_slot(job, key)
+
+    def _retry(self, job: _Job) -> None:
+        self._wait(job, False)
+        self._start_attempt(job)
 
     def _finish(self, job: _Job, result: FetchResult) -> None:
         if job.done:
