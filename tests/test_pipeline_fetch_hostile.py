@@ -17,23 +17,15 @@ from pipeline.address_guard import AddressGuard
 from pipeline.fetch import Fetcher
 from pipeline.http.proxies import ProxySettings
 from tests.support.http_server import HTTPTestServer, Route, jpeg_bytes
+from tests.test_pipeline_fetch import make_fetcher as fetcher_with_test_defaults
 
 IMAGE = jpeg_bytes(80, 60)
 OTHER = jpeg_bytes(80, 60, seed=7)
 
 
 def make_fetcher(**kw) -> Fetcher:
-    defaults = dict(
-        guard=AddressGuard(allow_private=True),
-        timeout_s=3.0,
-        retries=0,
-        retry_backoff_s=0.0,
-        max_redirects=3,
-        max_response_bytes=1 << 20,
-        user_agent="clipray-test",
-    )
-    defaults.update(kw)
-    return Fetcher(**defaults)
+    """test_pipeline_fetch's fetcher, without retries unless asked and with a 3 s deadline."""
+    return fetcher_with_test_defaults(**{"retries": 0, "timeout_s": 3.0, **kw})
 
 
 def raw(*parts: bytes, pause_s: float = 0.0, close: bool = False):
