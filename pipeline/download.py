@@ -36,7 +36,7 @@ from pipeline.eligibility import table_rejections
 from pipeline.fetch import FetchResult, Fetcher
 from pipeline.filters import RowFilters
 from pipeline.http.proxies import ProxySettings
-from pipeline.in_order import InOrder
+from pipeline.in_order import InOrder, Permits
 from pipeline.reasons import DECODE, DEDUP, DOWNLOAD, FILTER, Rejection
 from pipeline.resize import ImageProcessor, ImageReject
 from pipeline.resume import DOWNLOAD as DOWNLOAD_PHASE
@@ -184,41 +184,6 @@ class RowProcessor:
 
     def close(self) -> None:
         self.fetcher.close()
-
-
-class Permits:
-    """A counting semaphore taken in batches: `take(n)` waits until at least `min(n, batch)`
-    permits are free and takes up to n; `give()` returns one. Waiters wake once per `batch`
-    returns, not once per return (the feeder then starts a batch of requests in one hand-off).
-    `lend(True)` returns a permit for a while (a row that waits for its host's turn or a retry),
-    `lend(False)` takes it back without waiting: free may go below zero until rows end."""
-
-    def __init__(self, total: int, batch: int):
-        self.free = total
-        self.batch = max(1, min(batch, total))
-        self._cond = threading.Condition(threading.Lock())
-
-    def take(self, n: int) -> int:
-        want = min(n, self.batch)
-        with self._cond:
-            while self.free < want:
-                self._cond.wait()
-            got = min(n, self.free)
-            self.free -= got
-            return got
-
-    def give(self, n: int = 1) -> None:
-        with self._cond:
-            self.free += n
-            if self.free >= self.batch and self.free - n < self.batch:
-                self._cond.notify_all()
-
-    def lend(self, waiting: bool) -> None:
-        if waiting:
-            self.give()
-        else:
-            with self._cond:
-                self.free -= 1
 
 
 class ShardDownloader:

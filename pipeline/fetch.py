@@ -24,11 +24,13 @@ in flight). The rules are ours:
   planted response until our next request to it is on the wire; that response answers the request
   (an image of that same host, under another of its URLs). `reuse_connections=False` rules it out
   at the cost of a new connection (and TLS handshake) per request.
+
+Over 400 lines on purpose: a URL's way through attempts, hops, host slots, name resolution and the
+transfer is one state machine on the network thread; its steps are read together.
 """
 
 from __future__ import annotations
 
-import email.utils
 import re
 import threading
 import time
@@ -44,6 +46,7 @@ from pipeline.http.curl_loop import CurlLoop
 from pipeline.http.exchange import REDIRECT_STATUSES, STALE, Exchange, Headers, default_ca_file
 from pipeline.http.hosts import HostSlots
 from pipeline.http.proxies import ProxySettings
+from pipeline.http.urls import BadURL, parse_url, retry_after_s
 from pipeline.http.reuse_check import ReuseCheck
 from pipeline.reasons import http_reason
 
@@ -102,58 +105,6 @@ class _Job:
         self.fresh = False  # the next request goes on a new connection
         self.dns_failed = False  # the last attempt ended in dns_error: look the name up again
         self.waiting = False  # in its host's line or in a retry's backoff (see Fetcher's `waiting`)
-
-
-_BAD_HOST = re.compile(r"[^A-Za-z0-9._~:%!$&'()*+,;=-]")  # what may stand in a host (IPv6: no brackets)
-_NEEDS_QUOTING = re.compile(r'[^\x21-\x7e]|["<>\\^`{|}]')
-
-
-def request_target(parts: urllib.parse.SplitResult) -> str:
-    """Path and query, percent-encoded where the URL list left spaces or non-ASCII characters."""
-    target = parts.path or "/"
-    if parts.query:
-        target += "?" + parts.query
-    if _NEEDS_QUOTING.search(target) is None:  # the common case: already a valid request target
-        return target
-    return urllib.parse.quote(target, safe="!#$%&'()*+,/:;=?@[]~")
-
-
-def parse_url(url: str) -> tuple[str, str, int, str]:
-    """(scheme, host, port, the URL as sent: ASCII host, encoded path, no userinfo or fragment)."""
-    try:
-        parts = urllib.parse.urlsplit(url.strip())
-        scheme = parts.scheme.lower()
-        if scheme not in ("http", "https"):
-            raise _Failure("unsupported_scheme", f"{scheme or 'no'} scheme in {url[:200]!r}: only http and https")
-        host = parts.hostname
-        if not host:
-            raise _Failure("invalid_url", f"no host in {url[:200]!r}")
-        port = parts.port or (443 if scheme == "https" else 80)
-        if not host.isascii():
-            host = host.encode("idna").decode("ascii")
-        if _BAD_HOST.search(host):
-            raise _Failure("invalid_url", f"bad host {host[:100]!r} in {url[:200]!r}")
-    except _Failure:
-        raise
-    except (ValueError, UnicodeError) as exc:
-        raise _Failure("invalid_url", f"{url[:200]!r}: {exc}") from None
-    name = f"[{host}]" if ":" in host else host
-    return scheme, host, port, f"{scheme}://{name}:{port}{request_target(parts)}"
-
-
-def retry_after_s(headers: Optional[Headers], now: float) -> Optional[float]:
-    """Seconds a `Retry-After` header asks to wait (delta-seconds or an HTTP date), or None."""
-    value = headers.get("Retry-After") if headers is not None else None
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return max(0.0, when.timestamp() - now) if when is not None and when.tzinfo is not None else None
 
 
 def checked_addresses(guard: AddressGuard, host: str, port: int, fresh: bool = False) -> list[str]:
@@ -280,8 +231,8 @@ class Fetcher:
         job.step += 1
         try:
             job.host = parse_url(job.current)
-        except _Failure as f:
-            return self._attempt_failed(job, f)
+        except BadURL as bad:
+            return self._attempt_failed(job, _Failure(bad.reason, bad.detail))
         key = (job.host[1].lower(), job.host[2])
         if self.hosts.take(key, job):
             self._take_slot(job, key)

@@ -1,4 +1,7 @@
-"""`InOrder`: results of a shard's rows, filled in any order by any thread, read in row order.
+"""The download actor's rows in flight: `InOrder` hands a shard's results back in row order,
+`Permits` bounds how many rows are under way.
+
+`InOrder`: results of a shard's rows, filled in any order by any thread, read in row order.
 
 The download actor finishes rows in the order their servers answer; the shard is written in row
 order. Producers `put(i, result)` from the decoder threads; the consumer iterates and gets row 0, 1,
@@ -63,3 +66,38 @@ class InOrder(Generic[T]):
                     yield result
         finally:
             self.close()
+
+
+class Permits:
+    """A counting semaphore taken in batches: `take(n)` waits until at least `min(n, batch)`
+    permits are free and takes up to n; `give()` returns one. Waiters wake once per `batch`
+    returns, not once per return (the feeder then starts a batch of requests in one hand-off).
+    `lend(True)` returns a permit for a while (a row that waits for its host's turn or a retry),
+    `lend(False)` takes it back without waiting: free may go below zero until rows end."""
+
+    def __init__(self, total: int, batch: int):
+        self.free = total
+        self.batch = max(1, min(batch, total))
+        self._cond = threading.Condition(threading.Lock())
+
+    def take(self, n: int) -> int:
+        want = min(n, self.batch)
+        with self._cond:
+            while self.free < want:
+                self._cond.wait()
+            got = min(n, self.free)
+            self.free -= got
+            return got
+
+    def give(self, n: int = 1) -> None:
+        with self._cond:
+            self.free += n
+            if self.free >= self.batch and self.free - n < self.batch:
+                self._cond.notify_all()
+
+    def lend(self, waiting: bool) -> None:
+        if waiting:
+            self.give()
+        else:
+            with self._cond:
+                self.free -= 1

@@ -93,3 +93,22 @@ def test_closing_the_consumer_drops_later_results_and_tells_producers():
     assert results.closed
     results.put(50, b"late")  # a row that was in flight when the shard was abandoned
     assert results._results[50] is None
+
+
+def test_permits_are_taken_in_batches_and_lent_back_while_a_row_waits():
+    from pipeline.in_order import Permits
+
+    permits = Permits(8, batch=4)
+    assert permits.take(100) == 8  # everything free: all of it
+    got = []
+    taker = threading.Thread(target=lambda: got.append(permits.take(100)))
+    taker.start()
+    for _ in range(3):
+        permits.give()
+    time.sleep(0.05)
+    assert got == []  # 3 free: fewer than a batch, the feeder sleeps on
+    permits.lend(True)  # a row starts waiting for its host: its permit counts as free meanwhile
+    taker.join(5)
+    assert got == [4]
+    permits.lend(False)  # the waiting row goes on: it takes its permit back, even below zero
+    assert permits.free == -1
