@@ -160,9 +160,19 @@ class DataConfig(StorageConfig):
     user_agent_token: Optional[str] = Field(
         "clipray", description="token matched against 'X-Robots-Tag: <token>: ...' directives"
     )
-    timeout_s: PositiveFloat = Field(10.0, description="per attempt: connect, send and the whole response")
-    retries: int = Field(2, ge=0, description="extra attempts after a timeout, connection error, 429 or 5xx")
+    timeout_s: PositiveFloat = Field(
+        10.0, description="per attempt: name resolution, connect, every redirect hop and the whole response"
+    )
+    retries: int = Field(
+        2, ge=0, description="extra attempts after a timeout, connection error, DNS failure, 429 or 5xx"
+    )
     retry_backoff_s: float = Field(0.5, ge=0.0, description="first retry waits this long, then doubles")
+    max_retry_after_s: float = Field(
+        30.0,
+        ge=0.0,
+        description="a 429/503's Retry-After is waited up to this long before the retry; a server that "
+        "asks for longer is not retried",
+    )
     max_redirects: int = Field(5, ge=0)
     max_response_bytes: PositiveInt = 32 * 1024 * 1024
     user_agent: str = "clipray/0.1 (+https://github.com/clipray/clipray)"
@@ -173,7 +183,32 @@ class DataConfig(StorageConfig):
     num_download_actors: Optional[PositiveInt] = Field(
         None, description="default: one per CPU of the cluster, at most one per shard"
     )
-    threads_per_actor: PositiveInt = 16
+    max_in_flight: PositiveInt = Field(
+        512,
+        description="rows per download actor between the start of their request and the end of their "
+        "decode: requests in flight (one network thread, libcurl) plus bodies waiting for a decoder",
+    )
+    max_connections_per_host: PositiveInt = Field(
+        8, description="requests at a time to one host (name and port), per download actor"
+    )
+    skip_host_after_timeouts: int = Field(
+        8,
+        ge=0,
+        description="a host whose last this many requests all timed out (no answer in between) is skipped "
+        "for data.skip_host_for_s: its rows end at once as timeout instead of queueing for its slots (0: never)",
+    )
+    skip_host_for_s: PositiveFloat = Field(60.0, description="how long a timed-out host is skipped")
+    reuse_connections: bool = Field(
+        True,
+        description="keep-alive: send a host's next request on an idle connection with nothing waiting on it "
+        "(false: a new connection per request, so no host can answer one of its URLs with a response it "
+        "held back for another; ~0.2 ms more CPU per image, a TLS handshake per https image)",
+    )
+    threads_per_actor: PositiveInt = Field(
+        2,
+        description="decoder threads per download actor: check, decode, resize, encode and hash the "
+        "downloaded images (the downloads themselves are on the network thread, data.max_in_flight)",
+    )
     progress: bool = Field(True, description="progress bars and the closing summary on stdout")
     warn_error_rate: float = Field(
         0.5,

@@ -1,34 +1,42 @@
 """Download, check, resize and write one shard: the work of one download actor call.
 
-`ShardDownloader.process(spec)` reads the shard's staged input rows, runs each row through
-caption filters -> fetch -> header checks -> size filters -> resize/encode on a pool of threads
-(I/O waits and OpenCV release the GIL), and commits the shard: its accepted rows, its rejects
-and, when the global pass needs it, its dedup index, then the marker with the shard's counts.
-Every input row ends either accepted or in the rejects table with a stage and a reason; an
-unexpected exception on one row becomes an `internal_error` reject, never a lost row or a crash.
+`ShardDownloader.process(spec)` reads the shard's staged input rows and runs each row through
+caption filters -> fetch -> header checks -> size filters -> resize/encode, and commits the shard:
+its accepted rows, its rejects and, when the global pass needs it, its dedup index, then the marker
+with the shard's counts. Every input row ends either accepted or in the rejects table with a stage
+and a reason; an unexpected exception on one row becomes an `internal_error` reject, never a lost
+row or a crash.
+
+Inside an actor: a feeder thread per shard hands rows to the fetcher (`pipeline.fetch`: one network
+thread, libcurl, any number of requests in flight) while at most `data.max_in_flight` rows are
+between the start of their request and the end of their decode; `data.threads_per_actor` decoder
+threads take the downloaded bodies (decoding, resizing and hashing release the GIL, so they run
+beside the network thread); `in_order.InOrder` hands the rows back in row order.
 
 No Ray here: the runner wraps this class in a Ray Data actor pool.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import queue
 import threading
 import time
 import traceback
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import pyarrow as pa
 
 from pipeline.address_guard import AddressGuard, Resolver, system_resolver
 from pipeline.config import BLUR_BOXES, EXPECTED_HASH, DataConfig
 from pipeline.eligibility import table_rejections
-from pipeline.fetch import Fetcher
+from pipeline.fetch import FetchResult, Fetcher
 from pipeline.filters import RowFilters
-from pipeline.in_order import run_in_order
+from pipeline.http.proxies import ProxySettings
+from pipeline.in_order import InOrder, Permits
 from pipeline.reasons import DECODE, DEDUP, DOWNLOAD, FILTER, Rejection
 from pipeline.resize import ImageProcessor, ImageReject
 from pipeline.resume import DOWNLOAD as DOWNLOAD_PHASE
@@ -71,7 +79,9 @@ def image_processor(data: DataConfig) -> ImageProcessor:
     )
 
 
-def fetcher(data: DataConfig, resolver: Resolver = system_resolver) -> Fetcher:
+def fetcher(
+    data: DataConfig, resolver: Resolver = system_resolver, waiting: Optional[Callable[[bool], None]] = None
+) -> Fetcher:
     return Fetcher(
         guard=AddressGuard(allow_private=data.allow_private_addresses, resolver=resolver),
         timeout_s=data.timeout_s,
@@ -82,32 +92,45 @@ def fetcher(data: DataConfig, resolver: Resolver = system_resolver) -> Fetcher:
         user_agent=data.user_agent,
         user_agent_token=data.user_agent_token,
         disallowed_header_directives=data.disallowed_header_directives,
+        max_connections_per_host=data.max_connections_per_host,
+        skip_host_after_timeouts=data.skip_host_after_timeouts,
+        skip_host_for_s=data.skip_host_for_s,
+        max_retry_after_s=data.max_retry_after_s,
+        reuse_connections=data.reuse_connections,
+        proxies=ProxySettings.from_environment(),  # the actor's environment: the network it runs on
+        waiting=waiting,
     )
 
 
 class RowProcessor:
-    """One row from (url, caption) to a stored image or a rejection; thread-safe."""
+    """One row from its fetched response to a stored image or a rejection; thread-safe."""
 
-    def __init__(self, data: DataConfig, resolver: Resolver = system_resolver, cpu_slots: Optional[int] = None):
+    def __init__(
+        self,
+        data: DataConfig,
+        resolver: Resolver = system_resolver,
+        cpu_slots: Optional[int] = None,
+        waiting: Optional[Callable[[bool], None]] = None,
+    ):
         # At most `cpu_slots` threads decode at once: the actor holds that many CPUs, and more
         # concurrent decoders only add context switches and cache misses (downloads go on meanwhile).
-        # One slot is a plain Lock: a C lock, where a Semaphore is Python code over a Condition
-        # (with 32 threads queueing on it, that costs a tenth of the per-image CPU).
+        # One slot is a plain Lock: a C lock, where a Semaphore is Python code over a Condition.
         self.cpu_slots = (
             None if not cpu_slots else threading.Lock() if cpu_slots == 1 else threading.BoundedSemaphore(cpu_slots)
         )
         self.filters = RowFilters(data.filters)
-        self.fetcher = fetcher(data, resolver)
+        self.fetcher = fetcher(data, resolver, waiting)
         self.images = image_processor(data)
         self.verify = data.verify_hash
 
-    def __call__(self, url: str, expected_hash: Optional[str] = None, blur_boxes: Optional[list] = None) -> RowOutcome:
-        """url: an eligible row's URL (`eligibility.py` rejects the others before any request);
-        expected_hash: the row's data.verify_hash.column value (when that check is on);
+    def outcome(
+        self, result: FetchResult, expected_hash: Optional[str] = None, blur_boxes: Optional[list] = None
+    ) -> RowOutcome:
+        """result: the fetch of an eligible row's URL (`eligibility.py` rejects the others before any
+        request); expected_hash: the row's data.verify_hash.column value (when that check is on);
         blur_boxes: its data.bbox_col boxes to blur."""
         stage = DOWNLOAD
         try:
-            result = self.fetcher.fetch(url)
             if result.reason is not None:
                 return Rejection(DOWNLOAD, result.reason, result.detail)
             if self.verify is not None:
@@ -164,7 +187,8 @@ class RowProcessor:
 
 
 class ShardDownloader:
-    """Processes whole shards with a shared pool of `data.threads_per_actor` threads."""
+    """Processes whole shards: one fetcher, `data.threads_per_actor` decoder threads and at most
+    `data.max_in_flight` rows in progress, shared by the shards the actor runs at once."""
 
     def __init__(
         self,
@@ -177,11 +201,25 @@ class ShardDownloader:
         self.data = data
         self.out = out
         self.extra_schema = extra_schema
-        self.rows = RowProcessor(data, resolver, cpu_slots)
-        self.pool = ThreadPoolExecutor(max_workers=data.threads_per_actor, thread_name_prefix="download")
+        # A row holds a permit from the start of its request to the end of its decode, so the
+        # bodies waiting for a decoder are bounded too (the network outruns decoding on a fast link);
+        # not while it waits for its host's turn or a retry (a slow host's backlog must not starve
+        # the other hosts' requests).
+        self.in_flight = Permits(data.max_in_flight, batch=max(1, data.max_in_flight // 16))
+        self.rows = RowProcessor(data, resolver, cpu_slots, waiting=self.in_flight.lend)
+        self.fetched: queue.SimpleQueue = queue.SimpleQueue()  # (rows, j, result, hash, boxes); None: stop
+        self.decoders = [
+            threading.Thread(target=self._decode_loop, name=f"decode-{k}", daemon=True)
+            for k in range(data.threads_per_actor)
+        ]
+        for thread in self.decoders:
+            thread.start()
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        for _ in self.decoders:
+            self.fetched.put(None)
+        for thread in self.decoders:
+            thread.join()
         self.rows.close()
 
     def iter_outcomes(self, table: pa.Table, duplicates: Optional[dict[int, str]] = None) -> Iterator[RowOutcome]:
@@ -204,18 +242,59 @@ class ShardDownloader:
             else:
                 todo.append(i)
         columns = [[urls[i] for i in todo]]
-        for optional in (EXPECTED_HASH, BLUR_BOXES):  # RowProcessor's optional arguments, in order
+        for optional in (EXPECTED_HASH, BLUR_BOXES):  # RowProcessor.outcome's optional arguments, in order
             if optional in table.column_names:
                 values = table.column(optional).to_pylist()
                 columns.append([values[i] for i in todo])
             else:
                 columns.append([None] * len(todo))
-        fetched = run_in_order(self.pool, self.data.threads_per_actor, self.rows, list(zip(*columns)))
+        rows = list(zip(*columns))
+        results: InOrder[RowOutcome] = InOrder(len(rows))
+        if rows:
+            threading.Thread(target=self._feed, args=(results, rows), name="feed", daemon=True).start()
+        fetched = iter(results)
         try:
             for i in range(table.num_rows):
                 yield early[i] if i in early else next(fetched)
         finally:
-            fetched.close()  # an abandoned shard: its rows not yet started are not fetched
+            results.close()  # an abandoned shard: its rows not yet started are not fetched
+
+    def _feed(self, results: InOrder, rows: list[tuple]) -> None:
+        """Start the rows' requests as permits free up, a batch at a time (the shard's feeder thread)."""
+        try:
+            j = 0
+            while j < len(rows):
+                got = self.in_flight.take(len(rows) - j)
+                if results.closed:
+                    self.in_flight.give(got)
+                    return
+                batch = []
+                for k in range(j, j + got):
+                    url, expected_hash, blur_boxes = rows[k]
+                    batch.append((url, functools.partial(self._fetched, results, k, expected_hash, blur_boxes)))
+                self.rows.fetcher.submit_many(batch)
+                j += got
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            results.fail(exc)
+
+    def _fetched(self, results: InOrder, j: int, expected_hash, blur_boxes, result: FetchResult) -> None:
+        """On the network thread: hand the response to the decoders."""
+        self.fetched.put((results, j, result, expected_hash, blur_boxes))
+
+    def _decode_loop(self) -> None:
+        """A decoder thread: responses to row outcomes, until close()."""
+        while True:
+            item = self.fetched.get()
+            if item is None:
+                return
+            results, j, result, expected_hash, blur_boxes = item
+            try:
+                if not results.closed:
+                    results.put(j, self.rows.outcome(result, expected_hash, blur_boxes))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                results.fail(exc)
+            finally:
+                self.in_flight.give()
 
     def process(self, spec: ShardSpec, duplicates: Optional[dict[int, str]] = None) -> dict[str, Any]:
         """Download and commit one shard; returns the stats written to its marker.

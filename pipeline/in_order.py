@@ -1,71 +1,103 @@
-"""`run_in_order`: a function over many argument tuples on a thread pool, results in input order.
+"""The download actor's rows in flight: `InOrder` hands a shard's results back in row order,
+`Permits` bounds how many rows are under way.
 
-What `ThreadPoolExecutor.map` does, for the download actor's rows, with less per-row machinery:
-no Future per row (each one a Condition over an RLock, locked and notified twice), and a consumer
-that wakes once per `chunk` of finished rows instead of once per row. Each of `threads` pool tasks
-claims the next row index from a shared iterator, stores the row's result in its slot and counts
-its chunk down; the consumer waits until the next chunk has no row left, then yields its results.
-On a download actor (32 threads) that was ~4% of the CPU per image.
+`InOrder`: results of a shard's rows, filled in any order by any thread, read in row order.
 
-`fn` is expected to turn its own failures into results (RowProcessor does); anything it raises
-anyway stops the other tasks from claiming rows and is raised in the consumer. Closing the
-generator early (an aborted shard) also stops them claiming rows; rows already running finish in
-the background and their results are dropped.
+The download actor finishes rows in the order their servers answer; the shard is written in row
+order. Producers `put(i, result)` from the decoder threads; the consumer iterates and gets row 0, 1,
+2, ... each once it and the rows before it are done. The consumer wakes once per `chunk` of finished
+rows, not once per row (one Condition notify per chunk instead of one per row).
+
+`fail(exc)` hands a producer's unexpected exception to the consumer, which raises it. `close()` (the
+consumer gave up: an aborted shard) makes later `put`s no-ops and tells producers (`closed`) to stop
+starting rows.
 """
 
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Executor
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Generic, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
 
 
-def run_in_order(
-    pool: Executor, threads: int, fn: Callable[..., T], args: Sequence[tuple], chunk: int = 32
-) -> Iterator[T]:
-    """Yield fn(*args[0]), fn(*args[1]), ... in order, computed by `threads` tasks on `pool`."""
-    n = len(args)
-    if n == 0:
-        return
-    results: list[Any] = [None] * n
-    starts = range(0, n, chunk)
-    left = [min(chunk, n - start) for start in starts]  # unfinished rows per chunk
-    changed = threading.Condition(threading.Lock())
-    claims = iter(range(n))  # next() on it is one C call: atomic under the GIL
-    failure: list[BaseException] = []
-    stop = threading.Event()
+class InOrder(Generic[T]):
+    """Slots for `n` results; iterate to get them in index order."""
 
-    def work() -> None:
-        for i in claims:
-            if stop.is_set():
-                return
-            try:
-                results[i] = fn(*args[i])
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-                with changed:
-                    failure.append(exc)
-                    stop.set()
-                    changed.notify_all()
-                return
-            c = i // chunk
-            with changed:
-                left[c] -= 1
-                if not left[c]:
-                    changed.notify_all()
+    def __init__(self, n: int, chunk: int = 32):
+        self.n, self.chunk = n, chunk
+        self._results: list[Any] = [None] * n
+        self._left = [min(chunk, n - start) for start in range(0, n, chunk)]  # unfinished rows per chunk
+        self._changed = threading.Condition(threading.Lock())
+        self._failure: Optional[BaseException] = None
+        self.closed = False
 
-    for _ in range(min(threads, n)):
-        pool.submit(work)
-    try:
-        for c, start in enumerate(starts):
-            with changed:
-                while left[c] and not failure:
-                    changed.wait()
-                if failure:
-                    raise failure[0]
-            for i in range(start, min(n, start + chunk)):
-                result, results[i] = results[i], None
-                yield result
-    finally:
-        stop.set()
+    def put(self, i: int, result: T) -> None:
+        """Row i is done (any thread; each row once)."""
+        if self.closed:
+            return
+        self._results[i] = result
+        c = i // self.chunk
+        with self._changed:
+            self._left[c] -= 1
+            if not self._left[c]:
+                self._changed.notify_all()
+
+    def fail(self, exc: BaseException) -> None:
+        """A producer failed: the consumer raises `exc` at its next wait."""
+        with self._changed:
+            if self._failure is None:
+                self._failure = exc
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        self.closed = True
+
+    def __iter__(self) -> Iterator[T]:
+        try:
+            for c, start in enumerate(range(0, self.n, self.chunk)):
+                with self._changed:
+                    while self._left[c] and self._failure is None:
+                        self._changed.wait()
+                    if self._failure is not None:
+                        raise self._failure
+                for i in range(start, min(self.n, start + self.chunk)):
+                    result, self._results[i] = self._results[i], None
+                    yield result
+        finally:
+            self.close()
+
+
+class Permits:
+    """A counting semaphore taken in batches: `take(n)` waits until at least `min(n, batch)`
+    permits are free and takes up to n; `give()` returns one. Waiters wake once per `batch`
+    returns, not once per return (the feeder then starts a batch of requests in one hand-off).
+    `lend(True)` returns a permit for a while (a row that waits for its host's turn or a retry),
+    `lend(False)` takes it back without waiting: free may go below zero until rows end."""
+
+    def __init__(self, total: int, batch: int):
+        self.free = total
+        self.batch = max(1, min(batch, total))
+        self._cond = threading.Condition(threading.Lock())
+
+    def take(self, n: int) -> int:
+        want = min(n, self.batch)
+        with self._cond:
+            while self.free < want:
+                self._cond.wait()
+            got = min(n, self.free)
+            self.free -= got
+            return got
+
+    def give(self, n: int = 1) -> None:
+        with self._cond:
+            self.free += n
+            if self.free >= self.batch and self.free - n < self.batch:
+                self._cond.notify_all()
+
+    def lend(self, waiting: bool) -> None:
+        if waiting:
+            self.give()
+        else:
+            with self._cond:
+                self.free -= 1

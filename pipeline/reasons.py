@@ -29,16 +29,23 @@ REASONS: dict[str, tuple[str, str]] = {
         DOWNLOAD,
         "the host is or resolves to a loopback/private/link-local/multicast/reserved address",
     ),
-    "dns_error": (DOWNLOAD, "the host name does not resolve"),
+    "dns_error": (DOWNLOAD, "the host name does not resolve (after retries)"),
     "timeout": (DOWNLOAD, "no complete answer within data.timeout_s (after retries)"),
     "connection_error": (DOWNLOAD, "connection refused, reset or closed early (after retries)"),
     "tls_error": (DOWNLOAD, "the TLS handshake or certificate check failed"),
     "too_many_redirects": (DOWNLOAD, "more than data.max_redirects redirects"),
     "redirect_loop": (DOWNLOAD, "a redirect led back to a URL already visited"),
-    "bad_redirect": (DOWNLOAD, "a redirect without a usable Location header"),
-    "response_too_large": (DOWNLOAD, "the response is larger than data.max_response_bytes"),
+    "bad_redirect": (DOWNLOAD, "a redirect without a usable Location header (missing, or not a valid URL)"),
+    "response_too_large": (
+        DOWNLOAD,
+        "the response is larger than data.max_response_bytes (announced, or counted after gzip/deflate decoding)",
+    ),
     "optout": (DOWNLOAD, "an X-Robots-Tag header opts the image out (data.disallowed_header_directives)"),
-    "http_error": (DOWNLOAD, "an HTTP protocol error"),
+    "http_error": (
+        DOWNLOAD,
+        "an HTTP protocol error: not HTTP, bad framing (chunk size, Content-Length, Transfer-Encoding, "
+        "content encoding) or headers past libcurl's size cap",
+    ),
     "hash_mismatch": (
         DOWNLOAD,
         "the downloaded bytes do not hash to the row's data.verify_hash.column value (or the row has none)",

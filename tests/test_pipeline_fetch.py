@@ -1,7 +1,10 @@
-"""The HTTP fetcher against a loopback server that misbehaves on purpose (no Ray)."""
+"""The HTTP fetcher against a loopback server that misbehaves on purpose (no Ray): reasons, redirects,
+retries, timeouts, opt-out, TLS, keep-alive. Framing attacks, encodings, proxies and address
+fallback: tests/test_pipeline_fetch_hostile.py."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -140,7 +143,16 @@ def test_keep_alive_reuses_connections(server):
         assert fetcher.fetch(server.url("/ok.jpg")).reason is None
     clients = {r.client for r in server.requests[start:]}
     assert len(clients) == 1
-    assert fetcher.pool.opened == 1
+    assert fetcher.connections_opened == 1
+
+
+def test_without_keep_alive_each_request_has_its_own_connection(server):
+    fetcher = make_fetcher(reuse_connections=False)
+    start = len(server.requests)
+    for _ in range(4):
+        assert fetcher.fetch(server.url("/ok.jpg")).body == IMAGE
+    assert len({r.client for r in server.requests[start:]}) == 4
+    assert fetcher.connections_opened == 4
 
 
 def test_a_refused_connection_is_a_connection_error():
@@ -191,11 +203,9 @@ def test_optout_rule_agrees_with_img2dataset(values):
     assert is_disallowed(headers, "clipray", directives) == reference(headers, "clipray", directives)
 
 
-def test_https_is_pinned_to_the_checked_address_and_verifies_the_certificate(tmp_path):
-    """TLS to a name (server name and certificate check use the name) over a connection to the
-    address the guard checked; an untrusted certificate is a tls_error."""
+def _self_signed(tmp_path):
+    """(key file, certificate file) of a self-signed certificate for images.test; skips without openssl."""
     import shutil
-    import ssl
     import subprocess
 
     if shutil.which("openssl") is None:
@@ -223,21 +233,103 @@ def test_https_is_pinned_to_the_checked_address_and_verifies_the_certificate(tmp
         check=True,
         capture_output=True,
     )
+    return key, cert
+
+
+def test_https_is_pinned_to_the_checked_address_and_verifies_the_certificate(tmp_path):
+    """TLS to a name (server name and certificate check use the name) over a connection to the
+    address the guard checked; an untrusted certificate is a tls_error."""
+    import ssl
+
+    key, cert = _self_signed(tmp_path)
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(cert, key)
     with HTTPTestServer({"/a.jpg": IMAGE}, ssl_context=server_ctx) as server:
-        from pipeline.fetch import ConnectionPool
-
-        trusting = ssl.create_default_context(cafile=str(cert))
         guard = AddressGuard(allow_private=True, resolver=lambda host, port: ["127.0.0.1"])
-        fetcher = make_fetcher(guard=guard, pool=ConnectionPool(context=trusting))
+        fetcher = make_fetcher(guard=guard, ca_file=str(cert))
         result = fetcher.fetch(f"https://images.test:{server.port}/a.jpg")
         assert result.reason is None and result.body == IMAGE
         assert server.requests[-1].headers["Host"] == f"images.test:{server.port}"
         # the certificate names images.test, not the address: connecting by address fails the check
-        assert make_fetcher(pool=ConnectionPool(context=trusting)).fetch(server.url("/a.jpg")).reason == "tls_error"
+        assert make_fetcher(ca_file=str(cert)).fetch(server.url("/a.jpg")).reason == "tls_error"
         # and a certificate nobody trusts fails too
         assert make_fetcher(guard=guard).fetch(f"https://images.test:{server.port}/a.jpg").reason == "tls_error"
+
+
+class _ConnectProxy:
+    """A loopback HTTPS proxy: answers `CONNECT host:port` (any host: it connects to 127.0.0.1 at
+    that port) and then relays bytes both ways; records the CONNECT lines."""
+
+    def __init__(self):
+        import socket
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.requests: list[str] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            line = head.split(b"\r\n", 1)[0].decode()
+            self.requests.append(line)
+            upstream = socket.create_connection(("127.0.0.1", int(line.split()[1].rsplit(":", 1)[1])))
+            conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self):
+        self.listener.close()
+
+
+def test_https_goes_through_the_proxy_as_a_tunnel_and_still_verifies_the_origin(tmp_path, monkeypatch):
+    """HTTPS_PROXY: one CONNECT to the URL's host and port, the origin's certificate checked end to
+    end. The URL's host resolves (by stub) to a public address: the guard passes it, the proxy is
+    what connects."""
+    import ssl
+
+    from pipeline.http.proxies import ProxySettings
+
+    key, cert = _self_signed(tmp_path)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    proxy = _ConnectProxy()
+    try:
+        with HTTPTestServer({"/a.jpg": IMAGE}, ssl_context=server_ctx) as server:
+            monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.port}")
+            monkeypatch.delenv("https_proxy", raising=False)
+            guard = AddressGuard(resolver=lambda host, port: ["93.184.216.34"])
+            fetcher = make_fetcher(guard=guard, ca_file=str(cert), proxies=ProxySettings.from_environment())
+            result = fetcher.fetch(f"https://images.test:{server.port}/a.jpg")
+            assert (result.reason, result.body) == (None, IMAGE), result.detail
+            assert proxy.requests == [f"CONNECT images.test:{server.port} HTTP/1.1"]
+            assert server.requests[-1].headers["Host"] == f"images.test:{server.port}"
+            untrusted = make_fetcher(guard=guard, proxies=ProxySettings.from_environment())
+            assert untrusted.fetch(f"https://images.test:{server.port}/a.jpg").reason == "tls_error"
+    finally:
+        proxy.close()
 
 
 def _raw(response: bytes, close: bool = False):
@@ -279,7 +371,7 @@ def _chunked(body: bytes, size: int = 1000) -> bytes:
             b"HTTP/1.1 200 OK\r\nX-Robots-Tag: noindex\r\nX-Robots-Tag: other\r\n  folded\r\nContent-Length: 1\r\n\r\nx",
             False,
             "optout",
-            False,
+            True,  # the opted-out body is read (1 byte here), so the connection stays usable
         ),
         (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", True, "http_error", False),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", True, "http_error", False),
@@ -300,44 +392,10 @@ def test_response_framings_are_read_or_rejected(response, close, reason, reusabl
         if reason is None:
             assert result.body == IMAGE
         assert fetcher.fetch(srv.url("/ok.jpg")).body == IMAGE  # the next request works either way
-        assert (fetcher.pool.opened == 1) == reusable
+        assert (fetcher.connections_opened == 1) == reusable
 
 
 def test_a_chunked_body_over_the_cap_is_too_large():
     with HTTPTestServer({"/r": Route(handler=_raw(_chunked(b"\xff" * 5000), True))}) as srv:
         result = make_fetcher(max_response_bytes=3000).fetch(srv.url("/r"))
     assert result.reason == "response_too_large"
-
-
-def test_a_body_is_read_to_its_length_and_no_further():
-    """Content-Length bodies are received straight into their own buffer, a partial one first
-    from what the header read left over; the bytes after the body (the next pipelined response)
-    stay for the next read, and a stream that ends early is `_Incomplete`."""
-    import socket
-
-    from pipeline.fetch import PinnedConnection, _Incomplete, _read_exactly, _read_head
-
-    body = bytes(range(256)) * 1000  # 256 kB: more than one recv
-    first = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
-    second = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"
-    ours, theirs = socket.socketpair()
-    try:
-        conn = PinnedConnection("http", "example.test", 80, "127.0.0.1", 5.0)
-        conn.sock = ours
-        theirs.sendall(first + body[:1000])
-        deadline = time.monotonic() + 5
-        head = _read_head(conn, deadline)
-        assert head.length == len(body)
-        sender = __import__("threading").Thread(target=lambda: theirs.sendall(body[1000:] + second))
-        sender.start()
-        assert bytes(_read_exactly(conn, head.length, deadline)) == body
-        sender.join()
-        assert conn.buffer == b""  # nothing of the next response was taken with the body
-        nxt = _read_head(conn, deadline)
-        assert nxt.length == 3 and bytes(_read_exactly(conn, 3, deadline)) == b"abc"
-        theirs.sendall(b"xy")
-        theirs.close()
-        with pytest.raises(_Incomplete):
-            _read_exactly(conn, 5, deadline)
-    finally:
-        ours.close()

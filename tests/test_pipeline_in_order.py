@@ -1,85 +1,114 @@
-"""run_in_order: results in input order from a thread pool; failures raised; early close stops work."""
+"""InOrder: results put in any order by any thread come out in row order; a failure is raised in
+the consumer; closing drops later results; the consumer wakes per chunk, not per row."""
 
 from __future__ import annotations
 
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from pipeline.in_order import run_in_order
+from pipeline.in_order import InOrder
 
 
 @pytest.mark.parametrize("rows", [0, 1, 7, 8, 9, 100])
 def test_results_come_in_input_order_whatever_order_they_finish_in(rows):
-    rng = random.Random(rows)
-    delays = [rng.random() / 500 for _ in range(rows)]
+    results: InOrder[int] = InOrder(rows, chunk=8)
+    order = list(range(rows))
+    random.Random(rows).shuffle(order)
 
-    def slow_square(i, delay):
-        time.sleep(delay)
-        return i * i
+    def producer(part):
+        for i in part:
+            time.sleep(random.random() / 2000)
+            results.put(i, i * i)
 
-    with ThreadPoolExecutor(6) as pool:
-        out = list(run_in_order(pool, 6, slow_square, [(i, delays[i]) for i in range(rows)], chunk=8))
+    threads = [threading.Thread(target=producer, args=(order[k::3],)) for k in range(3)]
+    for t in threads:
+        t.start()
+    out = list(results)
+    for t in threads:
+        t.join()
     assert out == [i * i for i in range(rows)]
 
 
 def test_a_chunk_is_yielded_once_its_rows_are_done_not_after_the_whole_input():
-    release = threading.Event()
-
-    def row(i):
-        if i >= 4:  # the second chunk waits until the first one was consumed
-            assert release.wait(5), "the first chunk was not yielded while later rows were still running"
-        return i
-
-    with ThreadPoolExecutor(4) as pool:
-        results = run_in_order(pool, 4, row, [(i,) for i in range(8)], chunk=4)
-        first = [next(results) for _ in range(4)]
-        release.set()
-        rest = list(results)
-    assert first + rest == list(range(8))
-
-
-def test_a_failure_in_a_row_is_raised_in_the_consumer_and_stops_the_other_tasks():
-    started = []
-
-    def row(i):
-        started.append(i)
-        if i == 3:
-            raise KeyboardInterrupt("row 3")
-        time.sleep(0.001)
-        return i
-
-    with ThreadPoolExecutor(2) as pool:
-        with pytest.raises(KeyboardInterrupt, match="row 3"):
-            list(run_in_order(pool, 2, row, [(i,) for i in range(1000)], chunk=4))
-    assert len(started) < 1000  # the rows after the failure were never started
+    results: InOrder[int] = InOrder(8, chunk=4)
+    for i in range(4):
+        results.put(i, i)
+    it = iter(results)
+    assert [next(it) for _ in range(4)] == [0, 1, 2, 3]  # rows 4-7 not done yet: no wait for them
+    got = []
+    consumer = threading.Thread(target=lambda: got.extend(it))
+    consumer.start()
+    for i in (7, 5, 6):
+        results.put(i, i)
+    time.sleep(0.05)
+    assert got == []  # row 4 is missing: the chunk is not handed out
+    results.put(4, 4)
+    consumer.join(5)
+    assert got == [4, 5, 6, 7]
 
 
-def test_closing_the_consumer_early_stops_claiming_rows():
-    started = []
+def test_the_consumer_wakes_once_per_chunk_not_once_per_row():
+    results: InOrder[int] = InOrder(64, chunk=32)
+    wakeups = []
+    real_wait = results._changed.wait
 
-    def row(i):
-        started.append(i)
-        time.sleep(0.001)
-        return i
+    def counting_wait(*args):
+        wakeups.append(1)
+        return real_wait(*args)
 
-    with ThreadPoolExecutor(3) as pool:
-        results = run_in_order(pool, 3, row, [(i,) for i in range(1000)], chunk=4)
-        assert [next(results) for _ in range(5)] == [0, 1, 2, 3, 4]
-        results.close()
-    assert len(started) < 100  # the pool's shutdown waited for the running rows only
+    results._changed.wait = counting_wait
+    out = []
+    consumer = threading.Thread(target=lambda: out.extend(results))
+    consumer.start()
+    time.sleep(0.05)  # the consumer waits on the first chunk
+    for i in range(64):
+        results.put(i, i)
+    consumer.join(5)
+    assert out == list(range(64))
+    assert len(wakeups) <= 2
 
 
-def test_two_consumers_can_share_one_pool():
-    """An actor runs two shards at once on its one pool: both finish, each in its own order."""
-    with ThreadPoolExecutor(4) as pool:
-        a = run_in_order(pool, 4, lambda i: ("a", i), [(i,) for i in range(50)], chunk=8)
-        b = run_in_order(pool, 4, lambda i: ("b", i), [(i,) for i in range(50)], chunk=8)
-        got_a, got_b = [], []
-        for x, y in zip(a, b):
-            got_a.append(x)
-            got_b.append(y)
-    assert got_a == [("a", i) for i in range(50)] and got_b == [("b", i) for i in range(50)]
+def test_a_failure_in_a_producer_is_raised_in_the_consumer():
+    results: InOrder[int] = InOrder(10, chunk=4)
+    for i in range(4):
+        results.put(i, i)
+    it = iter(results)
+    assert [next(it) for _ in range(4)] == [0, 1, 2, 3]
+    results.fail(KeyboardInterrupt("row 5"))
+    with pytest.raises(KeyboardInterrupt, match="row 5"):
+        next(it)
+    assert results.closed
+
+
+def test_closing_the_consumer_drops_later_results_and_tells_producers():
+    results: InOrder[bytes] = InOrder(100, chunk=4)
+    for i in range(4):
+        results.put(i, b"x")
+    it = iter(results)
+    next(it)
+    it.close()  # an abandoned shard
+    assert results.closed
+    results.put(50, b"late")  # a row that was in flight when the shard was abandoned
+    assert results._results[50] is None
+
+
+def test_permits_are_taken_in_batches_and_lent_back_while_a_row_waits():
+    from pipeline.in_order import Permits
+
+    permits = Permits(8, batch=4)
+    assert permits.take(100) == 8  # everything free: all of it
+    got = []
+    taker = threading.Thread(target=lambda: got.append(permits.take(100)))
+    taker.start()
+    for _ in range(3):
+        permits.give()
+    time.sleep(0.05)
+    assert got == []  # 3 free: fewer than a batch, the feeder sleeps on
+    permits.lend(True)  # a row starts waiting for its host: its permit counts as free meanwhile
+    taker.join(5)
+    assert got == [4]
+    permits.lend(False)  # the waiting row goes on: it takes its permit back, even below zero
+    assert permits.free == -1
