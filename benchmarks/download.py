@@ -1,12 +1,13 @@
 """Download benchmark: clipray's pipeline vs `img2dataset.download` on the same URL list.
 
-    python benchmarks/download.py                    # 20,000 URLs, 2 processes x 32 threads
+    python benchmarks/download.py                    # 20,000 URLs; 2 processes (img2dataset: x 32 threads)
     python benchmarks/download.py --cores 2          # pin everything to 2 cores (bigger machines)
     python benchmarks/download.py --urls 2000 --quick
 
 Both download the same list from one loopback HTTP server (a separate process: an asyncio loop
 with prebuilt responses, HTTP/1.1 keep-alive, same bytes for both), resize to the same size and
-mode, and write Parquet, with the same number of processes and threads. Printed: images/s of each
+mode, and write Parquet, with the same number of processes (img2dataset with --threads threads each,
+clipray with its own default requests in flight per actor). Printed: images/s of each
 (wall clock of the whole call: reading the list, starting workers, downloading, writing), their
 ratio, the CPU-bound ceiling (decode + resize + encode of the same images with OpenCV in one
 process, images/s per core x cores) with how close each tool gets to it, the steady-state rates
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--urls", type=int, default=20_000)
     p.add_argument("--distinct", type=int, default=400, help="distinct images the URLs cycle through")
     p.add_argument("--processes", type=int, default=2, help="img2dataset processes = clipray download actors")
-    p.add_argument("--threads", type=int, default=32, help="threads per process / actor")
+    p.add_argument("--threads", type=int, default=32, help="img2dataset's threads per process")
     p.add_argument("--cores", type=int, default=None, help="pin the benchmark (server included) to this many cores")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--resize-mode", default="border")
@@ -122,7 +123,6 @@ def main(argv=None) -> int:
                         image_size=args.image_size,
                         resize_mode=args.resize_mode,
                         num_download_actors=args.processes,
-                        threads_per_actor=args.threads,
                         rows_per_shard=args.rows_per_shard,
                         allow_private_addresses=True,
                         timeout_s=10,

@@ -41,7 +41,7 @@ from pipeline.reasons import DECODE, DEDUP, DOWNLOAD, FILTER, Rejection
 from pipeline.resize import ImageProcessor, ImageReject
 from pipeline.resume import DOWNLOAD as DOWNLOAD_PHASE
 from pipeline.resume import ShardSpec, marker
-from pipeline.shards import INDEX_SCHEMA, accepted_schema, make_keys, rejects_table
+from pipeline.shards import INDEX_SCHEMA, accepted_schema, make_keys, redact_userinfo_column, rejects_table
 from storage import Folder
 
 
@@ -75,6 +75,7 @@ def image_processor(data: DataConfig) -> ImageProcessor:
         min_image_size=data.min_image_size,
         max_image_area=data.max_image_area,
         max_pixels=data.max_pixels,
+        max_decoded_bytes=data.max_decoded_bytes,
         fast_jpeg_decode=data.fast_jpeg_decode,
     )
 
@@ -83,7 +84,7 @@ def fetcher(
     data: DataConfig, resolver: Resolver = system_resolver, waiting: Optional[Callable[[bool], None]] = None
 ) -> Fetcher:
     return Fetcher(
-        guard=AddressGuard(allow_private=data.allow_private_addresses, resolver=resolver),
+        guard=AddressGuard.for_data(data, resolver),
         timeout_s=data.timeout_s,
         retries=data.retries,
         retry_backoff_s=data.retry_backoff_s,
@@ -328,7 +329,7 @@ class ShardDownloader:
             keys = make_keys(spec.name, batch_rows, spec.row_digits)
             columns = {
                 "key": keys,
-                "url": table.column("url").take(idx),
+                "url": redact_userinfo_column(table.column("url").take(idx)),
                 "caption": table.column("caption").take(idx),
                 "jpg": pa.array([im.jpg for im in batch_images], pa.binary()),
                 "width": pa.array([im.width for im in batch_images], pa.int32()),

@@ -109,12 +109,8 @@ class _Job:
 
 def checked_addresses(guard: AddressGuard, host: str, port: int, fresh: bool = False) -> list[str]:
     """Every address of `host` the guard checked, in the order to try (IPv4/IPv6 fallback).
-    fresh: a retry after `dns_error`, so the guard asks its resolver again. A guard without
-    `resolve_all` gives its one `resolve` answer (no fallback)."""
-    resolve_all = getattr(guard, "resolve_all", None)
-    if resolve_all is None:
-        return [guard.resolve(host, port)]
-    return list(resolve_all(host, port, fresh=fresh))
+    fresh: a retry after `dns_error`, so the guard asks its resolver again."""
+    return list(guard.resolve_all(host, port, fresh=fresh))
 
 
 class Fetcher:

@@ -11,8 +11,9 @@ Phases, each resumable shard by shard (see `resume.py`):
              the download rejects them without fetching.
 2. download  Ray Data `map_batches` over the shards still to do, on an actor pool
              (`ActorPoolStrategy`, one actor per CPU by default); each actor downloads its shard
-             with `data.threads_per_actor` threads and keep-alive connections, writes the shard's
-             accepted rows and rejects, and commits it.
+             with up to `data.max_in_flight` requests in flight on one libcurl loop (keep-alive,
+             `data.max_connections_per_host`), decodes on `data.threads_per_actor` threads, writes
+             the shard's accepted rows and rejects, and commits it.
    retry     (`data.retry_rejects`, instead of the download, on a finished run) the same actor
              pool runs the rows rejected for a transient reason again and commits each shard
              anew (`retry.py`).
@@ -204,10 +205,11 @@ def _stage(data: DataConfig, out: Folder, files: list[tuple[int, InputFile]]) ->
 
 
 class _DownloadUDF:
-    """Ray Data actor: one ShardDownloader (threads + keep-alive pool) per actor."""
+    """Ray Data actor: one ShardDownloader (a libcurl loop and decoder threads) per actor."""
 
     def __init__(self, data: DataConfig, out: Folder, extra_schema: pa.Schema):
-        # The actor holds one CPU (num_cpus=1 below): one thread decodes at a time, the others download.
+        # The actor holds one CPU (num_cpus=1 below): one thread decodes at a time while the network
+        # thread keeps the requests in flight.
         self.downloader = ShardDownloader(data, out, extra_schema, cpu_slots=1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -262,7 +264,10 @@ def _on_actors(data: DataConfig, udf, kwargs: dict, items: list[dict], desc: str
         ),
         num_cpus=1,
     )
-    say(data, f"{desc}: {len(items)} shards ({rows} rows) on {actors} actor(s) x {data.threads_per_actor} threads")
+    say(
+        data,
+        f"{desc}: {len(items)} shards ({rows} rows) on {actors} actor(s) x up to {data.max_in_flight} requests in flight",
+    )
     yield from progress(data, results, desc, rows, counts=counts)
 
 

@@ -42,7 +42,7 @@ def test_keep_alive_requests_share_one_connection(server):
     try:
         bodies = [fetcher.fetch(f"http://127.0.0.1:{port}/img/{i}.jpg").body for i in range(10)]
         assert [bytes(b) for b in bodies] == [images[i % 3] for i in range(10)]
-        assert fetcher.pool.opened == 1
+        assert fetcher.connections_opened == 1
         assert fetcher.fetch(f"http://127.0.0.1:{port}/img/10.jpg").reason == "http_404"
     finally:
         fetcher.close()

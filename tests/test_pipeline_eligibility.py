@@ -82,14 +82,14 @@ def _download(tmp_path, server: HTTPTestServer, table: pa.Table, duplicates: dic
     )
     shard = download.ShardDownloader(data, out, pa.schema([]), cpu_slots=1)
     asked, lock = [], threading.Lock()
-    real_fetch = shard.rows.fetcher.fetch
+    real_submit = shard.rows.fetcher.submit_many
 
-    def recording_fetch(url):
+    def recording_submit(requests):
         with lock:
-            asked.append(url)
-        return real_fetch(url)
+            asked.extend(url for url, _ in requests)
+        real_submit(requests)
 
-    shard.rows.fetcher.fetch = recording_fetch
+    shard.rows.fetcher.submit_many = recording_submit
     try:
         stats = shard.process(spec, duplicates)
     finally:
