@@ -275,7 +275,10 @@ def test_images_served_under_the_wrong_extension_and_type_are_decoded_by_their_c
     }
     with HTTPTestServer(routes) as server:
         rows = RowProcessor(DataConfig(allow_private_addresses=True, retries=0, image_size=48))
-        results = {path: rows(server.url(path)) for path in routes}
+        try:
+            results = {path: rows.outcome(rows.fetcher.fetch(server.url(path))) for path in routes}
+        finally:
+            rows.fetcher.close()
     for path, data in (("/photo.jpg", png), ("/anim.gif", webp)):
         assert isinstance(results[path], StoredImage), results[path]
         assert results[path].jpg == process(data, image_size=48).data

@@ -91,14 +91,20 @@ def big_flat_rgba_png(path: Path, side: int) -> None:
 
 
 DECODE_AND_REPORT_PEAK = """
-import json, resource, sys
+import json, sys
 import cv2, numpy as np
 from pipeline.resize import ImageProcessor
+def high_water_kib():
+    # VmHWM is this process image's own peak: ru_maxrss would start at the forking parent's peak
+    # (Linux keeps it across fork and exec), and pytest's may already be over 2 GB
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
 data = open(sys.argv[1], "rb").read()
 processor = ImageProcessor(image_size=256, encode_format="png", encode_quality=1)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = high_water_kib()
 out = processor.resize(processor.probe(data))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = high_water_kib()
 pixels = cv2.imdecode(np.frombuffer(out.data, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
 print(json.dumps({"before_kib": before, "peak_kib": peak, "size": [out.width, out.height, out.original_width,
     out.original_height], "red": pixels[20, 20].tolist(), "clear": pixels[20, 236].tolist(),
