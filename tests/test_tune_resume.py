@@ -123,7 +123,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
             "num_workers": 1,
         },
         "tune": {
-            "temperature_init": [0.03, 0.07, 0.1],
+            "temperature_init": [0.03, 0.1],
             "early_stopping": False,
             "max_concurrent_trials": 1,
             "storage_path": str(tmp_path / "sweeps"),
@@ -161,7 +161,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
         _kill(doomed)
         driver.wait(timeout=30)
         assert not [p for p in _processes_using(ray_tmp) if _alive(p)]
-        assert len(finished) < 3 and not (sweep / "results.csv").exists()
+        assert len(finished) < 2 and not (sweep / "results.csv").exists()
 
         with log2.open("wb") as out:
             rerun = subprocess.run(
@@ -173,8 +173,8 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
 
         rows = list(csv.DictReader((sweep / "results.csv").open()))
         assert sorted(r["trial_id"] for r in rows) == sorted(_trial_states(sweep))
-        assert len(rows) == 3 and {r["status"] for r in rows} == {"completed"}, rows
-        assert sorted(float(r["temperature_init"]) for r in rows) == [0.03, 0.07, 0.1]
+        assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}, rows
+        assert sorted(float(r["temperature_init"]) for r in rows) == [0.03, 0.1]
         for trial_id, snap in before.items():  # not run again: same reports, same final model file
             assert _snapshot(sweep, trial_id) == snap, trial_id
             assert f"Trial {trial_id} started" not in text
