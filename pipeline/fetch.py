@@ -107,12 +107,6 @@ class _Job:
         self.waiting = False  # in its host's line or in a retry's backoff (see Fetcher's `waiting`)
 
 
-def checked_addresses(guard: AddressGuard, host: str, port: int, fresh: bool = False) -> list[str]:
-    """Every address of `host` the guard checked, in the order to try (IPv4/IPv6 fallback).
-    fresh: a retry after `dns_error`, so the guard asks its resolver again."""
-    return list(guard.resolve_all(host, port, fresh=fresh))
-
-
 class Fetcher:
     """Downloads URLs with the rules of the `data` config; thread-safe, one per download actor."""
 
@@ -265,9 +259,10 @@ class Fetcher:
         )
 
     def _resolve(self, host: str, port: int, fresh: bool = False) -> Union[list[str], _Failure]:
-        """The guard's checked addresses, or the failure (any thread)."""
+        """The guard's checked addresses in the order to try (IPv4/IPv6 fallback), or the failure
+        (any thread). fresh: a retry after `dns_error`, so the guard asks its resolver again."""
         try:
-            return checked_addresses(self.guard, host, port, fresh)
+            return self.guard.resolve_all(host, port, fresh=fresh)
         except AddressRefused as exc:
             return _Failure("blocked_address", str(exc))
         except ResolveError as exc:
