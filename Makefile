@@ -7,14 +7,21 @@ TORCH_SPEC ?= torch==2.13.0
 WORKDIR ?= demo-run
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.clipray-installed
+# The oracle libraries (open_clip, transformers, clip-benchmark) in a venv of their own: see
+# tests/oracles/requirements.txt for why. Tests find it through CLIPRAY_ORACLE_PYTHON.
+ORACLE_VENV ?= .venv-oracles
+ORACLE_REQUIREMENTS := tests/oracles/requirements.txt
+ORACLE_STAMP := $(ORACLE_VENV)/.oracles-installed
 PYTEST_ARGS ?=
 
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test install clean
+.PHONY: demo test install oracles clean
 
 install: $(STAMP)
+
+oracles: $(ORACLE_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,13 +29,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q -e ".[test]"
 	touch $(STAMP)
 
+$(ORACLE_STAMP): $(ORACLE_REQUIREMENTS)
+	test -x $(ORACLE_VENV)/bin/python || $(PYTHON) -m venv $(ORACLE_VENV)
+	$(ORACLE_VENV)/bin/python -m pip install --disable-pip-version-check -q -r $(ORACLE_REQUIREMENTS)
+	touch $(ORACLE_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/clipray demo --workdir $(WORKDIR)
 
-test: $(STAMP)
+test: $(STAMP) $(ORACLE_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	CLIPRAY_ORACLE_PYTHON=$(abspath $(ORACLE_VENV))/bin/python $(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(WORKDIR) .pytest_cache
+	rm -rf $(VENV) $(ORACLE_VENV) $(WORKDIR) .pytest_cache

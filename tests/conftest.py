@@ -62,6 +62,18 @@ def ray_session_deprecations(session_dir: Path) -> list[str]:
     return found
 
 
+@pytest.fixture(scope="session")
+def oracle_python() -> Path:
+    """The oracle venv's interpreter (open_clip, transformers, clip-benchmark); skips, saying why,
+    where it is absent (a user's plain `pytest`)."""
+    from tests.support.oracle import missing_reason, oracle_interpreter
+
+    python = oracle_interpreter()
+    if python is None:
+        pytest.skip(missing_reason())
+    return python
+
+
 @pytest.fixture
 def one_torch_thread():
     """One intra-op thread: on a shared 2-core machine, OpenMP threads spinning against other
