@@ -13,6 +13,8 @@ ORACLE_VENV ?= .venv-oracles
 ORACLE_REQUIREMENTS := tests/oracles/requirements.txt
 ORACLE_STAMP := $(ORACLE_VENV)/.oracles-installed
 PYTEST_ARGS ?=
+# HEAVY=1 also runs the tests marked `heavy` (CI does: .ci/run); plain `pytest` runs everything.
+HEAVY ?= 0
 
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
@@ -40,7 +42,8 @@ demo: $(STAMP)
 test: $(STAMP) $(ORACLE_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	CLIPRAY_ORACLE_PYTHON=$(abspath $(ORACLE_VENV))/bin/python $(PY) -m pytest $(PYTEST_ARGS)
+	CLIPRAY_ORACLE_PYTHON=$(abspath $(ORACLE_VENV))/bin/python CLIPRAY_HEAVY_TESTS=$(HEAVY) \
+		$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(ORACLE_VENV) $(WORKDIR) .pytest_cache

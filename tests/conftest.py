@@ -36,6 +36,17 @@ def pytest_configure(config):
     logging.getLogger("ray").addHandler(_RAY_DEPRECATIONS)
 
 
+def pytest_collection_modifyitems(config, items):
+    """`make test` passes CLIPRAY_HEAVY_TESTS=0: the tests marked `heavy` skip, saying where they
+    run (CI sets HEAVY=1). A plain `pytest`, without the variable, runs everything."""
+    if os.environ.get("CLIPRAY_HEAVY_TESTS") != "0":
+        return
+    skip = pytest.mark.skip(reason="heavy end-to-end test: CI runs it (.ci/run); locally `make test HEAVY=1`")
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _RAY_DEPRECATIONS.messages:
         lines = "\n  ".join(sorted(set(_RAY_DEPRECATIONS.messages)))

@@ -219,6 +219,7 @@ def test_rerunning_a_finished_run_resumes_at_its_end_without_training_again(data
     assert again.path == result.path
 
 
+@pytest.mark.heavy
 def test_s3_storage_checkpoints_and_resumes_on_the_loopback_server(data, ray_local, tmp_path):
     """The run folder on S3, reached with the train section's storage keys alone (endpoint and
     explicit keys): the Ray workers and controller, which do not share this process's environment,

@@ -106,6 +106,7 @@ def _snapshot(sweep: Path, trial_id: str) -> dict:
     }
 
 
+@pytest.mark.heavy
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     write_shards(tmp_path / "train", copies=1, rows_per_shard=150, side=64)
     write_shards(tmp_path / "val", copies=1, rows_per_shard=300, side=64, split="heldout", seed=1)

@@ -46,6 +46,7 @@ def shards(tmp_path_factory) -> dict[str, Path]:
     return {"train": root / "train", "val": root / "val"}
 
 
+@pytest.mark.heavy
 def test_sweep_stops_a_trailing_trial_reports_failures_and_its_best_config_trains(ray_local, shards, tmp_path, capsys):
     from training.tune import run_sweep
 
