@@ -172,3 +172,49 @@ def fetch_external(fs, root: str, into: Path) -> bool:
         for shard in _shards(into / HF_INDEX):
             fs.get(f"{root}/{shard}", str(into / shard))
     return True
+
+
+def stored_config(uri: str, storage=None) -> Optional[dict]:
+    """The open_clip-layout config a checkpoint carries, read without its weights: our
+    `model_config.json` (in the folder, its `final/` or newest `checkpoint_*/`, or beside a
+    `model.safetensors`), an open_clip `model_cfg` or an HF `config.json`; None when it carries none
+    (a bare state dict, an OpenAI archive). `uri`: local path or fsspec URL."""
+    from storage import fsspec_filesystem
+
+    from .checkpoint import CONFIG_FILE, WEIGHTS_FILE
+
+    fs, root = fsspec_filesystem(str(uri), storage)
+    root = root.rstrip("/")
+
+    def read(path: str) -> dict:
+        try:
+            obj = json.loads(fs.cat_file(path))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable JSON file ({e})") from None
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{path}: expected a JSON object")
+        return obj
+
+    if fs.isfile(root):
+        sibling = root.rsplit("/", 1)[0] + f"/{CONFIG_FILE}"
+        return read(sibling) if root.endswith(WEIGHTS_FILE) and fs.isfile(sibling) else None
+    if not fs.isdir(root):
+        raise CheckpointError(f"checkpoint {uri} does not exist")
+    layout = layout_of({p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)})
+    if layout == "open_clip":
+        cfg = read(f"{root}/{OPEN_CLIP_CONFIG}").get("model_cfg")
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{uri}/{OPEN_CLIP_CONFIG}: no 'model_cfg' object (not open_clip's hub layout)")
+        return cfg
+    if layout == "hf":
+        try:
+            return config_from_hf(read(f"{root}/{HF_CONFIG}"), f"{uri}/{HF_CONFIG}")
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    folders = [root, f"{root}/final"] + sorted(
+        (p.rsplit("/", 1)[0] for p in fs.glob(f"{root}/checkpoint_*/{WEIGHTS_FILE}")), reverse=True
+    )
+    for folder in folders:
+        if fs.isfile(f"{folder}/{WEIGHTS_FILE}"):
+            return read(f"{folder}/{CONFIG_FILE}") if fs.isfile(f"{folder}/{CONFIG_FILE}") else None
+    return None
