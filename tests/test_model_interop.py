@@ -52,6 +52,7 @@ HF_SPEC = {  # a GELU model, as transformers' own config classes describe it
         "hidden_act": "gelu",
     },
 }
+TINY_RN = {**TINY_VIT, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 32}}
 OPEN_CLIP_SPEC = {**TINY_VIT, "quick_gelu": False, "vision_cfg": {**TINY_VIT["vision_cfg"], "head_width": 16}}
 
 
@@ -93,11 +94,16 @@ def interop(tmp_path_factory):
     save_model(ours, root / "run" / "final")
     for fmt in ("open_clip", "hf"):
         assert main(["export", "--model", str(root / "run"), "--format", fmt, "--output", str(root / fmt)]) == 0
+    torch.manual_seed(1)
+    resnet = create_model(TINY_RN).eval()
+    save_model(resnet, root / "rn")
+    assert main(["export", "--model", str(root / "rn"), "--format", "open_clip", "--output", str(root / "rn_oc")]) == 0
     (root / "tokenizer").mkdir()
     write_tokenizer_files(root / "tokenizer", 77)
     jobs = [
         {"mode": "open_clip_load", "model_dir": str(root / "open_clip"), "out": str(root / "open_clip.npz")},
         {"mode": "hf_load", "model_dir": str(root / "hf"), "out": str(root / "hf.npz")},
+        {"mode": "open_clip_load", "model_dir": str(root / "rn_oc"), "out": str(root / "rn_oc.npz")},
         {
             "mode": "open_clip_save",
             "model_dir": str(root / "theirs_open_clip"),
@@ -114,7 +120,7 @@ def interop(tmp_path_factory):
     (root / "jobs.json").write_text(json.dumps({"images": str(root / "images"), "captions": CAPTIONS, "jobs": jobs}))
     script = (Path(__file__).parent / "support" / "oracle_interop.py").read_text()
     run_oracle(python, script, str(root / "jobs.json"), cwd=root)
-    return root, _features(ours, root / "images"), ours
+    return root, _features(ours, root / "images"), ours, _features(resnet, root / "images")
 
 
 def _npz(path: Path) -> dict:
@@ -124,16 +130,17 @@ def _npz(path: Path) -> dict:
 
 @pytest.mark.slow
 def test_exported_open_clip_dir_gives_our_features_in_open_clip(interop):
-    root, ours, model = interop
+    root, ours, model, resnet = interop
     theirs = _npz(root / "open_clip.npz")
     _assert_close(ours, theirs, "open_clip local-dir")
     assert theirs["scale"] == pytest.approx(model.logit_scale.item(), abs=1e-6)
     assert np.array_equal(theirs["tokens"], tokenize(CAPTIONS).numpy())
+    _assert_close(resnet, _npz(root / "rn_oc.npz"), "open_clip local-dir, ModifiedResNet")
 
 
 @pytest.mark.slow
 def test_exported_hf_dir_gives_our_features_in_transformers(interop):
-    root, ours, model = interop
+    root, ours, model, _ = interop
     theirs = _npz(root / "hf.npz")
     _assert_close(ours, theirs, "transformers CLIPModel + CLIPProcessor")
     assert theirs["scale"] == pytest.approx(model.logit_scale.item(), abs=1e-6)
@@ -146,7 +153,7 @@ def test_exported_hf_dir_gives_our_features_in_transformers(interop):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["theirs_open_clip", "theirs_hf"])
 def test_directories_written_by_the_libraries_load_into_ours(interop, name):
-    root, _, _ = interop
+    root, _, _, _ = interop
     model = load_model(root / name)
     theirs = _npz(root / f"{name}.npz")
     _assert_close(_features(model, root / "images"), theirs, name)

@@ -14,7 +14,11 @@ class ModelConfig(BaseModel):
 
     name: str = Field("ViT-B-32", description="a registered model (ViT-B-32, RN50, ...) or a model JSON path")
     width_mult: PositiveFloat = 1.0
-    pretrained: Optional[str] = Field(None, description="checkpoint to start from (OpenAI/OpenCLIP/ours)")
+    pretrained: Optional[str] = Field(
+        None,
+        description="checkpoint to start from: ours, OpenAI/OpenCLIP files, open_clip or Hugging Face "
+        "model dirs; without model.name its architecture is used",
+    )
     grad_checkpointing: bool = False
     patch_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="ViT only: fraction of patches dropped in training")
 
