@@ -118,3 +118,32 @@ def test_unlocked_counts_need_their_lock_and_fit_the_tower():
     both = TrainConfig(lock_image=True, lock_text=True, learn_temperature=False)
     with pytest.raises(ValueError, match="nothing would train"):
         check_locks(resolve_config("ViT-Tiny"), both)
+
+
+def _locked_ranks(rank: int, out_dir: str) -> None:
+    """One rank: a locked model, two steps under DDP then FSDP; the full state dicts saved."""
+    import os
+
+    for strategy in ("ddp", "fsdp"):
+        clip = _model(SMALL_VIT)
+        lock_image_tower(clip, unlocked_groups=1)
+        lock_text_tower(clip)
+        loop = TrainLoop(clip, LoopSettings(total_steps=4, lr=1e-2, warmup=0, strategy=strategy))
+        for i in range(2):
+            images, tokens = batch(4, seed=i, size=32, length=16)
+            loop.step(images[rank * 2 : rank * 2 + 2], tokens[rank * 2 : rank * 2 + 2])
+        state = loop.model_state_dict()
+        if rank == 0:
+            torch.save(state, os.path.join(out_dir, f"{strategy}.pt"))
+
+
+@pytest.mark.slow
+def test_locks_hold_under_ddp_and_fsdp_on_two_ranks(tmp_path):
+    from tests.support.gloo import run_ranks
+
+    run_ranks(_locked_ranks, world=2, out_dir=tmp_path)
+    start = _model(SMALL_VIT).state_dict()
+    for strategy in ("ddp", "fsdp"):
+        state = torch.load(tmp_path / f"{strategy}.pt", weights_only=True)
+        changed = {n for n, v in start.items() if not torch.equal(state[n], v)}
+        assert changed == {"visual.proj", "logit_scale"}, strategy

@@ -232,3 +232,23 @@ def test_export_cli_refuses_unknown_formats_and_resnets_for_hf_with_exit_2(tmp_p
         == 0
     )
     assert load_model(tmp_path / "oc").config == load_model(tmp_path / "rn").config
+
+
+def test_clipray_eval_scores_an_exported_directory_like_the_run_it_came_from(tmp_path):
+    from evaluation.config import EvalConfig
+    from evaluation.run import run_evaluation
+    from tests.test_eval_datasets import write_color_shards
+    from training.model.export import export_model
+
+    torch.manual_seed(0)
+    model = create_model(TINY_VIT)
+    save_model(model, tmp_path / "final")
+    export_model(model, tmp_path / "hf", "hf")
+    write_color_shards(tmp_path / "test", per_class=3)
+
+    def recalls(path: Path) -> dict:
+        output = str(tmp_path / f"{path.name}.json")
+        cfg = EvalConfig(model=str(path), task="retrieval", dataset=str(tmp_path / "test"), output=output)
+        return run_evaluation(cfg)["metrics"]
+
+    assert recalls(tmp_path / "hf") == recalls(tmp_path / "final")
