@@ -123,7 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a key of the demo's embedded config (configs/demo.yaml); repeatable",
     )
     demo.add_argument("--debug", action="store_true", help="print the full traceback on errors")
-    _add_export_parser(sub)
 
     for name, (summary, example) in COMMANDS.items():
         p = sub.add_parser(
@@ -145,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="print the validated config as YAML (credentials masked as ***) and exit without running",
             )
+    _add_export_parser(sub)
     return parser
 
 

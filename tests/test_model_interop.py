@@ -252,3 +252,21 @@ def test_clipray_eval_scores_an_exported_directory_like_the_run_it_came_from(tmp
         return run_evaluation(cfg)["metrics"]
 
     assert recalls(tmp_path / "hf") == recalls(tmp_path / "final")
+
+
+def test_stored_config_reads_the_architecture_without_the_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from training.model.export import export_model
+    from training.model.external_dirs import stored_config
+
+    model = create_model(TINY_VIT)
+    save_model(model, tmp_path / "run" / "final")
+    export_model(model, tmp_path / "oc", "open_clip")
+    export_model(model, tmp_path / "hf", "hf")
+    for path in ("run", "run/final", "run/final/model.safetensors", "oc", "hf"):
+        assert stored_config(str(tmp_path / path)) == model.config, path
+    save_file(model.state_dict(), str(tmp_path / "bare.safetensors"))
+    assert stored_config(str(tmp_path / "bare.safetensors")) is None  # the run falls back to model.name
+    with pytest.raises(CheckpointError, match="does not exist"):
+        stored_config(str(tmp_path / "nothing"))
