@@ -226,6 +226,9 @@ def test_export_cli_refuses_unknown_formats_and_resnets_for_hf_with_exit_2(tmp_p
     err = capsys.readouterr().err
     assert "ModifiedResNet" in err and "--format open_clip" in err
     assert not (tmp_path / "x").exists()  # nothing written
+    save_model(create_model(TINY_VIT), tmp_path / "vit")
+    assert main(["export", "--model", str(tmp_path / "vit"), "--format", "hf", "--output", str(tmp_path / "vit")]) == 2
+    assert "would overwrite its model.safetensors" in capsys.readouterr().err
     # The same ResNet exports to open_clip's layout and comes back equal.
     assert (
         main(["export", "--model", str(tmp_path / "rn"), "--format", "open_clip", "--output", str(tmp_path / "oc")])

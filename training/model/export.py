@@ -95,6 +95,11 @@ def export_hf(model: CLIP, directory: Union[str, os.PathLike]) -> Path:
     config = hf_config(model.config)  # refuses ModifiedResNet before anything is written
     parsed = parse_config(model.config)
     directory = Path(directory)
+    if (directory / "model_config.json").exists():
+        raise ValueError(
+            f"{directory} holds a clipray checkpoint (model_config.json): exporting there would overwrite "
+            f"its {HF_WEIGHTS}; choose another output folder"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     _write_weights(directory / HF_WEIGHTS, to_hf(_state(model), parsed.vision.layers, parsed.text.layers))
     write_tokenizer_files(directory, parsed.text.context_length)
@@ -122,6 +127,8 @@ def export_checkpoint(source: str, fmt: str, output: str, name: Optional[str] = 
         export_model(model, absolute(output), fmt)
         return output
     fs, root = fsspec_filesystem(output)
+    if fmt == "hf" and fs.exists(f"{root.rstrip('/')}/model_config.json"):
+        raise ValueError(f"{output} holds a clipray checkpoint (model_config.json); choose another output folder")
     with tempfile.TemporaryDirectory(prefix="clipray-export-") as tmp:
         export_model(model, tmp, fmt)
         fs.makedirs(root, exist_ok=True)
