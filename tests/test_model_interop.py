@@ -177,20 +177,21 @@ def test_hf_key_table_converts_both_ways_without_loss():
     assert all(torch.equal(back[k], state[k]) for k in state)
 
 
-def test_hf_and_open_clip_dirs_load_from_s3_like_local_ones(tmp_path):
+def test_exports_to_s3_load_from_s3_like_local_ones(tmp_path, monkeypatch):
     from storage import StorageConfig
     from tests.support.s3_server import S3TestServer
-    from training.model.export import export_model
+    from training.model.export import export_checkpoint
 
     torch.manual_seed(0)
     model = create_model(TINY_VIT).eval()
+    save_model(model, tmp_path / "final")
     with S3TestServer() as s3:
-        fs = s3.filesystem()
-        fs.mkdir("models")
+        for key, value in s3.env().items():  # `clipray export` reaches S3 through the standard chain
+            monkeypatch.setenv(key, value)
+        s3.filesystem().mkdir("models")
         storage = StorageConfig(storage_options=s3.storage_options())
         for fmt in ("open_clip", "hf"):
-            export_model(model, tmp_path / fmt, fmt)
-            fs.put(str(tmp_path / fmt), f"models/{fmt}", recursive=True)
+            export_checkpoint(str(tmp_path / "final"), fmt, f"s3://models/{fmt}")
             loaded = load_model(f"s3://models/{fmt}", storage=storage)
             assert loaded.config == model.config
             for key, value in model.state_dict().items():
