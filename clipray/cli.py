@@ -1,4 +1,4 @@
-"""`clipray demo|pipeline|train|tune|eval`: one entry point for every stage.
+"""`clipray demo|pipeline|train|tune|eval|export`: one entry point for every stage.
 
 `python -m pipeline`, `python -m training`, `python -m training.tune` and `python -m evaluation`
 are the same commands under their package names.
@@ -62,6 +62,33 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="print the full traceback on errors")
 
 
+def _add_export_parser(sub) -> None:
+    export = sub.add_parser(
+        "export",
+        help="write a trained model as an open_clip or Hugging Face model directory",
+        description="Write a checkpoint as open_clip's hub layout (open_clip_config.json + "
+        "open_clip_model.safetensors, loadable with open_clip.create_model_and_transforms('local-dir:DIR')) "
+        "or as a Hugging Face CLIPModel directory (config.json, model.safetensors, tokenizer and "
+        "preprocessor files; ViT models only).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  clipray export --model runs/clip/final --format hf --output exported/clip-hf",
+    )
+    export.add_argument("--model", required=True, metavar="RUN_OR_FINAL", help="run dir, final/ dir or checkpoint")
+    # The formats are checked by training.model.export (imported only when the command runs).
+    export.add_argument("--format", required=True, help="open_clip or hf")
+    export.add_argument("--output", required=True, metavar="DIR", help="folder to write (local or s3://...)")
+    export.add_argument("--model-name", help="architecture, for a checkpoint without model_config.json")
+    export.add_argument("--debug", action="store_true", help="print the full traceback on errors")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from training.model.export import export_checkpoint
+
+    export_checkpoint(args.model, args.format, args.output, args.model_name)
+    print(f"clipray export: wrote {args.format} model to {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clipray",
@@ -117,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="print the validated config as YAML (credentials masked as ***) and exit without running",
             )
+    _add_export_parser(sub)
     return parser
 
 
@@ -200,6 +228,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from clipray.demo import run_demo
 
             return run_demo(args.workdir, args.overrides)
+        if args.command == "export":
+            return _run_export(args)
         cfg = load_config(args.config, args.overrides)
         if getattr(args, "print_config", False):
             import yaml

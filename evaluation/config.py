@@ -15,7 +15,9 @@ class EvalConfig(StorageConfig):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: Optional[str] = Field(None, description="run dir, final/ dir or state-dict file")
+    model: Optional[str] = Field(
+        None, description="run dir, final/ dir, open_clip or Hugging Face model dir, or state-dict file"
+    )
     model_name: Optional[str] = Field(None, description="architecture when the checkpoint has no config")
     task: Literal["zeroshot", "retrieval", "linear_probe"] = "zeroshot"
     dataset: Optional[str] = Field(None, description="ImageFolder tree, CSV/Parquet table or pipeline shards")

@@ -29,7 +29,8 @@ STAGE_RULES = {
     "training": ("training", "storage", "ray_compat"),
     "storage": ("storage",),
     "ray_compat": ("ray_compat",),
-    "training.model": ("training.model", "storage"),
+    # The model's Hugging Face export writes the tokenizer's vocabulary beside the weights.
+    "training.model": ("training.model", "storage", "training.tokenizer", "training.text_clean"),
     "training.tokenizer": ("training.tokenizer", "training.text_clean"),  # the tokenizer and its text cleaning
     "training.text_clean": ("training.text_clean",),
 }

@@ -14,7 +14,11 @@ class ModelConfig(BaseModel):
 
     name: str = Field("ViT-B-32", description="a registered model (ViT-B-32, RN50, ...) or a model JSON path")
     width_mult: PositiveFloat = 1.0
-    pretrained: Optional[str] = Field(None, description="checkpoint to start from (OpenAI/OpenCLIP/ours)")
+    pretrained: Optional[str] = Field(
+        None,
+        description="checkpoint to start from: ours, OpenAI/OpenCLIP files, open_clip or Hugging Face "
+        "model dirs; without model.name its architecture is used",
+    )
     grad_checkpointing: bool = False
     patch_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="ViT only: fraction of patches dropped in training")
 
@@ -81,6 +85,14 @@ class TrainConfig(StorageConfig):
         0.9, gt=0.0, le=1.0, description="smallest random crop, as a fraction of the largest square's area"
     )
     decoder: Literal["cv2", "pil"] = "cv2"
+    # LiT (docs/model.md "Locked towers"): freeze a tower, optionally leaving its last N groups trainable.
+    lock_image: bool = Field(False, description="freeze the image tower (LiT)")
+    lock_image_unlocked_groups: int = Field(0, ge=0, description="with lock_image: last N image groups trainable")
+    lock_image_freeze_bn_stats: bool = Field(
+        True, description="with lock_image: locked BatchNorms (ResNet) keep their running statistics"
+    )
+    lock_text: bool = Field(False, description="freeze the text tower")
+    lock_text_unlocked_layers: int = Field(0, ge=0, description="with lock_text: last N text groups trainable")
 
     @property
     def total_steps(self) -> int:
@@ -106,6 +118,11 @@ class TrainConfig(StorageConfig):
             )
         if self.val_every is not None and not self.val_data:
             raise ValueError("train.val_every is set but train.val_data is empty: give held-out shard folders")
+        for key, lock in (("lock_image_unlocked_groups", "lock_image"), ("lock_text_unlocked_layers", "lock_text")):
+            if getattr(self, key) and not getattr(self, lock):
+                raise ValueError(
+                    f"train.{key} is set but train.{lock} is not: it says how much of a locked tower trains"
+                )
         if self.zeroshot_data is not None and self.val_every is None:
             raise ValueError("train.zeroshot_data is set but train.val_every is not: zero-shot runs at validations")
         return self

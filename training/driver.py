@@ -45,6 +45,35 @@ def preprocess_actors(train: TrainConfig, cluster_cpus: float) -> int:
     return int(max(1, min(8, math.floor(free / (train.num_workers * train.preprocess_cpus)))))
 
 
+def architecture(model: ModelConfig, train: TrainConfig):
+    """`model.name`, or, when only `model.pretrained` is given, the config that checkpoint carries
+    (ours, open_clip's or Hugging Face's), so fine-tuning needs no matching name."""
+    from training.model.external_dirs import stored_config
+
+    if model.pretrained and "name" not in model.model_fields_set:
+        found = stored_config(model.pretrained, train)
+        if found is not None:
+            log.info("train: architecture from model.pretrained %s", model.pretrained)
+            return found
+    return model.name
+
+
+def check_locks(model_dict: dict, train: TrainConfig) -> None:
+    """Unlocked group counts within the towers (before any worker starts)."""
+    from training.model.lock import group_counts
+
+    image, text = group_counts(model_dict)
+    for key, groups in (("lock_image_unlocked_groups", image), ("lock_text_unlocked_layers", text)):
+        if getattr(train, key) > groups:
+            raise ValueError(f"train.{key} {getattr(train, key)} is more than the tower's {groups} groups")
+    if train.lock_image and train.lock_text and not train.learn_temperature and train.loss == "clip":
+        if not (train.lock_image_unlocked_groups or train.lock_text_unlocked_layers):
+            raise ValueError(
+                "train.lock_image and train.lock_text lock both towers and the temperature is fixed: "
+                "nothing would train (unlock groups or set train.learn_temperature)"
+            )
+
+
 def worker_plan(model: ModelConfig, train: TrainConfig, cluster_cpus: float) -> WorkerPlan:
     """List the shards and size the preprocessing: the plan every worker runs (no Ray needed)."""
     from training.flops import clip_forward_flops
@@ -55,7 +84,8 @@ def worker_plan(model: ModelConfig, train: TrainConfig, cluster_cpus: float) -> 
     val_fs, val_shards = (None, [])
     if train.val_data:
         val_fs, val_shards = list_shards(train.val_data, train, what="train.val_data")
-    model_dict = resolve_config(model.name, model.width_mult)
+    model_dict = resolve_config(architecture(model, train), model.width_mult)
+    check_locks(model_dict, train)
     actors = preprocess_actors(train, cluster_cpus)
     data_cpus = actors * train.preprocess_cpus
     needed = train.num_workers * (train.cpus_per_worker + data_cpus)

@@ -185,6 +185,7 @@ def _build_loop(plan: WorkerPlan, place: Placement, folder: Optional[str]):
 
     from training.loop import LoopSettings, TrainLoop
     from training.model import create_model, load_model
+    from training.model.lock import lock_image_tower, lock_text_tower
     from training.trainer_state import load_checkpoint
 
     cfg = plan.train
@@ -198,6 +199,12 @@ def _build_loop(plan: WorkerPlan, place: Placement, folder: Optional[str]):
     )
     if plan.model.pretrained and folder is None:
         clip.load_state_dict(load_model(plan.model.pretrained, storage=cfg).state_dict(), strict=True)
+    # Locks before the optimizer is built (it takes the trainable parameters only), on a resume too,
+    # so the restored optimizer state finds the same parameters.
+    if cfg.lock_image:
+        lock_image_tower(clip, cfg.lock_image_unlocked_groups, cfg.lock_image_freeze_bn_stats)
+    if cfg.lock_text:
+        lock_text_tower(clip, cfg.lock_text_unlocked_layers)
     # From here on every rank draws its own random numbers (patch dropout).
     torch.manual_seed(cfg.seed * 1000 + place.rank + 1)
     np.random.seed((cfg.seed * 1000 + place.rank + 1) % 2**32)

@@ -4,10 +4,10 @@ Reads, without ever unpickling arbitrary Python objects:
 - `.safetensors` files;
 - `torch.save` files (`.pt`/`.pth`/`.bin`) through `torch.load(weights_only=True)`: plain state
   dicts and OpenCLIP training checkpoints (`{"state_dict": ..., ...}` with `module.` prefixes);
-- TorchScript archives as OpenAI released them (`ViT-B-32.pt`): only their tensors are taken, by a
-  restricted unpickler that rebuilds tensors and stand-ins for the scripted modules and refuses
-  every other global. Which tensors are parameters/buffers is read from the archive's `code/`;
-- our own directories: `model.safetensors` + `model_config.json` (a `final/` dir or a run dir).
+- TorchScript archives as OpenAI released them (`ViT-B-32.pt`): only their tensors are taken
+  (`torchscript.py`);
+- our own directories: `model.safetensors` + `model_config.json` (a `final/` dir or a run dir);
+- open_clip hub-layout and Hugging Face `CLIPModel` directories (`external_dirs.py`).
 
 Without a config, the architecture is inferred from the state dict's shapes (as OpenAI's
 `build_model` does; heads = width / 64). A checkpoint that does not fit raises `CheckpointError`
@@ -23,7 +23,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import torch
 from safetensors.torch import load_file as load_safetensors
@@ -32,7 +32,8 @@ from safetensors.torch import save_file as save_safetensors
 from storage import StorageConfig, atomic_local_write, fsspec_filesystem
 
 from .clip import CLIP, create_model
-from .config import get_model_config, parse_config
+from .config import parse_config
+from .torchscript import TorchScriptError, is_torchscript, read_torchscript
 
 log = logging.getLogger(__name__)
 
@@ -45,131 +46,6 @@ _PREFIXES = ("module.", "_orig_mod.")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says what and where."""
-
-
-# ---------------------------------------------------------------------------------------------
-# TorchScript archives: tensors only.
-
-_STORAGE_DTYPES = {
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-}
-
-
-class _ScriptedModule:
-    """Stand-in for a scripted module object: keeps its attribute dict, runs no code."""
-
-    qualname = ""
-
-    def __setstate__(self, state: Any) -> None:
-        if not isinstance(state, dict):
-            raise pickle.UnpicklingError(f"scripted object {self.qualname} has a non-dict state")
-        self.__dict__["_state"] = state
-
-
-class _StorageType:
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
-
-
-def _rebuild_tensor(storage: torch.Tensor, offset: int, size, stride, *_ignored) -> torch.Tensor:
-    return storage.as_strided(tuple(size), tuple(stride), offset)
-
-
-class _TensorsOnlyUnpickler(pickle.Unpickler):
-    """Unpickles a TorchScript `data.pkl`: tensors, ordered dicts and module stand-ins, nothing else."""
-
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
-        super().__init__(file)
-        self._archive, self._prefix = archive, prefix
-        self._classes: dict[str, type] = {}
-
-    def find_class(self, module: str, name: str):
-        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
-            return _rebuild_tensor
-        if module == "collections" and name == "OrderedDict":
-            return dict
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(_STORAGE_DTYPES[name])
-        if module.startswith("__torch__"):
-            qualname = f"{module}.{name}"
-            if qualname not in self._classes:
-                self._classes[qualname] = type(name, (_ScriptedModule,), {"qualname": qualname})
-            return self._classes[qualname]
-        raise pickle.UnpicklingError(
-            f"refusing to load {module}.{name} from a TorchScript archive (only tensors are read)"
-        )
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
-            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r} in TorchScript archive")
-        _, storage_type, key, _location, numel = pid
-        raw = bytearray(self._archive.read(f"{self._prefix}data/{key}"))
-        flat = torch.frombuffer(raw, dtype=storage_type.dtype) if raw else torch.empty(0, dtype=storage_type.dtype)
-        if flat.numel() < numel:
-            raise pickle.UnpicklingError(f"storage {key} holds {flat.numel()} elements, expected {numel}")
-        return flat
-
-
-def _is_torchscript(archive: zipfile.ZipFile) -> bool:
-    names = archive.namelist()
-    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
-
-
-def _state_names(archive: zipfile.ZipFile, prefix: str, qualname: str) -> Optional[set]:
-    """Parameter and buffer names of a scripted class, from `code/` (None if not found)."""
-    module, _, cls = qualname.rpartition(".")
-    path = f"{prefix}code/{module.replace('.', '/')}.py"
-    try:
-        source = archive.read(path).decode("utf-8")
-    except KeyError:
-        return None
-    match = re.search(
-        rf"^class {re.escape(cls)}\(Module\):\n  __parameters__ = \[(.*?)\]\n"
-        rf"  __buffers__ = \[(.*?)\]",
-        source,
-        re.MULTILINE,
-    )
-    if not match:
-        return None
-    names = re.findall(r'"([^"]+)"', match.group(1)) + re.findall(r'"([^"]+)"', match.group(2))
-    return set(names)
-
-
-def _read_torchscript(path: Path, archive: zipfile.ZipFile) -> dict[str, torch.Tensor]:
-    data = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-    if len(data) != 1:
-        raise CheckpointError(f"{path}: TorchScript archive without a single data.pkl")
-    prefix = data[0][: -len("data.pkl")]
-    with archive.open(data[0]) as f:
-        try:
-            root = _TensorsOnlyUnpickler(f, archive, prefix).load()
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-    out: dict[str, torch.Tensor] = {}
-
-    def walk(obj: _ScriptedModule, name: str) -> None:
-        state = obj.__dict__.get("_state", {})
-        keep = _state_names(archive, prefix, obj.qualname)
-        for attr, value in state.items():
-            if isinstance(value, torch.Tensor):
-                if keep is None or attr in keep:
-                    out[name + attr] = value.clone()
-            elif isinstance(value, _ScriptedModule):
-                walk(value, f"{name}{attr}.")
-
-    if not isinstance(root, _ScriptedModule):
-        raise CheckpointError(f"{path}: TorchScript archive whose root is not a module")
-    walk(root, "")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,9 +69,12 @@ def load_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
             state = load_safetensors(str(path))
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    elif zipfile.is_zipfile(path) and _is_torchscript(zipfile.ZipFile(path)):
+    elif zipfile.is_zipfile(path) and is_torchscript(zipfile.ZipFile(path)):
         with zipfile.ZipFile(path) as archive:
-            state = _read_torchscript(path, archive)
+            try:
+                state = read_torchscript(path, archive)
+            except TorchScriptError as e:
+                raise CheckpointError(str(e)) from None
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -318,16 +197,21 @@ def _find_weights(directory: Path) -> Path:
 
 
 def _fetch_remote(url: str, into: Path, storage: Optional[StorageConfig] = None) -> Path:
-    """Copy a checkpoint at an fsspec URL (s3://...) into `into`; returns the local weights file.
+    """Copy a checkpoint at an fsspec URL (s3://...) into `into`; returns the local weights file
+    (or `into` itself for an open_clip / HF directory, whose files are copied).
 
-    A directory URL is searched like a local one: model.safetensors in it, in final/, or in the
-    newest checkpoint_*/; its model_config.json comes along.
+    A directory URL of ours is searched like a local one: model.safetensors in it, in final/, or in
+    the newest checkpoint_*/; its model_config.json comes along.
     """
+    from .external_dirs import fetch_external
+
     fs, root = fsspec_filesystem(url, storage)
     if fs.isfile(root):
         local = into / Path(root).name
         fs.get(root, str(local))
         return local
+    if fetch_external(fs, root, into):  # an open_clip or HF directory: `into` is one now
+        return into
     candidates = [f"{root}/{WEIGHTS_FILE}", f"{root}/final/{WEIGHTS_FILE}"]
     candidates += sorted(fs.glob(f"{root}/checkpoint_*/{WEIGHTS_FILE}"), reverse=True)
     weights = next((c for c in candidates if fs.isfile(c)), None)
@@ -351,7 +235,8 @@ def load_model(
 ) -> CLIP:
     """Load a CLIP from a checkpoint, in eval mode.
 
-    path: our run dir / `final/` dir / any dir with model.safetensors, or a checkpoint file
+    path: our run dir / `final/` dir / any dir with model.safetensors, an open_clip hub-layout or
+    Hugging Face CLIPModel directory, or a checkpoint file
     (.safetensors, .pt state dict, OpenCLIP checkpoint, OpenAI TorchScript archive).
     name: registered name, JSON path or config dict; when None, `model_config.json` next to the
     weights is used, else the architecture is inferred from the shapes. quick_gelu overrides the
@@ -365,18 +250,25 @@ def load_model(
         with tempfile.TemporaryDirectory(prefix="clipray-ckpt-") as tmp:
             local = _fetch_remote(str(path), Path(tmp), storage)
             return load_model(local, name, quick_gelu=quick_gelu, device=device, dtype=dtype)
+    from .external_dirs import read_external_dir
+
     path = Path(path).expanduser()
-    if path.is_dir():
-        path = _find_weights(path)
-    elif not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    state = load_state_dict(path)
-    if isinstance(name, dict):
+    external = read_external_dir(path) if path.is_dir() else None
+    if external is not None:
+        state, found = external
+    else:
+        if path.is_dir():
+            path = _find_weights(path)
+        elif not path.exists():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        state = load_state_dict(path)
+        found = None
+        if (path.parent / CONFIG_FILE).is_file() and path.name == WEIGHTS_FILE:
+            found = json.loads((path.parent / CONFIG_FILE).read_text())
+    if name is not None:
         cfg = name
-    elif name is not None:
-        cfg = get_model_config(str(name))
-    elif (path.parent / CONFIG_FILE).is_file() and path.name == WEIGHTS_FILE:
-        cfg = json.loads((path.parent / CONFIG_FILE).read_text())
+    elif found is not None:
+        cfg = found
     else:
         cfg = infer_config(state, quick_gelu=True if quick_gelu is None else quick_gelu)
         log.info("inferred model config from %s: %s", path, json.dumps(cfg))
