@@ -29,7 +29,9 @@ class TrainConfig(StorageConfig):
 
     model_config = ConfigDict(extra="forbid")
 
-    data: list[str] = Field(default_factory=list, description="one or more shard folders (local or s3://)")
+    data: list[str] = Field(
+        default_factory=list, description="shard folders/files/globs/{0..9} ranges: Parquet or WebDataset .tar"
+    )
     val_data: list[str] = Field(default_factory=list, description="held-out shard folders for validation")
     storage_path: str = Field("runs", description="folder or s3:// URL; the run lives in {storage_path}/{name}")
     name: str = "clip"
