@@ -124,6 +124,11 @@ class DataConfig(StorageConfig):
     # --- where to write
     output: Optional[str] = Field(None, description="output folder; local or s3://")
     rows_per_shard: PositiveInt = Field(10_000, le=1_000_000, description="input rows per shard (one commit unit)")
+    output_format: Literal["parquet", "webdataset"] = Field(
+        "parquet",
+        description="shards/ as Parquet (key, url, caption, jpg, ...) or WebDataset tars in img2dataset's layout "
+        "({key}.jpg, {key}.txt, {key}.json; {n}_stats.json beside {n}.tar)",
+    )
     # --- image processing (img2dataset's Resizer options)
     image_size: PositiveInt = 256
     resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "border"
@@ -224,6 +229,12 @@ class DataConfig(StorageConfig):
     )
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
 
+    @property
+    def needs_global_pass(self) -> bool:
+        """Accepted rows wait in `_work/` for a step over the whole run (image dedup, CLIP score) or
+        for the tar writer (WebDataset output) before they become `shards/`."""
+        return self.filters.needs_global_pass or self.output_format == "webdataset"
+
     @model_validator(mode="after")
     def _consistent(self) -> "DataConfig":
         if self.encode_format == "png" and self.encode_quality > 9:
@@ -233,6 +244,11 @@ class DataConfig(StorageConfig):
                 "data.retry_rejects cannot be combined with data.filters.dedup_sha256 or data.filters.clip_score: "
                 "a retried image would change decisions made over the whole run; rerun the rows in a new "
                 "data.output instead"
+            )
+        if self.retry_rejects and self.output_format == "webdataset":
+            raise ValueError(
+                "data.retry_rejects cannot be combined with data.output_format: webdataset yet (the retry merges "
+                "rows into Parquet shards); retry with output_format parquet, or rerun the rows in a new data.output"
             )
         if self.columns is not None:
             if len(set(self.columns)) != len(self.columns) or not all(self.columns):

@@ -45,6 +45,7 @@ FINGERPRINT_KEYS = (
     "caption_col",
     "extra_cols",
     "rows_per_shard",
+    "output_format",
     "image_size",
     "resize_mode",
     "resize_only_if_bigger",
@@ -119,7 +120,8 @@ class ShardSpec:
     source: str  # the input file the rows came from
     first_row: int  # index of the shard's first row in that file
     row_digits: int
-    global_pass: bool  # accepted rows wait in _work/ for dedup / CLIP-score before shards/
+    global_pass: bool  # accepted rows wait in _work/ for dedup / CLIP-score / the tar writer before shards/
+    output_format: str = "parquet"  # of shards/: parquet, or webdataset (written by the global pass)
 
     def key(self, row: int) -> str:
         return f"{self.name}{row:0{self.row_digits}d}"
@@ -144,7 +146,7 @@ class ShardSpec:
 
     @property
     def final_file(self) -> str:
-        return f"shards/{self.name}.parquet"
+        return f"shards/{self.name}.tar" if self.output_format == "webdataset" else f"shards/{self.name}.parquet"
 
     @property
     def global_rejects_file(self) -> str:
@@ -218,7 +220,8 @@ def make_plan(data: DataConfig, staged: list[dict[str, Any]]) -> Plan:
                     source=source,
                     first_row=first,
                     row_digits=row_digits,
-                    global_pass=data.filters.needs_global_pass,
+                    global_pass=data.needs_global_pass,
+                    output_format=data.output_format,
                 )
             )
             first += chunk["rows"]

@@ -53,6 +53,7 @@ from pipeline.retry import (
     transient_rejects,
 )
 from pipeline.run_global import global_pass, pair_duplicates
+from pipeline.shards import tar_stats_file
 from pipeline.sources import InputError, InputFile, list_input_files
 from pipeline.staging import stage_file
 from storage import Folder, FolderLock, absolute, is_temporary
@@ -122,7 +123,7 @@ def _run_locked(data: DataConfig, out: Folder, start: float) -> dict[str, Any]:
         processed_rows, processed_accepted = _download_missing(data, out, plan, downloads, repeated)
     download_s = time.time() - phase_start
 
-    global_stats = global_pass(data, out, plan, downloads) if data.filters.needs_global_pass else None
+    global_stats = global_pass(data, out, plan, downloads) if data.needs_global_pass else None
 
     run_info = {
         "shards": len(plan.shards),
@@ -340,7 +341,9 @@ def _sweep(out: Folder, manifest: dict[str, Any]) -> None:
     owns, and the intermediate `_work/` folder. (The folder lock guarantees no other run is
     writing here, so nothing found is another run's work in progress.)"""
     owned = {f["path"] for f in manifest["shards"]} | {f["path"] for f in manifest["rejects"]}
-    stray = [n for n in out.list("shards", ".parquet") + out.list("rejects", ".parquet") if n not in owned]
+    owned |= {tar_stats_file(p) for p in owned if p.endswith(".tar")}
+    listed = out.list("shards", ".parquet") + out.list("shards", ".tar") + out.list("shards", "_stats.json")
+    stray = [n for n in listed + out.list("rejects", ".parquet") if n not in owned]
     if stray:
         log.warning("removing %d files no committed shard owns: %s", len(stray), ", ".join(stray[:5]))
         out.remove(stray)

@@ -62,6 +62,15 @@ def expand_braces(pattern: str) -> list[str]:
     return [head + choice + rest for choice in choices for rest in expand_braces(tail)]
 
 
+def image_extension(data: bytes) -> str:
+    """The extension img2dataset gives encoded image bytes: `jpg`, `png` or `webp` (by magic bytes)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return "jpg"
+
+
 def split_member(name: str) -> tuple[Optional[str], Optional[str]]:
     """`dir/000123.jpg` -> (`dir/000123`, `jpg`); `a.b.txt` -> (`a`, `b.txt`); no dot -> (None, None)."""
     match = _MEMBER.match(name)
