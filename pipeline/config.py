@@ -11,6 +11,12 @@ from storage import StorageConfig
 EXPECTED_HASH = "expected_hash"  # the staged input's copy of data.verify_hash.column
 BLUR_BOXES = "blur_boxes"  # the staged input's copy of data.bbox_col
 
+
+def column_copy(name: str) -> str:
+    """The staged input's copy of input column `name`, read for a `data.filters.columns` rule."""
+    return f"filter_column:{name}"
+
+
 # Any 8-bit image at the default data.max_pixels fits (89,478,485 x 4 bytes = 358 MB); 16-bit
 # images outside PNG (OpenCV holds them as 16-bit) get about half as many pixels.
 DEFAULT_MAX_DECODED_BYTES = 384 * 2**20
@@ -42,6 +48,34 @@ class ClipScoreFilterConfig(BaseModel):
         return self
 
 
+class ColumnRule(BaseModel):
+    """One `data.filters.columns` rule over an input column (pipeline/column_filters.py): either
+    `{column, op, value}` or `{column, top_fraction}` (keep the best fraction of the whole input)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    column: str = Field(min_length=1, description="an input column (need not be in data.extra_cols)")
+    op: Optional[Literal[">=", "<=", "==", "!=", "in", "not_in"]] = None
+    value: Any = Field(None, description="a number or string; a list for in / not_in")
+    top_fraction: Optional[float] = Field(None, gt=0, le=1, description="keep this best fraction by the column")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "ColumnRule":
+        where = f"data.filters.columns rule on {self.column!r}"
+        if (self.op is None) == (self.top_fraction is None):
+            raise ValueError(f"{where}: give either op and value, or top_fraction")
+        if self.op is not None:
+            if self.value is None:
+                raise ValueError(f"{where}: op {self.op!r} needs a value")
+            if self.op in ("in", "not_in") and not isinstance(self.value, list):
+                raise ValueError(f"{where}: op {self.op!r} needs a list value, got {self.value!r}")
+            if self.op not in ("in", "not_in") and not isinstance(self.value, (int, float, str)):
+                raise ValueError(f"{where}: op {self.op!r} needs a number or string value, got {self.value!r}")
+        elif self.value is not None:
+            raise ValueError(f"{where}: top_fraction takes no value")
+        return self
+
+
 class FiltersConfig(BaseModel):
     """Each filter is off when its value is None/False."""
 
@@ -62,6 +96,10 @@ class FiltersConfig(BaseModel):
         False, description="drop all but the first row (by key) with the same url and caption, before downloading"
     )
     clip_score: Optional[ClipScoreFilterConfig] = None
+    columns: list[ColumnRule] = Field(
+        default_factory=list,
+        description="rules over input columns ({column, op, value} or {column, top_fraction}), before download",
+    )
 
     @model_validator(mode="after")
     def _ranges(self) -> "FiltersConfig":

@@ -112,6 +112,7 @@ class RowProcessor:
         resolver: Resolver = system_resolver,
         cpu_slots: Optional[int] = None,
         waiting: Optional[Callable[[bool], None]] = None,
+        column_cuts: Optional[dict[str, float]] = None,
     ):
         # At most `cpu_slots` threads decode at once: the actor holds that many CPUs, and more
         # concurrent decoders only add context switches and cache misses (downloads go on meanwhile).
@@ -119,7 +120,7 @@ class RowProcessor:
         self.cpu_slots = (
             None if not cpu_slots else threading.Lock() if cpu_slots == 1 else threading.BoundedSemaphore(cpu_slots)
         )
-        self.filters = RowFilters(data.filters)
+        self.filters = RowFilters(data.filters, column_cuts)
         self.fetcher = fetcher(data, resolver, waiting)
         self.images = image_processor(data)
         self.verify = data.verify_hash
@@ -198,6 +199,7 @@ class ShardDownloader:
         extra_schema: pa.Schema,
         resolver: Resolver = system_resolver,
         cpu_slots: Optional[int] = None,
+        column_cuts: Optional[dict[str, float]] = None,
     ):
         self.data = data
         self.out = out
@@ -207,7 +209,7 @@ class ShardDownloader:
         # not while it waits for its host's turn or a retry (a slow host's backlog must not starve
         # the other hosts' requests).
         self.in_flight = Permits(data.max_in_flight, batch=max(1, data.max_in_flight // 16))
-        self.rows = RowProcessor(data, resolver, cpu_slots, waiting=self.in_flight.lend)
+        self.rows = RowProcessor(data, resolver, cpu_slots, waiting=self.in_flight.lend, column_cuts=column_cuts)
         self.fetched: queue.SimpleQueue = queue.SimpleQueue()  # (rows, j, result, hash, boxes); None: stop
         self.decoders = [
             threading.Thread(target=self._decode_loop, name=f"decode-{k}", daemon=True)

@@ -7,6 +7,7 @@ request, for the first of these that fails:
 
 - `filter/malformed_row`: the reader could not read the row (the detail is its `source_error`);
 - the caption filters' reason (`filter/caption_empty`, `caption_not_text`, `caption_too_short`, ...);
+- `filter/column:<name>`: a `data.filters.columns` rule on an input column (`column_filters.py`);
 - `download/invalid_url`: the URL is null, empty or only whitespace.
 
 `dedup.pair_index` lists exactly the eligible rows, and `download.ShardDownloader` fetches exactly
@@ -25,14 +26,22 @@ from pipeline.reasons import DOWNLOAD, FILTER, Rejection
 
 
 def row_rejection(
-    url: Optional[str], caption: Optional[str], caption_ok: bool, source_error: Optional[str], filters: RowFilters
+    url: Optional[str],
+    caption: Optional[str],
+    caption_ok: bool,
+    source_error: Optional[str],
+    filters: RowFilters,
+    column_rejection: Optional[Rejection] = None,
 ) -> Optional[Rejection]:
-    """Why this staged row is not downloaded, or None when it would be."""
+    """Why this staged row is not downloaded, or None when it would be. `column_rejection`: the
+    row's `data.filters.columns` verdict (`ColumnFilters.rejections`)."""
     if source_error is not None:
         return Rejection(FILTER, "malformed_row", source_error)
     rejection = filters.caption(caption, caption_ok)
     if rejection is not None:
         return rejection
+    if column_rejection is not None:
+        return column_rejection
     if not url or not url.strip():
         return Rejection(DOWNLOAD, "invalid_url", "empty URL")
     return None
@@ -47,7 +56,8 @@ def table_rejections(table: pa.Table, filters: RowFilters) -> list[Optional[Reje
     errors = (
         table.column("source_error").to_pylist() if "source_error" in table.column_names else [None] * table.num_rows
     )
+    columns = filters.columns.rejections(table) if filters.columns is not None else [None] * table.num_rows
     return [
-        row_rejection(url, caption, bool(ok), error, filters)
-        for url, caption, ok, error in zip(urls, captions, oks, errors)
+        row_rejection(url, caption, bool(ok), error, filters, column)
+        for url, caption, ok, error, column in zip(urls, captions, oks, errors, columns)
     ]

@@ -14,7 +14,8 @@ DEDUP = "dedup"
 
 STAGES = (DOWNLOAD, DECODE, FILTER, DEDUP)  # DESIGN.md's contract: no other stage
 
-# code -> (stage, what it means). `http_<status>` codes (http_404, http_500, ...) are generated.
+# code -> (stage, what it means). `http_<status>` codes (http_404, http_500, ...) and
+# `column:<name>` codes (filter stage, `data.filters.columns`) are generated.
 REASONS: dict[str, tuple[str, str]] = {
     # filter: rows the input itself makes unusable (checked before any download)
     "malformed_row": (
@@ -85,8 +86,17 @@ def http_reason(status: int) -> str:
     return f"http_{int(status)}"
 
 
+def column_reason(column: str) -> str:
+    """`column:<name>`: a `data.filters.columns` rule on input column <name> rejected the row (stage filter)."""
+    return f"column:{column}"
+
+
 def is_known(reason: str) -> bool:
-    return reason in REASONS or (reason.startswith("http_") and reason[5:].isdigit())
+    return (
+        reason in REASONS
+        or (reason.startswith("http_") and reason[5:].isdigit())
+        or (reason.startswith("column:") and len(reason) > 7)
+    )
 
 
 class Rejection(tuple):

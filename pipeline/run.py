@@ -38,6 +38,7 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 
+from pipeline.column_filters import compute_cuts, load_cuts
 from pipeline.config import DataConfig
 from pipeline.download import ShardDownloader
 from pipeline.manifest import MANIFEST, build_manifest, summary
@@ -118,6 +119,7 @@ def _run_locked(data: DataConfig, out: Folder, start: float) -> dict[str, Any]:
         phase_start = time.time()
         processed_rows, processed_accepted = _retry(data, out, plan, downloads, retry_round)
     else:
+        compute_cuts(data, out, [s.input for s in plan.shards])  # data.filters.columns' top fractions
         repeated = pair_duplicates(data, out, plan) if data.filters.dedup_url_caption else {}
         phase_start = time.time()
         processed_rows, processed_accepted = _download_missing(data, out, plan, downloads, repeated)
@@ -211,7 +213,7 @@ class _DownloadUDF:
     def __init__(self, data: DataConfig, out: Folder, extra_schema: pa.Schema):
         # The actor holds one CPU (num_cpus=1 below): one thread decodes at a time while the network
         # thread keeps the requests in flight.
-        self.downloader = ShardDownloader(data, out, extra_schema, cpu_slots=1)
+        self.downloader = ShardDownloader(data, out, extra_schema, cpu_slots=1, column_cuts=load_cuts(out))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         stats = []
