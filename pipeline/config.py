@@ -10,6 +10,7 @@ from storage import StorageConfig
 
 EXPECTED_HASH = "expected_hash"  # the staged input's copy of data.verify_hash.column
 BLUR_BOXES = "blur_boxes"  # the staged input's copy of data.bbox_col
+LOCAL_IMAGE = "local_image"  # the staged input's image bytes (WebDataset input): used instead of a download
 
 
 def column_copy(name: str) -> str:
@@ -145,8 +146,10 @@ class DataConfig(StorageConfig):
 
     # --- what to read
     input: Optional[str] = Field(None, description="file, folder or glob; local or fsspec URL")
-    input_format: Optional[Literal["parquet", "csv", "tsv", "json", "jsonl"]] = Field(
-        None, description="inferred from each file's extension when absent (.gz is read transparently)"
+    input_format: Optional[Literal["parquet", "csv", "tsv", "json", "jsonl", "webdataset"]] = Field(
+        None,
+        description="inferred from each file's extension when absent (.gz is read transparently; .tar: "
+        "WebDataset shards, whose images are used as they are, without a download)",
     )
     columns: Optional[list[str]] = Field(
         None, description="column names of header-less csv/tsv files, in order (CC3M: [caption, url])"

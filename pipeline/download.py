@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 import pyarrow as pa
 
 from pipeline.address_guard import AddressGuard, Resolver, system_resolver
-from pipeline.config import BLUR_BOXES, EXPECTED_HASH, DataConfig
+from pipeline.config import BLUR_BOXES, EXPECTED_HASH, LOCAL_IMAGE, DataConfig
 from pipeline.eligibility import table_rejections
 from pipeline.fetch import FetchResult, Fetcher
 from pipeline.filters import RowFilters
@@ -245,7 +245,7 @@ class ShardDownloader:
             else:
                 todo.append(i)
         columns = [[urls[i] for i in todo]]
-        for optional in (EXPECTED_HASH, BLUR_BOXES):  # RowProcessor.outcome's optional arguments, in order
+        for optional in (EXPECTED_HASH, BLUR_BOXES, LOCAL_IMAGE):  # RowProcessor.outcome's optional arguments, in order
             if optional in table.column_names:
                 values = table.column(optional).to_pylist()
                 columns.append([values[i] for i in todo])
@@ -273,9 +273,13 @@ class ShardDownloader:
                     return
                 batch = []
                 for k in range(j, j + got):
-                    url, expected_hash, blur_boxes = rows[k]
+                    url, expected_hash, blur_boxes, local_image = rows[k]
+                    if local_image is not None:  # WebDataset input: the image is here, nothing to fetch
+                        self._fetched(results, k, expected_hash, blur_boxes, FetchResult(local_image, url=url or ""))
+                        continue
                     batch.append((url, functools.partial(self._fetched, results, k, expected_hash, blur_boxes)))
-                self.rows.fetcher.submit_many(batch)
+                if batch:
+                    self.rows.fetcher.submit_many(batch)
                 j += got
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             results.fail(exc)

@@ -82,3 +82,58 @@ def test_webdataset_output_opens_with_the_webdataset_package_and_feeds_training(
 def test_webdataset_output_refuses_retry_rejects_with_a_clear_error(tmp_path: Path):
     with pytest.raises(ValueError, match="retry_rejects cannot be combined with data.output_format: webdataset"):
         DataConfig(input="x.parquet", output=str(tmp_path), output_format="webdataset", retry_rejects=True)
+
+
+@pytest.mark.slow
+def test_webdataset_input_is_refiltered_deduplicated_and_resharded_without_any_download(ray_local, tmp_path):
+    """WebDataset in -> filters and dedup -> WebDataset out: the images come from the tars (their URLs
+    point at a closed loopback port, and private addresses are refused), every sample is accounted for."""
+    import io
+    import tarfile
+
+    import webdataset as wds
+
+    from tests.support.train_shards import write_webdataset_shards
+
+    tars = write_webdataset_shards(tmp_path / "in", copies=1, rows_per_shard=30, side=48)
+    for tar in tars[2:]:  # two shards are enough
+        tar.unlink()
+        (tmp_path / "in" / (tar.stem + "_stats.json")).unlink()
+    tars = tars[:2]
+    first = tarfile.open(tars[0])
+    names = first.getnames()  # per sample: .jpg, .json, .txt
+    image = first.extractfile(names[3]).read()  # sample 1's jpg (its caption has 7 words)
+    with tarfile.open(tmp_path / "in" / "99999.tar", "w") as extra:  # a copy, a sample without image
+        for name, body in (
+            ("copy.jpg", image),
+            ("copy.txt", b"the same picture again"),
+            ("noimage.txt", b"only words"),
+            ("noimage.json", b'{"url": "http://127.0.0.1:9/x.jpg"}'),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            extra.addfile(info, io.BytesIO(body))
+    total = sum(len({n.split(".")[0] for n in tarfile.open(t).getnames()}) for t in tars) + 2
+    data = DataConfig(
+        input=str(tmp_path / "in"),
+        output=str(tmp_path / "out"),
+        output_format="webdataset",
+        num_download_actors=1,
+        threads_per_actor=2,
+        rows_per_shard=64,
+        image_size=48,
+        resize_mode="no",
+        progress=False,
+        filters={"dedup_sha256": True, "min_caption_words": 4},
+    )
+    manifest = run_pipeline(data)
+    assert manifest["input_rows"] == total and manifest["accepted"] + manifest["rejected"] == total
+    reasons = manifest["reasons"]
+    assert reasons["duplicate"] >= 1 and reasons["malformed_row"] == 1
+    assert not {"blocked_address", "connection_error", "timeout", "invalid_url"} & set(reasons)
+    urls = [str(p) for p in sorted((tmp_path / "out" / "shards").glob("*.tar"))]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg;png;jpeg;webp", "txt"))
+    assert len(samples) == manifest["accepted"] > 0
+    assert all(len(caption.split()) >= 4 for _, caption in samples)
+    assert "the same picture again" not in [c for _, c in samples]  # the later copy is the duplicate
+    assert first.extractfile(names[5]).read().decode() in [c for _, c in samples]  # sample 1 is kept
