@@ -42,6 +42,7 @@ class Shard:
     path: str  # in the filesystem's own form (no scheme for pyarrow filesystems)
     rows: int
     row_groups: tuple[int, ...] = ()  # rows per row group; () = one group of `rows`
+    source: int = 0  # index of its weighted source in train.data (mixture.py); 0 for plain paths
 
     @property
     def groups(self) -> tuple[int, ...]:
@@ -153,12 +154,14 @@ def plan_pass(shards: Sequence[Shard], num_workers: int, seed: int, pass_index: 
     return plan
 
 
-def plan_fingerprint(shards: Sequence[Shard], num_workers: int, seed: int) -> str:
-    """Identifies the plan a data position refers to (files, row counts, workers, seed)."""
+def plan_fingerprint(shards: Sequence[Shard], num_workers: int, seed: int, weights: Sequence[float] = ()) -> str:
+    """Identifies the plan a data position refers to (files, row counts, workers, seed, source weights)."""
     h = hashlib.blake2b(digest_size=12)
     h.update(f"{num_workers}/{seed}".encode())
     for s in shards:
-        h.update(f"\0{s.path}\0{s.rows}".encode())
+        h.update(f"\0{s.path}\0{s.rows}".encode() + (f"\0{s.source}".encode() if weights else b""))
+    if weights:
+        h.update(("\0weights:" + ",".join(repr(float(w)) for w in weights)).encode())
     return h.hexdigest()
 
 
