@@ -192,6 +192,11 @@ class DataConfig(StorageConfig):
     )
     # --- download
     allow_private_addresses: bool = False
+    local_root: Optional[str] = Field(
+        None,
+        description="a local folder whose files rows may name (relative paths or file:// URLs) instead of "
+        "web URLs; nothing outside it is read (pipeline/local_files.py)",
+    )
     dns_error_cache_s: float = Field(
         5.0,
         ge=0.0,
@@ -291,6 +296,15 @@ class DataConfig(StorageConfig):
                 "data.retry_rejects cannot be combined with data.output_format: webdataset yet (the retry merges "
                 "rows into Parquet shards); retry with output_format parquet, or rerun the rows in a new data.output"
             )
+        if self.local_root is not None:
+            import os
+
+            if "://" in self.local_root and not self.local_root.startswith("file://"):
+                raise ValueError(f"data.local_root {self.local_root!r} must be a local folder (no s3:// etc.)")
+            root = self.local_root[len("file://") :] if self.local_root.startswith("file://") else self.local_root
+            if not os.path.isdir(root):
+                raise ValueError(f"data.local_root {self.local_root!r} is not a folder")
+            self.local_root = os.path.abspath(root)
         if self.columns is not None:
             if len(set(self.columns)) != len(self.columns) or not all(self.columns):
                 raise ValueError(f"data.columns {self.columns} must be distinct non-empty names")

@@ -34,6 +34,7 @@ from pipeline.address_guard import AddressGuard, Resolver, system_resolver
 from pipeline.config import BLUR_BOXES, EXPECTED_HASH, LOCAL_IMAGE, DataConfig
 from pipeline.eligibility import table_rejections
 from pipeline.fetch import FetchResult, Fetcher
+from pipeline.local_files import LocalFiles, is_local_reference
 from pipeline.filters import RowFilters
 from pipeline.http.proxies import ProxySettings
 from pipeline.in_order import InOrder, Permits
@@ -210,6 +211,7 @@ class ShardDownloader:
         # the other hosts' requests).
         self.in_flight = Permits(data.max_in_flight, batch=max(1, data.max_in_flight // 16))
         self.rows = RowProcessor(data, resolver, cpu_slots, waiting=self.in_flight.lend, column_cuts=column_cuts)
+        self.local_files = LocalFiles(data.local_root, data.max_response_bytes) if data.local_root else None
         self.fetched: queue.SimpleQueue = queue.SimpleQueue()  # (rows, j, result, hash, boxes); None: stop
         self.decoders = [
             threading.Thread(target=self._decode_loop, name=f"decode-{k}", daemon=True)
@@ -276,6 +278,9 @@ class ShardDownloader:
                     url, expected_hash, blur_boxes, local_image = rows[k]
                     if local_image is not None:  # WebDataset input: the image is here, nothing to fetch
                         self._fetched(results, k, expected_hash, blur_boxes, FetchResult(local_image, url=url or ""))
+                        continue
+                    if self.local_files is not None and is_local_reference(url):  # data.local_root
+                        self._fetched(results, k, expected_hash, blur_boxes, self.local_files.fetch(url))
                         continue
                     batch.append((url, functools.partial(self._fetched, results, k, expected_hash, blur_boxes)))
                 if batch:

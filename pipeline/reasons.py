@@ -47,6 +47,8 @@ REASONS: dict[str, tuple[str, str]] = {
         "an HTTP protocol error: not HTTP, bad framing (chunk size, Content-Length, Transfer-Encoding, "
         "content encoding) or headers past libcurl's size cap",
     ),
+    "outside_local_root": (DOWNLOAD, "a local path or file:// URL that is not under data.local_root"),
+    "local_file_error": (DOWNLOAD, "a file under data.local_root that is missing, not a regular file or unreadable"),
     "hash_mismatch": (
         DOWNLOAD,
         "the downloaded bytes do not hash to the row's data.verify_hash.column value (or the row has none)",

@@ -59,6 +59,7 @@ FINGERPRINT_KEYS = (
     "max_decoded_bytes",
     "fast_jpeg_decode",
     "allow_private_addresses",
+    "local_root",
     "disallowed_header_directives",
     "user_agent_token",
     "max_redirects",
