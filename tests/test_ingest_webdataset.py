@@ -202,3 +202,30 @@ def test_webdataset_stream_follows_the_parquet_order_and_resumes_at_the_same_pos
     rest = list(stream(twins / "wds", tar[cut - 1].position))
     assert [b.keys for b in rest] == [b.keys for b in tar[cut:]]
     torch.testing.assert_close(rest[0].images, tar[cut].images)
+
+
+@pytest.mark.slow
+def test_tar_shards_on_s3_are_listed_by_brace_range_and_read_like_local_ones(twins, tmp_path):
+    from storage import StorageConfig
+    from tests.support.s3_server import S3TestServer
+
+    with S3TestServer() as s3:
+        s3.create_bucket("data")
+        fs = s3.filesystem()
+        for path in sorted((twins / "wds").iterdir())[:4]:  # 00000.tar, 00000_stats.json, 00001.tar, ...
+            fs.put(str(path), f"data/wds/{path.name}")
+        fs.put(str(twins / "wds" / "00002.tar"), "data/nostats/00002.tar")
+        storage = StorageConfig(s3_endpoint_url=s3.endpoint_url, storage_options=s3.credentials)
+        cache = str(tmp_path / "cache")
+        s3_fs, shards = list_shards(
+            ["s3://data/wds/{00000..00001}.tar", "s3://data/nostats"], storage, count_cache=cache
+        )
+        _, local = list_shards([str(twins / "wds" / "{00000..00002}.tar")], count_cache=cache)
+        shards = sorted(shards, key=lambda s: s.path.rsplit("/", 1)[1])  # nostats/00002.tar sorts first
+        assert [s.rows for s in shards] == [s.rows for s in local]
+        reader = ShardReader(PreprocessSettings(image_size=8, context_length=8), s3_fs, rows_per_batch=64)
+        local_reader = ShardReader(PreprocessSettings(image_size=8, context_length=8), rows_per_batch=64)
+        remote = _read(reader, pass_units(shards, 0, window_rows=60, seed=1))
+        here = _read(local_reader, pass_units(local, 0, window_rows=60, seed=1))
+        assert remote["key"].tolist() == here["key"].tolist()
+        np.testing.assert_array_equal(remote["image"], here["image"])
