@@ -70,10 +70,22 @@ FINGERPRINT_KEYS = (
 )
 
 
+# Keys added after output folders already existed, left out of the fingerprint at their default so
+# that such a folder still resumes: (path, default).
+LATER_KEYS = ((("output_format",), "parquet"), (("local_root",), None), (("filters", "columns"), []))
+
+
 def fingerprint(data: DataConfig) -> dict[str, Any]:
     """The FINGERPRINT_KEYS of `data`, credentials redacted (the fingerprint is stored in the plan)."""
     dumped = data.model_dump(mode="json")
-    return redact_config({k: dumped[k] for k in FINGERPRINT_KEYS})
+    found = {k: dumped[k] for k in FINGERPRINT_KEYS}
+    for path, default in LATER_KEYS:
+        parent = found
+        for name in path[:-1]:
+            parent = parent.get(name) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and parent.get(path[-1], default) == default:
+            parent.pop(path[-1], None)
+    return redact_config(found)
 
 
 def fingerprint_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "data") -> list[str]:
