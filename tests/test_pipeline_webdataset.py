@@ -137,3 +137,16 @@ def test_webdataset_input_is_refiltered_deduplicated_and_resharded_without_any_d
     assert all(len(caption.split()) >= 4 for _, caption in samples)
     assert "the same picture again" not in [c for _, c in samples]  # the later copy is the duplicate
     assert first.extractfile(names[5]).read().decode() in [c for _, c in samples]  # sample 1 is kept
+
+
+def test_an_output_folder_planned_before_output_format_existed_still_resumes(tmp_path: Path):
+    from pipeline.resume import fingerprint, fingerprint_changes
+
+    data = DataConfig(input="x.parquet", output=str(tmp_path))
+    older = fingerprint(data)  # as a plan written before output_format, local_root, filters.columns
+    for gone in ("output_format", "local_root"):
+        older.pop(gone, None)
+    older["filters"].pop("columns", None)
+    assert fingerprint_changes(older, fingerprint(data)) == []
+    changed = fingerprint_changes(older, fingerprint(data.model_copy(update={"output_format": "webdataset"})))
+    assert changed == ["data.output_format: None -> 'webdataset'"]
