@@ -34,8 +34,8 @@ from pipeline.address_guard import AddressGuard, Resolver, system_resolver
 from pipeline.config import BLUR_BOXES, EXPECTED_HASH, LOCAL_IMAGE, DataConfig
 from pipeline.eligibility import table_rejections
 from pipeline.fetch import FetchResult, Fetcher
-from pipeline.local_files import LocalFiles, is_local_reference
 from pipeline.filters import RowFilters
+from pipeline.local_files import LocalFiles, served_locally
 from pipeline.http.proxies import ProxySettings
 from pipeline.in_order import InOrder, Permits
 from pipeline.reasons import DECODE, DEDUP, DOWNLOAD, FILTER, Rejection
@@ -247,7 +247,8 @@ class ShardDownloader:
             else:
                 todo.append(i)
         columns = [[urls[i] for i in todo]]
-        for optional in (EXPECTED_HASH, BLUR_BOXES, LOCAL_IMAGE):  # RowProcessor.outcome's optional arguments, in order
+        # RowProcessor.outcome's optional arguments, in order, then the staged image (WebDataset input)
+        for optional in (EXPECTED_HASH, BLUR_BOXES, LOCAL_IMAGE):
             if optional in table.column_names:
                 values = table.column(optional).to_pylist()
                 columns.append([values[i] for i in todo])
@@ -276,11 +277,9 @@ class ShardDownloader:
                 batch = []
                 for k in range(j, j + got):
                     url, expected_hash, blur_boxes, local_image = rows[k]
-                    if local_image is not None:  # WebDataset input: the image is here, nothing to fetch
-                        self._fetched(results, k, expected_hash, blur_boxes, FetchResult(local_image, url=url or ""))
-                        continue
-                    if self.local_files is not None and is_local_reference(url):  # data.local_root
-                        self._fetched(results, k, expected_hash, blur_boxes, self.local_files.fetch(url))
+                    here = served_locally(url, local_image, self.local_files)  # WebDataset input, local_root
+                    if here is not None:
+                        self._fetched(results, k, expected_hash, blur_boxes, here)
                         continue
                     batch.append((url, functools.partial(self._fetched, results, k, expected_hash, blur_boxes)))
                 if batch:

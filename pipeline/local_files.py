@@ -60,3 +60,13 @@ class LocalFiles:
         finally:
             if fd >= 0:
                 os.close(fd)
+
+
+def served_locally(url: Optional[str], image: Optional[bytes], files: Optional[LocalFiles]) -> Optional[FetchResult]:
+    """The row's image without a request, or None when it must be fetched: the staged image of a
+    WebDataset input row, else the file a local reference names under `data.local_root`."""
+    if image is not None:
+        return FetchResult(image, url=url or "")
+    if files is not None and is_local_reference(url):
+        return files.fetch(url)
+    return None
