@@ -88,3 +88,13 @@ def test_weighted_sources_of_both_formats_stream_deterministically_and_resume_at
     again = ShardStream(shards, fs, rank=1, world_size=2, seed=3, start=DataPosition(0, 0), settings=settings)
     assert again.files_of_pass(2) == files
     assert np.all([f in shards for f in files])
+
+
+def test_sweep_trials_get_weighted_sources_with_absolute_local_paths(tmp_path, monkeypatch):
+    from training.config import ModelConfig
+    from training.tune.runner import absolute_local_paths
+
+    monkeypatch.chdir(tmp_path)
+    train = TrainConfig(data=[{"path": "cc3m/shards", "weight": 2}, {"path": "s3://b/cc12m", "weight": 1}])
+    _, trial = absolute_local_paths(ModelConfig(), train)
+    assert [(s.path, s.weight) for s in trial.data] == [(str(tmp_path / "cc3m" / "shards"), 2.0), ("s3://b/cc12m", 1.0)]
