@@ -1,16 +1,21 @@
-"""Training ingest throughput: Parquet shards -> ready uint8 batches, images/s per CPU core.
+"""Training ingest throughput: Parquet or WebDataset shards -> ready uint8 batches, images/s per CPU core.
 
-Three measurements over the same shards (256 px JPEGs, pipeline layout), all doing the same work
-per image (`training.ingest.Preprocess`: decode, random square crop, resize to 224, tokenize):
+Five measurements over the same images (256 px JPEGs), as Parquet shards (pipeline layout) and as
+their WebDataset twin (img2dataset's tars, one per Parquet shard, written with `webdataset.TarWriter`),
+all doing the same work per image (`training.ingest.Preprocess`: decode, random square crop, resize
+to 224, tokenize):
 
   ceiling     one process, decode + crop + resize only, no batching (the issue's reference)
   dataloader  a plain torch DataLoader: an IterableDataset reading row groups with pyarrow,
               `num_workers` = cores, batches of --batch
   ray         clipray's training stream (`training.ingest.ShardStream`): Ray Data, one preprocessing
               actor per core, exact batches of --batch handed to the consumer
+  wds-loader  open_clip's loader on the tars: a `webdataset` DataPipeline (shard list, split by
+              worker, tarfile_to_samples, to_tuple, the same Preprocess) in a torch DataLoader
+  ray-wds     clipray's training stream on the tars
 
 Reports images/s per core and the ratios (ray / dataloader, target >= 1.0; ray / (0.8 x ceiling x
-cores), target >= 1.0), both steady (from the first batch on: what a long training run sees) and
+cores), target >= 1.0; ray-wds / ray and ray-wds / wds-loader, targets >= 1.0), both steady (from the first batch on: what a long training run sees) and
 over the whole run (with the start-up: worker processes, imports, tokenizer). Every number is the
 median of --repeats runs of --passes passes; the machine may be shared, so runs interleave.
 
@@ -70,6 +75,25 @@ def make_shards(folder: Path, images: int, rows_per_shard: int = 512) -> None:
             folder / f"{start // rows_per_shard:05d}.parquet",
             row_group_size=128,
         )
+
+
+def make_webdataset_twin(shards, folder: Path) -> None:
+    """The Parquet shards' rows as img2dataset's WebDataset output: `{n}.tar` ({key}.jpg, .txt,
+    .json through `webdataset.TarWriter`) and `{n}_stats.json`, one tar per Parquet shard."""
+    import json
+
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, shard in enumerate(shards):
+        table = pq.read_table(shard.path, columns=["key", "caption", "jpg"])
+        with open(folder / f"{n:05d}.tar", "wb") as fh:
+            writer = wds.TarWriter(fh)
+            for key, caption, jpg in zip(*(table.column(c).to_pylist() for c in ("key", "caption", "jpg"))):
+                writer.write({"__key__": key, "jpg": jpg, "txt": caption, "json": json.dumps({"key": key})})
+            writer.close()
+        (folder / f"{n:05d}_stats.json").write_text(json.dumps({"successes": table.num_rows}))
 
 
 def ceiling(shards, decoder: str) -> float:
@@ -145,6 +169,49 @@ def dataloader(shards, decoder: str, batch: int, workers: int, passes: int) -> t
     return _timed(sizes())
 
 
+def wds_loader(tars: list[str], decoder: str, batch: int, workers: int, passes: int) -> tuple[float, float, float]:
+    """open_clip's WebDataset loader (its `get_wds_dataset` without resampling/shuffle buffers), doing
+    our Preprocess per row instead of torchvision's transform, in a torch DataLoader."""
+    import webdataset as wds
+
+    from training.ingest import Preprocess, PreprocessSettings
+
+    def preprocess(rows):
+        pre = Preprocess(PreprocessSettings(image_size=TARGET, decoder=decoder))
+        chunk: list = []
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) == 64:
+                yield from _preprocessed(pre, chunk)
+                chunk = []
+        if chunk:
+            yield from _preprocessed(pre, chunk)
+
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(tars * passes),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(),
+        wds.to_tuple("__key__", "jpg;png;jpeg;webp", "txt"),
+        preprocess,
+        wds.batched(batch, partial=True),
+    )
+    loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers, prefetch_factor=4)
+
+    def sizes():
+        for images, _tokens in loader:
+            assert images.dtype == torch.uint8 and images.shape[1:] == (TARGET, TARGET, 3)
+            yield images.shape[0]
+
+    return _timed(sizes())
+
+
+def _preprocessed(pre, chunk):
+    keys, blobs, captions = zip(*chunk)
+    out = pre({"key": np.asarray(keys, dtype=object), "jpg": list(blobs), "caption": list(captions)})
+    for i in range(len(keys)):
+        yield torch.from_numpy(out["image"][i]), torch.from_numpy(out["tokens"][i])
+
+
 def ray_stream(shards, fs, decoder: str, batch: int, actors: int, passes: int) -> tuple[float, float]:
     from training.ingest import DataPosition, PreprocessSettings, ShardStream, StreamSettings
 
@@ -191,6 +258,11 @@ def main(argv=None) -> int:
             make_shards(folder, args.images)
         fs, shards = list_shards([str(folder)])
         total = sum(s.rows for s in shards)
+        tar_folder = folder.parent / (folder.name + "-wds")
+        if not tar_folder.exists():
+            make_webdataset_twin(shards, tar_folder)
+        tar_fs, tar_shards = list_shards([str(tar_folder)])
+        tars = [s.path for s in tar_shards]
         ray.init(
             num_cpus=args.cores + 1,
             include_dashboard=False,
@@ -199,12 +271,16 @@ def main(argv=None) -> int:
         )
         try:
             ray_stream(shards, fs, args.decoder, args.batch, args.cores, 1)  # warm: worker processes, imports
-            runs: dict[str, list] = {"ceiling": [], "dataloader": [], "ray": []}
+            runs: dict[str, list] = {k: [] for k in ("ceiling", "dataloader", "ray", "wds-loader", "ray-wds")}
             for _ in range(args.repeats):
                 one = ceiling(shards, args.decoder)
                 runs["ceiling"].append((one, one, 0.0))
                 runs["dataloader"].append(dataloader(shards, args.decoder, args.batch, args.cores, args.passes))
                 runs["ray"].append(ray_stream(shards, fs, args.decoder, args.batch, args.cores, args.passes))
+                runs["wds-loader"].append(wds_loader(tars, args.decoder, args.batch, args.cores, args.passes))
+                runs["ray-wds"].append(
+                    ray_stream(tar_shards, tar_fs, args.decoder, args.batch, args.cores, args.passes)
+                )
         finally:
             ray.shutdown()
     steady = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
@@ -216,7 +292,7 @@ def main(argv=None) -> int:
         f"({platform.processor() or platform.machine()})"
     )
     print("  images/s [per core]   steady (after the 1st batch)   whole run   runs: steady/whole/s to 1st batch")
-    for k in ("ceiling", "dataloader", "ray"):
+    for k in ("ceiling", "dataloader", "ray", "wds-loader", "ray-wds"):
         cores = 1 if k == "ceiling" else args.cores
         print(
             f"  {k:10s}            {steady[k]:7.0f} [{steady[k] / cores:6.0f}]            "
@@ -227,6 +303,10 @@ def main(argv=None) -> int:
         print(
             f"  {label:9s}: ray / dataloader = {m['ray'] / m['dataloader']:.2f}x (target >= 1.0), "
             f"ray / (0.8 x ceiling x cores) = {m['ray'] / (0.8 * m['ceiling'] * args.cores):.2f} (target >= 1.0)"
+        )
+        print(
+            f"  {label:9s}: ray-wds / ray (Parquet) = {m['ray-wds'] / m['ray']:.2f}x, "
+            f"ray-wds / wds-loader (open_clip) = {m['ray-wds'] / m['wds-loader']:.2f}x (targets >= 1.0)"
         )
     return 0
 

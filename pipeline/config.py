@@ -10,6 +10,13 @@ from storage import StorageConfig
 
 EXPECTED_HASH = "expected_hash"  # the staged input's copy of data.verify_hash.column
 BLUR_BOXES = "blur_boxes"  # the staged input's copy of data.bbox_col
+LOCAL_IMAGE = "local_image"  # the staged input's image bytes (WebDataset input): used instead of a download
+
+
+def column_copy(name: str) -> str:
+    """The staged input's copy of input column `name`, read for a `data.filters.columns` rule."""
+    return f"filter_column:{name}"
+
 
 # Any 8-bit image at the default data.max_pixels fits (89,478,485 x 4 bytes = 358 MB); 16-bit
 # images outside PNG (OpenCV holds them as 16-bit) get about half as many pixels.
@@ -42,6 +49,34 @@ class ClipScoreFilterConfig(BaseModel):
         return self
 
 
+class ColumnRule(BaseModel):
+    """One `data.filters.columns` rule over an input column (pipeline/column_filters.py): either
+    `{column, op, value}` or `{column, top_fraction}` (keep the best fraction of the whole input)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    column: str = Field(min_length=1, description="an input column (need not be in data.extra_cols)")
+    op: Optional[Literal[">=", "<=", "==", "!=", "in", "not_in"]] = None
+    value: Any = Field(None, description="a number or string; a list for in / not_in")
+    top_fraction: Optional[float] = Field(None, gt=0, le=1, description="keep this best fraction by the column")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "ColumnRule":
+        where = f"data.filters.columns rule on {self.column!r}"
+        if (self.op is None) == (self.top_fraction is None):
+            raise ValueError(f"{where}: give either op and value, or top_fraction")
+        if self.op is not None:
+            if self.value is None:
+                raise ValueError(f"{where}: op {self.op!r} needs a value")
+            if self.op in ("in", "not_in") and not isinstance(self.value, list):
+                raise ValueError(f"{where}: op {self.op!r} needs a list value, got {self.value!r}")
+            if self.op not in ("in", "not_in") and not isinstance(self.value, (int, float, str)):
+                raise ValueError(f"{where}: op {self.op!r} needs a number or string value, got {self.value!r}")
+        elif self.value is not None:
+            raise ValueError(f"{where}: top_fraction takes no value")
+        return self
+
+
 class FiltersConfig(BaseModel):
     """Each filter is off when its value is None/False."""
 
@@ -62,6 +97,10 @@ class FiltersConfig(BaseModel):
         False, description="drop all but the first row (by key) with the same url and caption, before downloading"
     )
     clip_score: Optional[ClipScoreFilterConfig] = None
+    columns: list[ColumnRule] = Field(
+        default_factory=list,
+        description="rules over input columns ({column, op, value} or {column, top_fraction}), before download",
+    )
 
     @model_validator(mode="after")
     def _ranges(self) -> "FiltersConfig":
@@ -107,8 +146,10 @@ class DataConfig(StorageConfig):
 
     # --- what to read
     input: Optional[str] = Field(None, description="file, folder or glob; local or fsspec URL")
-    input_format: Optional[Literal["parquet", "csv", "tsv", "json", "jsonl"]] = Field(
-        None, description="inferred from each file's extension when absent (.gz is read transparently)"
+    input_format: Optional[Literal["parquet", "csv", "tsv", "json", "jsonl", "webdataset"]] = Field(
+        None,
+        description="inferred from each file's extension when absent (.gz is read transparently; .tar: "
+        "WebDataset shards, whose images are used as they are, without a download)",
     )
     columns: Optional[list[str]] = Field(
         None, description="column names of header-less csv/tsv files, in order (CC3M: [caption, url])"
@@ -124,6 +165,11 @@ class DataConfig(StorageConfig):
     # --- where to write
     output: Optional[str] = Field(None, description="output folder; local or s3://")
     rows_per_shard: PositiveInt = Field(10_000, le=1_000_000, description="input rows per shard (one commit unit)")
+    output_format: Literal["parquet", "webdataset"] = Field(
+        "parquet",
+        description="shards/ as Parquet (key, url, caption, jpg, ...) or WebDataset tars in img2dataset's layout "
+        "({key}.jpg, {key}.txt, {key}.json; {n}_stats.json beside {n}.tar)",
+    )
     # --- image processing (img2dataset's Resizer options)
     image_size: PositiveInt = 256
     resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "border"
@@ -146,6 +192,11 @@ class DataConfig(StorageConfig):
     )
     # --- download
     allow_private_addresses: bool = False
+    local_root: Optional[str] = Field(
+        None,
+        description="a local folder whose files rows may name (relative paths or file:// URLs) instead of "
+        "web URLs; nothing outside it is read (pipeline/local_files.py)",
+    )
     dns_error_cache_s: float = Field(
         5.0,
         ge=0.0,
@@ -224,6 +275,12 @@ class DataConfig(StorageConfig):
     )
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
 
+    @property
+    def needs_global_pass(self) -> bool:
+        """Accepted rows wait in `_work/` for a step over the whole run (image dedup, CLIP score) or
+        for the tar writer (WebDataset output) before they become `shards/`."""
+        return self.filters.needs_global_pass or self.output_format == "webdataset"
+
     @model_validator(mode="after")
     def _consistent(self) -> "DataConfig":
         if self.encode_format == "png" and self.encode_quality > 9:
@@ -234,6 +291,20 @@ class DataConfig(StorageConfig):
                 "a retried image would change decisions made over the whole run; rerun the rows in a new "
                 "data.output instead"
             )
+        if self.retry_rejects and self.output_format == "webdataset":
+            raise ValueError(
+                "data.retry_rejects cannot be combined with data.output_format: webdataset yet (the retry merges "
+                "rows into Parquet shards); retry with output_format parquet, or rerun the rows in a new data.output"
+            )
+        if self.local_root is not None:
+            import os
+
+            if "://" in self.local_root and not self.local_root.startswith("file://"):
+                raise ValueError(f"data.local_root {self.local_root!r} must be a local folder (no s3:// etc.)")
+            root = self.local_root[len("file://") :] if self.local_root.startswith("file://") else self.local_root
+            if not os.path.isdir(root):
+                raise ValueError(f"data.local_root {self.local_root!r} is not a folder")
+            self.local_root = os.path.abspath(root)
         if self.columns is not None:
             if len(set(self.columns)) != len(self.columns) or not all(self.columns):
                 raise ValueError(f"data.columns {self.columns} must be distinct non-empty names")

@@ -44,8 +44,9 @@ def pair_index(table: pa.Table, keys: list[str], filters: RowFilters) -> pa.Tabl
     """`key`, `pair` of the staged input rows that would be downloaded (`eligibility.py`: readable,
     a caption `filters` accept, a non-empty URL). The other rows are rejected for their own reason
     by the download, so they never become, or make, duplicates."""
-    rows = [i for i, rejection in enumerate(table_rejections(table, filters)) if rejection is None]
     urls = table.column("url").to_pylist()
+    # Rows without a URL (WebDataset input brings its images) have no (url, caption) pair to repeat.
+    rows = [i for i, rejection in enumerate(table_rejections(table, filters)) if rejection is None and urls[i]]
     captions = table.column("caption").to_pylist()
     return pa.table(
         {

@@ -31,10 +31,11 @@ from typing import Any, Callable, Iterator, Optional, Union
 import pyarrow as pa
 
 from pipeline.address_guard import AddressGuard, Resolver, system_resolver
-from pipeline.config import BLUR_BOXES, EXPECTED_HASH, DataConfig
+from pipeline.config import BLUR_BOXES, EXPECTED_HASH, LOCAL_IMAGE, DataConfig
 from pipeline.eligibility import table_rejections
 from pipeline.fetch import FetchResult, Fetcher
 from pipeline.filters import RowFilters
+from pipeline.local_files import LocalFiles, served_locally
 from pipeline.http.proxies import ProxySettings
 from pipeline.in_order import InOrder, Permits
 from pipeline.reasons import DECODE, DEDUP, DOWNLOAD, FILTER, Rejection
@@ -112,6 +113,7 @@ class RowProcessor:
         resolver: Resolver = system_resolver,
         cpu_slots: Optional[int] = None,
         waiting: Optional[Callable[[bool], None]] = None,
+        column_cuts: Optional[dict[str, float]] = None,
     ):
         # At most `cpu_slots` threads decode at once: the actor holds that many CPUs, and more
         # concurrent decoders only add context switches and cache misses (downloads go on meanwhile).
@@ -119,7 +121,7 @@ class RowProcessor:
         self.cpu_slots = (
             None if not cpu_slots else threading.Lock() if cpu_slots == 1 else threading.BoundedSemaphore(cpu_slots)
         )
-        self.filters = RowFilters(data.filters)
+        self.filters = RowFilters(data.filters, column_cuts)
         self.fetcher = fetcher(data, resolver, waiting)
         self.images = image_processor(data)
         self.verify = data.verify_hash
@@ -198,6 +200,7 @@ class ShardDownloader:
         extra_schema: pa.Schema,
         resolver: Resolver = system_resolver,
         cpu_slots: Optional[int] = None,
+        column_cuts: Optional[dict[str, float]] = None,
     ):
         self.data = data
         self.out = out
@@ -207,7 +210,8 @@ class ShardDownloader:
         # not while it waits for its host's turn or a retry (a slow host's backlog must not starve
         # the other hosts' requests).
         self.in_flight = Permits(data.max_in_flight, batch=max(1, data.max_in_flight // 16))
-        self.rows = RowProcessor(data, resolver, cpu_slots, waiting=self.in_flight.lend)
+        self.rows = RowProcessor(data, resolver, cpu_slots, waiting=self.in_flight.lend, column_cuts=column_cuts)
+        self.local_files = LocalFiles(data.local_root, data.max_response_bytes) if data.local_root else None
         self.fetched: queue.SimpleQueue = queue.SimpleQueue()  # (rows, j, result, hash, boxes); None: stop
         self.decoders = [
             threading.Thread(target=self._decode_loop, name=f"decode-{k}", daemon=True)
@@ -243,7 +247,8 @@ class ShardDownloader:
             else:
                 todo.append(i)
         columns = [[urls[i] for i in todo]]
-        for optional in (EXPECTED_HASH, BLUR_BOXES):  # RowProcessor.outcome's optional arguments, in order
+        # RowProcessor.outcome's optional arguments, in order, then the staged image (WebDataset input)
+        for optional in (EXPECTED_HASH, BLUR_BOXES, LOCAL_IMAGE):
             if optional in table.column_names:
                 values = table.column(optional).to_pylist()
                 columns.append([values[i] for i in todo])
@@ -271,9 +276,14 @@ class ShardDownloader:
                     return
                 batch = []
                 for k in range(j, j + got):
-                    url, expected_hash, blur_boxes = rows[k]
+                    url, expected_hash, blur_boxes, local_image = rows[k]
+                    here = served_locally(url, local_image, self.local_files)  # WebDataset input, local_root
+                    if here is not None:
+                        self._fetched(results, k, expected_hash, blur_boxes, here)
+                        continue
                     batch.append((url, functools.partial(self._fetched, results, k, expected_hash, blur_boxes)))
-                self.rows.fetcher.submit_many(batch)
+                if batch:
+                    self.rows.fetcher.submit_many(batch)
                 j += got
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             results.fail(exc)

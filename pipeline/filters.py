@@ -16,8 +16,14 @@ from pipeline.reasons import FILTER, Rejection
 
 
 class RowFilters:
-    def __init__(self, filters: FiltersConfig):
+    """The row filters of `data.filters`; `column_cuts` are the committed top-fraction cuts of
+    `filters.columns` (`column_filters.compute_cuts`), needed when such a rule exists."""
+
+    def __init__(self, filters: FiltersConfig, column_cuts: Optional[dict[str, float]] = None):
+        from pipeline.column_filters import ColumnFilters  # it uses clip_score_cut, below
+
         self.f = filters
+        self.columns = ColumnFilters(filters.columns, column_cuts) if filters.columns else None
 
     def caption(self, caption: Optional[str], caption_ok: bool) -> Optional[Rejection]:
         """Why this caption is rejected, or None. `caption_ok`: it was a valid UTF-8 string."""

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from pipeline.reasons import DEDUP, FILTER, Rejection
 from pipeline.resume import GLOBAL, ShardSpec, marker
-from pipeline.shards import rejects_table
+from pipeline.shards import rejects_table, tar_stats_file, write_tar_shard
 from storage import Folder
 
 DECISIONS = "_state/global/decisions.json"
@@ -40,7 +40,8 @@ def apply_to_shard(
     duplicates: rows of `DUPLICATE_SCHEMA` for this shard (key, first_key, by).
     """
     start = time.time()
-    out.remove([spec.final_file, spec.global_rejects_file, marker(GLOBAL, spec)])
+    side = [tar_stats_file(spec.final_file)] if spec.output_format == "webdataset" else []
+    out.remove([spec.final_file, *side, spec.global_rejects_file, marker(GLOBAL, spec)])
     stats: dict[str, Any] = {
         "shard": spec.name,
         "accepted": 0,
@@ -80,7 +81,10 @@ def apply_to_shard(
     keep[list(rejections)] = False
     kept = table.filter(pa.array(keep))
     if kept.num_rows:
-        stats["final_bytes"] = out.write_parquet(spec.final_file, kept)
+        if spec.output_format == "webdataset":
+            stats["final_bytes"] = write_tar_shard(out, spec.final_file, kept, input_rows=spec.rows)
+        else:
+            stats["final_bytes"] = out.write_parquet(spec.final_file, kept)
         stats["final_file"] = spec.final_file
     if rejections:
         order = sorted(rejections)

@@ -14,7 +14,8 @@ DEDUP = "dedup"
 
 STAGES = (DOWNLOAD, DECODE, FILTER, DEDUP)  # DESIGN.md's contract: no other stage
 
-# code -> (stage, what it means). `http_<status>` codes (http_404, http_500, ...) are generated.
+# code -> (stage, what it means). `http_<status>` codes (http_404, http_500, ...) and
+# `column:<name>` codes (filter stage, `data.filters.columns`) are generated.
 REASONS: dict[str, tuple[str, str]] = {
     # filter: rows the input itself makes unusable (checked before any download)
     "malformed_row": (
@@ -46,6 +47,8 @@ REASONS: dict[str, tuple[str, str]] = {
         "an HTTP protocol error: not HTTP, bad framing (chunk size, Content-Length, Transfer-Encoding, "
         "content encoding) or headers past libcurl's size cap",
     ),
+    "outside_local_root": (DOWNLOAD, "a local path or file:// URL that is not under data.local_root"),
+    "local_file_error": (DOWNLOAD, "a file under data.local_root that is missing, not a regular file or unreadable"),
     "hash_mismatch": (
         DOWNLOAD,
         "the downloaded bytes do not hash to the row's data.verify_hash.column value (or the row has none)",
@@ -85,8 +88,17 @@ def http_reason(status: int) -> str:
     return f"http_{int(status)}"
 
 
+def column_reason(column: str) -> str:
+    """`column:<name>`: a `data.filters.columns` rule on input column <name> rejected the row (stage filter)."""
+    return f"column:{column}"
+
+
 def is_known(reason: str) -> bool:
-    return reason in REASONS or (reason.startswith("http_") and reason[5:].isdigit())
+    return (
+        reason in REASONS
+        or (reason.startswith("http_") and reason[5:].isdigit())
+        or (reason.startswith("column:") and len(reason) > 7)
+    )
 
 
 class Rejection(tuple):

@@ -45,6 +45,7 @@ FINGERPRINT_KEYS = (
     "caption_col",
     "extra_cols",
     "rows_per_shard",
+    "output_format",
     "image_size",
     "resize_mode",
     "resize_only_if_bigger",
@@ -58,6 +59,7 @@ FINGERPRINT_KEYS = (
     "max_decoded_bytes",
     "fast_jpeg_decode",
     "allow_private_addresses",
+    "local_root",
     "disallowed_header_directives",
     "user_agent_token",
     "max_redirects",
@@ -68,10 +70,22 @@ FINGERPRINT_KEYS = (
 )
 
 
+# Keys added after output folders already existed, left out of the fingerprint at their default so
+# that such a folder still resumes: (path, default).
+LATER_KEYS = ((("output_format",), "parquet"), (("local_root",), None), (("filters", "columns"), []))
+
+
 def fingerprint(data: DataConfig) -> dict[str, Any]:
     """The FINGERPRINT_KEYS of `data`, credentials redacted (the fingerprint is stored in the plan)."""
     dumped = data.model_dump(mode="json")
-    return redact_config({k: dumped[k] for k in FINGERPRINT_KEYS})
+    found = {k: dumped[k] for k in FINGERPRINT_KEYS}
+    for path, default in LATER_KEYS:
+        parent = found
+        for name in path[:-1]:
+            parent = parent.get(name) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and parent.get(path[-1], default) == default:
+            parent.pop(path[-1], None)
+    return redact_config(found)
 
 
 def fingerprint_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "data") -> list[str]:
@@ -119,7 +133,8 @@ class ShardSpec:
     source: str  # the input file the rows came from
     first_row: int  # index of the shard's first row in that file
     row_digits: int
-    global_pass: bool  # accepted rows wait in _work/ for dedup / CLIP-score before shards/
+    global_pass: bool  # accepted rows wait in _work/ for dedup / CLIP-score / the tar writer before shards/
+    output_format: str = "parquet"  # of shards/: parquet, or webdataset (written by the global pass)
 
     def key(self, row: int) -> str:
         return f"{self.name}{row:0{self.row_digits}d}"
@@ -144,7 +159,7 @@ class ShardSpec:
 
     @property
     def final_file(self) -> str:
-        return f"shards/{self.name}.parquet"
+        return f"shards/{self.name}.tar" if self.output_format == "webdataset" else f"shards/{self.name}.parquet"
 
     @property
     def global_rejects_file(self) -> str:
@@ -218,7 +233,8 @@ def make_plan(data: DataConfig, staged: list[dict[str, Any]]) -> Plan:
                     source=source,
                     first_row=first,
                     row_digits=row_digits,
-                    global_pass=data.filters.needs_global_pass,
+                    global_pass=data.needs_global_pass,
+                    output_format=data.output_format,
                 )
             )
             first += chunk["rows"]

@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.column_filters import load_cuts
 from pipeline.config import DataConfig
 from pipeline.download import ROW_GROUP_ROWS, ShardDownloader
 from pipeline.manifest import MANIFEST, InvariantError
@@ -114,7 +115,9 @@ class ShardRetrier:
         self.out = out
         self.work = out.child(RETRY_WORK)
         self.schema = accepted_schema(extra_schema)
-        self.downloader = ShardDownloader(data, self.work, extra_schema, cpu_slots=cpu_slots)
+        self.downloader = ShardDownloader(
+            data, self.work, extra_schema, cpu_slots=cpu_slots, column_cuts=load_cuts(out)
+        )
 
     def close(self) -> None:
         self.downloader.close()

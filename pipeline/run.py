@@ -38,6 +38,7 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 
+from pipeline.column_filters import compute_cuts, load_cuts
 from pipeline.config import DataConfig
 from pipeline.download import ShardDownloader
 from pipeline.manifest import MANIFEST, build_manifest, summary
@@ -53,6 +54,7 @@ from pipeline.retry import (
     transient_rejects,
 )
 from pipeline.run_global import global_pass, pair_duplicates
+from pipeline.shards import tar_stats_file
 from pipeline.sources import InputError, InputFile, list_input_files
 from pipeline.staging import stage_file
 from storage import Folder, FolderLock, absolute, is_temporary
@@ -117,12 +119,13 @@ def _run_locked(data: DataConfig, out: Folder, start: float) -> dict[str, Any]:
         phase_start = time.time()
         processed_rows, processed_accepted = _retry(data, out, plan, downloads, retry_round)
     else:
+        compute_cuts(data, out, [s.input for s in plan.shards])  # data.filters.columns' top fractions
         repeated = pair_duplicates(data, out, plan) if data.filters.dedup_url_caption else {}
         phase_start = time.time()
         processed_rows, processed_accepted = _download_missing(data, out, plan, downloads, repeated)
     download_s = time.time() - phase_start
 
-    global_stats = global_pass(data, out, plan, downloads) if data.filters.needs_global_pass else None
+    global_stats = global_pass(data, out, plan, downloads) if data.needs_global_pass else None
 
     run_info = {
         "shards": len(plan.shards),
@@ -210,7 +213,7 @@ class _DownloadUDF:
     def __init__(self, data: DataConfig, out: Folder, extra_schema: pa.Schema):
         # The actor holds one CPU (num_cpus=1 below): one thread decodes at a time while the network
         # thread keeps the requests in flight.
-        self.downloader = ShardDownloader(data, out, extra_schema, cpu_slots=1)
+        self.downloader = ShardDownloader(data, out, extra_schema, cpu_slots=1, column_cuts=load_cuts(out))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         stats = []
@@ -340,7 +343,9 @@ def _sweep(out: Folder, manifest: dict[str, Any]) -> None:
     owns, and the intermediate `_work/` folder. (The folder lock guarantees no other run is
     writing here, so nothing found is another run's work in progress.)"""
     owned = {f["path"] for f in manifest["shards"]} | {f["path"] for f in manifest["rejects"]}
-    stray = [n for n in out.list("shards", ".parquet") + out.list("rejects", ".parquet") if n not in owned]
+    owned |= {tar_stats_file(p) for p in owned if p.endswith(".tar")}
+    listed = out.list("shards", ".parquet") + out.list("shards", ".tar") + out.list("shards", "_stats.json")
+    stray = [n for n in listed + out.list("rejects", ".parquet") if n not in owned]
     if stray:
         log.warning("removing %d files no committed shard owns: %s", len(stray), ", ".join(stray[:5]))
         out.remove(stray)

@@ -76,7 +76,9 @@ def _load_pairs(batch: dict[str, np.ndarray], out: Folder, data: DataConfig) -> 
     downloaded (see `dedup.pair_index`)."""
     from pipeline.filters import RowFilters
 
-    filters = RowFilters(data.filters)
+    from pipeline.column_filters import load_cuts
+
+    filters = RowFilters(data.filters, load_cuts(out))
     tables = []
     for spec_json in batch["spec"]:
         spec = ShardSpec.from_dict(json.loads(spec_json))

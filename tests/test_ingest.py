@@ -62,7 +62,7 @@ def test_list_shards_names_the_bad_location_or_column(tmp_path, shards_dir):
     with pytest.raises(FileNotFoundError, match="train.data: .*nowhere does not exist"):
         list_shards([str(tmp_path / "nowhere")])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="empty holds no .parquet shard"):
+    with pytest.raises(ValueError, match="empty holds no .parquet or .tar shard"):
         list_shards([str(tmp_path / "empty")])
     pq.write_table(pa.table({"key": ["a"], "text": ["x"]}), tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match=r"bad.parquet lacks column\(s\) caption, jpg \(has: key, text\)"):

@@ -1,6 +1,7 @@
 """End-to-end training with Ray Train on 2 CPU workers (gloo) over the demo's shards:
 the loss falls, outputs land where DESIGN.md says, a SIGKILLed worker is replaced from the last
-checkpoint and the run ends exactly like an uninterrupted one, a finished run resumes at its end,
+checkpoint and the run ends exactly like an uninterrupted one (that run reads the same rows as
+img2dataset's WebDataset tars, so it also pins tars = Parquet end to end), a finished run resumes at its end,
 and S3 storage (moto on 127.0.0.1) checkpoints and, after a kill and a rerun, resumes exactly.
 
 The runs share one config; the uninterrupted run is the reference the interrupted ones must match
@@ -23,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.support.train_shards import write_shards
+from tests.support.train_shards import write_shards, write_webdataset_shards
 from training.config import ModelConfig, TrainConfig
 
 pytestmark = pytest.mark.slow
@@ -36,6 +37,7 @@ MODEL = ModelConfig(name="ViT-Tiny", width_mult=0.5)
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train-data")
     write_shards(root / "shards", copies=2, rows_per_shard=200, side=64)
+    write_webdataset_shards(root / "wds", copies=2, rows_per_shard=200, side=64)  # the same rows as tars
     write_shards(root / "val", copies=1, rows_per_shard=300, side=64, split="val", seed=1)
     # A labelled table for zero-shot accuracy: the shape of each held-out image.
     from clipray.demo_data import draw_image, encode_jpeg, make_samples
@@ -173,11 +175,15 @@ def test_training_lowers_the_loss_and_writes_the_run_layout(reference):
 def test_killed_worker_is_replaced_from_the_last_checkpoint_and_ends_like_an_uninterrupted_run(
     data, reference, tmp_path
 ):
+    """Run on the WebDataset twin of the reference's Parquet shards (img2dataset's tars, the same
+    rows): killed and resumed, it still ends exactly like the uninterrupted Parquet run, so the tars
+    give the same order, crops and data position as Parquet, and the resume lands on the same row."""
     from training.driver import run_training
 
     _, ref_dir = reference
     run_dir = tmp_path / "fault"
     cfg = config(data, str(tmp_path), "fault", max_failures=1)
+    cfg = cfg.model_copy(update={"data": [str(data / "wds" / "{00000..00002}.tar")]})
     with WorkerKiller(lambda: rows(run_dir), local_checkpoint(run_dir), min_step=50, rank=1) as killer:
         result = run_training(MODEL, cfg)
     assert killer.killed_at is not None and killer.killed_at < STEPS

@@ -26,6 +26,16 @@ class ModelConfig(BaseModel):
 from pydantic import model_validator as _train_model_validator  # noqa: E402  (TrainConfig's checks)
 
 
+class DataSource(BaseModel):
+    """One weighted source of `train.data` (training/ingest/mixture.py): its shards' share of every
+    pass is `weight / sum(weights)`, whatever its size (open_clip's upsampling factors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, description="shard folder/file/glob/{0..9} range (Parquet or WebDataset)")
+    weight: PositiveFloat = Field(1.0, description="sampling proportion relative to the other sources")
+
+
 class TrainConfig(StorageConfig):
     """The `train` section: contrastive pretraining with Ray Train (see docs/training.md). Its storage
     keys (`storage_options`, `s3_endpoint_url`, `s3_region`) serve `data`, `val_data`,
@@ -33,7 +43,11 @@ class TrainConfig(StorageConfig):
 
     model_config = ConfigDict(extra="forbid")
 
-    data: list[str] = Field(default_factory=list, description="one or more shard folders (local or s3://)")
+    data: list[Union[str, DataSource]] = Field(
+        default_factory=list,
+        description="shard folders/files/globs/{0..9} ranges (Parquet or WebDataset .tar), read as one "
+        "source; or weighted sources [{path, weight}, ...]",
+    )
     val_data: list[str] = Field(default_factory=list, description="held-out shard folders for validation")
     storage_path: str = Field("runs", description="folder or s3:// URL; the run lives in {storage_path}/{name}")
     name: str = "clip"
@@ -95,6 +109,11 @@ class TrainConfig(StorageConfig):
     lock_text_unlocked_layers: int = Field(0, ge=0, description="with lock_text: last N text groups trainable")
 
     @property
+    def source_weights(self) -> tuple[float, ...]:
+        """The weights of `data`'s sources; () when `data` is plain paths (one uniform source)."""
+        return tuple(s.weight for s in self.data if isinstance(s, DataSource))
+
+    @property
     def total_steps(self) -> int:
         """Optimizer steps of the run: `samples` rounded up to whole global batches."""
         return -(-self.samples // self.batch_size)
@@ -123,6 +142,12 @@ class TrainConfig(StorageConfig):
                 raise ValueError(
                     f"train.{key} is set but train.{lock} is not: it says how much of a locked tower trains"
                 )
+        weighted = sum(isinstance(s, DataSource) for s in self.data)
+        if 0 < weighted < len(self.data):
+            raise ValueError(
+                "train.data mixes plain paths and {path, weight} sources: give every entry as {path, weight} "
+                "(or all as paths, read as one uniform source)"
+            )
         if self.zeroshot_data is not None and self.val_every is None:
             raise ValueError("train.zeroshot_data is set but train.val_every is not: zero-shot runs at validations")
         return self

@@ -77,10 +77,10 @@ def check_locks(model_dict: dict, train: TrainConfig) -> None:
 def worker_plan(model: ModelConfig, train: TrainConfig, cluster_cpus: float) -> WorkerPlan:
     """List the shards and size the preprocessing: the plan every worker runs (no Ray needed)."""
     from training.flops import clip_forward_flops
-    from training.ingest import list_shards, plan_fingerprint
+    from training.ingest import list_shards, list_training_shards, plan_fingerprint
     from training.model.config import resolve_config
 
-    data_fs, shards = list_shards(train.data, train, what="train.data")
+    data_fs, shards = list_training_shards(train.data, train, what="train.data")
     val_fs, val_shards = (None, [])
     if train.val_data:
         val_fs, val_shards = list_shards(train.val_data, train, what="train.val_data")
@@ -117,7 +117,7 @@ def worker_plan(model: ModelConfig, train: TrainConfig, cluster_cpus: float) -> 
         data_fs=data_fs,
         val_shards=tuple(val_shards),
         val_fs=val_fs,
-        plan_id=plan_fingerprint(shards, train.num_workers, train.seed),
+        plan_id=plan_fingerprint(shards, train.num_workers, train.seed, train.source_weights),
         preprocess_actors=actors,
         data_cpus=data_cpus,
         # Forward FLOPs per sample for each number of text positions the tower may run (it stops

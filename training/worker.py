@@ -156,6 +156,7 @@ def stream_settings(plan: WorkerPlan, place: Placement, *, train: bool = True):
         pin_memory=place.device.type == "cuda",
         data_cpus=plan.data_cpus,
         shuffle_rows=cfg.shuffle_rows,
+        source_weights=cfg.source_weights,
     )
 
 

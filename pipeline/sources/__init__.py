@@ -4,7 +4,8 @@ folder or a glob, local or any fsspec URL.
 `list_input_files(data)` finds the files (`files.py`); `read_file(file, data)` yields one file's
 rows as `pyarrow.Table` batches in the normal form of `normal_form.py` (`url`, `caption`,
 `caption_ok`, `source_error`, the extra and check columns), whatever the format. One module per
-format makes the raw batches: `parquet.py`, `delimited.py` (csv/tsv), `json.py` (json/jsonl).
+format makes the raw batches: `parquet.py`, `delimited.py` (csv/tsv), `json.py` (json/jsonl),
+`webdataset.py` (WebDataset `.tar` shards: their images are used without a download).
 
 A row that cannot be read (a malformed line, a URL that is not valid UTF-8) is not an error: it
 stays a row with `source_error` set and the download rejects it as `filter/malformed_row`. Bad
@@ -26,9 +27,17 @@ from pipeline.sources.files import FORMATS, InputError, InputFile, list_input_fi
 from pipeline.sources.json import read_json
 from pipeline.sources.normal_form import normalise
 from pipeline.sources.parquet import read_parquet
+from pipeline.sources.webdataset import read_webdataset
 
 BATCH_ROWS = 65_536  # rows per batch of the parquet and json readers (csv/tsv: per 8 MiB block)
-READERS = {"parquet": read_parquet, "csv": read_delimited, "tsv": read_delimited, "json": read_json, "jsonl": read_json}
+READERS = {
+    "parquet": read_parquet,
+    "csv": read_delimited,
+    "tsv": read_delimited,
+    "json": read_json,
+    "jsonl": read_json,
+    "webdataset": read_webdataset,
+}
 
 
 def read_file(file: InputFile, data: DataConfig, batch_rows: int = BATCH_ROWS) -> Iterator[pa.Table]:

@@ -13,7 +13,7 @@ import fsspec
 from pipeline.config import DataConfig
 from storage import fsspec_filesystem, fsspec_options, protocol_of
 
-FORMATS = ("parquet", "csv", "tsv", "json", "jsonl")
+FORMATS = ("parquet", "csv", "tsv", "json", "jsonl", "webdataset")
 _EXTENSIONS = {
     ".parquet": "parquet",
     ".csv": "csv",
@@ -21,6 +21,7 @@ _EXTENSIONS = {
     ".json": "json",
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
+    ".tar": "webdataset",
 }
 _COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".xz": "xz"}
 
@@ -87,11 +88,14 @@ def list_input_files(data: DataConfig) -> list[InputFile]:
             continue
         url = p if not prefix or p.startswith(prefix) else prefix + p
         files.append(InputFile(url=url, format=fmt, compression=compression))
+    if data.input_format is None and any(f.format == "webdataset" for f in files):
+        # img2dataset writes a metadata .parquet and a _stats.json beside each tar: the tars are the data.
+        files = [f for f in files if f.format == "webdataset"]
     if not files:
         hint = f" (skipped files without a known extension: {', '.join(skipped[:5])})" if skipped else ""
         raise InputError(
-            f"data.input {spec!r} holds no URL list{hint}; expected {', '.join(FORMATS)} files "
-            "(optionally .gz), or set data.input_format"
+            f"data.input {spec!r} holds no URL list{hint}; expected {', '.join(FORMATS[:-1])} files "
+            "(optionally .gz) or WebDataset .tar shards, or set data.input_format"
         )
     return files
 

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import BLUR_BOXES, EXPECTED_HASH, DataConfig
+from pipeline.config import BLUR_BOXES, EXPECTED_HASH, LOCAL_IMAGE, DataConfig, column_copy
 from pipeline.sources.files import InputError, InputFile
 
 POSITION = "__position"  # a reader's line (text formats) or row (parquet) number, for messages
@@ -40,6 +40,7 @@ BOXES_TYPE = pa.list_(pa.list_(pa.float64()))
 def _read_only_columns(data: DataConfig) -> list[tuple[str, str]]:
     """(config key, column) of the input columns read for a check, not carried into the shards."""
     found = [("data.bbox_col", data.bbox_col)]
+    found += [("data.filters.columns", rule.column) for rule in data.filters.columns]
     if data.verify_hash is not None:
         found.append(("data.verify_hash.column", data.verify_hash.column))
     return [(key, col) for key, col in found if col is not None]
@@ -144,6 +145,13 @@ def normalise(table: pa.Table, data: DataConfig, file: Optional[InputFile] = Non
         columns[col] = values
     if data.verify_hash is not None:
         columns[EXPECTED_HASH] = _expected_hashes(table.column(data.verify_hash.column))
+    if LOCAL_IMAGE in table.column_names:
+        columns[LOCAL_IMAGE] = table.column(LOCAL_IMAGE)
+    for name in dict.fromkeys(rule.column for rule in data.filters.columns):
+        values = table.column(name)
+        if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
+            values, _ = _as_text(values)
+        columns[column_copy(name)] = values
     return pa.table(columns)
 
 

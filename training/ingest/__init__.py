@@ -1,6 +1,8 @@
 """Training ingest: pipeline shards -> ready uint8 image batches and token ids on each Train worker.
 
 - `plan`: find the shards, order a pass, deal it to workers, cut it into read units (pure).
+- `mixture`: weighted sources of `train.data`: which shards (repeated or subsampled) make a pass.
+- `webdataset`: WebDataset tar shards' sample counts (cached) and rows.
 - `preprocess`: decode -> square crop -> resize -> tokenize one batch of rows (pure).
 - `read`: `ShardReader`, the preprocessing actors' function: read units -> preprocessed rows.
 - `batches`: exact local batches and the data position of each (pure).
@@ -16,6 +18,7 @@ resumed run sees the same crops as an uninterrupted one.
 """
 
 from training.ingest.batches import Batch, DataPosition, Rebatcher
+from training.ingest.mixture import list_training_shards, mix_pass
 from training.ingest.plan import Shard, list_shards, pass_units, plan_fingerprint, plan_pass, split_rows
 from training.ingest.preprocess import (
     CAPTION_COL,
@@ -36,6 +39,8 @@ __all__ = [
     "Rebatcher",
     "Shard",
     "list_shards",
+    "list_training_shards",
+    "mix_pass",
     "pass_units",
     "plan_fingerprint",
     "plan_pass",

@@ -1,7 +1,9 @@
-"""Planning a pass over the shards (pure, no Ray): which Parquet files, in which order, for which
+"""Planning a pass over the shards (pure, no Ray): which shard files, in which order, for which
 worker, cut into read units.
 
-`list_shards` finds the shard files of `train.data` and reads their footers (rows, row groups).
+`list_shards` finds the shard files of `train.data` (Parquet, or WebDataset tars: a tar is one
+row group of its sample count, `training.ingest.webdataset`) and reads their footers (rows, row
+groups).
 `plan_pass` orders the files of pass p by a permutation seeded with (train.seed, p) and deals them
 to the workers, rows balanced. `pass_units` cuts a worker's pass into read units (row groups,
 grouped into shuffle windows of `train.shuffle_rows` rows whose rows are permuted by a seeded
@@ -29,7 +31,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from storage import StorageConfig, absolute, is_local, protocol_of, pyarrow_filesystem
+from storage.webdataset import TAR_SUFFIX, expand_braces, is_tar
 from training.ingest.preprocess import REQUIRED_COLUMNS
+from training.ingest.webdataset import default_count_cache, tar_counts
 
 
 # ---------------------------------------------------------------------------------------- shards
@@ -38,6 +42,7 @@ class Shard:
     path: str  # in the filesystem's own form (no scheme for pyarrow filesystems)
     rows: int
     row_groups: tuple[int, ...] = ()  # rows per row group; () = one group of `rows`
+    source: int = 0  # index of its weighted source in train.data (mixture.py); 0 for plain paths
 
     @property
     def groups(self) -> tuple[int, ...]:
@@ -45,10 +50,17 @@ class Shard:
 
 
 def list_shards(
-    locations: Sequence[str], storage: Optional[StorageConfig] = None, *, what: str = "train.data", threads: int = 32
+    locations: Sequence[str],
+    storage: Optional[StorageConfig] = None,
+    *,
+    what: str = "train.data",
+    threads: int = 32,
+    count_cache: Optional[str] = None,
 ) -> tuple[Any, list[Shard]]:
-    """Find the Parquet shards under `locations` (folders, files or globs; local or remote URIs)
-    and read their footers.
+    """Find the shards under `locations` (folders, files, globs or `{000..099}` brace ranges; local
+    or remote URIs) and read their footers: Parquet files, or WebDataset `.tar` shards (a folder
+    with tars is read as WebDataset: img2dataset's `.parquet` files beside them are metadata).
+    Tar sample counts are cached under `count_cache` (default `default_count_cache()`).
 
     Returns (pyarrow filesystem, non-empty shards sorted by path). Raises FileNotFoundError for a
     missing location and ValueError naming the location without shards or the shard without a column.
@@ -60,7 +72,7 @@ def list_shards(
         raise ValueError(f"{what} is empty: give one or more shard folders (a pipeline's {{output}}/shards)")
     fs = None
     paths: list[str] = []
-    for location in locations:
+    for location in [name for pattern in locations for name in expand_braces(pattern)]:
         if fs is None:
             fs, path = pyarrow_filesystem(location, storage)
             protocol = protocol_of(location)
@@ -85,15 +97,23 @@ def list_shards(
                     i.path
                     for i in infos
                     if i.type == pafs.FileType.File
-                    and i.path.endswith(".parquet")
+                    and i.path.endswith((".parquet", TAR_SUFFIX))
                     and not os.path.basename(i.path).startswith((".", "_"))
                 ]
+                tars = [p for p in found if is_tar(p)]
+                found = tars or found
         if not found:
-            raise ValueError(f"{what}: {location} holds no .parquet shard")
+            raise ValueError(f"{what}: {location} holds no .parquet or .tar shard")
         paths.extend(found)
     paths = sorted(set(paths))
+    tar_paths = [p for p in paths if is_tar(p)]
+    counts = tar_counts(
+        fs, tar_paths, cache=count_cache if count_cache is not None else default_count_cache(), what=what
+    )
 
     def footer(path: str) -> Shard:
+        if is_tar(path):
+            return Shard(path, counts[path])
         try:
             meta = pq.read_metadata(path, filesystem=fs)
         except Exception as exc:  # noqa: BLE001 - re-raised with the file named
@@ -134,12 +154,14 @@ def plan_pass(shards: Sequence[Shard], num_workers: int, seed: int, pass_index: 
     return plan
 
 
-def plan_fingerprint(shards: Sequence[Shard], num_workers: int, seed: int) -> str:
-    """Identifies the plan a data position refers to (files, row counts, workers, seed)."""
+def plan_fingerprint(shards: Sequence[Shard], num_workers: int, seed: int, weights: Sequence[float] = ()) -> str:
+    """Identifies the plan a data position refers to (files, row counts, workers, seed, source weights)."""
     h = hashlib.blake2b(digest_size=12)
     h.update(f"{num_workers}/{seed}".encode())
     for s in shards:
-        h.update(f"\0{s.path}\0{s.rows}".encode())
+        h.update(f"\0{s.path}\0{s.rows}".encode() + (f"\0{s.source}".encode() if weights else b""))
+    if weights:
+        h.update(("\0weights:" + ",".join(repr(float(w)) for w in weights)).encode())
     return h.hexdigest()
 
 

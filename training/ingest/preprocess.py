@@ -17,7 +17,8 @@ import numpy as np
 KEY_COL, CAPTION_COL, IMAGE_COL = "key", "caption", "jpg"
 REQUIRED_COLUMNS = (KEY_COL, CAPTION_COL, IMAGE_COL)
 # Status codes of the `status` column (0 = usable); the names are the reasons reported in metrics.
-REJECT_REASONS = ("ok", "not_an_image", "no_image")
+# `no_caption` and `truncated` come from WebDataset shards (a sample without `.txt`, a tar cut short).
+REJECT_REASONS = ("ok", "not_an_image", "no_image", "no_caption", "truncated")
 
 
 # ------------------------------------------------------------------------------------ preprocess

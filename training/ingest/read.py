@@ -7,13 +7,18 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from training.ingest.preprocess import REQUIRED_COLUMNS, Preprocess, PreprocessSettings
+from storage.webdataset import is_tar
+from training.ingest.preprocess import REJECT_REASONS, REQUIRED_COLUMNS, Preprocess, PreprocessSettings
+from training.ingest.webdataset import tar_rows
+
+_COLUMN_TYPES = {"key": "string", "caption": "string", "jpg": "binary"}
 
 
 class ShardReader:
     """The map_batches UDF: read units -> preprocessed rows, in stream order.
 
-    Reads a unit's row groups with pyarrow (only the needed columns), puts them in the unit's
+    Reads a unit's row groups with pyarrow (only the needed columns; a WebDataset tar is one row
+    group, its samples read by `tar_rows`, whose problem codes become the rows' status), puts them in the unit's
     order (a seeded permutation for training windows), drops `skip` rows before decoding, keeps
     `take`, runs `Preprocess` on batches of `rows_per_batch` and adds `pass` and `row` (each row's
     index in its worker's pass stream) for the data position.
@@ -43,9 +48,19 @@ class ShardReader:
         import pyarrow as pa
 
         pieces = json.loads(unit["pieces"]) if isinstance(unit["pieces"], str) else unit["pieces"]
-        table = pa.concat_tables(
-            [self._file(path).read_row_group(int(group), columns=list(REQUIRED_COLUMNS)) for path, group, _ in pieces]
-        )
+        tables, problems = [], []
+        for path, group, rows in pieces:
+            if is_tar(path):
+                columns = tar_rows(self.filesystem, path, int(rows))
+                problems.extend(columns.pop("problem"))
+                tables.append(
+                    pa.table({name: pa.array(columns[name], _COLUMN_TYPES[name]) for name in REQUIRED_COLUMNS})
+                )
+            else:
+                part = self._file(path).read_row_group(int(group), columns=list(REQUIRED_COLUMNS))
+                tables.append(part.cast(pa.schema([(name, _COLUMN_TYPES[name]) for name in part.column_names])))
+                problems.extend([None] * part.num_rows)
+        table = pa.concat_tables(tables)
         first, skip, take = int(unit["row"]), int(unit["skip"]), int(unit["take"])
         pass_index = int(unit["pass"])
         if bool(unit["shuffle"]):
@@ -57,6 +72,9 @@ class ShardReader:
             part = table.take(order[start : start + self.rows_per_batch])
             columns = {name: part.column(name).to_numpy(zero_copy_only=False) for name in REQUIRED_COLUMNS}
             out = self.preprocess(columns, pass_index)
+            for i, j in enumerate(order[start : start + self.rows_per_batch]):
+                if problems[j] is not None:
+                    out["status"][i] = REJECT_REASONS.index(problems[j])
             k = part.num_rows
             out["pass"] = np.full(k, pass_index, dtype=np.int32)
             out["row"] = np.arange(first + skip + start, first + skip + start + k, dtype=np.int64)

@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from training.ingest.batches import Batch, DataPosition, Rebatcher
+from training.ingest.mixture import mix_pass
 from training.ingest.plan import Shard, pass_units, plan_pass, split_rows
 from training.ingest.preprocess import KEY_COL, PreprocessSettings
 from training.ingest.read import ShardReader
@@ -40,6 +41,7 @@ class StreamSettings:
     data_cpus: Optional[float] = None  # Ray Data CPU limit for this worker's executor
     max_units: int = 4096  # read units per Dataset (a longer run chains Datasets)
     shuffle_rows: int = 4096  # rows per shuffle window (0: file order within each pass)
+    source_weights: tuple[float, ...] = ()  # train.data's weighted sources (mixture.py); (): one source
 
 
 def _collate_fn():
@@ -130,7 +132,8 @@ class ShardStream:
         self._thread: Optional[threading.Thread] = None
 
     def files_of_pass(self, pass_index: int) -> list[Shard]:
-        return plan_pass(self.shards, self.world_size, self.seed, pass_index)[self.rank]
+        mixed = mix_pass(self.shards, self.settings.source_weights, self.seed, pass_index)
+        return plan_pass(mixed, self.world_size, self.seed, pass_index)[self.rank]
 
     def segments(self) -> Iterator[list[dict]]:
         """Lists of read units, at most `max_units` each, from `start` on. Ends after `max_passes`

@@ -17,11 +17,11 @@ from .trial import check_model_fits, trial_sections
 
 def check_sweep(model: ModelConfig, train: TrainConfig, tune: TuneConfig) -> None:
     """Everything that would make every trial fail, found before any trial starts."""
-    from training.ingest import list_shards
+    from training.ingest import list_shards, list_training_shards
     from training.model import get_model_config
 
     get_model_config(model.name)  # raises naming the model when it is neither registered nor a JSON
-    list_shards(train.data, train, what="train.data")
+    list_training_shards(train.data, train, what="train.data")
     if train.val_every is None or (tune.metric in VALIDATION_METRICS and not train.val_data):
         raise ValueError(
             f"tune.metric '{tune.metric}' is measured at validations: set train.val_data (held-out shard "

@@ -191,7 +191,10 @@ def absolute_local_paths(model: ModelConfig, train: TrainConfig) -> tuple[ModelC
     model = model.model_copy(update={"name": pinned(model.name, True), "pretrained": pinned(model.pretrained, True)})
     train = train.model_copy(
         update={
-            "data": [pinned(p, False) for p in train.data],
+            "data": [
+                pinned(p, False) if isinstance(p, str) else p.model_copy(update={"path": pinned(p.path, False)})
+                for p in train.data
+            ],
             "val_data": [pinned(p, False) for p in train.val_data],
             **{
                 key: pinned(getattr(train, key), True)
