@@ -18,7 +18,8 @@ PATH_CHUNK_ROWS = 512  # rows per read unit when images are files
 
 @dataclass
 class ImageChunk:
-    """A unit of image reading: a Parquet row group (file + row_group) or a slice of image paths."""
+    """A unit of image reading: a Parquet row group (file + row_group), a tar shard (file alone) or a
+    slice of image paths (neither)."""
 
     row_start: int  # row_id of the first row
     num_rows: int
@@ -30,7 +31,7 @@ class ImageChunk:
 class EvalDataset:
     name: str  # for the results JSON
     source: str
-    format: str  # imagefolder | table | shards
+    format: str  # imagefolder | table | shards | wds
     meta: pa.Table  # row_id, key, [image (path/URL)], [label], [captions (list<string>)]
     chunks: list[ImageChunk]
     image_in_parquet: bool  # True: bytes in `image_column` of parquet files; False: meta.image paths
@@ -38,6 +39,9 @@ class EvalDataset:
     storage: StorageConfig = field(default_factory=StorageConfig)  # how to reach remote images
     classes: Optional[list[str]] = None  # imagefolder: the folder names, sorted
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> rows dropped at open time
+    image_in_tar: bool = False  # True: images in the tar shards of `chunks` (CLIP_benchmark wds)
+    classnames: Optional[list[str]] = None  # names the set ships (wds classnames.txt), label order
+    templates: Optional[list[str]] = None  # prompts the set ships (wds zeroshot_classification_templates.txt)
 
     @property
     def num_rows(self) -> int:
@@ -58,14 +62,14 @@ class EvalDataset:
         from ray_compat import data_context
 
         data_context()
-        if not self.image_in_parquet:
+        if not self.image_in_parquet and not self.image_in_tar:
             table = self.meta.select(["row_id", "image"])
             return ray.data.from_arrow([table.slice(c.row_start, c.num_rows) for c in self.chunks])
         items = [
-            {"row_start": c.row_start, "num_rows": c.num_rows, "file": c.file, "row_group": c.row_group}
+            {"row_start": c.row_start, "num_rows": c.num_rows, "file": c.file, "row_group": _group(c)}
             for c in self.chunks
         ]
-        reader = ParquetChunkReader(self.image_column, self.storage)
+        reader = ChunkReader(self.image_column, self.storage)
         return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             reader, batch_size=1, batch_format="numpy"
         )
@@ -92,11 +96,19 @@ class EvalDataset:
             self.storage,
             self.classes,
             dict(self.rejected),
+            self.image_in_tar,
+            self.classnames,
+            self.templates,
         )
 
 
-class ParquetChunkReader:
-    """Ray map_batches function: row-group descriptions -> rows of (row_id, image bytes)."""
+def _group(chunk: ImageChunk) -> int:
+    return -1 if chunk.row_group is None else chunk.row_group  # -1: a tar shard (a numpy int column)
+
+
+class ChunkReader:
+    """Ray map_batches function: chunk descriptions (Parquet row groups, tar shards) -> rows of
+    (row_id, image bytes)."""
 
     def __init__(self, image_column: str, storage: StorageConfig):
         self.image_column = image_column
@@ -104,7 +116,13 @@ class ParquetChunkReader:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         parts = [
-            read_chunk(ImageChunk(int(start), int(n), str(f), int(g)), True, self.image_column, None, self.storage)
+            read_chunk(
+                ImageChunk(int(start), int(n), str(f), None if int(g) < 0 else int(g)),
+                True,
+                self.image_column,
+                None,
+                self.storage,
+            )
             for start, n, f, g in zip(batch["row_start"], batch["num_rows"], batch["file"], batch["row_group"])
         ]
         return {k: np.concatenate([p[k] for p in parts]) for k in ("row_id", "image")}
@@ -117,7 +135,11 @@ def read_chunk(
     meta: Optional[pa.Table],
     storage: Optional[StorageConfig] = None,
 ) -> dict[str, np.ndarray]:
-    """{"row_id": [n] int64, "image": [n] object} for one chunk (bytes from Parquet, or paths)."""
+    """{"row_id": [n] int64, "image": [n] object} for one chunk (bytes from Parquet or a tar shard, or paths)."""
+    if chunk.file is not None and chunk.row_group is None:
+        from evaluation.wds import read_tar_images
+
+        return read_tar_images(chunk.file, chunk.row_start, chunk.num_rows, storage)
     row_ids = np.arange(chunk.row_start, chunk.row_start + chunk.num_rows, dtype=np.int64)
     images = np.empty(chunk.num_rows, dtype=object)
     if image_in_parquet:

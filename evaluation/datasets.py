@@ -13,6 +13,8 @@ Accepted (local paths or fsspec URLs such as `s3://bucket/prefix`):
 - **pipeline shards**: a pipeline output folder (`{data.output}`, read from `shards/*.parquet`)
   or a folder of shard files; the image is the `jpg` column, extra columns such as the demo's
   `color` / `shape` can be the label (`eval.label_col`).
+- a **CLIP_benchmark wds set**: `test/*.tar` (+ `nshards.txt`) beside `classnames.txt`,
+  `zeroshot_classification_templates.txt` or `dataset_type.txt` (`evaluation.wds`).
 
 Everything except image bytes is read into the driver at open time (`EvalDataset.meta`, one row per
 image with a `row_id`); image bytes stay in their files and are read in chunks (a Parquet row group)
@@ -23,7 +25,7 @@ them. Rows without a label / caption / safe image path are dropped at open time 
 undecodable images are counted by the embedding step.
 
 Modules: this one (what a spec is, ImageFolder trees, class names), `evaluation.tables` (tables
-and shards), `evaluation.image_paths` (the path guard), `evaluation.chunks` (`EvalDataset` and its
+and shards), `evaluation.wds` (CLIP_benchmark's WebDataset sets), `evaluation.image_paths` (the path guard), `evaluation.chunks` (`EvalDataset` and its
 image reading).
 """
 
@@ -39,6 +41,7 @@ import pyarrow as pa
 
 from evaluation.chunks import EvalDataset, ImageChunk, path_chunks, read_chunk
 from evaluation.tables import PARQUET_EXTENSIONS, TABLE_EXTENSIONS, default_name, open_table
+from evaluation.wds import find_wds, open_wds
 from storage import StorageConfig, fsspec_filesystem
 
 __all__ = ["EvalDataset", "ImageChunk", "open_dataset", "read_chunk", "resolve_classes"]
@@ -102,6 +105,18 @@ def open_dataset(
                 "for images give their folder (an ImageFolder tree)"
             )
         return open_table(spec, [_full(fs, path)], **table_args, fmt="table")
+    layout = find_wds(fs, path, what)
+    if layout is not None:
+        return open_wds(
+            spec,
+            fs,
+            layout,
+            need_labels=need_labels,
+            need_captions=need_captions,
+            name=name,
+            storage=storage,
+            what=what,
+        )
     shards = posixpath.join(path, "shards")
     if fs.isdir(shards):
         files = sorted(f for f in fs.ls(shards, detail=False) if f.lower().endswith(PARQUET_EXTENSIONS))

@@ -30,7 +30,7 @@ from evaluation.results import (
     write_predictions,
 )
 from evaluation.retrieval import blocked_topk, recall_from_ranks, retrieval_ranks
-from evaluation.templates import load_classnames, load_templates
+from evaluation.templates import check_templates, load_classnames, load_templates
 from evaluation.zeroshot import build_classifier, score_zeroshot
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,12 @@ def _skipped(ds: EvalDataset, emb: dict[str, np.ndarray]) -> dict[str, Any]:
     return summary
 
 
+def _own_name(ds: EvalDataset) -> Optional[str]:
+    """The name a set carries itself (a wds set: CLIP_benchmark's name, e.g. `vtab/cifar100`);
+    other sets are named after their path by the runner."""
+    return ds.name if ds.format == "wds" else None
+
+
 def _open(spec: str, cfg: EvalConfig, *, need_labels=False, need_captions=False, what="eval.dataset") -> EvalDataset:
     ds = open_dataset(
         spec,
@@ -161,11 +167,20 @@ def _open(spec: str, cfg: EvalConfig, *, need_labels=False, need_captions=False,
 
 def evaluate_zeroshot_dataset(model: torch.nn.Module, cfg: EvalConfig, ds: Optional[EvalDataset] = None) -> EvalResult:
     ds = ds or _open(cfg.dataset, cfg, need_labels=True)
-    classnames_file = load_classnames(cfg.classnames, cfg.dataset_name, cfg) if cfg.classnames else None
+    if cfg.classnames:
+        classnames_file = load_classnames(cfg.classnames, cfg.dataset_name, cfg)
+    else:
+        classnames_file = ds.classnames  # a wds set's classnames.txt, when it has one
     classnames, labels, names_from = resolve_classes(
         ds.meta.column("label").to_pylist(), folder_classes=ds.classes, classnames=classnames_file, need_names=True
     )
-    templates = load_templates(cfg.templates, cfg.dataset_name, cfg)
+    if classnames_file is not None and not cfg.classnames:
+        names_from = f"the data set's {ds.format} class names"
+    if cfg.templates is None and ds.templates:
+        check_templates(ds.templates, source=f"{ds.source} templates")
+        templates = list(ds.templates)
+    else:
+        templates = load_templates(cfg.templates, cfg.dataset_name, cfg)
     emb = embed_dataset_images(ds, model, cfg)
     on_ray = choose_engine(cfg, len(classnames) * len(templates)) == "ray"
     encode = (lambda prompts: embed_texts(prompts, model, cfg)) if on_ray else None
@@ -183,7 +198,7 @@ def evaluate_zeroshot_dataset(model: torch.nn.Module, cfg: EvalConfig, ds: Optio
     if not ok.any():
         raise ValueError(f"none of the {ds.num_rows} images of {ds.source} could be decoded (e.g. {emb['error'][0]})")
     keys = ds.meta.column("key").to_numpy(zero_copy_only=False)
-    return score_zeroshot(
+    result = score_zeroshot(
         emb["features"][ok],
         labels[ok],
         classifier,
@@ -198,6 +213,8 @@ def evaluate_zeroshot_dataset(model: torch.nn.Module, cfg: EvalConfig, ds: Optio
         },
         predictions=cfg.dump_predictions,
     )
+    result.dataset_name = _own_name(ds)
+    return result
 
 
 def evaluate_retrieval_dataset(model: torch.nn.Module, cfg: EvalConfig, ds: Optional[EvalDataset] = None) -> EvalResult:
@@ -227,6 +244,7 @@ def evaluate_retrieval_dataset(model: torch.nn.Module, cfg: EvalConfig, ds: Opti
         metrics=metrics,
         num_samples=int(ok.sum()),
         skipped=skipped,
+        dataset_name=_own_name(ds),
         details={
             "num_images": int(ok.sum()),
             "num_texts": len(texts),
@@ -386,7 +404,7 @@ def run_evaluation(cfg: EvalConfig, model: Optional[torch.nn.Module] = None) -> 
 
         model = load_model(cfg.model, name=cfg.model_name, storage=cfg)
     result = evaluate_dataset(model, cfg)
-    dataset_name = cfg.dataset_name or posixpath.basename(cfg.dataset.rstrip("/"))
+    dataset_name = cfg.dataset_name or result.dataset_name or posixpath.basename(cfg.dataset.rstrip("/"))
     obj = clip_benchmark_json(result, dataset=dataset_name, model=model_label(cfg), pretrained=cfg.model or "")
     if cfg.output:
         write_json(obj, cfg.output, cfg)
