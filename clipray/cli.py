@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--dump-predictions", action="store_true", help="also write per-sample predictions next to eval.output"
             )
+            p.add_argument(
+                "--suite",
+                metavar="FILE",
+                help="run a task list (DataComp's tasklist.yml format, or `datacomp`) over eval.data_root "
+                "into the folder eval.output (= --set eval.suite=FILE)",
+            )
         if name in ("pipeline", "train", "tune", "eval"):
             p.add_argument(
                 "--print-config",
@@ -180,8 +186,15 @@ def _run_eval(cfg: JobConfig, args: argparse.Namespace) -> int:
 
     if args.dump_predictions:
         cfg.eval.dump_predictions = True
+    if args.suite:
+        cfg.eval.suite = args.suite
     init_ray(cfg)
-    run_evaluation(cfg.eval)
+    if cfg.eval.suite:
+        from evaluation.suite import run_suite
+
+        run_suite(cfg.eval)
+    else:
+        run_evaluation(cfg.eval)
     return 0
 
 

@@ -38,7 +38,11 @@ class EvalConfig(StorageConfig):
     templates: Optional[str] = Field(
         None, description="imagenet|cifar10|cifar100|simple or a file with one prompt template per line ({c} = class)"
     )
-    output: Optional[str] = Field(None, description="results JSON file")
+    output: Optional[str] = Field(None, description="results JSON file (with eval.suite: the results folder)")
+    suite: Optional[str] = Field(
+        None, description="task list to run (DataComp's tasklist.yml format, or `datacomp` for its 38 tasks)"
+    )
+    data_root: Optional[str] = Field(None, description="folder holding the suite's data sets (wds_<task>_test, ...)")
     batch_size: PositiveInt = 256
     recall_k: list[PositiveInt] = Field(default_factory=lambda: [1, 5, 10])
     use_gpu: bool = False

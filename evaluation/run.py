@@ -82,7 +82,12 @@ def embed_dataset_images(ds: EvalDataset, model: torch.nn.Module, cfg: EvalConfi
         out = embed_local(embedder, ds.iter_image_batches(cfg.batch_size))
     seconds = time.perf_counter() - start
     log.info("embedded %d images with the %s engine in %.1fs", ds.num_rows, engine, seconds)
-    # Align with meta by row_id (row groups may hold rows that were dropped at open time).
+    return align_embeddings(out, ds, engine, seconds)
+
+
+def align_embeddings(out: dict[str, np.ndarray], ds: EvalDataset, engine: str, seconds: float) -> dict[str, Any]:
+    """The embedder's output rows picked in `ds.meta` order by row_id (row groups and tar shards
+    may hold rows that were dropped at open time)."""
     want = ds.meta.column("row_id").to_numpy()
     order = np.argsort(out["row_id"], kind="stable")
     pos = np.searchsorted(out["row_id"][order], want)
@@ -143,7 +148,9 @@ def _own_name(ds: EvalDataset) -> Optional[str]:
     return ds.name if ds.format == "wds" else None
 
 
-def _open(spec: str, cfg: EvalConfig, *, need_labels=False, need_captions=False, what="eval.dataset") -> EvalDataset:
+def open_eval_dataset(
+    spec: str, cfg: EvalConfig, *, need_labels=False, need_captions=False, what="eval.dataset"
+) -> EvalDataset:
     ds = open_dataset(
         spec,
         image_col=cfg.image_col,
@@ -165,8 +172,11 @@ def _open(spec: str, cfg: EvalConfig, *, need_labels=False, need_captions=False,
 # --- the three tasks ------------------------------------------------------------------------------
 
 
-def evaluate_zeroshot_dataset(model: torch.nn.Module, cfg: EvalConfig, ds: Optional[EvalDataset] = None) -> EvalResult:
-    ds = ds or _open(cfg.dataset, cfg, need_labels=True)
+def evaluate_zeroshot_dataset(
+    model: torch.nn.Module, cfg: EvalConfig, ds: Optional[EvalDataset] = None, emb: Optional[dict] = None
+) -> EvalResult:
+    """emb: the set's image embeddings when already computed (a suite embeds all its sets at once)."""
+    ds = ds or open_eval_dataset(cfg.dataset, cfg, need_labels=True)
     if cfg.classnames:
         classnames_file = load_classnames(cfg.classnames, cfg.dataset_name, cfg)
     else:
@@ -181,7 +191,7 @@ def evaluate_zeroshot_dataset(model: torch.nn.Module, cfg: EvalConfig, ds: Optio
         templates = list(ds.templates)
     else:
         templates = load_templates(cfg.templates, cfg.dataset_name, cfg)
-    emb = embed_dataset_images(ds, model, cfg)
+    emb = emb or embed_dataset_images(ds, model, cfg)
     on_ray = choose_engine(cfg, len(classnames) * len(templates)) == "ray"
     encode = (lambda prompts: embed_texts(prompts, model, cfg)) if on_ray else None
     classifier = build_classifier(
@@ -217,9 +227,11 @@ def evaluate_zeroshot_dataset(model: torch.nn.Module, cfg: EvalConfig, ds: Optio
     return result
 
 
-def evaluate_retrieval_dataset(model: torch.nn.Module, cfg: EvalConfig, ds: Optional[EvalDataset] = None) -> EvalResult:
-    ds = ds or _open(cfg.dataset, cfg, need_captions=True)
-    emb = embed_dataset_images(ds, model, cfg)
+def evaluate_retrieval_dataset(
+    model: torch.nn.Module, cfg: EvalConfig, ds: Optional[EvalDataset] = None, emb: Optional[dict] = None
+) -> EvalResult:
+    ds = ds or open_eval_dataset(cfg.dataset, cfg, need_captions=True)
+    emb = emb or embed_dataset_images(ds, model, cfg)
     ok = emb["ok"]
     if not ok.any():
         raise ValueError(f"none of the {ds.num_rows} images of {ds.source} could be decoded (e.g. {emb['error'][0]})")
@@ -279,9 +291,11 @@ def evaluate_linear_probe_dataset(model: torch.nn.Module, cfg: EvalConfig) -> Ev
         raise ValueError(
             "eval.task linear_probe needs eval.train_dataset (its training split); eval.dataset is the test split"
         )
-    train = _open(cfg.train_dataset, cfg, need_labels=True, what="eval.train_dataset")
-    test = _open(cfg.dataset, cfg, need_labels=True)
-    val = _open(cfg.val_dataset, cfg, need_labels=True, what="eval.val_dataset") if cfg.val_dataset else None
+    train = open_eval_dataset(cfg.train_dataset, cfg, need_labels=True, what="eval.train_dataset")
+    test = open_eval_dataset(cfg.dataset, cfg, need_labels=True)
+    val = (
+        open_eval_dataset(cfg.val_dataset, cfg, need_labels=True, what="eval.val_dataset") if cfg.val_dataset else None
+    )
     splits = [s for s in (train, val, test) if s is not None]
     folder = train.classes
     if folder is not None:
@@ -404,6 +418,13 @@ def run_evaluation(cfg: EvalConfig, model: Optional[torch.nn.Module] = None) -> 
 
         model = load_model(cfg.model, name=cfg.model_name, storage=cfg)
     result = evaluate_dataset(model, cfg)
+    obj = write_outputs(result, cfg)
+    _print_summary(obj)
+    return obj
+
+
+def write_outputs(result: EvalResult, cfg: EvalConfig) -> dict:
+    """CLIP_benchmark's JSON of `result`; written to cfg.output with its report and predictions when set."""
     dataset_name = cfg.dataset_name or result.dataset_name or posixpath.basename(cfg.dataset.rstrip("/"))
     obj = clip_benchmark_json(result, dataset=dataset_name, model=model_label(cfg), pretrained=cfg.model or "")
     if cfg.output:
@@ -420,7 +441,6 @@ def run_evaluation(cfg: EvalConfig, model: Optional[torch.nn.Module] = None) -> 
             )
         if cfg.dump_predictions and result.predictions is not None:
             write_predictions(result.predictions, sibling_path(cfg.output, ".predictions.jsonl"), cfg)
-    _print_summary(obj)
     return obj
 
 
