@@ -70,10 +70,8 @@ def test_clipray_eval_on_a_wds_set_equals_clip_benchmark_on_the_same_model(tmp_p
     got = run_oracle(
         oracle_python,
         ORACLE_SCRIPT.read_text(),
-        str(VIT_TINY),
-        str(model_dir),
-        str(SEED),
-        str(tmp_path),
+        *("--config", str(VIT_TINY), "--model-dir", str(model_dir), "--seed", str(SEED), "--out", str(tmp_path)),
+        *("--workers", "0", "--predictions"),
         str(tmp_path / "cls"),
         "zeroshot_classification",
         str(tmp_path / "ret"),

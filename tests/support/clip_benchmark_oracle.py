@@ -1,37 +1,37 @@
-"""Run under the oracle interpreter by `tests.support.oracle.run_oracle` (open_clip and
-clip_benchmark, nothing of clipray):
+"""Run under the oracle interpreter (open_clip and clip_benchmark, nothing of clipray), by
+`tests.support.oracle.run_oracle` and by `benchmarks/eval.py`:
 
-    clip_benchmark_oracle.py CONFIG.json MODEL_DIR SEED OUT_DIR [DATASET_ROOT TASK]...
+    clip_benchmark_oracle.py --config CONFIG.json --model-dir DIR --seed S --out OUT_DIR
+        [--workers 4] [--batch-size 64] [--amp] [--predictions] ROOT TASK [ROOT TASK ...]
 
-makes an open_clip model from CONFIG (open_clip's model_cfg layout) with torch.manual_seed(SEED),
-saves it in open_clip's hub layout (open_clip_config.json + open_clip_model.safetensors), then runs
-`clip_benchmark eval --model local-dir:MODEL_DIR --dataset wds/<name> --dataset_root ROOT --task
-TASK --no_amp` for each (ROOT, TASK) pair through its CLI entry point, and prints the metrics it
-wrote as one JSON line: {"metrics": [per pair]} (or {"skip": reason}).
+With --config, makes an open_clip model from CONFIG (open_clip's model_cfg layout) with
+torch.manual_seed(S) and saves it in open_clip's hub layout (open_clip_config.json +
+open_clip_model.safetensors) in DIR; without it, DIR must hold one. Then runs `clip_benchmark eval
+--model local-dir:DIR --dataset wds/<name> --dataset_root ROOT --task TASK` through its CLI entry
+point for each (ROOT, TASK) pair, with its default loader (--num_workers 4, --batch_size 64) unless
+told otherwise, and prints one JSON line: {"metrics": [...], "seconds": [...], "predictions": [...]}
+(or {"skip": reason}). `seconds` is the wall time of each CLI run (model load, data, classifier,
+images, metrics). --predictions adds each classification set's per-image predicted class, from
+clip_benchmark's own zero_shot_classifier and run_classification.
 
 One patch, and why: clip_benchmark 1.6.2's `accuracy` calls float() on a 1-element array, which
 NumPy >= 2.4 refuses; it is replaced by the same sum taken as a 0-d tensor. Everything else
 (wds reading, transform, templates, classifier, retrieval) is clip_benchmark's and open_clip's code.
 """
 
+import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
+MISSING_REQUESTS = (
+    "clip_benchmark 1.6.2 imports `requests` (datasets/imagenetv2.py) without declaring it, and the "
+    "oracle venv lacks it: add requests to tests/oracles/requirements.txt"
+)
 
-def main(config_file, model_dir, seed, out_dir, *pairs):
-    try:
-        import requests  # noqa: F401  (clip_benchmark's datasets/imagenetv2.py imports it, undeclared)
-    except ImportError:
-        print(
-            json.dumps(
-                {
-                    "skip": "clip_benchmark 1.6.2 imports `requests` (datasets/imagenetv2.py) without "
-                    "declaring it, and the oracle venv lacks it: add requests to tests/oracles/requirements.txt"
-                }
-            )
-        )
-        return
+
+def make_model(config_file, model_dir, seed):
     import open_clip
     import torch
     from safetensors.torch import save_file
@@ -44,47 +44,51 @@ def main(config_file, model_dir, seed, out_dir, *pairs):
     model = open_clip.create_model(f"local-dir:{out}")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
 
-    import clip_benchmark.cli
+
+def patch_accuracy():
     from clip_benchmark.metrics import zeroshot_classification as zsc
 
     def accuracy(output, target, topk=(1,)):
         pred = output.topk(max(topk), 1, True, True)[1].t()
         correct = pred.eq(target.view(1, -1).expand_as(pred))
-        n = len(target)
-        return [float(correct[:k].reshape(-1).float().sum()) / n for k in topk]
+        return [float(correct[:k].reshape(-1).float().sum()) / len(target) for k in topk]
 
     zsc.accuracy = accuracy
-    results = []
-    for i in range(0, len(pairs), 2):
-        root, task = pairs[i], pairs[i + 1]
-        output = str(Path(out_dir) / f"clip_benchmark_{i // 2}.json")
-        sys.argv = [
-            "clip_benchmark",
-            "eval",
-            "--model",
-            f"local-dir:{out}",
-            "--dataset",
-            "wds/oracle_set",
-            "--dataset_root",
-            root,
-            "--task",
-            task,
-            "--output",
-            output,
-            "--no_amp",
-            "--num_workers",
-            "0",
-            "--recall_k",
-            "1",
-            "5",
-        ]
-        clip_benchmark.cli.main()
-        results.append(json.loads(Path(output).read_text())["metrics"])
-    print(json.dumps({"metrics": results, "predictions": predictions(out, pairs)}))
 
 
-def predictions(model_dir, pairs):
-    """Per-image predicted class of each classification set, by clip_benchmark's own functions."""
+def run_cli(model_dir, root, task, output, args):
+    import clip_benchmark.cli
+
+    sys.argv = [
+        "clip_benchmark",
+        "eval",
+        "--model",
+        f"local-dir:{model_dir}",
+        "--dataset",
+        "wds/oracle_set",
+        "--dataset_root",
+        root,
+        "--task",
+        task,
+        "--output",
+        output,
+        "--num_workers",
+        str(args.workers),
+        "--batch_size",
+        str(args.batch_size),
+        "--recall_k",
+        "1",
+        "5",
+    ]
+    if not args.amp:
+        sys.argv.append("--no_amp")
+    start = time.perf_counter()
+    clip_benchmark.cli.main()
+    return time.perf_counter() - start, json.loads(Path(output).read_text())["metrics"]
+
+
+def predictions(model_dir, root):
+    """Per-image predicted class of a classification set, by clip_benchmark's own functions."""
     import open_clip
     import torch
     from clip_benchmark.datasets.builder import build_dataset
@@ -93,19 +97,47 @@ def predictions(model_dir, pairs):
     name = f"local-dir:{model_dir}"
     model, _, transform = open_clip.create_model_and_transforms(name)
     model.eval()
-    tokenizer = open_clip.get_tokenizer(name)
-    out = []
-    for i in range(0, len(pairs), 2):
-        if pairs[i + 1] != "zeroshot_classification":
-            out.append(None)
-            continue
-        ds = build_dataset("wds/oracle_set", root=pairs[i], transform=transform, split="test", download=False)
-        loader = torch.utils.data.DataLoader(ds.batched(64), batch_size=None, num_workers=0)
-        classifier = zsc.zero_shot_classifier(model, tokenizer, ds.classes, ds.templates, "cpu", amp=False)
-        logits, _ = zsc.run_classification(model, classifier, loader, "cpu", amp=False)
-        out.append(logits.argmax(dim=1).tolist())
-    return out
+    ds = build_dataset("wds/oracle_set", root=root, transform=transform, split="test", download=False)
+    loader = torch.utils.data.DataLoader(ds.batched(64), batch_size=None, num_workers=0)
+    classifier = zsc.zero_shot_classifier(
+        model, open_clip.get_tokenizer(name), ds.classes, ds.templates, "cpu", amp=False
+    )
+    logits, _ = zsc.run_classification(model, classifier, loader, "cpu", amp=False)
+    return logits.argmax(dim=1).tolist()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--config")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--seed", default="0")
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--amp", action="store_true")
+    p.add_argument("--predictions", action="store_true")
+    p.add_argument("pairs", nargs="+")
+    args = p.parse_args()
+    try:
+        import requests  # noqa: F401
+    except ImportError:
+        print(json.dumps({"skip": MISSING_REQUESTS}))
+        return
+    if args.config:
+        make_model(args.config, args.model_dir, args.seed)
+    patch_accuracy()
+    result = {"metrics": [], "seconds": [], "predictions": []}
+    for i in range(0, len(args.pairs), 2):
+        root, task = args.pairs[i], args.pairs[i + 1]
+        seconds, metrics = run_cli(
+            args.model_dir, root, task, str(Path(args.out) / f"clip_benchmark_{i // 2}.json"), args
+        )
+        result["seconds"].append(seconds)
+        result["metrics"].append(metrics)
+        wanted = args.predictions and task == "zeroshot_classification"
+        result["predictions"].append(predictions(args.model_dir, root) if wanted else None)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main()
