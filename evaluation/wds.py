@@ -15,8 +15,9 @@ dot of its file name; the rest, lower-cased, is the extension). The image is the
 (an integer indexing classnames.txt); a retrieval sample's captions are the lines of `txt`.
 
 At open time the tar headers are read and only the small members (`cls`, `txt`) are read, so
-image bytes stay in the shards; each shard is one read unit (`ImageChunk(file=<tar>)`), streamed
-by whoever embeds it (the local loop or a Ray task). A sample without an image, label or caption
+image bytes stay in the shards; a read unit is a run of up to CHUNK_SAMPLES samples of one shard
+(`ImageChunk(file=<tar>, tar_skip=<samples before it>)`), read by whoever embeds it (the local loop
+or a Ray task), seeking past the samples before it. A sample without an image, label or caption
 is dropped at open time and counted (`missing_image`, `missing_label`, `missing_caption`).
 """
 
@@ -40,6 +41,7 @@ CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 TYPE_FILE = "dataset_type.txt"
 NSHARDS_FILE = "nshards.txt"
+CHUNK_SAMPLES = 512  # samples per read unit (a run of one shard's samples)
 METADATA_FILES = (CLASSNAMES_FILE, TEMPLATES_FILE, TYPE_FILE)
 # Which split folder each key reads when it names the set's root.
 SPLIT_OF = {"eval.dataset": "test", "eval.train_dataset": "train", "eval.val_dataset": "val"}
@@ -115,14 +117,15 @@ def _read_lines(fs, path: str) -> Optional[list[str]]:
 # --- tar samples --------------------------------------------------------------------------------
 
 
-def iter_samples(fileobj: IO[bytes], read_exts: Optional[set[str]] = None) -> Iterator[tuple[str, dict]]:
+def iter_samples(fileobj: IO[bytes], read_exts: Optional[set[str]] = None, skip: int = 0) -> Iterator[tuple[str, dict]]:
     """(key, {extension: bytes or None}) per sample of a tar, in member order.
 
     read_exts: the extensions whose bytes are read (None: all); the others map to None (their
-    presence is known, their bytes are skipped). Members whose name has no extension, and
-    non-file members, are ignored, as webdataset does.
+    presence is known, their bytes are skipped: the tar is read by seeking past them). The first
+    `skip` samples are read without any bytes. Members whose name has no extension, and non-file
+    members, are ignored, as webdataset does.
     """
-    key, sample = None, {}
+    key, sample, index = None, {}, -1
     with tarfile.open(fileobj=fileobj, mode="r:") as tar:
         for member in tar:
             if not member.isreg():
@@ -134,8 +137,8 @@ def iter_samples(fileobj: IO[bytes], read_exts: Optional[set[str]] = None) -> It
             if name != key or ext in sample:
                 if key is not None:
                     yield key, sample
-                key, sample = name, {}
-            wanted = read_exts is None or ext in read_exts
+                key, sample, index = name, {}, index + 1
+            wanted = index >= skip and (read_exts is None or ext in read_exts)
             sample[ext] = tar.extractfile(member).read() if wanted else None
     if key is not None:
         yield key, sample
@@ -149,14 +152,18 @@ def sample_image(sample: dict) -> Optional[bytes]:
     return None
 
 
-def read_tar_images(url: str, row_start: int, num_rows: int, storage: Optional[StorageConfig]) -> dict[str, np.ndarray]:
-    """{"row_id", "image"} for the first num_rows samples of a shard (None where a sample has no image)."""
+def read_tar_images(
+    url: str, row_start: int, num_rows: int, skip: int, storage: Optional[StorageConfig]
+) -> dict[str, np.ndarray]:
+    """{"row_id", "image"} for num_rows samples of a shard after its first `skip` (None where a
+    sample has no image)."""
     images = np.empty(num_rows, dtype=object)
     with open_file(url, "rb", storage) as fh:
-        for i, (_, sample) in enumerate(iter_samples(fh, set(IMAGE_EXTENSIONS))):
-            if i >= num_rows:
+        for i, (_, sample) in enumerate(iter_samples(fh, set(IMAGE_EXTENSIONS), skip=skip)):
+            if i >= skip + num_rows:
                 break
-            images[i] = sample_image(sample)
+            if i >= skip:
+                images[i - skip] = sample_image(sample)
     return {"row_id": np.arange(row_start, row_start + num_rows, dtype=np.int64), "image": images}
 
 
@@ -198,7 +205,9 @@ def open_wds(
         url = _full(fs, shard)
         start = row
         with open_file(url, "rb", storage) as fh:
-            for key, sample in iter_samples(fh, small):
+            for index, (key, sample) in enumerate(iter_samples(fh, small)):
+                if index and index % CHUNK_SAMPLES == 0:  # bounded read units: a shard may be large
+                    chunks.append(ImageChunk(row - CHUNK_SAMPLES, CHUNK_SAMPLES, url, tar_skip=index - CHUNK_SAMPLES))
                 reason = _check(sample, kind)
                 if reason:
                     rejected[reason] += 1
@@ -210,8 +219,9 @@ def open_wds(
                     else:
                         labels.append(_label(sample["cls"], url, key, what))
                 row += 1
+        tail = (row - start) % CHUNK_SAMPLES or min(row - start, CHUNK_SAMPLES)
         if row > start:
-            chunks.append(ImageChunk(start, row - start, url, None))
+            chunks.append(ImageChunk(row - tail, tail, url, tar_skip=row - start - tail))
     columns = {"row_id": np.asarray(keep, dtype=np.int64), "key": keys}
     if kind == "retrieval":
         columns["captions"] = pa.array(captions, type=pa.list_(pa.string()))

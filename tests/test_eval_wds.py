@@ -27,10 +27,21 @@ def _webdataset_samples(root: Path, shards: int) -> list[dict]:
     return list(wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda src: src, empty_check=False))
 
 
-def test_classification_set_reads_keys_labels_images_names_and_templates_as_webdataset_does(tmp_path):
+def test_classification_set_reads_keys_labels_images_names_and_templates_as_webdataset_does(tmp_path, monkeypatch):
+    import evaluation.wds
+
+    monkeypatch.setattr(evaluation.wds, "CHUNK_SAMPLES", 2)  # read units of 2, 2, 1 samples per shard
     no_image = {"__key__": "zz-no-image", "cls": b"0"}
     write_wds_set(tmp_path, per_class=3, shards=2, extra_samples=[no_image])
     ds = open_dataset(str(tmp_path), need_labels=True)
+    assert [(c.row_start, c.num_rows, c.tar_skip) for c in ds.chunks] == [
+        (0, 2, 0),
+        (2, 2, 2),
+        (4, 1, 4),
+        (5, 2, 0),
+        (7, 2, 2),
+        (9, 1, 4),
+    ]
     assert ds.format == "wds" and ds.image_in_tar and ds.name == tmp_path.name
     assert ds.classnames == list(COLORS) and ds.templates == TEMPLATES
     assert ds.rejected == {"missing_image": 1}
