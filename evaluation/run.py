@@ -9,7 +9,6 @@ training run's validation).
 from __future__ import annotations
 
 import logging
-import posixpath
 import time
 from typing import Any, Optional
 
@@ -21,14 +20,8 @@ from evaluation.datasets import EvalDataset, open_dataset, resolve_classes
 from evaluation.embed import ImageEmbedder, TextEmbedder, embed_local, embed_ray, iter_slices, normalize
 from evaluation.linear_probe import linear_probe
 from evaluation.classification import confusion_matrix, topk_classes, target_ranks
-from evaluation.results import (
-    EvalResult,
-    clip_benchmark_json,
-    sibling_path,
-    skipped_summary,
-    write_json,
-    write_predictions,
-)
+from evaluation.outputs import print_summary, write_outputs
+from evaluation.results import EvalResult, skipped_summary
 from evaluation.retrieval import blocked_topk, recall_from_ranks, retrieval_ranks
 from evaluation.templates import check_templates, load_classnames, load_templates
 from evaluation.zeroshot import build_classifier, score_zeroshot
@@ -389,17 +382,6 @@ def evaluate_dataset(model: torch.nn.Module, cfg: EvalConfig) -> EvalResult:
         model.train(was_training)
 
 
-def model_label(cfg: EvalConfig) -> str:
-    if cfg.model_name:
-        return cfg.model_name
-    path = (cfg.model or "").rstrip("/")
-    if not path:
-        return "in-memory"
-    parts = path.split("/")
-    # A run's final/ folder says little on its own: keep the run's name with it.
-    return "/".join(parts[-2:]) if parts[-1] == "final" and len(parts) > 1 else parts[-1]
-
-
 def run_evaluation(cfg: EvalConfig, model: Optional[torch.nn.Module] = None) -> dict:
     """Evaluate, write `cfg.output` (+ report, + predictions) and return the CLIP_benchmark JSON."""
     if not cfg.dataset:
@@ -419,35 +401,5 @@ def run_evaluation(cfg: EvalConfig, model: Optional[torch.nn.Module] = None) -> 
         model = load_model(cfg.model, name=cfg.model_name, storage=cfg)
     result = evaluate_dataset(model, cfg)
     obj = write_outputs(result, cfg)
-    _print_summary(obj)
+    print_summary(obj)
     return obj
-
-
-def write_outputs(result: EvalResult, cfg: EvalConfig) -> dict:
-    """CLIP_benchmark's JSON of `result`; written to cfg.output with its report and predictions when set."""
-    dataset_name = cfg.dataset_name or result.dataset_name or posixpath.basename(cfg.dataset.rstrip("/"))
-    obj = clip_benchmark_json(result, dataset=dataset_name, model=model_label(cfg), pretrained=cfg.model or "")
-    if cfg.output:
-        write_json(obj, cfg.output, cfg)
-        if cfg.report:
-            from evaluation.report import write_report
-
-            write_report(
-                result,
-                obj,
-                sibling_path(cfg.output, ".md"),
-                sibling_path(cfg.output, ".confusion.png") if result.confusion is not None else None,
-                cfg,
-            )
-        if cfg.dump_predictions and result.predictions is not None:
-            write_predictions(result.predictions, sibling_path(cfg.output, ".predictions.jsonl"), cfg)
-    return obj
-
-
-def _print_summary(obj: dict) -> None:
-    metrics = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in obj["metrics"].items())
-    skipped = obj["clipray"]["skipped"]["count"]
-    print(
-        f"eval {obj['task']} on {obj['dataset']}: {metrics} "
-        f"({obj['clipray']['num_samples']} samples, {skipped} skipped)"
-    )

@@ -37,6 +37,7 @@ import yaml
 from evaluation.chunks import EvalDataset
 from evaluation.config import EvalConfig
 from evaluation.embed import ImageEmbedder, embed_ray
+from evaluation.outputs import write_outputs
 from evaluation.run import (
     align_embeddings,
     choose_engine,
@@ -44,7 +45,6 @@ from evaluation.run import (
     evaluate_retrieval_dataset,
     evaluate_zeroshot_dataset,
     open_eval_dataset,
-    write_outputs,
 )
 from storage import fsspec_filesystem, join, open_file, read_file, write_file
 
