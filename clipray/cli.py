@@ -7,6 +7,7 @@ are the same commands under their package names.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import textwrap
@@ -186,8 +187,6 @@ def _run_eval(cfg: JobConfig, args: argparse.Namespace) -> int:
 
     if args.dump_predictions:
         cfg.eval.dump_predictions = True
-    if args.suite:
-        cfg.eval.suite = args.suite
     init_ray(cfg)
     if cfg.eval.suite:
         from evaluation.suite import run_suite
@@ -213,6 +212,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from clipray.demo import run_demo
 
             return run_demo(args.workdir, args.overrides)
+        if getattr(args, "suite", None):
+            args.overrides.append(f"eval.suite={json.dumps(args.suite)}")  # validated with the other keys
         cfg = load_config(args.config, args.overrides)
         if getattr(args, "print_config", False):
             import yaml

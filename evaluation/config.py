@@ -83,4 +83,11 @@ class EvalConfig(StorageConfig):
                 f"eval.image_root {self.image_root!r} must be one folder or URL prefix "
                 "(e.g. /data/images or s3://bucket/images), not empty and not an fsspec chain (::)"
             )
+        if self.suite is not None:
+            missing = [f"eval.{k}" for k in ("data_root", "output") if not getattr(self, k)]
+            if missing:
+                raise ValueError(
+                    f"eval.suite {self.suite!r} needs {' and '.join(missing)} "
+                    "(the folder holding the data sets; the results folder)"
+                )
         return self

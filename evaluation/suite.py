@@ -208,12 +208,8 @@ class _SuiteRows:
 def run_suite(cfg: EvalConfig, model: Optional[torch.nn.Module] = None) -> dict[str, Any]:
     """Run `cfg.suite` over `cfg.data_root`; write the per-task JSONs and suite.csv / suite.md under
     `cfg.output`; return {"rows": [...], "average": float or None}."""
-    for key in ("data_root", "output"):
-        if not getattr(cfg, key):
-            raise ValueError(
-                f"eval.suite needs eval.{key} ("
-                + ("the folder holding the data sets)" if key == "data_root" else "the results folder)")
-            )
+    if not (cfg.suite and cfg.data_root and cfg.output):
+        raise ValueError("run_suite needs eval.suite, eval.data_root and eval.output")
     tasks = load_suite(cfg.suite, cfg)
     if model is None:
         if not cfg.model:

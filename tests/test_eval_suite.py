@@ -55,6 +55,13 @@ def test_a_bad_task_entry_is_named(tmp_path):
         load_suite(str(path))
 
 
+def test_a_suite_without_its_data_root_is_refused_before_any_work(capsys):
+    from clipray.cli import main
+
+    assert main(["eval", "--suite", "datacomp", "--set", "eval.model=runs/x/final"]) == 2
+    assert "eval.suite 'datacomp' needs eval.data_root and eval.output" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_suite_runs_present_sets_in_one_ray_pass_and_skips_the_rest(tmp_path, ray_local, capsys):
     from clipray.cli import main
