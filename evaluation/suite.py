@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 
 BUILTIN_SUITES = {"datacomp": Path(__file__).resolve().parent / "suites" / "datacomp_tasklist.yaml"}
 CLASSIFICATION_METRICS = ("acc1", "acc5", "mean_per_class_recall")
+# DataComp reads its retrieval tasks from the Hugging Face hub (nlphuji/...), not as wds sets. Its
+# MSCOCO task (5,000 images) is MSCOCO's 5k Karpathy test split, which CLIP_benchmark publishes as
+# this wds set, looked for last. Its Flickr task is all 31,014 Flickr30k images, unlike
+# CLIP_benchmark's wds_flickr30k (the 1k test split), so that one is not an alias.
+CLIP_BENCHMARK_RETRIEVAL_SETS = {"retrieval/mscoco_2014_5k_test_image_text_retrieval": "mscoco_captions"}
 TASK_NAMES = {
     "zeroshot": "zeroshot",
     "zeroshot_classification": "zeroshot",
@@ -129,6 +134,8 @@ def task_folder(task: SuiteTask, data_root: str, cfg: EvalConfig) -> tuple[Optio
     fs, root = fsspec_filesystem(data_root, cfg)
     dashed = task.key.replace("/", "-")
     names = [task.path] if task.path else [f"wds_{dashed}_test", f"wds_{dashed}", dashed, task.key]
+    if not task.path and task.key in CLIP_BENCHMARK_RETRIEVAL_SETS:
+        names.append(f"wds_{CLIP_BENCHMARK_RETRIEVAL_SETS[task.key]}")
     for name in dict.fromkeys(names):
         if fs.exists(f"{root.rstrip('/')}/{name}"):
             return join(data_root, name), names

@@ -10,7 +10,7 @@ import torch
 
 from evaluation.config import EvalConfig
 from evaluation.run import run_evaluation
-from evaluation.suite import load_suite, main_metric_value
+from evaluation.suite import load_suite, main_metric_value, task_folder
 from tests.support.wds_sets import write_wds_set
 from tests.test_eval_datasets import write_color_folder
 from training.model import create_model, save_model
@@ -46,6 +46,17 @@ def test_datacomp_task_list_is_shipped_and_read():
     assert main_metric_value({"image_retrieval_recall@1": 0.2, "text_retrieval_recall@1": 0.4}, "mean_recall@1") == (
         pytest.approx(0.3)
     )
+
+
+def test_task_folders_follow_datacomp_then_clip_benchmark_names(tmp_path):
+    tasks = {t.key: t for t in load_suite("datacomp")}
+    (tmp_path / "wds_vtab-cifar100_test").mkdir()
+    (tmp_path / "wds_mscoco_captions").mkdir()
+    cifar, _ = task_folder(tasks["vtab/cifar100"], str(tmp_path), EvalConfig())
+    coco, _ = task_folder(tasks["retrieval/mscoco_2014_5k_test_image_text_retrieval"], str(tmp_path), EvalConfig())
+    flickr, looked = task_folder(tasks["retrieval/flickr30k"], str(tmp_path), EvalConfig())
+    assert cifar.endswith("/wds_vtab-cifar100_test") and coco.endswith("/wds_mscoco_captions")
+    assert flickr is None and looked[0] == "wds_retrieval-flickr30k_test"
 
 
 def test_a_bad_task_entry_is_named(tmp_path):
