@@ -181,9 +181,7 @@ def open_wds(
     storage: StorageConfig,
     what: str,
 ) -> EvalDataset:
-    kind = (_read_lines(fs, posixpath.join(layout.root, TYPE_FILE)) or ["classification"])[
-        0
-    ].lower() or "classification"
+    kind = _set_kind(fs, layout.root)
     if kind not in ("classification", "retrieval"):
         raise ValueError(
             f"{what} {spec}: {TYPE_FILE} says {kind!r}; zero-shot classification and retrieval sets are read "
@@ -248,6 +246,12 @@ def open_wds(
         classnames=classnames,
         templates=templates,
     )
+
+
+def _set_kind(fs, root: str) -> str:
+    """dataset_type.txt's first line, lower-cased; `classification` when absent or empty (CLIP_benchmark's default)."""
+    lines = _read_lines(fs, posixpath.join(root, TYPE_FILE)) or [""]
+    return lines[0].lower() or "classification"
 
 
 def _check(sample: dict, kind: str) -> str:
