@@ -251,7 +251,12 @@ def run_suite(cfg: EvalConfig, model: Optional[torch.nn.Module] = None) -> dict[
         embeddings = embed_sets([ds for _, _, ds in ready], model, cfg) if ready else []
         for (task, task_cfg, ds), emb in zip(ready, embeddings):
             evaluate = evaluate_zeroshot_dataset if task.task == "zeroshot" else evaluate_retrieval_dataset
-            result = evaluate(model, task_cfg, ds, emb)
+            try:
+                result = evaluate(model, task_cfg, ds, emb)
+            except (ValueError, FileNotFoundError) as exc:  # e.g. integer labels and no class names
+                rows[task.key].update(score=None, status=f"failed: {exc}")
+                print(f"suite: failed {task.key} ({task.name}): {exc}")
+                continue
             if task.main_metric.startswith("mean_recall@"):
                 result.metrics[task.main_metric] = main_metric_value(result.metrics, task.main_metric)
             write_outputs(result, task_cfg)

@@ -30,6 +30,8 @@ gamma:
   main_metric: mean_per_class_recall
 delta:
   name: Delta (not downloaded)
+epsilon:
+  name: Epsilon (no class names)
 misc/winogavil:
   name: WinoGAViL
   main_metric: jaccard_score_10-12
@@ -84,17 +86,21 @@ def test_suite_runs_present_sets_in_one_ray_pass_and_skips_the_rest(tmp_path, ra
     write_wds_set(root / "wds_alpha_test", per_class=3, shards=2)
     write_wds_set(root / "wds_retrieval-beta_test", kind="retrieval", per_class=2, shards=1)
     write_color_folder(root / "gamma", per_class=2)
+    write_wds_set(root / "wds_epsilon_test", per_class=1, shards=1)
+    (root / "wds_epsilon_test" / "classnames.txt").unlink()  # integer labels, nothing to prompt with
     (tmp_path / "suite.yml").write_text(SUITE)
     out = tmp_path / "results"
     args = ["--set", f"eval.model={model_dir}", "--set", f"eval.data_root={root}", "--set", f"eval.output={out}"]
+    args += ["--set", "eval.report=false"]  # per-task reports: tests/test_eval_run.py
     code = main(["eval", "--suite", str(tmp_path / "suite.yml"), *args, "--set", "eval.engine=ray"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "skipped delta (Delta (not downloaded)): no data set under" in printed
     assert "skipped misc/winogavil (WinoGAViL): main metric jaccard_score_10-12" in printed
+    assert "failed epsilon (Epsilon (no class names)): the labels are integers" in printed
 
     rows = {r["task"]: r for r in csv.DictReader((out / "suite.csv").open())}
-    assert set(rows) == {"alpha", "retrieval/beta", "gamma", "delta", "misc/winogavil", "average"}
+    assert set(rows) == {"alpha", "retrieval/beta", "gamma", "delta", "epsilon", "misc/winogavil", "average"}
     alpha = json.loads((out / "alpha.json").read_text())
     beta = json.loads((out / "retrieval_beta.json").read_text())
     gamma = json.loads((out / "gamma.json").read_text())
@@ -105,7 +111,7 @@ def test_suite_runs_present_sets_in_one_ray_pass_and_skips_the_rest(tmp_path, ra
     assert float(rows["average"]["score"]) == pytest.approx(sum(scores) / 3, abs=1e-6)
     assert rows["delta"]["score"] == "" and rows["delta"]["status"].startswith("skipped: no data set")
     table = (out / "suite.md").read_text()
-    assert "**Average over 3 of 5 tasks:" in table and "| gamma | Gamma | mean_per_class_recall |" in table
+    assert "**Average over 3 of 6 tasks:" in table and "| gamma | Gamma | mean_per_class_recall |" in table
     # The shared Ray pass gives each set what a run of its own gives.
     alone = run_evaluation(EvalConfig(model=str(model_dir), dataset=str(root / "wds_alpha_test"), engine="local"))
     assert alone["metrics"] == alpha["metrics"]
