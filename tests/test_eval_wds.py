@@ -66,6 +66,16 @@ def test_retrieval_set_reads_the_lines_of_txt_as_captions(tmp_path):
         open_dataset(str(tmp_path), need_labels=True)
 
 
+def test_the_train_split_is_read_for_the_probe_s_training_key(tmp_path):
+    import shutil
+
+    write_wds_set(tmp_path, per_class=1, shards=1)
+    shutil.copytree(tmp_path / "test", tmp_path / "train")
+    train = open_dataset(str(tmp_path), need_labels=True, what="eval.train_dataset")
+    assert train.chunks[0].file == str(tmp_path / "train" / "0.tar") and train.classnames == list(COLORS)
+    assert open_dataset(str(tmp_path), need_labels=True).chunks[0].file == str(tmp_path / "test" / "0.tar")
+
+
 def test_nshards_naming_a_missing_shard_is_an_error_naming_the_file(tmp_path):
     write_wds_set(tmp_path, per_class=1, shards=1)
     (tmp_path / "test" / "nshards.txt").write_text("2\n")
