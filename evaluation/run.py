@@ -298,7 +298,7 @@ def evaluate_linear_probe_dataset(model: torch.nn.Module, cfg: EvalConfig) -> Ev
                     f"{s.source}: its classes must be class folders of eval.train_dataset {train.source} as well"
                 )
     all_labels = [v for s in splits for v in s.meta.column("label").to_pylist()]
-    classnames_file = load_classnames(cfg.classnames, cfg.dataset_name, cfg) if cfg.classnames else None
+    classnames_file = load_classnames(cfg.classnames, cfg.dataset_name, cfg) if cfg.classnames else train.classnames
     classnames, idx, names_from = resolve_classes(
         all_labels, folder_classes=folder, classnames=classnames_file, need_names=False
     )
