@@ -1,11 +1,18 @@
-"""Evaluation benchmark, side by side with the way CLIP_benchmark / open_clip do it.
+"""Evaluation benchmark, side by side with CLIP_benchmark itself.
 
-1. Zero-shot: N images (JPEG bytes in a Parquet shard, like the pipeline's) against a
-   classes x templates classifier (default 10,000 images, 1000 ImageNet classes x the 80 CLIP
-   templates). Ours: `build_classifier` (prompts in batches), the local embedding engine (threaded
-   decode) and `score_zeroshot`. Baseline, as CLIP_benchmark runs it: the classifier one class at a
-   time (80 prompts per forward), images decoded one by one in the loop, logits = 100 x cosine,
-   top-k. Prints prompts/s, images/s and the ratio; both must give the same accuracy.
+1. Zero-shot: N images (JPEG, random labels) in a CLIP_benchmark `wds` set (test/*.tar, classnames.txt,
+   zeroshot_classification_templates.txt) against a classes x templates classifier (default 10,000
+   images, 1000 ImageNet classes x the 80 CLIP templates), one model for every row. Rows:
+   - ours: `clipray eval`'s functions (model load, open the set, `build_classifier`, the local
+     embedding engine with threaded decode, `score_zeroshot`);
+   - **clip-benchmark**: the `clip-benchmark` package's own CLI (`clip_benchmark eval --dataset
+     wds/... --model local-dir:...`, its default loader: 4 workers, batch 64) in the oracle venv
+     (`--oracle-python`, default $CLIPRAY_ORACLE_PYTHON): the model is made there by open_clip,
+     saved in its hub layout, and the same weights are loaded into ours;
+   - re-implementation (a second, labelled row): CLIP_benchmark's procedure re-written in this
+     process (classifier one class at a time, images decoded one by one in the loop, 100 x cosine,
+     top-k), for when the oracle venv is absent.
+   Prints seconds, images/s and the ratio clip-benchmark / ours; every row must give the same acc1.
 2. Retrieval memory: P image-text pairs (default 20,000, D=512). Each method runs in its own
    process; peak RSS above the inputs is read from the kernel (VmHWM after a reset). Methods:
    `blocked` (ours), `dense` (our exact reference on the full N x N matrix) and
@@ -14,6 +21,7 @@
 
     python benchmarks/eval.py                      # both parts, CPU, ViT-Tiny (64 px)
     python benchmarks/eval.py --model ViT-B-32 --images 2000 --device cuda
+    python benchmarks/eval.py --skip-retrieval --images 500 --classes 100 --templates 8   # a quick check
     python benchmarks/eval.py --skip-zeroshot --pairs 20000
 """
 
@@ -29,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -39,70 +48,101 @@ sys.path.insert(0, str(ROOT))
 # --- zero-shot ------------------------------------------------------------------------------------
 
 
-def make_images(folder: Path, n: int, num_classes: int, seed: int = 0) -> Path:
-    """A Parquet shard of n JPEGs (160x120, random colour blocks) with random labels."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+ORACLE_SCRIPT = ROOT / "tests" / "support" / "clip_benchmark_oracle.py"
+SHARD_SIZE = 1024
+
+
+def make_wds_set(
+    folder: Path, n: int, classnames: list[str], templates: list[str], min_shards: int = 1, seed: int = 0
+) -> Path:
+    """A CLIP_benchmark wds set of n JPEGs (160x120, random colour blocks) with random labels, in
+    shards of up to SHARD_SIZE and at least min_shards (webdataset gives each loader worker whole
+    shards and fails on a worker with none)."""
+    import tarfile
+
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    jpgs = []
-    for _ in range(n):
-        blocks = rng.integers(0, 256, size=(3, 4, 3), dtype=np.uint8)
-        arr = np.kron(blocks, np.ones((40, 40, 1), dtype=np.uint8))
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="JPEG", quality=90)
-        jpgs.append(buf.getvalue())
-    labels = rng.integers(0, num_classes, size=n)
-    (folder / "shards").mkdir(parents=True, exist_ok=True)
-    table = pa.table({"key": [f"{i:06d}" for i in range(n)], "jpg": jpgs, "label": labels})
-    pq.write_table(table, folder / "shards" / "part-0.parquet", row_group_size=1024)
+    labels = rng.integers(0, len(classnames), size=n)
+    (folder / "test").mkdir(parents=True, exist_ok=True)
+    shards = max(min_shards, (n + SHARD_SIZE - 1) // SHARD_SIZE)
+    per_shard = (n + shards - 1) // shards
+    for s in range(shards):
+        with tarfile.open(folder / "test" / f"{s}.tar", "w") as tar:
+            for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
+                blocks = rng.integers(0, 256, size=(3, 4, 3), dtype=np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(np.kron(blocks, np.ones((40, 40, 1), dtype=np.uint8))).save(buf, "JPEG", quality=90)
+                for ext, data in (("jpg", buf.getvalue()), ("cls", str(int(labels[i])).encode())):
+                    info = tarfile.TarInfo(f"{i:07d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    (folder / "test" / "nshards.txt").write_text(f"{shards}\n")
+    (folder / "classnames.txt").write_text("".join(f"{c}\n" for c in classnames))
+    (folder / "zeroshot_classification_templates.txt").write_text("".join(f"{t}\n" for t in templates))
     return folder
 
 
 def zeroshot_ours(
-    model, data: Path, classnames, templates, device: str, batch_size: int, engine: str, decode_threads: int
+    model_files: tuple[str, dict],
+    data: Path,
+    device: str,
+    batch_size: int,
+    engine: str,
+    decode_threads: int,
+    precision: str,
 ) -> dict:
     import evaluation.zeroshot as zs
     from evaluation.config import EvalConfig
-    from evaluation.run import embed_dataset_images, _open
+    from evaluation.run import embed_dataset_images, open_eval_dataset
+    from training.model import load_model
 
     zs._MEMORY_CACHE.clear()
     cfg = EvalConfig(
-        dataset=str(data), batch_size=batch_size, engine=engine, decode_threads=decode_threads, use_gpu=device == "cuda"
+        dataset=str(data),
+        batch_size=batch_size,
+        engine=engine,
+        decode_threads=decode_threads,
+        use_gpu=device == "cuda",
+        precision=precision,
     )
-    ds = _open(str(data), cfg, need_labels=True)
     t0 = time.perf_counter()
-    classifier = zs.build_classifier(model, classnames, templates, batch_size=batch_size, device=device)
+    model = load_model(model_files[0], name=model_files[1]).to(device)
+    ds = open_eval_dataset(str(data), cfg, need_labels=True)
     t1 = time.perf_counter()
-    emb = embed_dataset_images(ds, model, cfg)
+    classifier = zs.build_classifier(model, ds.classnames, ds.templates, batch_size=batch_size, device=device)
     t2 = time.perf_counter()
-    labels = np.asarray(ds.meta.column("label").to_pylist())
-    result = zs.score_zeroshot(emb["features"][emb["ok"]], labels[emb["ok"]], classifier.cpu(), classnames)
+    emb = embed_dataset_images(ds, model, cfg)
     t3 = time.perf_counter()
+    labels = ds.meta.column("label").to_numpy()
+    result = zs.score_zeroshot(emb["features"][emb["ok"]], labels[emb["ok"]], classifier.cpu(), ds.classnames)
+    t4 = time.perf_counter()
     return {
-        "classifier_s": t1 - t0,
-        "embed_s": t2 - t1,
-        "score_s": t3 - t2,
-        "total_s": t3 - t0,
+        "load_s": t1 - t0,
+        "classifier_s": t2 - t1,
+        "embed_s": t3 - t2,
+        "score_s": t4 - t3,
+        "total_s": t4 - t0,
         "metrics": result.metrics,
     }
 
 
-def zeroshot_baseline(model, data: Path, classnames, templates, device: str, batch_size: int) -> dict:
-    """CLIP_benchmark's procedure, re-implemented: per-class classifier, decode in the loop."""
-    import pyarrow.parquet as pq
+def zeroshot_reimplementation(model_files: tuple[str, dict], data: Path, device: str, batch_size: int) -> dict:
+    """CLIP_benchmark's procedure, re-implemented in this process: per-class classifier, decode in the loop."""
     import torch
     import torch.nn.functional as F
     from PIL import Image
 
     from evaluation.embed import clip_preprocess
-    from training.model import image_mean_std
+    from evaluation.wds import iter_samples
+    from training.model import image_mean_std, load_model
     from training.tokenizer import tokenize
 
     mean, std = image_mean_std()
-    model = model.to(device).eval()
     t0 = time.perf_counter()
+    model = load_model(model_files[0], name=model_files[1]).to(device).eval()
+    classnames = (data / "classnames.txt").read_text().splitlines()
+    templates = (data / "zeroshot_classification_templates.txt").read_text().splitlines()
     with torch.no_grad():
         weights = []
         for name in classnames:
@@ -111,57 +151,94 @@ def zeroshot_baseline(model, data: Path, classnames, templates, device: str, bat
             weights.append(emb / emb.norm())
         classifier = torch.stack(weights, dim=1)
     t1 = time.perf_counter()
-    table = pq.read_table(data / "shards" / "part-0.parquet")
-    jpgs, labels = table.column("jpg").to_pylist(), np.asarray(table.column("label").to_pylist())
+    samples = []
+    for shard in sorted((data / "test").glob("*.tar"), key=lambda p: int(p.stem)):
+        with open(shard, "rb") as fh:
+            samples.extend((s["jpg"], int(s["cls"])) for _, s in iter_samples(fh))
     top1 = top5 = 0
     with torch.no_grad():
-        for start in range(0, len(jpgs), batch_size):
+        for start in range(0, len(samples), batch_size):
+            batch = samples[start : start + batch_size]
             pixels = torch.from_numpy(
-                np.stack(
-                    [
-                        clip_preprocess(Image.open(io.BytesIO(b)), model.image_size, mean, std)
-                        for b in jpgs[start : start + batch_size]
-                    ]
-                )
+                np.stack([clip_preprocess(Image.open(io.BytesIO(b)), model.image_size, mean, std) for b, _ in batch])
             ).to(device)
             logits = 100.0 * F.normalize(model.encode_image(pixels), dim=-1) @ classifier
-            target = torch.from_numpy(labels[start : start + batch_size]).to(device)
-            pred = logits.topk(5, dim=1).indices
+            target = torch.tensor([label for _, label in batch], device=device)
+            pred = logits.topk(min(5, len(classnames)), dim=1).indices
             top1 += int((pred[:, 0] == target).sum())
             top5 += int((pred == target[:, None]).any(dim=1).sum())
     t2 = time.perf_counter()
     return {
+        "load_s": 0.0,
         "classifier_s": t1 - t0,
         "embed_s": t2 - t1,
         "score_s": 0.0,
         "total_s": t2 - t0,
-        "metrics": {"acc1": top1 / len(jpgs), "acc5": top5 / len(jpgs)},
+        "metrics": {"acc1": top1 / len(samples), "acc5": top5 / len(samples)},
     }
+
+
+def oracle_python(args) -> tuple[Optional[str], str]:
+    """(the oracle venv's interpreter, "") or (None, why not)."""
+    path = args.oracle_python or os.environ.get("CLIPRAY_ORACLE_PYTHON")
+    if not path:
+        return None, "no oracle venv: pass --oracle-python or set CLIPRAY_ORACLE_PYTHON (make oracles builds one)"
+    if not Path(path).is_file():
+        return None, f"oracle interpreter {path} does not exist"
+    return path, ""
+
+
+def run_clip_benchmark(python: str, args, model_dir: Path, data: Path, out: Path, config_file: Optional[Path]) -> dict:
+    """clip_benchmark's CLI on the set (and, with config_file, the open_clip model made first)."""
+    cmd = [python, str(ORACLE_SCRIPT), "--model-dir", str(model_dir), "--out", str(out), "--workers", str(args.workers)]
+    if config_file is not None:
+        cmd += ["--config", str(config_file), "--seed", "0"]
+    if args.amp:
+        cmd.append("--amp")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    done = subprocess.run([*cmd, str(data), "zeroshot_classification"], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"clip_benchmark failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_zeroshot(args) -> dict:
     import torch
 
     from evaluation.templates import load_classnames, load_templates
-    from training.model import create_model
+    from training.model import create_model, get_model_config, save_model
 
-    torch.manual_seed(0)
-    model = create_model(args.model).eval()
     classnames = load_classnames("imagenet")[: args.classes]
     templates = load_templates("imagenet")[: args.templates]
     prompts = len(classnames) * len(templates)
+    precision = ("amp_fp16" if args.device == "cuda" else "amp_bf16") if args.amp else "fp32"
+    python, why_not = oracle_python(args)
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
         t = time.perf_counter()
-        data = make_images(Path(tmp), args.images, len(classnames))
+        data = make_wds_set(tmp / "wds_bench", args.images, classnames, templates, min_shards=args.workers)
+        config = get_model_config(args.model)
+        (tmp / "model_config.json").write_text(json.dumps(config))
         print(
-            f"zero-shot: {args.images} JPEGs written in {time.perf_counter() - t:.1f}s; model {args.model} "
-            f"({model.image_size} px), {len(classnames)} classes x {len(templates)} templates = {prompts} prompts, "
-            f"device {args.device}, torch threads {torch.get_num_threads()}",
+            f"zero-shot: {args.images} JPEGs written as a wds set in {time.perf_counter() - t:.1f}s; model "
+            f"{args.model} ({config['vision_cfg']['image_size']} px), {len(classnames)} classes x {len(templates)} "
+            f"templates = {prompts} prompts, device {args.device}, {precision}, torch threads {torch.get_num_threads()}",
             flush=True,
         )
-        rows = {}
+        rows, theirs = {}, None
+        if python:
+            theirs = run_clip_benchmark(python, args, tmp / "model", data, tmp, tmp / "model_config.json")
+            if "skip" in theirs:
+                why_not, theirs = theirs["skip"], None
+        if theirs is not None:
+            model_files = (str(tmp / "model" / "open_clip_model.safetensors"), config)
+        else:  # no oracle: the same random model for our rows only
+            torch.manual_seed(0)
+            save_model(create_model(config), tmp / "ours")
+            model_files = (str(tmp / "ours" / "model.safetensors"), config)
+            print(f"clip-benchmark row skipped: {why_not}")
         rows["ours (local engine)"] = zeroshot_ours(
-            model, data, classnames, templates, args.device, args.batch_size, "local", args.decode_threads
+            model_files, data, args.device, args.batch_size, "local", args.decode_threads, precision
         )
         if args.ray:
             import ray
@@ -173,31 +250,35 @@ def run_zeroshot(args) -> dict:
                 log_to_driver=False,
             )
             rows["ours (Ray engine)"] = zeroshot_ours(
-                model, data, classnames, templates, args.device, args.batch_size, "ray", args.decode_threads
+                model_files, data, args.device, args.batch_size, "ray", args.decode_threads, precision
             )
             ray.shutdown()
-        rows["baseline (CLIP_benchmark way)"] = zeroshot_baseline(
-            model, data, classnames, templates, args.device, args.batch_size
-        )
-    print(
-        f"{'method':32s} {'classifier s':>12s} {'prompts/s':>10s} {'embed+score s':>13s} {'images/s':>9s} "
-        f"{'end-to-end img/s':>16s}  acc1"
-    )
+        if theirs is not None:
+            rows[f"clip-benchmark CLI ({args.workers} workers)"] = {
+                "total_s": theirs["seconds"][0],
+                "metrics": theirs["metrics"][0],
+            }
+        if not args.skip_reimplementation:
+            rows["re-implementation (CLIP_benchmark way, 1 process)"] = zeroshot_reimplementation(
+                model_files, data, args.device, args.batch_size
+            )
+    print(f"{'method':50s} {'total s':>8s} {'images/s':>9s} {'classifier s':>12s} {'embed+score s':>13s}  acc1")
     for name, r in rows.items():
-        images_s = args.images / (r["embed_s"] + r["score_s"])
-        print(
-            f"{name:32s} {r['classifier_s']:12.1f} {prompts / r['classifier_s']:10.0f} "
-            f"{r['embed_s'] + r['score_s']:13.1f} {images_s:9.1f} {args.images / r['total_s']:16.1f}  "
-            f"{r['metrics']['acc1']:.4f}"
+        detail = (
+            f"{r['classifier_s']:12.1f} {r['embed_s'] + r['score_s']:13.1f}"
+            if "classifier_s" in r
+            else f"{'-':>12s} {'-':>13s}"
         )
-    ours, base = rows["ours (local engine)"], rows["baseline (CLIP_benchmark way)"]
-    print(
-        f"ratio ours/baseline: end-to-end {base['total_s'] / ours['total_s']:.2f}x, classifier "
-        f"{base['classifier_s'] / ours['classifier_s']:.2f}x, images "
-        f"{(base['embed_s']) / (ours['embed_s'] + ours['score_s']):.2f}x"
-    )
-    same = abs(ours["metrics"]["acc1"] - base["metrics"]["acc1"]) < 1e-9
-    print(f"same acc1 as the baseline: {same}")
+        print(f"{name:50s} {r['total_s']:8.1f} {args.images / r['total_s']:9.1f} {detail}  {r['metrics']['acc1']:.4f}")
+    ours = rows["ours (local engine)"]
+    for name, r in rows.items():
+        if name.startswith(("clip-benchmark", "re-implementation")):
+            print(f"ratio {name} / ours (end to end, model load included): {r['total_s'] / ours['total_s']:.2f}x")
+    accs = {name: r["metrics"]["acc1"] for name, r in rows.items()}
+    same = max(accs.values()) - min(accs.values()) < 1e-9
+    print(f"same acc1 in every row: {same}")
+    if not same:
+        raise SystemExit(f"acc1 differs between rows: {accs}")
     return rows
 
 
@@ -346,6 +427,12 @@ def main() -> None:
     p.add_argument("--decode-threads", type=int, default=4)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--ray", action="store_true", help="also time the Ray engine (local cluster)")
+    p.add_argument("--oracle-python", help="the venv with clip-benchmark (default: $CLIPRAY_ORACLE_PYTHON)")
+    p.add_argument("--workers", type=int, default=4, help="clip_benchmark's --num_workers (its default: 4)")
+    p.add_argument(
+        "--amp", action="store_true", help="clip_benchmark's default autocast; ours amp_bf16 (CPU) / amp_fp16"
+    )
+    p.add_argument("--skip-reimplementation", action="store_true")
     p.add_argument("--pairs", type=int, default=20_000)
     p.add_argument("--captions", type=int, default=1, help="captions per image")
     p.add_argument("--dim", type=int, default=512)

@@ -7,6 +7,7 @@ are the same commands under their package names.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import textwrap
@@ -138,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--dump-predictions", action="store_true", help="also write per-sample predictions next to eval.output"
             )
+            p.add_argument(
+                "--suite",
+                metavar="FILE",
+                help="run a task list (DataComp's tasklist.yml format, or `datacomp`) over eval.data_root "
+                "into the folder eval.output (= --set eval.suite=FILE)",
+            )
         if name in ("pipeline", "train", "tune", "eval"):
             p.add_argument(
                 "--print-config",
@@ -209,7 +216,12 @@ def _run_eval(cfg: JobConfig, args: argparse.Namespace) -> int:
     if args.dump_predictions:
         cfg.eval.dump_predictions = True
     init_ray(cfg)
-    run_evaluation(cfg.eval)
+    if cfg.eval.suite:
+        from evaluation.suite import run_suite
+
+        run_suite(cfg.eval)
+    else:
+        run_evaluation(cfg.eval)
     return 0
 
 
@@ -230,6 +242,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_demo(args.workdir, args.overrides)
         if args.command == "export":
             return _run_export(args)
+        if getattr(args, "suite", None):
+            args.overrides.append(f"eval.suite={json.dumps(args.suite)}")  # validated with the other keys
         cfg = load_config(args.config, args.overrides)
         if getattr(args, "print_config", False):
             import yaml

@@ -1,7 +1,7 @@
 """evaluation: zero-shot classification, retrieval and linear probe of a CLIP, CLIP_benchmark-compatible.
 
 Public entry points (imported lazily, so that `evaluation.config` stays light):
-`run_evaluation(cfg)` (the CLI's runner), `evaluate_dataset(model, cfg)`,
+`run_evaluation(cfg)` (the CLI's runner), `run_suite(cfg)` (`--suite`), `evaluate_dataset(model, cfg)`,
 `evaluate_zeroshot(model, images, labels, classnames, templates)`,
 `evaluate_retrieval(model, images, captions)`, `evaluate_linear_probe(...)`.
 """
@@ -14,6 +14,7 @@ from typing import Any
 _EXPORTS = {
     "run_evaluation": "evaluation.run",
     "evaluate_dataset": "evaluation.run",
+    "run_suite": "evaluation.suite",
     "evaluate_zeroshot": "evaluation.zeroshot",
     "build_classifier": "evaluation.zeroshot",
     "evaluate_retrieval": "evaluation.retrieval",

@@ -18,19 +18,31 @@ PATH_CHUNK_ROWS = 512  # rows per read unit when images are files
 
 @dataclass
 class ImageChunk:
-    """A unit of image reading: a Parquet row group (file + row_group) or a slice of image paths."""
+    """A unit of image reading: a Parquet row group (file + row_group), a run of samples of a tar
+    shard (file + tar_skip: the samples before it in the shard) or a slice of image paths (neither)."""
 
     row_start: int  # row_id of the first row
     num_rows: int
     file: Optional[str] = None
     row_group: Optional[int] = None
+    tar_skip: Optional[int] = None
+
+    def as_item(self) -> dict:
+        """A row of plain ints and strings for a Ray dataset of chunk descriptions (-1: not set)."""
+        return {
+            "row_start": self.row_start,
+            "num_rows": self.num_rows,
+            "file": self.file,
+            "row_group": -1 if self.row_group is None else self.row_group,
+            "tar_skip": -1 if self.tar_skip is None else self.tar_skip,
+        }
 
 
 @dataclass
 class EvalDataset:
     name: str  # for the results JSON
     source: str
-    format: str  # imagefolder | table | shards
+    format: str  # imagefolder | table | shards | wds
     meta: pa.Table  # row_id, key, [image (path/URL)], [label], [captions (list<string>)]
     chunks: list[ImageChunk]
     image_in_parquet: bool  # True: bytes in `image_column` of parquet files; False: meta.image paths
@@ -38,6 +50,9 @@ class EvalDataset:
     storage: StorageConfig = field(default_factory=StorageConfig)  # how to reach remote images
     classes: Optional[list[str]] = None  # imagefolder: the folder names, sorted
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> rows dropped at open time
+    image_in_tar: bool = False  # True: images in the tar shards of `chunks` (CLIP_benchmark wds)
+    classnames: Optional[list[str]] = None  # names the set ships (wds classnames.txt), label order
+    templates: Optional[list[str]] = None  # prompts the set ships (wds zeroshot_classification_templates.txt)
 
     @property
     def num_rows(self) -> int:
@@ -58,14 +73,11 @@ class EvalDataset:
         from ray_compat import data_context
 
         data_context()
-        if not self.image_in_parquet:
+        if not self.image_in_parquet and not self.image_in_tar:
             table = self.meta.select(["row_id", "image"])
             return ray.data.from_arrow([table.slice(c.row_start, c.num_rows) for c in self.chunks])
-        items = [
-            {"row_start": c.row_start, "num_rows": c.num_rows, "file": c.file, "row_group": c.row_group}
-            for c in self.chunks
-        ]
-        reader = ParquetChunkReader(self.image_column, self.storage)
+        items = [c.as_item() for c in self.chunks]
+        reader = ChunkReader(self.image_column, self.storage)
         return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             reader, batch_size=1, batch_format="numpy"
         )
@@ -77,7 +89,7 @@ class EvalDataset:
         meta = self.meta.slice(0, n)
         end = int(meta.column("row_id")[n - 1].as_py()) + 1  # raw rows to read
         chunks = [
-            ImageChunk(c.row_start, min(c.num_rows, end - c.row_start), c.file, c.row_group)
+            ImageChunk(c.row_start, min(c.num_rows, end - c.row_start), c.file, c.row_group, c.tar_skip)
             for c in self.chunks
             if c.row_start < end
         ]
@@ -92,20 +104,31 @@ class EvalDataset:
             self.storage,
             self.classes,
             dict(self.rejected),
+            self.image_in_tar,
+            self.classnames,
+            self.templates,
         )
 
 
-class ParquetChunkReader:
-    """Ray map_batches function: row-group descriptions -> rows of (row_id, image bytes)."""
+class ChunkReader:
+    """Ray map_batches function: chunk descriptions (Parquet row groups, tar shards) -> rows of
+    (row_id, image bytes)."""
 
     def __init__(self, image_column: str, storage: StorageConfig):
         self.image_column = image_column
         self.storage = storage
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        columns = zip(batch["row_start"], batch["num_rows"], batch["file"], batch["row_group"], batch["tar_skip"])
         parts = [
-            read_chunk(ImageChunk(int(start), int(n), str(f), int(g)), True, self.image_column, None, self.storage)
-            for start, n, f, g in zip(batch["row_start"], batch["num_rows"], batch["file"], batch["row_group"])
+            read_chunk(
+                ImageChunk(int(start), int(n), str(f), None if g < 0 else int(g), None if k < 0 else int(k)),
+                True,
+                self.image_column,
+                None,
+                self.storage,
+            )
+            for start, n, f, g, k in columns
         ]
         return {k: np.concatenate([p[k] for p in parts]) for k in ("row_id", "image")}
 
@@ -117,7 +140,11 @@ def read_chunk(
     meta: Optional[pa.Table],
     storage: Optional[StorageConfig] = None,
 ) -> dict[str, np.ndarray]:
-    """{"row_id": [n] int64, "image": [n] object} for one chunk (bytes from Parquet, or paths)."""
+    """{"row_id": [n] int64, "image": [n] object} for one chunk (bytes from Parquet or a tar shard, or paths)."""
+    if chunk.tar_skip is not None:
+        from evaluation.wds import read_tar_images
+
+        return read_tar_images(chunk.file, chunk.row_start, chunk.num_rows, chunk.tar_skip, storage)
     row_ids = np.arange(chunk.row_start, chunk.row_start + chunk.num_rows, dtype=np.int64)
     images = np.empty(chunk.num_rows, dtype=object)
     if image_in_parquet:

@@ -40,7 +40,11 @@ class EvalConfig(StorageConfig):
     templates: Optional[str] = Field(
         None, description="imagenet|cifar10|cifar100|simple or a file with one prompt template per line ({c} = class)"
     )
-    output: Optional[str] = Field(None, description="results JSON file")
+    output: Optional[str] = Field(None, description="results JSON file (with eval.suite: the results folder)")
+    suite: Optional[str] = Field(
+        None, description="task list to run (DataComp's tasklist.yml format, or `datacomp` for its 38 tasks)"
+    )
+    data_root: Optional[str] = Field(None, description="folder holding the suite's data sets (wds_<task>_test, ...)")
     batch_size: PositiveInt = 256
     recall_k: list[PositiveInt] = Field(default_factory=lambda: [1, 5, 10])
     use_gpu: bool = False
@@ -81,4 +85,11 @@ class EvalConfig(StorageConfig):
                 f"eval.image_root {self.image_root!r} must be one folder or URL prefix "
                 "(e.g. /data/images or s3://bucket/images), not empty and not an fsspec chain (::)"
             )
+        if self.suite is not None:
+            missing = [f"eval.{k}" for k in ("data_root", "output") if not getattr(self, k)]
+            if missing:
+                raise ValueError(
+                    f"eval.suite {self.suite!r} needs {' and '.join(missing)} "
+                    "(the folder holding the data sets; the results folder)"
+                )
         return self

@@ -13,6 +13,8 @@ Accepted (local paths or fsspec URLs such as `s3://bucket/prefix`):
 - **pipeline shards**: a pipeline output folder (`{data.output}`, read from `shards/*.parquet`)
   or a folder of shard files; the image is the `jpg` column, extra columns such as the demo's
   `color` / `shape` can be the label (`eval.label_col`).
+- a **CLIP_benchmark wds set**: `test/*.tar` (+ `nshards.txt`) beside `classnames.txt`,
+  `zeroshot_classification_templates.txt` or `dataset_type.txt` (`evaluation.wds`).
 
 Everything except image bytes is read into the driver at open time (`EvalDataset.meta`, one row per
 image with a `row_id`); image bytes stay in their files and are read in chunks (a Parquet row group)
@@ -23,7 +25,7 @@ them. Rows without a label / caption / safe image path are dropped at open time 
 undecodable images are counted by the embedding step.
 
 Modules: this one (what a spec is, ImageFolder trees, class names), `evaluation.tables` (tables
-and shards), `evaluation.image_paths` (the path guard), `evaluation.chunks` (`EvalDataset` and its
+and shards), `evaluation.wds` (CLIP_benchmark's WebDataset sets), `evaluation.image_paths` (the path guard), `evaluation.chunks` (`EvalDataset` and its
 image reading).
 """
 
@@ -39,12 +41,15 @@ import pyarrow as pa
 
 from evaluation.chunks import EvalDataset, ImageChunk, path_chunks, read_chunk
 from evaluation.tables import PARQUET_EXTENSIONS, TABLE_EXTENSIONS, default_name, open_table
+from evaluation.wds import find_wds, open_wds
 from storage import StorageConfig, fsspec_filesystem
 
 __all__ = ["EvalDataset", "ImageChunk", "open_dataset", "read_chunk", "resolve_classes"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _WNID = re.compile(r"^n\d{8}$")
+SPLIT_NAMES = {"train", "val", "test"}
+SPLIT_OF_KEY = {"eval.dataset": ("test", "val"), "eval.train_dataset": ("train",), "eval.val_dataset": ("val",)}
 
 
 def _full(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -102,6 +107,18 @@ def open_dataset(
                 "for images give their folder (an ImageFolder tree)"
             )
         return open_table(spec, [_full(fs, path)], **table_args, fmt="table")
+    layout = find_wds(fs, path, what)
+    if layout is not None:
+        return open_wds(
+            spec,
+            fs,
+            layout,
+            need_labels=need_labels,
+            need_captions=need_captions,
+            name=name,
+            storage=storage,
+            what=what,
+        )
     shards = posixpath.join(path, "shards")
     if fs.isdir(shards):
         files = sorted(f for f in fs.ls(shards, detail=False) if f.lower().endswith(PARQUET_EXTENSIONS))
@@ -114,6 +131,17 @@ def open_dataset(
         parquet_only = all(t.lower().endswith(PARQUET_EXTENSIONS) for t in tables)
         return open_table(spec, [_full(fs, f) for f in tables], **table_args, fmt="shards" if parquet_only else "table")
     dirs = sorted(e["name"] for e in entries if e["type"] == "directory")
+    splits = {posixpath.basename(d.rstrip("/")) for d in dirs}
+    if splits and splits <= SPLIT_NAMES:  # torchvision's root/{train,val}/<class>/ (ImageNet, CLIP_benchmark)
+        wanted = SPLIT_OF_KEY.get(what, ("test", "val"))
+        for split in wanted:
+            if split in splits:
+                args = dict(table_args, name=name or default_name(spec))
+                return open_dataset(f"{spec.rstrip('/')}/{split}", **args)
+        raise ValueError(
+            f"{what} {spec} holds split folders ({', '.join(sorted(splits))}) but no {' or '.join(wanted)}/; "
+            "give the split's folder"
+        )
     if dirs:
         if need_captions:
             raise ValueError(
@@ -172,8 +200,32 @@ def resolve_classes(
     """
     labels = list(labels)
     if folder_classes is not None:
+        if folder_classes and all(c.isdigit() for c in folder_classes):
+            # ImageNetV2's layout (0/ .. 999/): the folder name is the class index, not its sorted position.
+            ints = [int(v) for v in labels]
+            given = classnames is not None
+            if not given and len(folder_classes) == 1000 and max(ints) < 1000:
+                from evaluation.templates import load_classnames
+
+                classnames = load_classnames("imagenet")
+            if classnames is None:
+                if need_names:
+                    raise ValueError(
+                        "the class folders are integers (class indices), so zero-shot has no class names: "
+                        "give eval.classnames (indexed by the folder numbers)"
+                    )
+                names = sorted(folder_classes, key=int)
+                position = {n: i for i, n in enumerate(names)}
+                return names, np.asarray([position[str(v)] for v in labels], dtype=np.int64), "folder numbers"
+            names, idx, _ = resolve_classes(ints, classnames=classnames, need_names=need_names)
+            source = "eval.classnames (indexed by folder number)" if given else "ImageNet class names (folders 0..999)"
+            return names, idx, source
         position = {c: i for i, c in enumerate(folder_classes)}
         idx = np.asarray([position[str(v)] for v in labels], dtype=np.int64)
+        if classnames is None and 0 < len(folder_classes) < 1000 and all(_WNID.match(c) for c in folder_classes):
+            subset = _imagenet_subset_names(folder_classes)
+            if subset is not None:  # ImageNet-A, -R, -O: 200 of the 1000 WordNet ids
+                return subset, idx, f"ImageNet class names ({len(folder_classes)} of the 1000 WordNet ids)"
         if classnames is not None:
             if len(classnames) != len(folder_classes):
                 raise ValueError(
@@ -210,3 +262,15 @@ def resolve_classes(
     names = sorted({str(v) for v in labels}, key=(lambda s: int(s)) if ints else None)
     position = {n: i for i, n in enumerate(names)}
     return names, np.asarray([position[str(v)] for v in labels], dtype=np.int64), "sorted distinct labels"
+
+
+def _imagenet_subset_names(wnids: Sequence[str]) -> Optional[list[str]]:
+    """The CLIP ImageNet names of WordNet-id folders that are all ImageNet-1k classes, else None."""
+    from evaluation.templates import PROMPTS_DIR, load_classnames
+
+    lines = (PROMPTS_DIR / "imagenet_wnids.txt").read_text(encoding="utf-8").splitlines()
+    index = {w: i for i, w in enumerate(line for line in lines if line and not line.startswith("#"))}
+    if not all(w in index for w in wnids):
+        return None
+    names = load_classnames("imagenet")
+    return [names[index[w]] for w in wnids]

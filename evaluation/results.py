@@ -37,6 +37,7 @@ class EvalResult:
     predictions: Optional[dict[str, np.ndarray]] = None  # per-sample columns, same length
     confusion: Optional[np.ndarray] = None  # [C, C], classification only
     classnames: Optional[list[str]] = None
+    dataset_name: Optional[str] = None  # the set's own name (a wds set's CLIP_benchmark name), if any
 
 
 def skipped_summary(keys: list[str], errors: list[str]) -> dict[str, Any]:

@@ -9,7 +9,6 @@ training run's validation).
 from __future__ import annotations
 
 import logging
-import posixpath
 import time
 from typing import Any, Optional
 
@@ -21,16 +20,10 @@ from evaluation.datasets import EvalDataset, open_dataset, resolve_classes
 from evaluation.embed import ImageEmbedder, TextEmbedder, embed_local, embed_ray, iter_slices, normalize
 from evaluation.linear_probe import linear_probe
 from evaluation.classification import confusion_matrix, topk_classes, target_ranks
-from evaluation.results import (
-    EvalResult,
-    clip_benchmark_json,
-    sibling_path,
-    skipped_summary,
-    write_json,
-    write_predictions,
-)
+from evaluation.outputs import print_summary, write_outputs
+from evaluation.results import EvalResult, skipped_summary
 from evaluation.retrieval import blocked_topk, recall_from_ranks, retrieval_ranks
-from evaluation.templates import load_classnames, load_templates
+from evaluation.templates import check_templates, load_classnames, load_templates
 from evaluation.zeroshot import build_classifier, score_zeroshot
 
 log = logging.getLogger(__name__)
@@ -82,7 +75,12 @@ def embed_dataset_images(ds: EvalDataset, model: torch.nn.Module, cfg: EvalConfi
         out = embed_local(embedder, ds.iter_image_batches(cfg.batch_size))
     seconds = time.perf_counter() - start
     log.info("embedded %d images with the %s engine in %.1fs", ds.num_rows, engine, seconds)
-    # Align with meta by row_id (row groups may hold rows that were dropped at open time).
+    return align_embeddings(out, ds, engine, seconds)
+
+
+def align_embeddings(out: dict[str, np.ndarray], ds: EvalDataset, engine: str, seconds: float) -> dict[str, Any]:
+    """The embedder's output rows picked in `ds.meta` order by row_id (row groups and tar shards
+    may hold rows that were dropped at open time)."""
     want = ds.meta.column("row_id").to_numpy()
     order = np.argsort(out["row_id"], kind="stable")
     pos = np.searchsorted(out["row_id"][order], want)
@@ -137,7 +135,15 @@ def _skipped(ds: EvalDataset, emb: dict[str, np.ndarray]) -> dict[str, Any]:
     return summary
 
 
-def _open(spec: str, cfg: EvalConfig, *, need_labels=False, need_captions=False, what="eval.dataset") -> EvalDataset:
+def _own_name(ds: EvalDataset) -> Optional[str]:
+    """The name a set carries itself (a wds set: CLIP_benchmark's name, e.g. `vtab/cifar100`);
+    other sets are named after their path by the runner."""
+    return ds.name if ds.format == "wds" else None
+
+
+def open_eval_dataset(
+    spec: str, cfg: EvalConfig, *, need_labels=False, need_captions=False, what="eval.dataset"
+) -> EvalDataset:
     ds = open_dataset(
         spec,
         image_col=cfg.image_col,
@@ -159,14 +165,26 @@ def _open(spec: str, cfg: EvalConfig, *, need_labels=False, need_captions=False,
 # --- the three tasks ------------------------------------------------------------------------------
 
 
-def evaluate_zeroshot_dataset(model: torch.nn.Module, cfg: EvalConfig, ds: Optional[EvalDataset] = None) -> EvalResult:
-    ds = ds or _open(cfg.dataset, cfg, need_labels=True)
-    classnames_file = load_classnames(cfg.classnames, cfg.dataset_name, cfg) if cfg.classnames else None
+def evaluate_zeroshot_dataset(
+    model: torch.nn.Module, cfg: EvalConfig, ds: Optional[EvalDataset] = None, emb: Optional[dict] = None
+) -> EvalResult:
+    """emb: the set's image embeddings when already computed (a suite embeds all its sets at once)."""
+    ds = ds or open_eval_dataset(cfg.dataset, cfg, need_labels=True)
+    if cfg.classnames:
+        classnames_file = load_classnames(cfg.classnames, cfg.dataset_name, cfg)
+    else:
+        classnames_file = ds.classnames  # a wds set's classnames.txt, when it has one
     classnames, labels, names_from = resolve_classes(
         ds.meta.column("label").to_pylist(), folder_classes=ds.classes, classnames=classnames_file, need_names=True
     )
-    templates = load_templates(cfg.templates, cfg.dataset_name, cfg)
-    emb = embed_dataset_images(ds, model, cfg)
+    if classnames_file is not None and not cfg.classnames:
+        names_from = f"the data set's {ds.format} class names"
+    if cfg.templates is None and ds.templates:
+        check_templates(ds.templates, source=f"{ds.source} templates")
+        templates = list(ds.templates)
+    else:
+        templates = load_templates(cfg.templates, cfg.dataset_name, cfg)
+    emb = emb or embed_dataset_images(ds, model, cfg)
     on_ray = choose_engine(cfg, len(classnames) * len(templates)) == "ray"
     encode = (lambda prompts: embed_texts(prompts, model, cfg)) if on_ray else None
     classifier = build_classifier(
@@ -183,7 +201,7 @@ def evaluate_zeroshot_dataset(model: torch.nn.Module, cfg: EvalConfig, ds: Optio
     if not ok.any():
         raise ValueError(f"none of the {ds.num_rows} images of {ds.source} could be decoded (e.g. {emb['error'][0]})")
     keys = ds.meta.column("key").to_numpy(zero_copy_only=False)
-    return score_zeroshot(
+    result = score_zeroshot(
         emb["features"][ok],
         labels[ok],
         classifier,
@@ -198,11 +216,15 @@ def evaluate_zeroshot_dataset(model: torch.nn.Module, cfg: EvalConfig, ds: Optio
         },
         predictions=cfg.dump_predictions,
     )
+    result.dataset_name = _own_name(ds)
+    return result
 
 
-def evaluate_retrieval_dataset(model: torch.nn.Module, cfg: EvalConfig, ds: Optional[EvalDataset] = None) -> EvalResult:
-    ds = ds or _open(cfg.dataset, cfg, need_captions=True)
-    emb = embed_dataset_images(ds, model, cfg)
+def evaluate_retrieval_dataset(
+    model: torch.nn.Module, cfg: EvalConfig, ds: Optional[EvalDataset] = None, emb: Optional[dict] = None
+) -> EvalResult:
+    ds = ds or open_eval_dataset(cfg.dataset, cfg, need_captions=True)
+    emb = emb or embed_dataset_images(ds, model, cfg)
     ok = emb["ok"]
     if not ok.any():
         raise ValueError(f"none of the {ds.num_rows} images of {ds.source} could be decoded (e.g. {emb['error'][0]})")
@@ -227,6 +249,7 @@ def evaluate_retrieval_dataset(model: torch.nn.Module, cfg: EvalConfig, ds: Opti
         metrics=metrics,
         num_samples=int(ok.sum()),
         skipped=skipped,
+        dataset_name=_own_name(ds),
         details={
             "num_images": int(ok.sum()),
             "num_texts": len(texts),
@@ -261,9 +284,11 @@ def evaluate_linear_probe_dataset(model: torch.nn.Module, cfg: EvalConfig) -> Ev
         raise ValueError(
             "eval.task linear_probe needs eval.train_dataset (its training split); eval.dataset is the test split"
         )
-    train = _open(cfg.train_dataset, cfg, need_labels=True, what="eval.train_dataset")
-    test = _open(cfg.dataset, cfg, need_labels=True)
-    val = _open(cfg.val_dataset, cfg, need_labels=True, what="eval.val_dataset") if cfg.val_dataset else None
+    train = open_eval_dataset(cfg.train_dataset, cfg, need_labels=True, what="eval.train_dataset")
+    test = open_eval_dataset(cfg.dataset, cfg, need_labels=True)
+    val = (
+        open_eval_dataset(cfg.val_dataset, cfg, need_labels=True, what="eval.val_dataset") if cfg.val_dataset else None
+    )
     splits = [s for s in (train, val, test) if s is not None]
     folder = train.classes
     if folder is not None:
@@ -273,7 +298,7 @@ def evaluate_linear_probe_dataset(model: torch.nn.Module, cfg: EvalConfig) -> Ev
                     f"{s.source}: its classes must be class folders of eval.train_dataset {train.source} as well"
                 )
     all_labels = [v for s in splits for v in s.meta.column("label").to_pylist()]
-    classnames_file = load_classnames(cfg.classnames, cfg.dataset_name, cfg) if cfg.classnames else None
+    classnames_file = load_classnames(cfg.classnames, cfg.dataset_name, cfg) if cfg.classnames else train.classnames
     classnames, idx, names_from = resolve_classes(
         all_labels, folder_classes=folder, classnames=classnames_file, need_names=False
     )
@@ -357,17 +382,6 @@ def evaluate_dataset(model: torch.nn.Module, cfg: EvalConfig) -> EvalResult:
         model.train(was_training)
 
 
-def model_label(cfg: EvalConfig) -> str:
-    if cfg.model_name:
-        return cfg.model_name
-    path = (cfg.model or "").rstrip("/")
-    if not path:
-        return "in-memory"
-    parts = path.split("/")
-    # A run's final/ folder says little on its own: keep the run's name with it.
-    return "/".join(parts[-2:]) if parts[-1] == "final" and len(parts) > 1 else parts[-1]
-
-
 def run_evaluation(cfg: EvalConfig, model: Optional[torch.nn.Module] = None) -> dict:
     """Evaluate, write `cfg.output` (+ report, + predictions) and return the CLIP_benchmark JSON."""
     if not cfg.dataset:
@@ -386,30 +400,6 @@ def run_evaluation(cfg: EvalConfig, model: Optional[torch.nn.Module] = None) -> 
 
         model = load_model(cfg.model, name=cfg.model_name, storage=cfg)
     result = evaluate_dataset(model, cfg)
-    dataset_name = cfg.dataset_name or posixpath.basename(cfg.dataset.rstrip("/"))
-    obj = clip_benchmark_json(result, dataset=dataset_name, model=model_label(cfg), pretrained=cfg.model or "")
-    if cfg.output:
-        write_json(obj, cfg.output, cfg)
-        if cfg.report:
-            from evaluation.report import write_report
-
-            write_report(
-                result,
-                obj,
-                sibling_path(cfg.output, ".md"),
-                sibling_path(cfg.output, ".confusion.png") if result.confusion is not None else None,
-                cfg,
-            )
-        if cfg.dump_predictions and result.predictions is not None:
-            write_predictions(result.predictions, sibling_path(cfg.output, ".predictions.jsonl"), cfg)
-    _print_summary(obj)
+    obj = write_outputs(result, cfg)
+    print_summary(obj)
     return obj
-
-
-def _print_summary(obj: dict) -> None:
-    metrics = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in obj["metrics"].items())
-    skipped = obj["clipray"]["skipped"]["count"]
-    print(
-        f"eval {obj['task']} on {obj['dataset']}: {metrics} "
-        f"({obj['clipray']['num_samples']} samples, {skipped} skipped)"
-    )

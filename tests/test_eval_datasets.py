@@ -202,3 +202,30 @@ def test_user_template_and_class_name_files(tmp_path):
         load_templates(str(tmp_path / "bad.txt"))
     (tmp_path / "names.txt").write_text("tabby cat\ngolden retriever\n")
     assert load_classnames(str(tmp_path / "names.txt")) == ["tabby cat", "golden retriever"]
+
+
+def test_split_folders_pick_the_split_of_the_key(tmp_path):
+    write_color_folder(tmp_path / "val", per_class=1)
+    write_color_folder(tmp_path / "train", per_class=2)
+    test = open_dataset(str(tmp_path), need_labels=True)
+    train = open_dataset(str(tmp_path), need_labels=True, what="eval.train_dataset")
+    assert (test.num_rows, train.num_rows) == (3, 6) and test.name == tmp_path.name
+    assert test.meta.column("image").to_pylist()[0].startswith(str(tmp_path / "val"))
+    write_color_folder(tmp_path / "only" / "train", per_class=1)
+    with pytest.raises(ValueError, match=r"holds split folders \(train\) but no test or val/"):
+        open_dataset(str(tmp_path / "only"), need_labels=True)
+
+
+def test_numbered_and_wordnet_subset_folders_get_their_class_names(tmp_path):
+    for folder in ("0", "2", "10"):  # ImageNetV2's layout: the folder number is the class index
+        (tmp_path / "v2" / folder).mkdir(parents=True)
+        (tmp_path / "v2" / folder / "a.png").write_bytes(color_image("red"))
+    ds = open_dataset(str(tmp_path / "v2"), need_labels=True)
+    names = [f"class {i}" for i in range(11)]
+    got, idx, _ = resolve_classes(ds.meta.column("label").to_pylist(), folder_classes=ds.classes, classnames=names)
+    assert got == names and sorted(idx.tolist()) == [0, 2, 10]
+    with pytest.raises(ValueError, match="the class folders are integers"):
+        resolve_classes(ds.meta.column("label").to_pylist(), folder_classes=ds.classes)
+    # ImageNet-A/-R/-O: a subset of the WordNet ids names its classes from the 1000.
+    got, idx, source = resolve_classes(["n01443537"], folder_classes=["n01440764", "n01443537"])
+    assert got == ["tench", "goldfish"] and idx.tolist() == [1] and "2 of the 1000" in source

@@ -129,18 +129,18 @@ def test_image_root_and_allow_external_are_checked_on_load():
 
 
 def test_the_eval_section_keys_reach_the_dataset_clipray_eval_opens(layout):
-    from evaluation.run import _open
+    from evaluation.run import open_eval_dataset
 
     data, outside = layout
-    default = _open(str(data / "pairs.csv"), EvalConfig(dataset=str(data / "pairs.csv")), need_labels=True)
+    default = open_eval_dataset(str(data / "pairs.csv"), EvalConfig(dataset=str(data / "pairs.csv")), need_labels=True)
     assert default.rejected == {UNSAFE_IMAGE_PATH: len(UNSAFE_ROWS)}
-    widened = _open(
+    widened = open_eval_dataset(
         str(data / "pairs.csv"),
         EvalConfig(dataset=str(data / "pairs.csv"), image_root=str(data.parent)),
         need_labels=True,
     )
     assert widened.rejected == {UNSAFE_IMAGE_PATH: 4}
-    given = _open(
+    given = open_eval_dataset(
         str(data / "pairs.csv"),
         EvalConfig(dataset=str(data / "pairs.csv"), allow_external_image_paths=True),
         need_labels=True,
