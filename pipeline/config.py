@@ -77,6 +77,34 @@ class ColumnRule(BaseModel):
         return self
 
 
+class LanguageFilterConfig(BaseModel):
+    """`data.filters.language` (pipeline/language.py): keep a caption when its detected language is
+    one of `keep` (ISO 639-1 codes) with at least `min_confidence`. Needs the optional extra
+    lingua-language-detector; without it the config is refused before any work."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keep: list[str] = Field(min_length=1, description="ISO 639-1 codes to keep, e.g. [en] (DataComp's basic filter)")
+    min_confidence: float = Field(0.0, ge=0.0, le=1.0, description="the kept language's confidence, 0..1")
+    candidates: Optional[list[str]] = Field(
+        None,
+        min_length=1,
+        description="ISO 639-1 codes to tell apart (default: every language lingua knows, ~1 GB per actor)",
+    )
+
+    @model_validator(mode="after")
+    def _known_codes(self) -> "LanguageFilterConfig":
+        from pipeline.language import lingua_language
+
+        for key in ("keep", "candidates"):
+            for code in getattr(self, key) or ():
+                try:
+                    lingua_language(code)
+                except (ValueError, ImportError) as e:
+                    raise ValueError(f"data.filters.language.{key}: {e}") from None
+        return self
+
+
 class FiltersConfig(BaseModel):
     """Each filter is off when its value is None/False."""
 
@@ -100,6 +128,9 @@ class FiltersConfig(BaseModel):
     columns: list[ColumnRule] = Field(
         default_factory=list,
         description="rules over input columns ({column, op, value} or {column, top_fraction}), before download",
+    )
+    language: Optional[LanguageFilterConfig] = Field(
+        None, description="keep captions in these languages ({keep: [en]}), before download"
     )
 
     @model_validator(mode="after")

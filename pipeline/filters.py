@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 
 from pipeline.config import FiltersConfig
+from pipeline.language import LanguageFilter
 from pipeline.reasons import FILTER, Rejection
 
 
@@ -24,6 +25,7 @@ class RowFilters:
 
         self.f = filters
         self.columns = ColumnFilters(filters.columns, column_cuts) if filters.columns else None
+        self.language = LanguageFilter(filters.language) if filters.language is not None else None
 
     def caption(self, caption: Optional[str], caption_ok: bool) -> Optional[Rejection]:
         """Why this caption is rejected, or None. `caption_ok`: it was a valid UTF-8 string."""
@@ -57,6 +59,8 @@ class RowFilters:
                 return Rejection(
                     FILTER, "caption_too_many_words", f"{words} words > max_caption_words {f.max_caption_words}"
                 )
+        if self.language is not None:
+            return self.language.rejection(text)
         return None
 
     def image(self, width: int, height: int) -> Optional[Rejection]:

@@ -72,6 +72,7 @@ REASONS: dict[str, tuple[str, str]] = {
     "caption_too_long": (FILTER, "more characters than data.filters.max_caption_chars"),
     "caption_too_few_words": (FILTER, "fewer words than data.filters.min_caption_words"),
     "caption_too_many_words": (FILTER, "more words than data.filters.max_caption_words"),
+    "language": (FILTER, "the caption's detected language is not in data.filters.language.keep (or too unsure)"),
     "clip_score": (FILTER, "CLIP image-caption similarity below the threshold or outside the top fraction"),
     # dedup
     "duplicate": (
