@@ -374,24 +374,39 @@ class TrainLoop:
             torch.cuda.set_rng_state(state[1], self.device)
 
     # ----------------------------------------------------------------------------- eval
-    @torch.no_grad()
-    def embed(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised features in eval mode (no patch dropout, batch-norm running stats):
-        -> (image [B, D] float32, text [B, D] float32). Runs the unwrapped module (no collectives)."""
-        images = images.to(self.device, non_blocking=True)
-        tokens = tokens.to(self.device, non_blocking=True)
+    @contextmanager
+    def evaluation(self) -> Iterator[nn.Module]:
+        """A `ContrastiveModel` with this loop's full weights, in eval mode, that runs without
+        collectives on every strategy, so ranks may embed different numbers of batches (or none).
+        Under FSDP it is a plain copy gathered from the shards for the block (every rank must enter;
+        each holds one full copy of the weights meanwhile); otherwise the unwrapped module itself."""
         was_training = self.module.training
-        self.module.eval()
+        module = self._gathered_copy() if self.fsdp else self.module
+        module.eval()
         try:
-            with self._autocast():
-                image_f, text_f, _, _ = self._eval_module()(images, tokens)
+            yield module
         finally:
             self.module.train(was_training)
-        return image_f.float(), text_f.float()
 
-    def _eval_module(self) -> nn.Module:
-        # FSDP-sharded modules need their collectives; DDP's wrapped module runs alone.
-        return self.wrapped if self.fsdp else self.module
+    def _gathered_copy(self) -> nn.Module:
+        from torch.distributed.tensor import DTensor
+
+        from training.model import create_model
+
+        state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.module.state_dict().items()}
+        copy = ContrastiveModel(create_model(self.module.clip.config, device="meta"), self.settings.loss)
+        copy.load_state_dict(state, strict=True, assign=True)
+        return copy.to(self.device)
+
+    @torch.no_grad()
+    def embed(self, module: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised features of `module` (from `evaluation()`): -> (image [B, D] float32, text [B, D]
+        float32), in this loop's precision."""
+        images = images.to(self.device, non_blocking=True)
+        tokens = tokens.to(self.device, non_blocking=True)
+        with self._autocast():
+            image_f, text_f, _, _ = module(images, tokens)
+        return image_f.float(), text_f.float()
 
     # ----------------------------------------------------------------------------- state
     def model_state_dict(self) -> dict[str, torch.Tensor]:

@@ -6,15 +6,17 @@ the features are all-gathered, rank 0 computes the metrics.
 - `ZeroShot`: zero-shot classification accuracy on a labelled set (`train.zeroshot_data`), with
   the evaluation package's prompt ensembling and metrics; the prompts are split over the workers
   too.
+- `validation_metrics`: both on one loop's model, from `TrainLoop.evaluation()` (a model that runs
+  without collectives on every strategy, so ranks may hold uneven shares, or none).
 - `Validator`: what a Train worker runs at each validation (its share of `train.val_data` read
-  once through the training ingest with centre crops, then the two above).
+  once through the training ingest with centre crops, then `validation_metrics`).
 The metric functions are pure torch + numpy; the caller hands over the embedding functions and a
 gather function.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -219,30 +221,55 @@ class Validator:
 
     def evaluate(self) -> dict:
         from training.ingest import iter_eval_batches
-        from training.trainer_state import gather_objects
 
         if not self._loaded:
             self._load()
-        loop, clip = self.loop, self.loop.module.clip
-        dim = int(clip.config["embed_dim"])
+        return validation_metrics(
+            self.loop,
+            iter_eval_batches(self._data, self.settings.local_batch),
+            rank=self.rank,
+            loss=self.train.loss,
+            chunk=self.train.val_batch_size or self.train.batch_size,
+            zeroshot=self._zeroshot,
+        )
+
+
+def validation_metrics(
+    loop: Any,
+    batches: Iterable[dict],
+    *,
+    rank: int,
+    loss: str,
+    chunk: int,
+    zeroshot: Optional[ZeroShot] = None,
+) -> dict:
+    """The held-out metrics of a `training.loop.TrainLoop` on rank 0 ({} elsewhere): this rank's
+    `batches` (dicts with "image" uint8 [B, H, W, 3] and "tokens" [B, L]; any number, none included)
+    are embedded, the features gathered in rank order, `contrastive_metrics` computed, and with
+    `zeroshot` its accuracy. Every rank must call (collectives inside, none per batch: the model
+    runs from `loop.evaluation()`, so uneven shares are fine under every strategy)."""
+    from training.trainer_state import gather_objects
+
+    with loop.evaluation() as module:
+        dim = int(module.clip.config["embed_dim"])
         images, texts = [], []
-        for batch in iter_eval_batches(self._data, self.settings.local_batch):
-            image_f, text_f = loop.embed(batch["image"], batch["tokens"])
+        for batch in batches:
+            image_f, text_f = loop.embed(module, batch["image"], batch["tokens"])
             images.append(image_f.cpu())
             texts.append(text_f.cpu())
         gathered = gather_objects((concat_features(images, dim), concat_features(texts, dim)))
         metrics: dict[str, Any] = {}
-        if self.rank == 0:
-            bias = loop.module.logit_bias
+        if rank == 0:
+            bias = module.logit_bias
             metrics = contrastive_metrics(
                 concat_features([g[0] for g in gathered], dim),
                 concat_features([g[1] for g in gathered], dim),
-                clip.logit_scale.exp().item(),
+                module.clip.logit_scale.exp().item(),
                 None if bias is None else bias.item(),
-                loss=self.train.loss,
-                chunk=self.train.val_batch_size or self.train.batch_size,
+                loss=loss,
+                chunk=chunk,
             )
-        if self._zeroshot is not None:
+        if zeroshot is not None:
             with torch.no_grad():
-                metrics.update(self._zeroshot.evaluate(clip, loop.device, gather_objects))
-        return metrics
+                metrics.update(zeroshot.evaluate(module.clip, loop.device, gather_objects))
+    return metrics
