@@ -23,6 +23,8 @@ from tests.test_loop import batch, grads_of, tiny_clip
 from tests.test_loss import DIM, GLOBAL_BATCH, _features
 from training.loop import LoopSettings, TrainLoop
 from training.loss import contrastive_loss
+from training.model import create_model
+from training.trainer_state import load_checkpoint, save_checkpoint
 from training.validation import ZeroShot, validation_metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -102,7 +104,7 @@ def _rank_work(rank: int, out_dir: str) -> None:
     images, tokens = batch(TRAIN_BATCH)
     local = slice(rank * TRAIN_BATCH // WORLD, (rank + 1) * TRAIN_BATCH // WORLD)
     for strategy in STRATEGIES:
-        loop = TrainLoop(tiny_clip(), LoopSettings(total_steps=10, micro_batch_size=2, strategy=strategy))
+        loop = TrainLoop(tiny_clip(), settings(strategy))
         loss = loop.compute_gradients(images[local], tokens[local])
         grads = {
             n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
@@ -114,7 +116,34 @@ def _rank_work(rank: int, out_dir: str) -> None:
             loop, _val_batches(rank), rank=rank, loss="clip", chunk=4, zeroshot=_zeroshot(out_dir, rank, WORLD)
         )
         out[strategy] = {"loss": loss, "grads": grads, "metrics": metrics}
+        # Step 1 done; FSDP saves a sharded checkpoint, DDP takes step 2 (the reference for a resume).
+        loop.apply_gradients()
+        if strategy == "fsdp":
+            save_checkpoint(loop, os.path.join(out_dir, "fsdp-checkpoint"), {"step": 1})
+        else:
+            loop.step(*(t[local] for t in batch(TRAIN_BATCH, seed=1)))
+            out["ddp_two_steps"] = loop.model_state_dict()
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def settings(strategy: str) -> LoopSettings:
+    # eps 1e-3, not 1e-6: AdamW's first steps move each weight by ~lr * g / (|g| + eps), so with a tiny
+    # eps a gradient that is float noise (an attention key bias's, ~1e-9) moves it by +-lr depending on
+    # the order the ranks summed in; the comparisons below are about the resume, not that noise.
+    return LoopSettings(total_steps=10, lr=1e-3, warmup=0, eps=1e-3, micro_batch_size=2, strategy=strategy)
+
+
+def _resume_on_two_ranks(rank: int, out_dir: str) -> None:
+    """The 4 ranks' sharded FSDP checkpoint resumed by 2 FSDP ranks for step 2."""
+    torch.set_num_threads(1)
+    torch.manual_seed(1)
+    loop = TrainLoop(create_model("ViT-Tiny"), settings("fsdp"))  # other initial weights
+    extra = load_checkpoint(loop, os.path.join(out_dir, "fsdp-checkpoint"))
+    half = TRAIN_BATCH // 2
+    loop.step(*(t[rank * half : (rank + 1) * half] for t in batch(TRAIN_BATCH, seed=1)))
+    state = loop.model_state_dict()  # gathered onto rank 0
+    if rank == 0:
+        torch.save({"extra": extra, "step": loop.step_count, "model": state}, os.path.join(out_dir, "resumed.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +163,7 @@ def four_ranks(tmp_path_factory):
     )
     (folder / "templates.txt").write_text("a {c}\na picture of a {c}\n")
     run_ranks(_rank_work, WORLD, folder)
+    run_ranks(_resume_on_two_ranks, 2, folder)
     return folder, [torch.load(folder / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -164,7 +194,7 @@ def test_four_ranks_give_the_loss_and_gradients_of_the_concatenated_batch(kind, 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_four_ranks_accumulating_micro_batches_match_one_process_with_the_whole_batch(strategy, four_ranks):
     images, tokens = batch(TRAIN_BATCH)
-    big = TrainLoop(tiny_clip(), LoopSettings(total_steps=10))
+    big = TrainLoop(tiny_clip(), settings("ddp"))
     big_loss = big.compute_gradients(images, tokens)
     expected = grads_of(big)
     ranks = [r[strategy] for r in four_ranks[1]]
@@ -189,3 +219,64 @@ def test_four_workers_with_uneven_validation_shares_match_the_single_process_met
         assert got[key] == pytest.approx(value, abs=1e-5), key
     assert all(r[strategy]["metrics"] == {} for r in ranks[1:])  # the metrics are rank 0's to report
     assert np.isfinite(got["val_loss"])
+
+
+def test_sharded_fsdp_checkpoint_resumes_on_another_world_size_like_an_uninterrupted_ddp_run(four_ranks):
+    folder, ranks = four_ranks
+    shards = sorted(p.name for p in (folder / "fsdp-checkpoint" / "shards").iterdir())
+    assert len(shards) == WORLD and all(name.endswith(".safetensors") for name in shards)  # one per rank
+    assert not (folder / "fsdp-checkpoint" / "model.safetensors").exists()  # nothing gathered on rank 0
+    resumed = torch.load(folder / "resumed.pt")
+    assert resumed["extra"] == {"step": 1} and resumed["step"] == 2
+    expected = ranks[0]["ddp_two_steps"]
+    assert resumed["model"].keys() == expected.keys()
+    start = tiny_clip().state_dict()
+    for name, value in expected.items():
+        torch.testing.assert_close(resumed["model"][name], value, atol=1e-6, rtol=0, msg=name)
+    # Two steps at lr 1e-3 moved the weights far beyond the tolerance (the check could fail).
+    assert max((expected[n] - start[n]).abs().max().item() for n in start) > 1e-3
+
+
+def test_sharded_fsdp_checkpoint_resumes_in_one_process(four_ranks):
+    folder, ranks = four_ranks
+    loop = TrainLoop(create_model("ViT-Tiny"), settings("ddp"))
+    assert load_checkpoint(loop, folder / "fsdp-checkpoint") == {"step": 1}
+    loop.step(*batch(TRAIN_BATCH, seed=1))
+    for name, value in ranks[0]["ddp_two_steps"].items():
+        torch.testing.assert_close(loop.module.clip.state_dict()[name], value, atol=1e-6, rtol=0, msg=name)
+
+
+def test_sharded_checkpoint_loads_with_no_unpickling_and_ignores_a_planted_metadata_pickle(
+    four_ranks, tmp_path, monkeypatch
+):
+    import pickle
+    import shutil
+
+    from tests.test_trainer_state_files import CreatesFile
+
+    folder, _ = four_ranks
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(folder / "fsdp-checkpoint", ckpt)
+    marker = tmp_path / "code-ran"
+    with open(ckpt / "shards" / ".metadata", "wb") as fh:  # where torch's default format keeps a pickle
+        pickle.dump(CreatesFile(marker), fh)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint load unpickled something")
+
+    for module, attr in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")):
+        monkeypatch.setattr(module, attr, refuse)
+    loop = TrainLoop(create_model("ViT-Tiny"), settings("fsdp"))
+    assert load_checkpoint(loop, ckpt) == {"step": 1} and loop.step_count == 1
+    assert not marker.exists()
+
+
+def test_sharded_checkpoint_of_another_model_is_refused_naming_the_tensor(four_ranks):
+    from training.model import CheckpointError
+
+    folder, _ = four_ranks
+    loop = TrainLoop(create_model("ViT-Tiny", width_mult=0.5), settings("ddp"))
+    before = {n: p.detach().clone() for n, p in loop.module.named_parameters()}
+    with pytest.raises(CheckpointError, match=r"shards: the sharded checkpoint does not fit this model \(.*shape"):
+        load_checkpoint(loop, folder / "fsdp-checkpoint")
+    assert all(torch.equal(p, before[n]) for n, p in loop.module.named_parameters()) and loop.step_count == 0
