@@ -37,11 +37,13 @@ def contrastive_metrics(
     chunk: int = 256,
     recall_k: Sequence[int] = (1, 5, 10),
 ) -> dict[str, float]:
-    """{"val_loss", "val_image_retrieval_recall@k", "val_text_retrieval_recall@k"} for N held-out
-    pairs (features [N, D], normalised; row i of each is a pair).
+    """{"val_loss", "val_image_retrieval_recall@k", "val_text_retrieval_recall@k",
+    "val_mean_retrieval_recall@k" (the mean of the two)} for N held-out pairs (features [N, D],
+    normalised; row i of each is a pair).
 
     The loss is the mean over consecutive chunks of `chunk` pairs (a last chunk of fewer than 2
-    pairs is left out), weighted by chunk size. Recall: image retrieval ranks each caption's image
+    pairs is left out), weighted by chunk size, at `logit_scale`: it depends on the temperature, so
+    it compares runs of one temperature only; the recalls do not. Recall: image retrieval ranks each caption's image
     among all N images, text retrieval each image's caption among all N captions.
     """
     from evaluation.retrieval import retrieval_metrics
@@ -65,6 +67,10 @@ def contrastive_metrics(
     metrics = {"val_loss": total / weight, "val_samples": n}
     recalls = retrieval_metrics(image_features, text_features, np.arange(n), recall_k=tuple(recall_k))
     metrics.update({f"val_{k}": v for k, v in recalls.items()})
+    for k in recall_k:  # both directions in one number: a sweep's default metric (scale-free)
+        metrics[f"val_mean_retrieval_recall@{k}"] = 0.5 * (
+            recalls[f"image_retrieval_recall@{k}"] + recalls[f"text_retrieval_recall@{k}"]
+        )
     return metrics
 
 
