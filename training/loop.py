@@ -230,7 +230,7 @@ class TrainLoop:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
 
-    def _autocast(self):
+    def autocast(self):
         if self.settings.precision == "fp32":
             return nullcontext()
         dtype = torch.bfloat16 if self.settings.precision == "amp_bf16" else torch.float16
@@ -306,7 +306,7 @@ class TrainLoop:
         return grad_norm
 
     def _step_direct(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
+        with self.autocast():
             image_features, text_features, scale, bias = self.forward_module(images, tokens)
         loss = contrastive_loss(self.settings.loss, image_features, text_features, scale, bias)
         self.scaler.scale(loss).backward()
@@ -325,7 +325,7 @@ class TrainLoop:
         with torch.no_grad():
             for chunk_images, chunk_tokens in chunks:
                 rng_states.append(self._rng_state())
-                with self._autocast():
+                with self.autocast():
                     image_f, text_f, _, _ = self.forward_module(chunk_images, chunk_tokens)
                 image_parts.append(image_f.float())
                 text_parts.append(text_f.float())
@@ -352,7 +352,7 @@ class TrainLoop:
         for j, (chunk_images, chunk_tokens) in enumerate(chunks):
             with self._no_sync(last=j == n - 1):
                 self._set_rng_state(rng_states[j])
-                with self._autocast():
+                with self.autocast():
                     image_f, text_f, scale_j, bias_j = self.forward_module(chunk_images, chunk_tokens)
                 surrogate = (image_f.float() * image_grads[j]).sum() + (text_f.float() * text_grads[j]).sum()
                 # The temperature's and bias's gradients are split over the micro-batches so every
@@ -372,41 +372,6 @@ class TrainLoop:
         torch.set_rng_state(state[0])
         if state[1] is not None:
             torch.cuda.set_rng_state(state[1], self.device)
-
-    # ----------------------------------------------------------------------------- eval
-    @contextmanager
-    def evaluation(self) -> Iterator[nn.Module]:
-        """A `ContrastiveModel` with this loop's full weights, in eval mode, that runs without
-        collectives on every strategy, so ranks may embed different numbers of batches (or none).
-        Under FSDP it is a plain copy gathered from the shards for the block (every rank must enter;
-        each holds one full copy of the weights meanwhile); otherwise the unwrapped module itself."""
-        was_training = self.module.training
-        module = self._gathered_copy() if self.fsdp else self.module
-        module.eval()
-        try:
-            yield module
-        finally:
-            self.module.train(was_training)
-
-    def _gathered_copy(self) -> nn.Module:
-        from torch.distributed.tensor import DTensor
-
-        from training.model import create_model
-
-        state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.module.state_dict().items()}
-        copy = ContrastiveModel(create_model(self.module.clip.config, device="meta"), self.settings.loss)
-        copy.load_state_dict(state, strict=True, assign=True)
-        return copy.to(self.device)
-
-    @torch.no_grad()
-    def embed(self, module: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised features of `module` (from `evaluation()`): -> (image [B, D] float32, text [B, D]
-        float32), in this loop's precision."""
-        images = images.to(self.device, non_blocking=True)
-        tokens = tokens.to(self.device, non_blocking=True)
-        with self._autocast():
-            image_f, text_f, _, _ = module(images, tokens)
-        return image_f.float(), text_f.float()
 
     # ----------------------------------------------------------------------------- state
     def model_state_dict(self) -> dict[str, torch.Tensor]:

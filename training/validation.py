@@ -6,7 +6,7 @@ the features are all-gathered, rank 0 computes the metrics.
 - `ZeroShot`: zero-shot classification accuracy on a labelled set (`train.zeroshot_data`), with
   the evaluation package's prompt ensembling and metrics; the prompts are split over the workers
   too.
-- `validation_metrics`: both on one loop's model, from `TrainLoop.evaluation()` (a model that runs
+- `validation_metrics`: both on one loop's model, from `evaluation_model(loop)` (a model that runs
   without collectives on every strategy, so ranks may hold uneven shares, or none).
 - `Validator`: what a Train worker runs at each validation (its share of `train.val_data` read
   once through the training ingest with centre crops, then `validation_metrics`).
@@ -16,7 +16,8 @@ gather function.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -72,6 +73,46 @@ def contrastive_metrics(
             recalls[f"image_retrieval_recall@{k}"] + recalls[f"text_retrieval_recall@{k}"]
         )
     return metrics
+
+
+@contextmanager
+def evaluation_model(loop: Any) -> Iterator[torch.nn.Module]:
+    """A `ContrastiveModel` with the full weights of a `training.loop.TrainLoop`, in eval mode, that
+    runs without collectives on every strategy, so ranks may embed different numbers of batches (or
+    none). Under FSDP it is a plain copy gathered from the shards for the block (every rank must
+    enter; each holds one full copy of the weights meanwhile); otherwise the loop's unwrapped module."""
+    was_training = loop.module.training
+    module = _gathered_copy(loop) if loop.fsdp else loop.module
+    module.eval()
+    try:
+        yield module
+    finally:
+        loop.module.train(was_training)
+
+
+def _gathered_copy(loop: Any) -> torch.nn.Module:
+    from torch.distributed.tensor import DTensor
+
+    from training.loop import ContrastiveModel
+    from training.model import create_model
+
+    state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in loop.module.state_dict().items()}
+    copy = ContrastiveModel(create_model(loop.module.clip.config, device="meta"), loop.settings.loss)
+    copy.load_state_dict(state, strict=True, assign=True)
+    return copy.to(loop.device)
+
+
+@torch.no_grad()
+def embed(
+    loop: Any, module: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised features of `module` (from `evaluation_model`) in the loop's precision: images uint8
+    [B, H, W, 3], tokens [B, L] -> (image [B, D] float32, text [B, D] float32)."""
+    images = images.to(loop.device, non_blocking=True)
+    tokens = tokens.to(loop.device, non_blocking=True)
+    with loop.autocast():
+        image_f, text_f, _, _ = module(images, tokens)
+    return image_f.float(), text_f.float()
 
 
 def concat_features(parts: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
@@ -253,14 +294,14 @@ def validation_metrics(
     `batches` (dicts with "image" uint8 [B, H, W, 3] and "tokens" [B, L]; any number, none included)
     are embedded, the features gathered in rank order, `contrastive_metrics` computed, and with
     `zeroshot` its accuracy. Every rank must call (collectives inside, none per batch: the model
-    runs from `loop.evaluation()`, so uneven shares are fine under every strategy)."""
+    runs from `evaluation_model`, so uneven shares are fine under every strategy)."""
     from training.trainer_state import gather_objects
 
-    with loop.evaluation() as module:
+    with evaluation_model(loop) as module:
         dim = int(module.clip.config["embed_dim"])
         images, texts = [], []
         for batch in batches:
-            image_f, text_f = loop.embed(module, batch["image"], batch["tokens"])
+            image_f, text_f = embed(loop, module, batch["image"], batch["tokens"])
             images.append(image_f.cpu())
             texts.append(text_f.cpu())
         gathered = gather_objects((concat_features(images, dim), concat_features(texts, dim)))
