@@ -32,6 +32,18 @@ def is_sharded(directory: str | os.PathLike) -> bool:
     return os.path.isdir(os.path.join(directory, SHARDS_DIR))
 
 
+def _dcp():
+    """torch.distributed.checkpoint, with the safetensors storage layout (torch >= 2.8)."""
+    import torch.distributed.checkpoint as dcp
+
+    if not hasattr(dcp, "HuggingFaceStorageWriter"):
+        raise RuntimeError(
+            f"sharded FSDP checkpoints need torch.distributed.checkpoint's safetensors storage "
+            f"(torch >= 2.8); this is torch {torch.__version__}: upgrade torch, or use train.strategy: ddp"
+        )
+    return dcp
+
+
 def _live_state(loop: TrainLoop) -> tuple[dict, dict, dict[str, torch.Tensor]]:
     """(model state, optimizer state, both flattened by name): the loop's own tensors, sharded as the
     loop holds them (DTensors under FSDP). AdamW's state is created (zeros) when it has none yet."""
@@ -49,8 +61,7 @@ def save_shards(loop: TrainLoop, directory: str | os.PathLike) -> list:
     """Write this rank's shards into `directory/shards/`; returns the optimizer's param groups
     (parameters by name). Every rank must call; each writes to its own `directory` (a shared one or
     one per rank that the caller uploads into one checkpoint)."""
-    import torch.distributed.checkpoint as dcp
-
+    dcp = _dcp()
     _, optimizer, flat = _live_state(loop)
     path = os.path.join(os.fspath(directory), SHARDS_DIR)
     os.makedirs(path, exist_ok=True)
@@ -63,9 +74,9 @@ def save_shards(loop: TrainLoop, directory: str | os.PathLike) -> list:
 def load_shards(loop: TrainLoop, directory: str | os.PathLike, param_groups: Optional[list]) -> None:
     """Load `directory/shards/` into the loop's weights and AdamW state (with `param_groups`, the
     checked groups of trainer_state.json). Every rank must call."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+    dcp = _dcp()
     path = os.path.join(os.fspath(directory), SHARDS_DIR)
     model, optimizer, flat = _live_state(loop)
     _check(dcp.HuggingFaceStorageReader(path).read_metadata(), flat, path)
