@@ -170,6 +170,14 @@ def init_ray(cfg: JobConfig) -> None:
         ray.init(num_cpus=cfg.ray.num_cpus or max(8, 2 * cores), **kwargs)
 
 
+def _join_cluster(cfg: JobConfig, command: str) -> None:
+    """init_ray, then refuse local paths on a cluster of several nodes (clipray.shared_paths)."""
+    from clipray.shared_paths import alive_nodes, check_shared_paths
+
+    init_ray(cfg)
+    check_shared_paths(cfg, command, alive_nodes())
+
+
 def _refuse_busy_folder(uri: Optional[str], config, what: str) -> None:
     """Stop before Ray starts when another live run holds the output folder (the runner takes the
     lock itself; this only makes a second run fail at once)."""
@@ -183,7 +191,7 @@ def _run_pipeline(cfg: JobConfig, args: argparse.Namespace) -> int:
     from pipeline.run import run_pipeline
 
     _refuse_busy_folder(cfg.data.output, cfg.data, "clipray pipeline")
-    init_ray(cfg)
+    _join_cluster(cfg, "pipeline")
     run_pipeline(cfg.data)
     return 0
 
@@ -193,7 +201,7 @@ def _run_train(cfg: JobConfig, args: argparse.Namespace) -> int:
     from training.driver import run_training
 
     _refuse_busy_folder(join(cfg.train.storage_path, cfg.train.name), cfg.train, "clipray train")
-    init_ray(cfg)
+    _join_cluster(cfg, "train")
     run_training(cfg.model, cfg.train)
     return 0
 
@@ -205,7 +213,7 @@ def _run_tune(cfg: JobConfig, args: argparse.Namespace) -> int:
 
     check_sweep(cfg.model, cfg.train, cfg.tune)  # bad input fails before Ray starts
     _refuse_busy_folder(join(cfg.tune.storage_path, cfg.tune.name), cfg.train, "clipray tune")
-    init_ray(cfg)
+    _join_cluster(cfg, "tune")
     run_sweep(cfg.model, cfg.train, cfg.tune)
     return 0
 
@@ -215,7 +223,7 @@ def _run_eval(cfg: JobConfig, args: argparse.Namespace) -> int:
 
     if args.dump_predictions:
         cfg.eval.dump_predictions = True
-    init_ray(cfg)
+    _join_cluster(cfg, "eval")
     if cfg.eval.suite:
         from evaluation.suite import run_suite
 

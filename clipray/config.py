@@ -32,6 +32,11 @@ class RayConfig(BaseModel):
         description="start Ray's dashboard with a local cluster (http://127.0.0.1:8265); Ray Train "
         "and Ray's state API rely on it",
     )
+    shared_filesystem: bool = Field(
+        False,
+        description="local paths lie on a filesystem every node mounts; without it a cluster of "
+        "more than one node refuses local paths (use s3:// and the like)",
+    )
 
 
 class JobConfig(BaseModel):

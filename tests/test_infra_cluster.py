@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 import urllib.parse
 from pathlib import Path
@@ -253,3 +254,18 @@ def test_submitted_eval_reads_the_model_from_s3_and_writes_results_there(train_j
     # acc5 is reported exactly when there are at least 5 classes (CLIP_benchmark's rule).
     assert ("acc5" in result["metrics"]) == (result["clipray"]["num_classes"] >= 5)
     assert 0.0 <= result["metrics"]["acc1"] <= 1.0
+
+
+def test_local_paths_are_refused_on_the_two_node_cluster_before_any_work(cluster, tmp_path):
+    """The multi-node guard (clipray/shared_paths.py) against the real cluster: a training job whose
+    storage_path is a local folder stops naming the key, and nothing is written there."""
+    runs = tmp_path / "runs"
+    argv = ["--set", f"ray.address={cluster.gcs_address}", "--set", f"train.storage_path={runs}"]
+    argv += ["--set", "train.data=[s3://clipray-e2e/none]"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "training", *argv], env=cluster.env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "the Ray cluster has 2 nodes" in proc.stderr and f"train.storage_path = '{runs}'" in proc.stderr
+    assert "train.data" not in proc.stderr.split("local paths")[-1]  # s3:// reaches every node
+    assert not runs.exists()

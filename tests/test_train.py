@@ -284,3 +284,39 @@ def test_s3_storage_checkpoints_and_resumes_on_the_loopback_server(data, ray_loc
     run_training(MODEL, config(data, str(tmp_path), "straight", samples=32 * 40, checkpoint_every=10, warmup=5))
     for name, value in final_state(straight).items():
         torch.testing.assert_close(resumed[name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fsdp_run_killed_mid_way_resumes_from_its_sharded_checkpoint(data, ray_local, tmp_path):
+    """FSDP through Ray Train: every rank uploads its shards into the one checkpoint folder, a
+    SIGKILLed worker's group restarts from them, validation with zero-shot runs on the sharded model,
+    and final/ is one consolidated model.safetensors."""
+    from training.driver import run_training
+    from training.model import load_model
+
+    steps = 20
+    run_dir = tmp_path / "fsdp"
+    cfg = config(
+        data,
+        str(tmp_path),
+        "fsdp",
+        strategy="fsdp",
+        samples=32 * steps,
+        checkpoint_every=10,
+        max_failures=1,
+        val_data=[str(data / "val")],
+        val_every=steps,
+        zeroshot_data=str(data / "zeroshot.parquet"),
+        zeroshot_templates=str(data / "templates.txt"),
+    )
+    with WorkerKiller(lambda: rows(run_dir), local_checkpoint(run_dir), min_step=10, rank=1) as killer:
+        result = run_training(MODEL, cfg)
+    assert killer.killed_at is not None and killer.killed_at < steps
+    table = rows(run_dir)
+    assert result.metrics["step"] == steps and table[-1]["restored_from_step"] >= 10
+    assert [r["step"] for r in table] == [10, 20] and all(np.isfinite(r["loss"]) for r in table)
+    assert table[-1]["val_samples"] == 300 and 0.0 <= table[-1]["zeroshot_acc1"] <= 1.0
+    last = run_dir / f"checkpoint_{steps:09d}"
+    assert len(list((last / "shards").glob("*.safetensors"))) == 2  # one per rank
+    assert not (last / "model.safetensors").exists()
+    final = load_model(run_dir / "final")
+    assert all(torch.isfinite(v).all() for v in final.state_dict().values())

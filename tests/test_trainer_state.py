@@ -119,11 +119,12 @@ def _resume_on_rank(rank: int, out_dir: str) -> None:
         seed_everything(7 + rank)
         run_steps(first, data[:1])
         save_checkpoint(first, folder)
+        saved = {"model": first.model_state_dict(), "optimizer": first.optimizer_state_dict()}
         dist.barrier()  # rank 0 has written it
         seed_everything(999 + rank)
         resumed = TrainLoop(create_model("ViT-Tiny", patch_dropout=0.5), rank_settings(strategy))
         load_checkpoint(resumed, folder)
-        results[strategy] = {"expected": expected[1:], "got": run_steps(resumed, data[1:])}
+        results[strategy] = {"expected": expected[1:], "got": run_steps(resumed, data[1:]), "saved": saved}
         for name, loop in (("straight", straight), ("resumed", resumed)):  # full on rank 0 under FSDP
             results[strategy][name] = {
                 "model": loop.model_state_dict(),
@@ -175,20 +176,23 @@ def test_two_ranks_resume_bit_identically_under_ddp_and_fsdp(two_rank_results, s
             assert torch.equal(have["state"][param][key], value), (param, key)
 
 
-def test_fsdp_checkpoint_resumes_in_one_process_without_the_ranks_random_states(two_rank_results):
-    out, _ = two_rank_results
+def test_fsdp_checkpoint_is_sharded_and_resumes_in_one_process_without_the_ranks_random_states(two_rank_results):
+    out, ranks = two_rank_results
+    assert len(list((out / "fsdp" / "shards").glob("*.safetensors"))) == WORLD  # each rank wrote its own
+    assert not (out / "fsdp" / "model.safetensors").exists()
     torch.manual_seed(3)
     loop = TrainLoop(create_model("ViT-Tiny"), rank_settings("fsdp"))  # one process: FSDP does not apply
     rng_before = torch.get_rng_state()
     load_checkpoint(loop, out / "fsdp")
     assert loop.step_count == 1 and torch.equal(torch.get_rng_state(), rng_before)
-    saved = load_file(out / "fsdp" / TENSORS_FILE)
+    saved = ranks[0]["fsdp"]["saved"]  # what the two ranks held when they saved, gathered
     names = dict(zip(map(id, loop.module.parameters()), (n for n, _ in loop.module.named_parameters())))
     state = loop.optimizer.state
-    assert len(state) == len(list(loop.module.parameters()))
+    assert len(state) == len(list(loop.module.parameters())) == len(saved["optimizer"]["state"])
     for param, values in state.items():
-        assert torch.equal(values["exp_avg"], saved[f"optimizer/{names[id(param)]}/exp_avg"])
-    for name, value in load_model(out / "fsdp").state_dict().items():
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(values[key], saved["optimizer"]["state"][names[id(param)]][key]), (param, key)
+    for name, value in saved["model"].items():
         assert torch.equal(loop.module.clip.state_dict()[name], value), name
 
 

@@ -239,3 +239,36 @@ def test_sweep_png_is_drawn_with_curves_and_heat_map():
 def test_reports_without_a_numeric_metric_are_left_out_of_the_series(value):
     record = TrialRecord("a", {}, [{"samples_seen": 1, "val_loss": value}, {"samples_seen": 2, "val_loss": 1.0}])
     assert record.metric_series("val_loss") == [(2.0, 1.0)]
+
+
+def test_default_metric_ranks_fixed_temperature_trials_by_retrieval_not_by_the_loss_scale():
+    """Two trials differing only in their fixed temperature: A retrieves every pair at T=1, B misses
+    6 of 32 at T=0.01. At its own temperature B's loss is the lower one (the scale alone), so
+    val_loss picks B; the default metric picks A."""
+    import torch
+    import torch.nn.functional as F
+
+    from training.config import TuneConfig
+    from training.validation import contrastive_metrics
+
+    g = torch.Generator().manual_seed(0)
+    base = F.normalize(torch.randn(16, 16, generator=g), dim=-1)
+    # Pairs of near-duplicate images (2k, 2k+1): swapping their captions costs little loss.
+    images = F.normalize(torch.repeat_interleave(base, 2, dim=0) + 0.03 * torch.randn(32, 16, generator=g), dim=-1)
+    swapped = images.clone()
+    for k in range(3):
+        swapped[[2 * k, 2 * k + 1]] = images[[2 * k + 1, 2 * k]]
+    a = contrastive_metrics(images, images, logit_scale=1.0)  # T = 1
+    b = contrastive_metrics(images, swapped, logit_scale=100.0)  # T = 0.01
+    assert a["val_mean_retrieval_recall@1"] == 1.0 and b["val_mean_retrieval_recall@1"] == 26 / 32
+    assert b["val_loss"] < a["val_loss"]  # the scale, not the quality
+
+    def record(trial_id, temperature, metrics):
+        values = {"temperature_init": temperature, "learn_temperature": False}
+        history = [{"samples_seen": 64, "step": 4, **metrics}]
+        return TrialRecord(trial_id, values, history, completed=True, steps=4, samples_seen=64)
+
+    records = [record("a", 1.0, a), record("b", 0.01, b)]
+    tune = TuneConfig()
+    assert winner(summarise(records, tune.metric, tune.mode), tune.metric)["trial_id"] == "a"
+    assert winner(summarise(records, "val_loss", "min"), "val_loss")["trial_id"] == "b"

@@ -75,6 +75,7 @@ def test_bad_search_space_is_refused_naming_the_key(override, message):
 
 
 def test_mode_follows_the_metric_and_a_contrary_mode_is_refused():
+    assert (_tune().metric, _tune().mode) == ("val_mean_retrieval_recall@1", "max")  # the default
     assert _tune(metric="val_loss").mode == "min"
     assert _tune(metric="val_image_retrieval_recall@5").mode == "max"
     assert _tune(metric="zeroshot_acc1", mode="max").mode == "max"

@@ -6,7 +6,8 @@ are written, and `clipray train --config best.json` trains the winner.
 Four trials: temperature_init 0.5 / 0.01 (learn_temperature off) x width_mult 1 / 4096, one at a
 time in grid order, so the T=0.01 trial (whose logits are 100x cosine similarity: a far higher
 loss after two steps) reaches ASHA's rung after the T=0.5 trial recorded its value there: it is
-stopped, deterministically. Width 4096 turns ViT-Tiny into a ~10^13-parameter model, which the
+stopped, deterministically (the sweep ranks by `val_loss` here for that reason; the default
+metric, retrieval recall, would not separate two-step models). Width 4096 turns ViT-Tiny into a ~10^13-parameter model, which the
 trial refuses before allocating anything. (The 6-trial acceptance sweep on the demo shards, with
 trials side by side, is `benchmarks/tune_demo.py`.)
 """
@@ -66,6 +67,7 @@ def test_sweep_stops_a_trailing_trial_reports_failures_and_its_best_config_train
             "train.num_workers=1",
             "tune.temperature_init=[0.5, 0.01]",
             "tune.learn_temperature=[false]",
+            "tune.metric=val_loss",  # its temperature dependence makes the ASHA stop below deterministic
             "tune.width_mult=[1, 4096]",
             "tune.grace_period=32",
             "tune.reduction_factor=2",

@@ -168,9 +168,11 @@ SPACE_KINDS = ("loguniform", "uniform", "choice")
 Space = Union[list[Any], dict[str, list[Any]]]
 # Metrics a sweep can rank and stop trials by: what the training runner reports at validations
 # (train.val_data, train.val_every) and, with train.zeroshot_data, zero-shot accuracy.
+# `val_loss` is measured at each trial's own temperature: it ranks trials of one temperature only.
 VALIDATION_METRICS = ("val_loss",) + tuple(
-    f"val_{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)
+    f"val_{d}_retrieval_recall@{k}" for d in ("mean", "image", "text") for k in (1, 5, 10)
 )
+DEFAULT_TUNE_METRIC = "val_mean_retrieval_recall@1"  # independent of the temperature a trial runs at
 ZEROSHOT_METRICS = ("zeroshot_acc1", "zeroshot_acc5", "zeroshot_mean_per_class_recall")
 
 
@@ -245,9 +247,10 @@ class TuneConfig(BaseModel):
         1, description="repeats of the grid; random draws for loguniform/uniform/choice axes"
     )
     metric: str = Field(
-        "val_loss",
-        description="validation metric to rank and stop trials by: val_loss, "
-        "val_{image,text}_retrieval_recall@{1,5,10}, zeroshot_{acc1,acc5,mean_per_class_recall}",
+        DEFAULT_TUNE_METRIC,
+        description="validation metric to rank and stop trials by: val_{mean,image,text}_retrieval_recall@"
+        "{1,5,10}, zeroshot_{acc1,acc5,mean_per_class_recall}, or val_loss (measured at each trial's own "
+        "temperature: it compares trials of one temperature only)",
     )
     mode: Optional[Literal["min", "max"]] = Field(
         None, validate_default=True, description="min or max; default: min for val_loss, max for recalls and accuracies"

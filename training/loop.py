@@ -230,7 +230,7 @@ class TrainLoop:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
 
-    def _autocast(self):
+    def autocast(self):
         if self.settings.precision == "fp32":
             return nullcontext()
         dtype = torch.bfloat16 if self.settings.precision == "amp_bf16" else torch.float16
@@ -306,7 +306,7 @@ class TrainLoop:
         return grad_norm
 
     def _step_direct(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
+        with self.autocast():
             image_features, text_features, scale, bias = self.forward_module(images, tokens)
         loss = contrastive_loss(self.settings.loss, image_features, text_features, scale, bias)
         self.scaler.scale(loss).backward()
@@ -325,7 +325,7 @@ class TrainLoop:
         with torch.no_grad():
             for chunk_images, chunk_tokens in chunks:
                 rng_states.append(self._rng_state())
-                with self._autocast():
+                with self.autocast():
                     image_f, text_f, _, _ = self.forward_module(chunk_images, chunk_tokens)
                 image_parts.append(image_f.float())
                 text_parts.append(text_f.float())
@@ -352,7 +352,7 @@ class TrainLoop:
         for j, (chunk_images, chunk_tokens) in enumerate(chunks):
             with self._no_sync(last=j == n - 1):
                 self._set_rng_state(rng_states[j])
-                with self._autocast():
+                with self.autocast():
                     image_f, text_f, scale_j, bias_j = self.forward_module(chunk_images, chunk_tokens)
                 surrogate = (image_f.float() * image_grads[j]).sum() + (text_f.float() * text_grads[j]).sum()
                 # The temperature's and bias's gradients are split over the micro-batches so every
@@ -372,26 +372,6 @@ class TrainLoop:
         torch.set_rng_state(state[0])
         if state[1] is not None:
             torch.cuda.set_rng_state(state[1], self.device)
-
-    # ----------------------------------------------------------------------------- eval
-    @torch.no_grad()
-    def embed(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised features in eval mode (no patch dropout, batch-norm running stats):
-        -> (image [B, D] float32, text [B, D] float32). Runs the unwrapped module (no collectives)."""
-        images = images.to(self.device, non_blocking=True)
-        tokens = tokens.to(self.device, non_blocking=True)
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            with self._autocast():
-                image_f, text_f, _, _ = self._eval_module()(images, tokens)
-        finally:
-            self.module.train(was_training)
-        return image_f.float(), text_f.float()
-
-    def _eval_module(self) -> nn.Module:
-        # FSDP-sharded modules need their collectives; DDP's wrapped module runs alone.
-        return self.wrapped if self.fsdp else self.module
 
     # ----------------------------------------------------------------------------- state
     def model_state_dict(self) -> dict[str, torch.Tensor]:

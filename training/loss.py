@@ -30,32 +30,31 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+# One formulation on every backend (gloo, NCCL): the single-tensor collectives. torch 2.13 renamed
+# all_gather_into_tensor / reduce_scatter_tensor to *_single (the old names warn); older torch has
+# only the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward hands each rank the sum of every rank's gradient
-    for its own slice (reduce-scatter on NCCL, all-reduce + slice where reduce-scatter is missing)."""
+    """all_gather along dim 0 whose backward hands each rank the sum of every rank's gradient for
+    its own slice (a reduce-scatter). The same calls run on gloo and NCCL, so the CPU tests check
+    the code that runs on GPUs."""
 
     @staticmethod
     def forward(ctx, local: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        world = dist.get_world_size()
         local = local.contiguous()
-        ctx.rank, ctx.world, ctx.rows = dist.get_rank(), world, local.shape[0]
-        if dist.get_backend() == dist.Backend.NCCL:
-            out = local.new_empty((world * local.shape[0], *local.shape[1:]))
-            dist.all_gather_into_tensor(out, local)
-            return out
-        parts = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(parts, local)
-        return torch.cat(parts, dim=0)
+        ctx.rows = local.shape[0]
+        out = local.new_empty((dist.get_world_size() * local.shape[0], *local.shape[1:]))
+        _all_gather_single(out, local)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.contiguous()
-        if dist.get_backend() == dist.Backend.NCCL:
-            out = grad.new_empty((ctx.rows, *grad.shape[1:]))
-            dist.reduce_scatter_tensor(out, grad)
-            return out
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows].clone()
+        out = grad.new_empty((ctx.rows, *grad.shape[1:]))
+        _reduce_scatter_single(out, grad.contiguous())
+        return out
 
 
 def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
@@ -63,7 +62,7 @@ def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
 
     Every rank must pass the same B (ragged batches would misalign the label offsets).
     """
-    rank, world = _world()
+    _, world = _world()
     if world == 1:
         return local
     return _GatherWithGrad.apply(local)

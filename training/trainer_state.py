@@ -118,10 +118,15 @@ def param_names(loop: TrainLoop) -> list[list[str]]:
     return [[names[id(p)] for p in group["params"]] for group in loop.optimizer.param_groups]
 
 
-def capture(loop: TrainLoop) -> TrainerState:
+def capture(loop: TrainLoop, sharded_groups: Optional[list] = None) -> TrainerState:
     """The trainer state of `loop`. Every rank must call (RNG states are gathered; under FSDP the
-    optimizer state too, and only rank 0's copy then holds it)."""
-    optimizer = loop.optimizer_state_dict()
+    optimizer state too, and only rank 0's copy then holds it). With `sharded_groups` (the
+    optimizer's param groups, when its moments went to `training.checkpoint_shards`) it holds no
+    optimizer moments."""
+    if sharded_groups is not None:
+        optimizer = {"state": {}, "param_groups": sharded_groups}
+    else:
+        optimizer = loop.optimizer_state_dict()
     if not loop.fsdp:  # torch numbers parameters 0..n-1 across the groups, in order
         flat = [n for group in param_names(loop) for n in group]
         optimizer = {
@@ -171,6 +176,11 @@ def restore(loop: TrainLoop, model_state: dict[str, torch.Tensor], state: Traine
                 ],
             }
         )
+    restore_progress(loop, state)
+
+
+def restore_progress(loop: TrainLoop, state: TrainerState) -> None:
+    """The LR schedule, grad scaler, counters and (same world size only) this rank's RNG states."""
     loop.scheduler.load_state_dict(state.scheduler)
     loop.scaler.load_state_dict(state.scaler)  # a disabled scaler (not fp16) ignores it
     loop.step_count, loop.samples_seen = state.step, state.samples_seen
@@ -225,7 +235,9 @@ def save_checkpoint(loop: TrainLoop, directory: str | os.PathLike, extra: Option
     `training.model.load_model`) and the trainer state (`trainer_state.safetensors` +
     `trainer_state.json`, with `extra`, a JSON object) into `directory`.
 
-    Every rank must call (state is gathered); only rank 0 writes.
+    Under FSDP the weights and optimizer moments are written sharded instead (every rank writes its
+    own into `shards/`, see `training.checkpoint_shards`; no model.safetensors), so nothing is
+    gathered onto one rank. Every rank must call; only rank 0 writes the rest.
     """
     extra = {} if extra is None else extra
     try:
@@ -236,18 +248,25 @@ def save_checkpoint(loop: TrainLoop, directory: str | os.PathLike, extra: Option
         raise TypeError(
             f"save_checkpoint: extra must be a JSON object (dict of str, numbers, lists, dicts): {e}"
         ) from None
-    model_state = loop.model_state_dict()
-    state = capture(loop)
-    if loop.rank != 0:
-        return
+    if loop.fsdp:
+        from training.checkpoint_shards import save_shards
+
+        state = capture(loop, sharded_groups=save_shards(loop, directory))
+        if loop.rank != 0:
+            return
+    else:
+        model_state = loop.model_state_dict()
+        state = capture(loop)
+        if loop.rank != 0:
+            return
+        from training.model import create_model, save_model
+
+        os.makedirs(directory, exist_ok=True)
+        clip = create_model(loop.module.clip.config, device="meta")
+        clip.load_state_dict(model_state, strict=True, assign=True)
+        save_model(clip, directory)
     from safetensors.torch import save_file
 
-    from training.model import create_model, save_model
-
-    os.makedirs(directory, exist_ok=True)
-    clip = create_model(loop.module.clip.config, device="meta")
-    clip.load_state_dict(model_state, strict=True, assign=True)
-    save_model(clip, directory)
     state.extra = extra
     tensors, doc = encode(state)
     save_file(tensors, os.path.join(directory, TENSORS_FILE))
@@ -261,8 +280,12 @@ def load_checkpoint(loop: TrainLoop, directory: str | os.PathLike) -> dict:
     from training.model import CheckpointError, load_state_dict
     from training.model.checkpoint import WEIGHTS_FILE, check_state_dict
 
+    from training.checkpoint_shards import is_sharded, load_shards
+
     directory = os.fspath(directory)
-    paths = {name: os.path.join(directory, name) for name in (WEIGHTS_FILE, TENSORS_FILE, JSON_FILE)}
+    sharded = is_sharded(directory)
+    names = (TENSORS_FILE, JSON_FILE) if sharded else (WEIGHTS_FILE, TENSORS_FILE, JSON_FILE)
+    paths = {name: os.path.join(directory, name) for name in names}
     missing = [name for name, path in paths.items() if not os.path.isfile(path)]
     if TENSORS_FILE in missing and JSON_FILE in missing and os.path.isfile(os.path.join(directory, LEGACY_FILE)):
         raise legacy_checkpoint_error(directory)
@@ -272,6 +295,10 @@ def load_checkpoint(loop: TrainLoop, directory: str | os.PathLike) -> dict:
             "training.trainer_state.save_checkpoint"
         )
     state = read_trainer_state(loop, paths[TENSORS_FILE], paths[JSON_FILE])
+    if sharded:
+        load_shards(loop, directory, state.optimizer["param_groups"])
+        restore_progress(loop, state)
+        return state.extra
     weights = load_state_dict(paths[WEIGHTS_FILE])
     check_state_dict(loop.module.clip, weights, source=paths[WEIGHTS_FILE])
     restore(loop, weights, state)

@@ -6,15 +6,18 @@ the features are all-gathered, rank 0 computes the metrics.
 - `ZeroShot`: zero-shot classification accuracy on a labelled set (`train.zeroshot_data`), with
   the evaluation package's prompt ensembling and metrics; the prompts are split over the workers
   too.
+- `validation_metrics`: both on one loop's model, from `evaluation_model(loop)` (a model that runs
+  without collectives on every strategy, so ranks may hold uneven shares, or none).
 - `Validator`: what a Train worker runs at each validation (its share of `train.val_data` read
-  once through the training ingest with centre crops, then the two above).
+  once through the training ingest with centre crops, then `validation_metrics`).
 The metric functions are pure torch + numpy; the caller hands over the embedding functions and a
 gather function.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,11 +38,13 @@ def contrastive_metrics(
     chunk: int = 256,
     recall_k: Sequence[int] = (1, 5, 10),
 ) -> dict[str, float]:
-    """{"val_loss", "val_image_retrieval_recall@k", "val_text_retrieval_recall@k"} for N held-out
-    pairs (features [N, D], normalised; row i of each is a pair).
+    """{"val_loss", "val_image_retrieval_recall@k", "val_text_retrieval_recall@k",
+    "val_mean_retrieval_recall@k" (the mean of the two)} for N held-out pairs (features [N, D],
+    normalised; row i of each is a pair).
 
     The loss is the mean over consecutive chunks of `chunk` pairs (a last chunk of fewer than 2
-    pairs is left out), weighted by chunk size. Recall: image retrieval ranks each caption's image
+    pairs is left out), weighted by chunk size, at `logit_scale`: it depends on the temperature, so
+    it compares runs of one temperature only; the recalls do not. Recall: image retrieval ranks each caption's image
     among all N images, text retrieval each image's caption among all N captions.
     """
     from evaluation.retrieval import retrieval_metrics
@@ -63,7 +68,51 @@ def contrastive_metrics(
     metrics = {"val_loss": total / weight, "val_samples": n}
     recalls = retrieval_metrics(image_features, text_features, np.arange(n), recall_k=tuple(recall_k))
     metrics.update({f"val_{k}": v for k, v in recalls.items()})
+    for k in recall_k:  # both directions in one number: a sweep's default metric (scale-free)
+        metrics[f"val_mean_retrieval_recall@{k}"] = 0.5 * (
+            recalls[f"image_retrieval_recall@{k}"] + recalls[f"text_retrieval_recall@{k}"]
+        )
     return metrics
+
+
+@contextmanager
+def evaluation_model(loop: Any) -> Iterator[torch.nn.Module]:
+    """A `ContrastiveModel` with the full weights of a `training.loop.TrainLoop`, in eval mode, that
+    runs without collectives on every strategy, so ranks may embed different numbers of batches (or
+    none). Under FSDP it is a plain copy gathered from the shards for the block (every rank must
+    enter; each holds one full copy of the weights meanwhile); otherwise the loop's unwrapped module."""
+    was_training = loop.module.training
+    module = _gathered_copy(loop) if loop.fsdp else loop.module
+    module.eval()
+    try:
+        yield module
+    finally:
+        loop.module.train(was_training)
+
+
+def _gathered_copy(loop: Any) -> torch.nn.Module:
+    from torch.distributed.tensor import DTensor
+
+    from training.loop import ContrastiveModel
+    from training.model import create_model
+
+    state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in loop.module.state_dict().items()}
+    copy = ContrastiveModel(create_model(loop.module.clip.config, device="meta"), loop.settings.loss)
+    copy.load_state_dict(state, strict=True, assign=True)
+    return copy.to(loop.device)
+
+
+@torch.no_grad()
+def embed(
+    loop: Any, module: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised features of `module` (from `evaluation_model`) in the loop's precision: images uint8
+    [B, H, W, 3], tokens [B, L] -> (image [B, D] float32, text [B, D] float32)."""
+    images = images.to(loop.device, non_blocking=True)
+    tokens = tokens.to(loop.device, non_blocking=True)
+    with loop.autocast():
+        image_f, text_f, _, _ = module(images, tokens)
+    return image_f.float(), text_f.float()
 
 
 def concat_features(parts: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
@@ -219,30 +268,55 @@ class Validator:
 
     def evaluate(self) -> dict:
         from training.ingest import iter_eval_batches
-        from training.trainer_state import gather_objects
 
         if not self._loaded:
             self._load()
-        loop, clip = self.loop, self.loop.module.clip
-        dim = int(clip.config["embed_dim"])
+        return validation_metrics(
+            self.loop,
+            iter_eval_batches(self._data, self.settings.local_batch),
+            rank=self.rank,
+            loss=self.train.loss,
+            chunk=self.train.val_batch_size or self.train.batch_size,
+            zeroshot=self._zeroshot,
+        )
+
+
+def validation_metrics(
+    loop: Any,
+    batches: Iterable[dict],
+    *,
+    rank: int,
+    loss: str,
+    chunk: int,
+    zeroshot: Optional[ZeroShot] = None,
+) -> dict:
+    """The held-out metrics of a `training.loop.TrainLoop` on rank 0 ({} elsewhere): this rank's
+    `batches` (dicts with "image" uint8 [B, H, W, 3] and "tokens" [B, L]; any number, none included)
+    are embedded, the features gathered in rank order, `contrastive_metrics` computed, and with
+    `zeroshot` its accuracy. Every rank must call (collectives inside, none per batch: the model
+    runs from `evaluation_model`, so uneven shares are fine under every strategy)."""
+    from training.trainer_state import gather_objects
+
+    with evaluation_model(loop) as module:
+        dim = int(module.clip.config["embed_dim"])
         images, texts = [], []
-        for batch in iter_eval_batches(self._data, self.settings.local_batch):
-            image_f, text_f = loop.embed(batch["image"], batch["tokens"])
+        for batch in batches:
+            image_f, text_f = embed(loop, module, batch["image"], batch["tokens"])
             images.append(image_f.cpu())
             texts.append(text_f.cpu())
         gathered = gather_objects((concat_features(images, dim), concat_features(texts, dim)))
         metrics: dict[str, Any] = {}
-        if self.rank == 0:
-            bias = loop.module.logit_bias
+        if rank == 0:
+            bias = module.logit_bias
             metrics = contrastive_metrics(
                 concat_features([g[0] for g in gathered], dim),
                 concat_features([g[1] for g in gathered], dim),
-                clip.logit_scale.exp().item(),
+                module.clip.logit_scale.exp().item(),
                 None if bias is None else bias.item(),
-                loss=self.train.loss,
-                chunk=self.train.val_batch_size or self.train.batch_size,
+                loss=loss,
+                chunk=chunk,
             )
-        if self._zeroshot is not None:
+        if zeroshot is not None:
             with torch.no_grad():
-                metrics.update(self._zeroshot.evaluate(clip, loop.device, gather_objects))
-        return metrics
+                metrics.update(zeroshot.evaluate(module.clip, loop.device, gather_objects))
+    return metrics

@@ -370,7 +370,10 @@ class Reporter:
             if self.place.rank == 0:
                 with open(os.path.join(folder, POSITION_FILE), "w") as fh:
                     json.dump(saved, fh)
-            checkpoint = ray.train.Checkpoint.from_directory(folder) if self.place.rank == 0 else None
+            # Under FSDP every rank wrote its own shards: Ray uploads each rank's folder into the
+            # same checkpoint directory. Otherwise rank 0 holds the whole checkpoint.
+            uploads = self.place.rank == 0 or self.loop.fsdp
+            checkpoint = ray.train.Checkpoint.from_directory(folder) if uploads else None
             ray.train.report(
                 metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{self.loop.step_count:09d}"
             )
