@@ -78,6 +78,27 @@ def test_webdataset_output_opens_with_the_webdataset_package_and_feeds_training(
     assert np.concatenate([p["status"] for p in parts]).tolist() == [0] * 9
     assert [k for p in parts for k in p["key"]] == [meta["key"] for _, _, meta in pairs]
 
+    # ... and `clipray train`'s runner trains on them (Parquet in -> WebDataset out -> training).
+    from training.config import ModelConfig, TrainConfig
+    from training.driver import run_training
+
+    train = TrainConfig(
+        data=[str(out / "shards")],
+        storage_path=str(tmp_path / "runs"),
+        name="on-tars",
+        num_workers=1,
+        batch_size=4,
+        samples=4 * 3,
+        warmup=1,
+        checkpoint_every=3,
+        num_preprocess_actors=1,
+        preprocess_cpus=0.5,
+    )
+    run_training(ModelConfig(name="ViT-Tiny", width_mult=0.5), train)
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "on-tars" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and rows[-1]["samples_seen"] == 12
+    assert (tmp_path / "runs" / "on-tars" / "final" / "model.safetensors").is_file()
+
 
 def test_webdataset_output_refuses_retry_rejects_with_a_clear_error(tmp_path: Path):
     with pytest.raises(ValueError, match="retry_rejects cannot be combined with data.output_format: webdataset"):

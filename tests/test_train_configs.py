@@ -50,6 +50,7 @@ def test_laion_config_has_the_clip_papers_hyperparameters_and_fits_one_node_with
         ),
         (["train.samples=10", "train.batch_size=64"], "train.samples 10 is less than one global batch"),
         (["train.val_every=100"], "train.val_every is set but train.val_data is empty"),
+        (["train.num_workers=[1, 2]"], r"train.num_workers \[1, 2\]: elastic \[min, max\] worker groups are not built"),
     ],
 )
 def test_impossible_train_sections_are_refused_naming_the_keys(overrides, message):
