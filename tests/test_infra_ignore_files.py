@@ -68,6 +68,7 @@ def test_dockerignore_drops_venv_git_data_and_outputs_but_keeps_build_inputs():
     excluded = docker_excludes()
     for dropped in (
         ".venv/bin/python",
+        ".venv-oracles/bin/python",
         ".git/HEAD",
         "demo-run/report.md",
         "runs/clip/metrics.jsonl",
@@ -132,6 +133,7 @@ def test_rayignore_keeps_code_and_configs_and_drops_venv_git_data_outputs_and_se
     ]
     drop = [
         ".venv/lib/python3.11/site-packages/torch/__init__.py",
+        ".venv-oracles/lib/python3.11/site-packages/open_clip/__init__.py",
         ".git/objects/ab/cdef",
         "vendor/lib/.git",  # a submodule's or worktree's .git is a file naming the real one
         "demo-run/pipeline/train/shards/part-0.parquet",
@@ -171,5 +173,5 @@ def test_the_repository_uploads_small_complete_and_without_secrets():
     assert size < 20 * 1024 * 1024, f"the working-dir upload is {size / 2**20:.1f} MiB"
     tops = {name.split("/", 1)[0] for name in uploaded}
     assert {"clipray", "pipeline", "training", "evaluation", "configs", "pyproject.toml", "ray_compat"} <= tops
-    assert not tops & {".venv", ".git", "demo-run", "runs", "sweeps", "bench-out", "tests"}, tops
+    assert not tops & {".venv", ".venv-oracles", ".git", "demo-run", "runs", "sweeps", "bench-out", "tests"}, tops
     assert not [n for n in uploaded if n.endswith((".parquet", ".pyc", ".safetensors", ".pem", ".key"))]
