@@ -35,6 +35,7 @@ import pyarrow as pa
 
 from evaluation.chunks import EvalDataset, ImageChunk
 from storage import StorageConfig, open_file
+from storage.webdataset import split_member
 
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")  # CLIP_benchmark's preference order
 CLASSNAMES_FILE = "classnames.txt"
@@ -45,7 +46,6 @@ CHUNK_SAMPLES = 512  # samples per read unit (a run of one shard's samples)
 METADATA_FILES = (CLASSNAMES_FILE, TEMPLATES_FILE, TYPE_FILE)
 # Which split folder each key reads when it names the set's root.
 SPLIT_OF = {"eval.dataset": "test", "eval.train_dataset": "train", "eval.val_dataset": "val"}
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key/extension split
 
 
 @dataclass
@@ -130,10 +130,9 @@ def iter_samples(fileobj: IO[bytes], read_exts: Optional[set[str]] = None, skip:
         for member in tar:
             if not member.isreg():
                 continue
-            match = _KEY_EXT.match(member.name)
-            if match is None:
+            name, ext = split_member(member.name)  # webdataset's key/extension rule, one place
+            if name is None:
                 continue
-            name, ext = match.group(1), match.group(2).lower()
             if name != key or ext in sample:
                 if key is not None:
                     yield key, sample

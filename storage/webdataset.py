@@ -24,6 +24,8 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator, Optional
 
+from storage.tar_members import TarFormatError, iter_members
+
 TAR_SUFFIX = ".tar"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # open_clip's "jpg;png;jpeg;webp", first found wins
 CAPTION_EXTENSION = "txt"
@@ -117,16 +119,10 @@ class SampleReader:
         current: Optional[Sample] = None
         seen: set = set()
         try:
-            stream = tarfile.open(fileobj=self.fileobj, mode="r|")
-            for info in stream:
-                if not info.isreg():
-                    continue
-                key, ext = split_member(info.name)
+            for member, data in iter_members(self.fileobj):
+                key, ext = split_member(member)
                 if key is None:
                     continue
-                data = stream.extractfile(info).read()
-                if len(data) != info.size:
-                    raise tarfile.ReadError(f"member {info.name} cut off after {len(data)} of {info.size} bytes")
                 if current is None or key != current.key:
                     if current is not None:
                         seen.add(current.key)
@@ -138,7 +134,7 @@ class SampleReader:
                         )
                     current = Sample(key)
                 current.members[ext] = data
-        except (tarfile.ReadError, EOFError, OSError) as exc:
+        except (TarFormatError, EOFError, OSError) as exc:
             self.truncated = f"{type(exc).__name__}: {exc}"
         if current is not None:
             yield current.finish()
