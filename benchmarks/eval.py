@@ -23,6 +23,10 @@
     python benchmarks/eval.py --model ViT-B-32 --images 2000 --device cuda
     python benchmarks/eval.py --skip-retrieval --images 500 --classes 100 --templates 8   # a quick check
     python benchmarks/eval.py --skip-zeroshot --pairs 20000
+
+Over 400 lines on purpose: every row of the comparison (ours, the clip-benchmark CLI, the
+re-implementation) and the retrieval part share one data set, one model and one report, and are
+meant to be read side by side in one file.
 """
 
 from __future__ import annotations
