@@ -128,25 +128,17 @@ def test_clipray_eval_on_a_wds_set_equals_clip_benchmark_on_the_same_model(tmp_p
 
 
 def test_a_wds_set_under_an_s3_prefix_is_read_like_a_local_one(tmp_path):
-    import boto3
-
     from storage import StorageConfig
     from tests.support.s3_server import S3TestServer
 
     write_wds_set(tmp_path / "wds_cars_test", per_class=2, shards=2)
     local = open_dataset(str(tmp_path / "wds_cars_test"), need_labels=True)
     with S3TestServer() as s3:
-        boto3.client(
-            "s3",
-            endpoint_url=s3.endpoint_url,
-            region_name="us-east-1",
-            aws_access_key_id=s3.credentials["key"],
-            aws_secret_access_key=s3.credentials["secret"],
-        ).create_bucket(Bucket="eval")
-        s3.filesystem().put(str(tmp_path / "wds_cars_test"), "eval/", recursive=True)
+        s3.create_bucket("eval-wds")  # moto's buckets are process-wide: a name of its own
+        s3.filesystem().put(str(tmp_path / "wds_cars_test"), "eval-wds/", recursive=True)
         storage = StorageConfig(storage_options=s3.storage_options())
-        remote = open_dataset("s3://eval/wds_cars_test", need_labels=True, storage=storage)
-        assert remote.chunks[0].file == "s3://eval/wds_cars_test/test/0.tar" and remote.name == "cars"
+        remote = open_dataset("s3://eval-wds/wds_cars_test", need_labels=True, storage=storage)
+        assert remote.chunks[0].file == "s3://eval-wds/wds_cars_test/test/0.tar" and remote.name == "cars"
         assert remote.classnames == local.classnames and remote.templates == local.templates
         assert remote.meta.select(["key", "label"]).equals(local.meta.select(["key", "label"]))
         got = [img for b in remote.iter_image_batches(3) for img in b["image"]]

@@ -188,7 +188,7 @@ def test_exports_to_s3_load_from_s3_like_local_ones(tmp_path, monkeypatch):
     with S3TestServer() as s3:
         for key, value in s3.env().items():  # `clipray export` reaches S3 through the standard chain
             monkeypatch.setenv(key, value)
-        s3.filesystem().mkdir("exports")  # moto's buckets are process-wide: a name of its own
+        s3.create_bucket("exports")  # moto's buckets are process-wide: a name of its own
         storage = StorageConfig(storage_options=s3.storage_options())
         for fmt in ("open_clip", "hf"):
             export_checkpoint(str(tmp_path / "final"), fmt, f"s3://exports/{fmt}")
