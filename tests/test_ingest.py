@@ -26,9 +26,9 @@ from training.ingest import (
     StreamSettings,
     crop_box,
     list_shards,
+    PassPlanner,
     pass_units,
     plan_fingerprint,
-    plan_pass,
     split_rows,
 )
 
@@ -71,20 +71,13 @@ def test_list_shards_names_the_bad_location_or_column(tmp_path, shards_dir):
         list_shards([])
 
 
-def test_each_pass_deals_every_file_once_balanced_and_reshuffled():
-    shards = [Shard(f"f{i}", rows) for i, rows in enumerate([100, 90, 80, 70, 60, 50, 40, 30])]
-    p0 = plan_pass(shards, 3, seed=1, pass_index=0)
-    p1 = plan_pass(shards, 3, seed=1, pass_index=1)
-    assert sorted(s.path for w in p0 for s in w) == sorted(s.path for s in shards)
-    loads = [sum(s.rows for s in w) for w in p0]
-    assert max(loads) - min(loads) <= 100
-    assert p0 == plan_pass(shards, 3, seed=1, pass_index=0)  # deterministic
-    assert [s.path for w in p0 for s in w] != [s.path for w in p1 for s in w]  # reshuffled per pass
-    # Fewer files than workers: the lone file goes to a different worker each pass.
-    lone = [Shard("only", 10)]
-    owners = [next(w for w, files in enumerate(plan_pass(lone, 2, 0, p)) if files) for p in range(4)]
-    assert owners == [0, 1, 0, 1]
-    assert plan_fingerprint(shards, 3, 1) != plan_fingerprint(shards, 2, 1)
+def test_the_plan_fingerprint_names_the_data_not_the_worker_count():
+    shards = [Shard(f"f{i}", rows) for i, rows in enumerate([100, 90, 80])]
+    same = plan_fingerprint(shards, 1, shuffle_rows=4096)
+    assert same == plan_fingerprint(list(shards), 1, shuffle_rows=4096)
+    assert same != plan_fingerprint(shards, 2, shuffle_rows=4096)  # seed
+    assert same != plan_fingerprint(shards, 1, shuffle_rows=100)  # other windows
+    assert same != plan_fingerprint([Shard("f0", 100, (50, 50)), *shards[1:]], 1, shuffle_rows=4096)  # row groups
 
 
 def test_random_crop_depends_on_pass_and_key_and_stays_inside_the_image():
@@ -167,7 +160,7 @@ def test_pass_units_cover_rows_by_row_group_from_any_start():
     files = [Shard("a", 10, (4, 6)), Shard("b", 5, (5,))]
     units = pass_units(files, 3, start_row=6)
     assert [(json.loads(u["pieces"]), u["row"], u["skip"], u["take"]) for u in units] == [
-        ([["a", 1, 6]], 4, 2, 4),
+        ([["a", 1, 6]], 6, 2, 4),
         ([["b", 0, 5]], 10, 0, 5),
     ]
     assert not any(u["shuffle"] for u in units)
@@ -176,11 +169,12 @@ def test_pass_units_cover_rows_by_row_group_from_any_start():
         ([["a", 0, 4]], 2, 2),
         ([["a", 1, 6]], 0, 1),
     ]
-    # Shuffle windows gather whole row groups until they hold window_rows rows.
+    # Shuffle windows gather whole row groups until they hold window_rows rows; a window's order
+    # is keyed by its first row ("perm").
     windows = pass_units(files, 1, window_rows=8, seed=5)
-    assert [(json.loads(u["pieces"]), u["row"], u["take"]) for u in windows] == [
-        ([["a", 0, 4], ["a", 1, 6]], 0, 10),
-        ([["b", 0, 5]], 10, 5),
+    assert [(json.loads(u["pieces"]), u["row"], u["perm"], u["take"]) for u in windows] == [
+        ([["a", 0, 4], ["a", 1, 6]], 0, 0, 10),
+        ([["b", 0, 5]], 10, 10, 5),
     ]
     assert all(u["shuffle"] and u["seed"] == 5 and u["pass"] == 1 for u in windows)
 
@@ -248,8 +242,9 @@ def test_stream_follows_the_plan_and_a_resume_continues_with_the_exact_remainder
     # The same units read in this process, without Ray: worker 0's passes 0 and 1.
     reader = ShardReader(PreprocessSettings(image_size=32, seed=3))
     expected = []
+    planner = PassPlanner(shards, seed=3, shuffle_rows=100, num_workers=2)
     for p in range(2):
-        units = pass_units(plan_pass(shards, 2, 3, p)[0], p, window_rows=100, seed=3)
+        units = planner.units(p, 0)
         expected += [k for k in _keys_of(reader, units) if k not in ("train-00005", "train-00130")]
     assert keys == expected[: len(keys)] and len(expected) - len(keys) < 16
     assert all(b.images.shape == (16, 32, 32, 3) and b.images.dtype == torch.uint8 for b in batches)

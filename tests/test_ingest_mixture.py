@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -21,7 +20,6 @@ from training.ingest import (
     StreamSettings,
     list_training_shards,
     mix_pass,
-    pass_units,
     plan_fingerprint,
 )
 
@@ -56,7 +54,7 @@ def test_each_source_gets_its_weight_of_every_pass_and_uses_all_its_shards_befor
     assert passes[5] == mix_pass(shards, weights, seed=4, pass_index=5)
     assert passes[5] != mix_pass(shards, weights, seed=5, pass_index=5)
     assert mix_pass(shards, (), 4, 5) == shards  # plain paths: every shard once, as before
-    assert plan_fingerprint(shards, 2, 4, weights) != plan_fingerprint(shards, 2, 4, (1.0, 2.0))
+    assert plan_fingerprint(shards, 4, weights) != plan_fingerprint(shards, 4, (1.0, 2.0))
 
 
 def test_weighted_sources_of_both_formats_stream_deterministically_and_resume_at_the_row(tmp_path):
@@ -70,24 +68,24 @@ def test_weighted_sources_of_both_formats_stream_deterministically_and_resume_at
         local_batch=8, preprocess=PreprocessSettings(image_size=8, context_length=8), source_weights=cfg.source_weights
     )
     stream = ShardStream(shards, fs, rank=1, world_size=2, seed=3, start=DataPosition(0, 0), settings=settings)
-    files = stream.files_of_pass(2)
+    units = stream.planner.units(2, 1)
     reader = ShardReader(PreprocessSettings(image_size=8, context_length=8), fs, rows_per_batch=32)
 
     def keys(units):
         return [k for u in units for part in reader.read(u) for k in part["key"]]
 
-    whole = keys(pass_units(files, 2, window_rows=50, seed=3))
+    whole = keys(units)
     assert {k.split("-")[0] for k in whole} <= {"train", "val"}
-    other = ShardStream(shards, fs, rank=0, world_size=2, seed=3, start=DataPosition(0, 0), settings=settings)
+    source = {s.path: s.source for s in shards}
     rows = Counter()
-    for s in files + other.files_of_pass(2):  # the whole pass, both workers: 3 : 1 within a shard
-        rows[s.source] += s.rows
+    for window in stream.planner.windows(2):  # the whole pass, both workers: 3 : 1 within a shard
+        for path, _, n in window.pieces:
+            rows[source[path]] += n
     total = sum(s.rows for s in shards)
     assert abs(rows[0] - 0.75 * total) <= 40 and abs(rows[1] - 0.25 * total) <= 40
-    assert keys(pass_units(files, 2, start_row=61, window_rows=50, seed=3)) == whole[61:]
+    assert keys(stream.planner.units(2, 1, start_row=61)) == whole[61:]
     again = ShardStream(shards, fs, rank=1, world_size=2, seed=3, start=DataPosition(0, 0), settings=settings)
-    assert again.files_of_pass(2) == files
-    assert np.all([f in shards for f in files])
+    assert again.planner.units(2, 1) == units
 
 
 def test_sweep_trials_get_weighted_sources_with_absolute_local_paths(tmp_path, monkeypatch):

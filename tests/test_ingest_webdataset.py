@@ -22,8 +22,8 @@ from training.ingest import (
     ShardStream,
     StreamSettings,
     list_shards,
+    PassPlanner,
     pass_units,
-    plan_pass,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -101,7 +101,7 @@ def test_webdataset_gives_the_same_rows_in_the_same_order_as_the_parquet_twin(tw
     for pass_index in (0, 1):
         for worker in (0, 1):
             units = [
-                pass_units(plan_pass(shards, 2, 5, pass_index)[worker], pass_index, window_rows=60, seed=5)
+                PassPlanner(shards, seed=5, shuffle_rows=60, num_workers=2).units(pass_index, worker)
                 for shards in (pq_shards, tar_shards)
             ]
             parquet, tar = _read(reader, units[0]), _read(reader, units[1])
@@ -112,9 +112,9 @@ def test_webdataset_gives_the_same_rows_in_the_same_order_as_the_parquet_twin(tw
     assert len(statuses) == sum(s.rows for s in tar_shards)  # every row once per pass
     assert {k for k, v in statuses.items() if v} == {"train-00007"}  # not_an_image, as in Parquet
     # A resume inside a shuffle window starts at the same row with the same rest.
-    files = plan_pass(tar_shards, 2, 5, 1)[0]
-    whole = _read(reader, pass_units(files, 1, window_rows=60, seed=5))
-    rest = _read(reader, pass_units(files, 1, start_row=37, window_rows=60, seed=5))
+    planner = PassPlanner(tar_shards, seed=5, shuffle_rows=60, num_workers=2)
+    whole = _read(reader, planner.units(1, 0))
+    rest = _read(reader, planner.units(1, 0, start_row=37))
     assert rest["key"].tolist() == whole["key"].tolist()[37:]
     np.testing.assert_array_equal(rest["image"], whole["image"][37:])
 
@@ -194,7 +194,7 @@ def test_webdataset_stream_follows_the_parquet_order_and_resumes_at_the_same_pos
     reader = ShardReader(PreprocessSettings(image_size=16, context_length=8, seed=3))
     expected = []
     for p in range(2):
-        read = _read(reader, pass_units(plan_pass(pq_shards, 2, 3, p)[0], p, window_rows=60, seed=3))
+        read = _read(reader, PassPlanner(pq_shards, seed=3, shuffle_rows=60, num_workers=2).units(p, 0))
         expected += [k for k, status in zip(read["key"].tolist(), read["status"]) if status == 0]
     keys = [k for b in tar for k in b.keys]
     assert keys == expected[: len(keys)] and len(expected) - len(keys) < 8 and len(tar) >= 8

@@ -12,10 +12,6 @@ number are functions of the config and the data position, so resuming changes no
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tests.support.train_runs import WorkerKiller, final_state, local_checkpoint, rows
 from tests.support.train_shards import write_shards, write_webdataset_shards
 from training.config import ModelConfig, TrainConfig
 
@@ -77,56 +74,6 @@ def config(data: Path, storage: str, name: str, **overrides) -> TrainConfig:
     )
     values.update(overrides)
     return TrainConfig(**values)
-
-
-def rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(run_dir / "final" / "model.safetensors"))
-
-
-class WorkerKiller:
-    """Sends SIGKILL to one Ray Train worker of a run (a PID the run itself reported in
-    metrics.jsonl) once a checkpoint at or after `min_step` exists. Kills nothing else."""
-
-    def __init__(self, read_rows, has_checkpoint, min_step: int, rank: int = 1):
-        self.read_rows, self.has_checkpoint = read_rows, has_checkpoint
-        self.min_step, self.rank = min_step, rank
-        self.killed_at = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def _poll(self):
-        while not self._stop.is_set():
-            try:
-                done = [r for r in self.read_rows() if r.get("step", 0) >= self.min_step]
-            except (OSError, ValueError):
-                done = []
-            if done and self.has_checkpoint(self.min_step):
-                pid = int(done[-1]["pids"][self.rank])
-                os.kill(pid, signal.SIGKILL)
-                self.killed_at = done[-1]["step"]
-                return
-            time.sleep(0.2)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
-def local_checkpoint(run_dir: Path):
-    return lambda step: (run_dir / f"checkpoint_{step:09d}" / "trainer_state.json").exists()
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 from storage import Folder, FolderLock, join
 from training.config import ModelConfig, TrainConfig
-from training.worker import FINAL_DIR, WorkerPlan, train_worker
+from training.worker import FINAL_DIR, SAMPLE_LOG_ENV, WorkerPlan, train_worker
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def worker_plan(model: ModelConfig, train: TrainConfig, cluster_cpus: float) -> 
         data_fs=data_fs,
         val_shards=tuple(val_shards),
         val_fs=val_fs,
-        plan_id=plan_fingerprint(shards, train.num_workers, train.seed, train.source_weights),
+        plan_id=plan_fingerprint(shards, train.seed, train.source_weights, train.shuffle_rows),
         preprocess_actors=actors,
         data_cpus=data_cpus,
         # Forward FLOPs per sample for each number of text positions the tower may run (it stops
@@ -127,6 +128,7 @@ def worker_plan(model: ModelConfig, train: TrainConfig, cluster_cpus: float) -> 
             for n in range(model_dict["text_cfg"]["context_length"] + 1)
         ),
         run=run_folder(train),
+        sample_log=os.environ.get(SAMPLE_LOG_ENV) or None,
     )
 
 

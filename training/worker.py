@@ -27,7 +27,8 @@ from training.model import CheckpointError
 log = logging.getLogger(__name__)
 
 FINAL_DIR = "final"
-POSITION_FILE = "data_position.json"  # in each checkpoint: step, plan id, every worker's position
+POSITION_FILE = "data_position.json"  # in each checkpoint: step, plan id, positions, the passes' bases
+SAMPLE_LOG_ENV = "CLIPRAY_TEST_SAMPLE_LOG"  # tests only: a folder where each worker logs the keys it trained on
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,12 @@ class WorkerPlan:
     data_fs: Any  # pyarrow filesystem of the shards
     val_shards: tuple[Shard, ...]
     val_fs: Any
-    plan_id: str  # fingerprint of (shards, workers, seed): a data position refers to it
+    plan_id: str  # fingerprint of (shards, seed, weights, shuffle windows): a data position refers to it
     preprocess_actors: int  # per worker
     data_cpus: float  # Ray Data CPU limit per worker
     flops_by_text_tokens: tuple[float, ...]  # forward FLOPs per sample for 0..context_length text positions
     run: Folder  # {storage_path}/{name}
+    sample_log: Optional[str] = None  # tests only: the driver's CLIPRAY_TEST_SAMPLE_LOG (`_sample_log`)
 
     def __post_init__(self) -> None:
         if not self.shards:
@@ -82,8 +84,8 @@ def train_worker(config: dict) -> None:
     place = _placement(plan)
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint is not None else nullcontext(None) as folder:
-        position, done = start_position(plan, read_position(folder), place)
-        stream = _start_stream(plan, place, position, done)
+        position, done, bases = start_position(plan, read_position(folder), place)
+        stream = _start_stream(plan, place, position, done, bases)
         try:
             loop = _build_loop(plan, place, folder)
         except CheckpointError as exc:  # name the checkpoint where it lives, not its local copy
@@ -117,22 +119,56 @@ def read_position(folder: Optional[str]) -> Optional[dict]:
         return json.load(fh)
 
 
-def start_position(plan: WorkerPlan, saved: Optional[dict], place: Placement) -> tuple[DataPosition, int]:
-    """(this worker's data position, steps already done) from a checkpoint's data_position.json."""
+def start_position(
+    plan: WorkerPlan, saved: Optional[dict], place: Placement
+) -> tuple[DataPosition, int, dict[int, dict]]:
+    """(this worker's data position, steps already done, the passes' bases) from a checkpoint's
+    data_position.json. A group of another size resumes what is left of the passes begun
+    (`training.ingest.passes.resize`): no sample of them is skipped or read twice."""
+    from training.ingest import resize
+
     if saved is None:
-        return DataPosition(0, 0), 0
-    positions = saved.get("positions") or []
-    if saved.get("plan") == plan.plan_id and len(positions) == place.world_size:
-        return DataPosition.from_dict(positions[place.rank]), int(saved["step"])
-    # Other shards or another worker count: positions do not map; start a fresh pass.
-    next_pass = 1 + max((p["pass"] for p in positions), default=-1)
+        return DataPosition(0, 0), 0, {}
+    step = int(saved["step"])
+    positions = [(int(p["pass"]), int(p["rows"])) for p in saved.get("positions") or []]
+    if saved.get("plan") != plan.plan_id or not positions:
+        # Other shards, seed, weights or shuffle windows: positions do not map; start a fresh pass.
+        next_pass = 1 + max((p for p, _ in positions), default=-1)
+        if place.rank == 0:
+            log.warning(
+                "train: the shards, train.seed, the source weights or train.shuffle_rows changed since the "
+                "checkpoint; the data position cannot be kept, continuing with pass %d from its start",
+                next_pass,
+            )
+        return DataPosition(next_pass, 0), step, {}
+    old = _planner(plan, len(positions))
+    old.bases = old.decode(saved.get("bases") or {})
+    if len(positions) == place.world_size:
+        return DataPosition(*positions[place.rank]), step, old.bases
+    start, bases = resize(old, positions, place.world_size)
     if place.rank == 0:
+        left = {q: old.remaining(q, state) for q, state in bases.items()}
         log.warning(
-            "train: the shards or train.num_workers changed since the checkpoint; the data position "
-            "cannot be kept, continuing with pass %d from its start",
-            next_pass,
+            "train: %d workers resume a checkpoint of %d: pass %d goes on with what is left of it (%s samples "
+            "of the passes begun), dealt anew; nothing is skipped or read twice",
+            place.world_size,
+            len(positions),
+            start[0],
+            ", ".join(f"pass {q}: {n}" for q, n in sorted(left.items())) or "none",
         )
-    return DataPosition(next_pass, 0), int(saved["step"])
+    return DataPosition(*start), step, bases
+
+
+def _planner(plan: WorkerPlan, num_workers: int):
+    from training.ingest import PassPlanner
+
+    return PassPlanner(
+        plan.shards,
+        seed=plan.train.seed,
+        shuffle_rows=plan.train.shuffle_rows,
+        num_workers=num_workers,
+        weights=plan.train.source_weights,
+    )
 
 
 def stream_settings(plan: WorkerPlan, place: Placement, *, train: bool = True):
@@ -160,7 +196,7 @@ def stream_settings(plan: WorkerPlan, place: Placement, *, train: bool = True):
     )
 
 
-def _start_stream(plan: WorkerPlan, place: Placement, position: DataPosition, done: int):
+def _start_stream(plan: WorkerPlan, place: Placement, position: DataPosition, done: int, bases: dict):
     """The worker's stream from `position`, started now; None when the run is already complete."""
     from training.ingest import ShardStream
 
@@ -176,6 +212,7 @@ def _start_stream(plan: WorkerPlan, place: Placement, position: DataPosition, do
         start=position,
         settings=stream_settings(plan, place),
         rows_needed=(steps - done) * place.local_batch,
+        bases=bases,
     ).start()
 
 
@@ -229,10 +266,13 @@ def run_loop(
     reporter = Reporter(plan, place, loop, stream, pids=gather_objects(os.getpid()), restored_from=restored_from)
     loss_sum = torch.zeros((), device=place.device)
     steps_in_window = 0
+    sample_log = _sample_log(plan, place)
     for batch in stream:
         reporter.count(batch.tokens)
         result = loop.step(batch.images, batch.tokens)
         position = batch.position
+        if sample_log is not None:
+            sample_log(loop.step_count, batch)
         loss_sum += result.loss
         steps_in_window += 1
         step = loop.step_count
@@ -251,6 +291,26 @@ def run_loop(
             f"train.data ran out after step {loop.step_count} of {total}: rank {place.rank} "
             f"rejected {dict(stream.rebatcher.rejected)} rows; check the shards"
         )
+
+
+def _sample_log(plan: WorkerPlan, place: Placement):
+    """Tests only (`CLIPRAY_TEST_SAMPLE_LOG` in the driver's environment): a function appending each
+    step's samples to `{folder}/{pid}.jsonl` as {"started" (this attempt's start, the same on every
+    rank), "rank", "world_size", "step", "keys", "passes"}; None when unset. Every rank calls it."""
+    from training.trainer_state import gather_objects
+
+    if not plan.sample_log:
+        return None
+    started = min(gather_objects(time.time()))  # the same for every rank of this attempt
+    path = os.path.join(plan.sample_log, f"{os.getpid()}.jsonl")
+
+    def write(step: int, batch) -> None:
+        line = {"started": started, "rank": place.rank, "world_size": place.world_size, "step": step}
+        line.update(keys=[str(k) for k in batch.keys], passes=[int(p) for p in batch.passes])
+        with open(path, "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+
+    return write
 
 
 class Reporter:
@@ -355,16 +415,26 @@ class Reporter:
                 metrics["mfu"] = value
         return metrics
 
+    def _passes(self, positions: list[dict]) -> dict[str, Any]:
+        """The data position's world-size-independent part: every worker's position, the bases of
+        the passes begun, and the samples of each consumed by the whole group."""
+        planner = self.stream.planner
+        at = [(int(p["pass"]), int(p["rows"])) for p in positions]
+        first, last = min(p for p, _ in at), max(p for p, _ in at)
+        return {
+            "world_size": len(positions),
+            "positions": positions,
+            "bases": planner.encode({q: b for q, b in planner.bases.items() if q >= first}),
+            "consumed": {str(q): sum(planner.state(q, at).values()) for q in range(first, last + 1)},
+        }
+
     def _report_with_checkpoint(self, metrics: dict, position: DataPosition) -> None:
         import ray.train
 
         from training.trainer_state import gather_objects, save_checkpoint
 
-        saved = {
-            "step": self.loop.step_count,
-            "plan": self.plan.plan_id,
-            "positions": gather_objects(position.as_dict()),
-        }
+        positions = gather_objects(position.as_dict())
+        saved = {"step": self.loop.step_count, "plan": self.plan.plan_id, **self._passes(positions)}
         with tempfile.TemporaryDirectory(prefix="clipray-ckpt-") as folder:
             save_checkpoint(self.loop, folder, {"data": saved})
             if self.place.rank == 0:

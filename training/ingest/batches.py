@@ -30,6 +30,7 @@ class Batch:
     tokens: Any  # torch int32 [B, L]
     position: DataPosition  # just past this batch's last row
     keys: list = field(default_factory=list)
+    passes: Any = ()  # torch int32 [B]: each row's pass
 
 
 class Rebatcher:
@@ -64,7 +65,7 @@ class Rebatcher:
         if len(rows) == 0:
             return []
         if not self._parts and len(rows) == self.batch_size:  # the common case: no copy
-            return [Batch(images, tokens, DataPosition(int(passes[-1]), int(rows[-1]) + 1), keys)]
+            return [Batch(images, tokens, DataPosition(int(passes[-1]), int(rows[-1]) + 1), keys, passes)]
         self._parts.append((images, tokens, keys, passes, rows))
         self._buffered += len(rows)
         out = []
@@ -75,13 +76,13 @@ class Rebatcher:
     def _take(self, n: int) -> Batch:
         import torch
 
-        images, tokens, keys = [], [], []
+        images, tokens, keys, passes = [], [], [], []
         last = None
         need = n
         while need:
             im, tk, ky, ps, rw = self._parts[0]
             k = min(need, len(rw))
-            images.append(im[:k]), tokens.append(tk[:k]), keys.extend(ky[:k])
+            images.append(im[:k]), tokens.append(tk[:k]), keys.extend(ky[:k]), passes.append(ps[:k])
             last = (int(ps[k - 1]), int(rw[k - 1]) + 1)
             if k == len(rw):
                 self._parts.pop(0)
@@ -90,4 +91,4 @@ class Rebatcher:
             need -= k
         self._buffered -= n
         cat = (lambda xs: xs[0]) if len(images) == 1 else torch.cat
-        return Batch(cat(images), cat(tokens), DataPosition(*last), keys)
+        return Batch(cat(images), cat(tokens), DataPosition(*last), keys, cat(passes))

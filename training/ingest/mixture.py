@@ -7,8 +7,8 @@ sequence of its shards, cycle `c` being a permutation seeded with (train.seed, s
 `p` takes the shards of that sequence whose first row falls in `[p * t_i, (p + 1) * t_i)` rows
 (`t_i` the source's rows per pass). So over passes every source gets exactly its share, every
 shard of a source is used before any is repeated, and a pass's shards are a pure function of
-(shards, weights, seed, pass): `plan_pass` then deals them as usual and a resume lands on the same
-row. A shard repeated within one pass gets the same crops both times (crops are seeded by pass and
+(shards, weights, seed, pass): `passes.py` then cuts and deals them as usual and a resume lands on
+the same row. A shard repeated within one pass gets the same crops both times (crops are seeded by pass and
 key).
 """
 

@@ -19,9 +19,10 @@ class ShardReader:
 
     Reads a unit's row groups with pyarrow (only the needed columns; a WebDataset tar is one row
     group, its samples read by `tar_rows`, whose problem codes become the rows' status), puts them in the unit's
-    order (a seeded permutation for training windows), drops `skip` rows before decoding, keeps
-    `take`, runs `Preprocess` on batches of `rows_per_batch` and adds `pass` and `row` (each row's
-    index in its worker's pass stream) for the data position.
+    order (for training windows a permutation seeded with (seed, pass, `perm`)), drops `skip` rows
+    before decoding, keeps `take`, runs `Preprocess` on batches of `rows_per_batch` and adds `pass`
+    and `row` (each row's index in its worker's pass stream, from the unit's `row`) for the data
+    position.
     """
 
     def __init__(self, settings: PreprocessSettings, filesystem: Any = None, rows_per_batch: int = 64):
@@ -64,7 +65,8 @@ class ShardReader:
         first, skip, take = int(unit["row"]), int(unit["skip"]), int(unit["take"])
         pass_index = int(unit["pass"])
         if bool(unit["shuffle"]):
-            order = np.random.default_rng([int(unit["seed"]), pass_index, first]).permutation(table.num_rows)
+            key = [int(unit["seed"]), pass_index, int(unit["perm"])]
+            order = np.random.default_rng(key).permutation(table.num_rows)
         else:
             order = np.arange(table.num_rows)
         order = order[skip : skip + take]
@@ -77,7 +79,7 @@ class ShardReader:
                     out["status"][i] = REJECT_REASONS.index(problems[j])
             k = part.num_rows
             out["pass"] = np.full(k, pass_index, dtype=np.int32)
-            out["row"] = np.arange(first + skip + start, first + skip + start + k, dtype=np.int64)
+            out["row"] = np.arange(first + start, first + start + k, dtype=np.int64)
             yield out
 
     def __call__(self, units: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:

@@ -18,8 +18,8 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from training.ingest.batches import Batch, DataPosition, Rebatcher
-from training.ingest.mixture import mix_pass
-from training.ingest.plan import Shard, pass_units, plan_pass, split_rows
+from training.ingest.passes import PassPlanner, PassState, split_rows
+from training.ingest.plan import Shard
 from training.ingest.preprocess import KEY_COL, PreprocessSettings
 from training.ingest.read import ShardReader
 
@@ -118,11 +118,20 @@ class ShardStream:
         settings: StreamSettings,
         rows_needed: Optional[int] = None,
         max_passes: Optional[int] = None,
+        bases: Optional[dict[int, PassState]] = None,
     ):
         if not shards:
             raise ValueError("no shards to read")
         self.shards, self.filesystem = list(shards), filesystem
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.planner = PassPlanner(
+            shards,
+            seed=seed,
+            shuffle_rows=settings.shuffle_rows,
+            num_workers=world_size,
+            weights=settings.source_weights,
+            bases=bases,
+        )
         self.start_position, self.settings = start, settings
         self.rows_needed, self.max_passes = rows_needed, max_passes
         self.rebatcher = Rebatcher(settings.local_batch)
@@ -131,36 +140,19 @@ class ShardStream:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    def files_of_pass(self, pass_index: int) -> list[Shard]:
-        mixed = mix_pass(self.shards, self.settings.source_weights, self.seed, pass_index)
-        return plan_pass(mixed, self.world_size, self.seed, pass_index)[self.rank]
-
     def segments(self) -> Iterator[list[dict]]:
         """Lists of read units, at most `max_units` each, from `start` on. Ends after `max_passes`
         passes, or one pass beyond `rows_needed` rows (a margin for rejected rows), else never."""
         pass_index, start_row = self.start_position.pass_index, self.start_position.rows
         planned, segment = 0, []
         while self.max_passes is None or pass_index < self.start_position.pass_index + self.max_passes:
-            units = pass_units(
-                self.files_of_pass(pass_index),
-                pass_index,
-                start_row,
-                window_rows=self.settings.shuffle_rows,
-                seed=self.seed,
-            )
+            units = self.planner.units(pass_index, self.rank, start_row)
             segment.extend(units)
             planned += sum(u["take"] for u in units)
             pass_index, start_row = pass_index + 1, 0
             if self.rows_needed is not None and planned >= self.rows_needed + 1:
                 # One more pass as margin for rejected rows, then stop planning.
-                segment.extend(
-                    pass_units(
-                        self.files_of_pass(pass_index),
-                        pass_index,
-                        window_rows=self.settings.shuffle_rows,
-                        seed=self.seed,
-                    )
-                )
+                segment.extend(self.planner.units(pass_index, self.rank))
                 break
             if len(segment) >= self.settings.max_units:
                 yield segment
