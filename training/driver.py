@@ -187,7 +187,7 @@ def run_training(model: ModelConfig, train: TrainConfig, *, callbacks: Optional[
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"plan": plan},
-        # A (min, max) tuple makes Ray Train's group elastic (docs/training.md, "Elastic workers").
+        # A (min, max) tuple makes Ray Train's group elastic (docs/training.md, "Elastic worker groups").
         scaling_config=ray.train.ScalingConfig(
             num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources
         ),
