@@ -176,7 +176,9 @@ def run_demo(workdir: str, overrides: Iterable[str] = ()) -> int:
         init_ray(cfg)
         manifests = run_pipelines(cfg, paths)
 
-    _progress(f"training {cfg.model.name} on {cfg.train.num_workers} Ray Train workers for {cfg.train.samples} samples")
+    t = cfg.train
+    workers = f"{t.min_workers} to {t.max_workers}" if t.elastic else str(t.max_workers)
+    _progress(f"training {cfg.model.name} on {workers} Ray Train workers for {t.samples} samples")
     result = run_training(cfg.model, cfg.train)
 
     results = {}

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.support.train_runs import WorkerKiller, local_checkpoint, rows
+from tests.support.train_runs import WorkerKiller, local_checkpoint, rows, trained_samples
 from tests.support.train_shards import write_shards
 from training.config import ModelConfig, TrainConfig
 from training.ingest import DataPosition, PassPlanner, Shard
@@ -103,16 +103,6 @@ def _config(data: Path, storage: Path, name: str, workers: int, pass_rows: int, 
     return TrainConfig(**values)
 
 
-def _trained_samples(log_dir: Path) -> list[dict]:
-    """The per-sample log's records of the attempt that last trained each step (a killed attempt's
-    steps after its checkpoint are trained again by the next one)."""
-    records = [json.loads(line) for f in sorted(log_dir.glob("*.jsonl")) for line in f.read_text().splitlines()]
-    latest: dict[int, float] = {}
-    for r in records:
-        latest[r["step"]] = max(latest.get(r["step"], 0.0), r["started"])
-    return [r for r in records if r["started"] == latest[r["step"]]]
-
-
 def _check_passes(records: list[dict], run_dir: Path, total_steps: int, pass_rows: int) -> Counter:
     assert sorted({r["step"] for r in records}) == list(range(1, total_steps + 1))
     for step in range(1, total_steps + 1):
@@ -144,7 +134,7 @@ def uninterrupted(shards, ray_local, tmp_path_factory):
     storage = tmp_path_factory.mktemp("resize-runs")
     with pytest.MonkeyPatch.context() as monkeypatch:
         _run(_config(data, storage, "straight", 4, pass_rows), storage / "log-straight", monkeypatch)
-    return storage / "straight", _trained_samples(storage / "log-straight")
+    return storage / "straight", trained_samples(storage / "log-straight")
 
 
 @pytest.mark.slow
@@ -170,7 +160,7 @@ def test_a_run_killed_mid_pass_resumes_on_another_number_of_workers_like_an_unin
     assert [r["step"] for r in table] == [r["step"] for r in ref]
     assert [r["lr"] for r in table] == pytest.approx([r["lr"] for r in ref], rel=1e-9)
     assert [r["samples_seen"] for r in table] == [r["samples_seen"] for r in ref]
-    records = _trained_samples(log_dir)
+    records = trained_samples(log_dir)
     assert {r["world_size"] for r in records} == {before, after}  # both groups trained
     seen = _check_passes(records, run_dir, total, pass_rows)
     ref_seen = _check_passes(ref_records, ref_dir, total, pass_rows)

@@ -17,7 +17,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 )
 def test_example_training_configs_validate(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
-    assert cfg.train.batch_size % cfg.train.num_workers == 0 and cfg.train.use_gpu
+    assert cfg.train.batch_size % cfg.train.max_workers == 0 and cfg.train.use_gpu
 
 
 def test_laion_config_has_the_clip_papers_hyperparameters_and_fits_one_node_with_accumulation():
@@ -34,7 +34,7 @@ def test_laion_config_has_the_clip_papers_hyperparameters_and_fits_one_node_with
         0.2,
         2000,
     )
-    assert t.batch_size // t.num_workers // t.micro_batch_size == 8
+    assert t.batch_size // t.max_workers // t.micro_batch_size == 8
 
 
 @pytest.mark.parametrize(
@@ -50,7 +50,10 @@ def test_laion_config_has_the_clip_papers_hyperparameters_and_fits_one_node_with
         ),
         (["train.samples=10", "train.batch_size=64"], "train.samples 10 is less than one global batch"),
         (["train.val_every=100"], "train.val_every is set but train.val_data is empty"),
-        (["train.num_workers=[1, 2]"], r"train.num_workers \[1, 2\]: elastic \[min, max\] worker groups are not built"),
+        (
+            ["train.num_workers=[1, 3]", "train.batch_size=64"],
+            r"train.batch_size 64 is not divisible by the world size 3 that train.num_workers \[1, 3\]",
+        ),
     ],
 )
 def test_impossible_train_sections_are_refused_naming_the_keys(overrides, message):

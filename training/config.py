@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
@@ -48,7 +49,11 @@ class TrainConfig(StorageConfig):
     val_data: list[str] = Field(default_factory=list, description="held-out shard folders for validation")
     storage_path: str = Field("runs", description="folder or s3:// URL; the run lives in {storage_path}/{name}")
     name: str = "clip"
-    num_workers: PositiveInt = 1
+    num_workers: Union[PositiveInt, tuple[PositiveInt, PositiveInt]] = Field(
+        1,
+        description="Ray Train workers: a number, or [min, max] for an elastic group that restarts "
+        "from its latest checkpoint with the workers the cluster has (docs/training.md)",
+    )
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0
     batch_size: PositiveInt = Field(256, description="global batch (all workers together)")
@@ -115,29 +120,80 @@ class TrainConfig(StorageConfig):
         """Optimizer steps of the run: `samples` rounded up to whole global batches."""
         return -(-self.samples // self.batch_size)
 
+    @property
+    def min_workers(self) -> int:
+        """The smallest world size the group runs at (`num_workers`, or `min` of `[min, max]`)."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        """The largest world size the group runs at (`num_workers`, or `max` of `[min, max]`)."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
+
+    @property
+    def world_sizes(self) -> range:
+        """Every world size the group may take."""
+        return range(self.min_workers, self.max_workers + 1)
+
     @field_validator("num_workers", mode="before")
     @classmethod
-    def _not_elastic_yet(cls, value):
-        if isinstance(value, (list, tuple)):
-            raise ValueError(
-                f"train.num_workers {list(value)}: elastic [min, max] worker groups are not built yet (the data "
-                "position is tied to the world size: docs/training.md); give one number"
+    def _workers_range(cls, value):
+        """An int, or [min, max] with 1 <= min <= max ([n, n] is the fixed group n)."""
+
+        def whole(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if whole(value) and value >= 1:
+            return value
+        if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(map(whole, value)):
+            raise ValueError(f"train.num_workers {value!r}: give a positive integer or [min, max], two integers")
+        low, high = value
+        if low < 1 or low > high:
+            raise ValueError(f"train.num_workers {list(value)}: [min, max] needs 1 <= min <= max")
+        return low if low == high else (low, high)
+
+    def _batch_errors(self) -> Optional[str]:
+        """Why train.batch_size and train.micro_batch_size do not split over every world size the
+        group may take, or None: each worker takes batch_size / world pairs, in whole micro-batches."""
+        sizes, micro = list(self.world_sizes), self.micro_batch_size
+        uneven = [w for w in sizes if self.batch_size % w]
+        if uneven and not self.elastic:
+            return (
+                f"train.batch_size {self.batch_size} is not divisible by train.num_workers "
+                f"{self.max_workers}: every worker takes an equal share of the global batch"
             )
-        return value
+        group = f"train.num_workers {list(self.num_workers)}" if self.elastic else ""
+        if uneven:
+            return (
+                f"train.batch_size {self.batch_size} is not divisible by the world size"
+                f"{'s' if len(uneven) > 1 else ''} {', '.join(map(str, uneven))} that {group} may run at: every worker takes an equal "
+                f"share of the global batch at any size (use a multiple of {math.lcm(*sizes)}, or a "
+                "narrower range)"
+            )
+        bad = [w for w in sizes if micro is not None and (self.batch_size // w) % micro]
+        if bad and not self.elastic:
+            return (
+                f"train.micro_batch_size {micro} does not divide the per-worker batch "
+                f"{self.batch_size // bad[0]} (train.batch_size / train.num_workers)"
+            )
+        if bad:
+            shares = ", ".join(f"{self.batch_size // w} at {w} workers" for w in bad)
+            return (
+                f"train.micro_batch_size {micro} does not divide the per-worker batch ({shares}) "
+                f"that {group} may run at (train.batch_size / world size; use a train.batch_size "
+                f"multiple of {math.lcm(*(w * micro for w in sizes))}, or another micro-batch size)"
+            )
+        return None
 
     @model_validator(mode="after")
     def _check_batches(self) -> "TrainConfig":
-        local, rest = divmod(self.batch_size, self.num_workers)
-        if rest:
-            raise ValueError(
-                f"train.batch_size {self.batch_size} is not divisible by train.num_workers "
-                f"{self.num_workers}: every worker takes an equal share of the global batch"
-            )
-        if self.micro_batch_size is not None and local % self.micro_batch_size:
-            raise ValueError(
-                f"train.micro_batch_size {self.micro_batch_size} does not divide the per-worker "
-                f"batch {local} (train.batch_size / train.num_workers)"
-            )
+        error = self._batch_errors()
+        if error:
+            raise ValueError(error)
         if self.samples < self.batch_size:
             raise ValueError(
                 f"train.samples {self.samples} is less than one global batch (train.batch_size {self.batch_size})"

@@ -39,11 +39,13 @@ def run_folder(train: TrainConfig) -> Folder:
 
 def preprocess_actors(train: TrainConfig, cluster_cpus: float) -> int:
     """Preprocessing actors per worker: `train.num_preprocess_actors`, or as many as the CPUs left
-    by the Train workers allow (1 to 8 per worker)."""
+    by the Train workers allow (1 to 8 per worker), counted for the largest group the run may have
+    (an elastic group may grow to `max`)."""
     if train.num_preprocess_actors is not None:
         return train.num_preprocess_actors
-    free = cluster_cpus - train.num_workers * train.cpus_per_worker
-    return int(max(1, min(8, math.floor(free / (train.num_workers * train.preprocess_cpus)))))
+    workers = train.max_workers
+    free = cluster_cpus - workers * train.cpus_per_worker
+    return int(max(1, min(8, math.floor(free / (workers * train.preprocess_cpus)))))
 
 
 def architecture(model: ModelConfig, train: TrainConfig):
@@ -89,18 +91,26 @@ def worker_plan(model: ModelConfig, train: TrainConfig, cluster_cpus: float) -> 
     check_locks(model_dict, train)
     actors = preprocess_actors(train, cluster_cpus)
     data_cpus = actors * train.preprocess_cpus
-    needed = train.num_workers * (train.cpus_per_worker + data_cpus)
-    if needed > cluster_cpus:
+    per_worker = train.cpus_per_worker + data_cpus
+    if train.min_workers * per_worker > cluster_cpus:
         log.warning(
             "train: %d workers x (%.2f CPU + %d preprocessing actors x %.2f CPU) = %.1f CPUs, but the "
             "cluster has %.1f; the run waits until the cluster grows (lower train.num_preprocess_actors "
             "or train.preprocess_cpus otherwise)",
-            train.num_workers,
+            train.min_workers,
             train.cpus_per_worker,
             actors,
             train.preprocess_cpus,
-            needed,
+            train.min_workers * per_worker,
             cluster_cpus,
+        )
+    elif train.max_workers * per_worker > cluster_cpus:
+        log.info(
+            "train: the cluster's %.1f CPUs hold fewer than train.num_workers' max %d workers (%.1f CPUs "
+            "each with their preprocessing); the elastic group starts smaller and grows with the cluster",
+            cluster_cpus,
+            train.max_workers,
+            per_worker,
         )
     log.info(
         "train: %d shards, %d rows; %d steps of %d; %d preprocessing actors per worker",
@@ -168,9 +178,16 @@ def run_training(model: ModelConfig, train: TrainConfig, *, callbacks: Optional[
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:
         resources["GPU"] = 1
+    if train.elastic and train.max_failures == 0:
+        log.warning(
+            "train: train.num_workers %s is elastic but train.max_failures is 0: a lost worker ends "
+            "the run (only drained, preempted nodes restart it); set train.max_failures (-1: always)",
+            list(train.num_workers),
+        )
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"plan": plan},
+        # A (min, max) tuple makes Ray Train's group elastic (docs/training.md, "Elastic worker groups").
         scaling_config=ray.train.ScalingConfig(
             num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources
         ),

@@ -267,6 +267,19 @@ class LocalRayCluster:
             f"the job server at {self.dashboard_url} did not answer in {timeout}s; logs: {self.logs_dir}"
         )
 
+    def raylet_pid(self, index: int) -> int:
+        """The PID of node `index`'s raylet (a process of this cluster whose command line names
+        that node's temp dir), to take the node away in a test: SIGKILL it and its workers go too."""
+        node = str(self.node_dir(index))
+        for pid in self.owned_pids():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"/raylet") and any(node.encode() + b"/" in a for a in argv):
+                return pid
+        raise RayClusterError(f"no raylet of node {index} ({node}) is running")
+
     # --- stopping exactly what we started ---------------------------------------------------
 
     def owned_pids(self) -> list[int]:

@@ -1,5 +1,6 @@
 """Helpers for tests that run `run_training` end to end: the run's metrics rows, its final weights,
-whether a checkpoint exists, and a thread that SIGKILLs one Ray Train worker of the run."""
+whether a checkpoint exists, a thread that SIGKILLs one Ray Train worker of the run, and the
+per-sample log (`CLIPRAY_TEST_SAMPLE_LOG`) of the steps each attempt trained."""
 
 from __future__ import annotations
 
@@ -61,3 +62,13 @@ class WorkerKiller:
 
 def local_checkpoint(run_dir: Path):
     return lambda step: (run_dir / f"checkpoint_{step:09d}" / "trainer_state.json").exists()
+
+
+def trained_samples(log_dir: Path) -> list[dict]:
+    """The per-sample log's records of the attempt that last trained each step (a killed attempt's
+    steps after its checkpoint are trained again by the next one)."""
+    records = [json.loads(line) for f in sorted(log_dir.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    latest: dict[int, float] = {}
+    for r in records:
+        latest[r["step"]] = max(latest.get(r["step"], 0.0), r["started"])
+    return [r for r in records if r["started"] == latest[r["step"]]]

@@ -30,8 +30,10 @@ class TrialDemand:
 
 
 def trial_demand(train: TrainConfig, trial_cpus: float, data_cpus_per_worker: float) -> TrialDemand:
-    """Resources of one trial: the trial function, `num_workers` Train workers, their data tasks."""
-    workers = train.num_workers
+    """Resources of one trial: the trial function, `num_workers` Train workers, their data tasks.
+    An elastic trial (`[min, max]`) is counted at `max`, so the trials run at once can all reach
+    their full size; a lost node shrinks them."""
+    workers = train.max_workers
     cpus = trial_cpus + workers * (train.cpus_per_worker + data_cpus_per_worker)
     gpus = float(workers) if train.use_gpu else 0.0
     return TrialDemand(cpus=cpus, gpus=gpus)
@@ -97,7 +99,7 @@ def plan_trials(
     the actors its share of the CPUs pays for (1 to 8 per worker).
     """
     fixed = train.num_preprocess_actors
-    workers = train.num_workers
+    workers = train.max_workers
     demand = trial_demand(train, trial_cpus, (fixed or 1) * train.preprocess_cpus)
     concurrent, why = max_concurrent_trials(cluster, demand, num_trials, requested)
     if fixed is not None:
