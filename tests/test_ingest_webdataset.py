@@ -80,7 +80,7 @@ def test_tar_counts_without_metadata_are_counted_once_and_cached(tmp_path, monke
     def no_second_count(*args, **kwargs):
         raise AssertionError("counted again despite the cache")
 
-    monkeypatch.setattr("training.ingest.webdataset.count_samples", no_second_count)
+    monkeypatch.setattr("training.ingest.webdataset.index_samples", no_second_count)
     assert [s.rows for s in list_shards([str(tmp_path / "wds")], count_cache=str(cache))[1]] == written
     (tmp_path / "wds" / "bad.tar").write_bytes(b"PAR1 not a tar at all" * 40)
     monkeypatch.undo()
