@@ -14,7 +14,7 @@ Pieces: a tar is read in pieces of `TAR_PIECE_SAMPLES` samples (the plan's "row 
 the first batch comes after one piece, not one tar. A piece after the first starts at its first
 sample's offset: the reader reads the piece's byte range (one seek or one range request) and never
 the samples before it. Where the offsets cost nothing extra the tar is pieced: a local tar (its
-headers walked once, seeking past the data: ~0.2 ms per 100 samples) or a remote one counted here
+headers walked once, seeking past the data) or a remote one counted here
 (the count's walk records them); a remote tar with a metadata count is one piece (indexing it would
 cost a range request per member or a read of the whole tar). The pieces are a pure function of the
 count and the filesystem, never of what the cache holds, so the per-pass order and the data
@@ -43,7 +43,11 @@ from storage.webdataset import index_samples, metadata_counts, read_samples
 
 log = logging.getLogger(__name__)
 
-TAR_PIECE_SAMPLES = 128  # samples per read piece of a tar (benchmarks/RESULTS.md, "tar pieces")
+# Samples per read piece of a tar. Reading a tar costs the same in pieces of 32 to 512 samples (a
+# seek and a read each), so the size is set by the rest: a shuffle window (`train.shuffle_rows`)
+# overshoots by less than a piece, a piece's images are what one actor holds, and on S3 a piece is
+# one range request of 128 x 30-100 kB; 128 = the row groups of benchmarks/ingest.py's Parquet.
+TAR_PIECE_SAMPLES = 128
 
 
 def default_count_cache() -> str:
