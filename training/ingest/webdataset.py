@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 # overshoots by less than a piece, a piece's images are what one actor holds, and on S3 a piece is
 # one range request of 128 x 30-100 kB; 128 = the row groups of benchmarks/ingest.py's Parquet.
 TAR_PIECE_SAMPLES = 128
+# Read buffer of a tar stream: pyarrow's S3 stream sends a range request per read() unbuffered,
+# and the walker reads each 512-byte header on its own.
+STREAM_BUFFER = 1 << 20
 
 
 def default_count_cache() -> str:
@@ -113,7 +116,9 @@ class TarIndex:
         if found is not None:
             return found
         info = self.fs.get_file_info(path)
-        opened = self.fs.open_input_file(path) if self.local else self.fs.open_input_stream(path)
+        opened = (
+            self.fs.open_input_file(path) if self.local else self.fs.open_input_stream(path, buffer_size=STREAM_BUFFER)
+        )
         with opened as fh:
             try:
                 offsets = index_samples(fh, path, seekable=self.local)
@@ -174,7 +179,7 @@ class TarPieceReader:
         problems: list = []
         truncated = None
         if first == 0:  # from the start: no offsets needed (a one-piece tar is never indexed)
-            stream = self.fs.open_input_stream(path)
+            stream = self.fs.open_input_stream(path, buffer_size=STREAM_BUFFER)
         else:
             offsets = self._offsets_of(path)
             stream = None
