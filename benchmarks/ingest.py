@@ -12,7 +12,8 @@ to 224, tokenize):
               actor per core, exact batches of --batch handed to the consumer
   wds-loader  open_clip's loader on the tars: a `webdataset` DataPipeline (shard list, split by
               worker, tarfile_to_samples, to_tuple, the same Preprocess) in a torch DataLoader
-  ray-wds     clipray's training stream on the tars
+  ray-wds     clipray's training stream on the tars, each read in pieces of 128 samples (their
+              offsets indexed by the preprocessing actors and cached), like the Parquet row groups
 
 Reports images/s per core and the ratios (ray / dataloader, target >= 1.0; ray / (0.8 x ceiling x
 cores), target >= 1.0; ray-wds / ray and ray-wds / wds-loader, targets >= 1.0), both steady (from the first batch on: what a long training run sees) and

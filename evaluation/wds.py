@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import posixpath
 import re
-import tarfile
 from dataclasses import dataclass
 from typing import IO, Iterator, Optional
 
@@ -35,6 +34,7 @@ import pyarrow as pa
 
 from evaluation.chunks import EvalDataset, ImageChunk
 from storage import StorageConfig, open_file
+from storage.tar_members import walk_members
 from storage.webdataset import split_member
 
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")  # CLIP_benchmark's preference order
@@ -118,27 +118,39 @@ def _read_lines(fs, path: str) -> Optional[list[str]]:
 
 
 def iter_samples(fileobj: IO[bytes], read_exts: Optional[set[str]] = None, skip: int = 0) -> Iterator[tuple[str, dict]]:
-    """(key, {extension: bytes or None}) per sample of a tar, in member order.
+    """(key, {extension: bytes or None}) per sample of a tar, in member order (a member starts a new
+    sample when its key changes or its extension repeats: webdataset's rule).
 
     read_exts: the extensions whose bytes are read (None: all); the others map to None (their
     presence is known, their bytes are skipped: the tar is read by seeking past them). The first
     `skip` samples are read without any bytes. Members whose name has no extension, and non-file
-    members, are ignored, as webdataset does.
+    members, are ignored, as webdataset does. `fileobj` must be seekable.
     """
-    key, sample, index = None, {}, -1
-    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            name, ext = split_member(member.name)  # webdataset's key/extension rule, one place
-            if name is None:
-                continue
-            if name != key or ext in sample:
-                if key is not None:
-                    yield key, sample
-                key, sample, index = name, {}, index + 1
-            wanted = index >= skip and (read_exts is None or ext in read_exts)
-            sample[ext] = tar.extractfile(member).read() if wanted else None
+    state = {"key": None, "exts": set(), "index": -1}
+    starts: list[bool] = []  # per member `want` was asked about: does it start a sample
+
+    def want(member: str) -> bool:  # asked once per member, in order, before it is yielded
+        name, ext = split_member(member)  # webdataset's key/extension rule, one place
+        if name is None:
+            starts.append(False)
+            return False
+        new = name != state["key"] or ext in state["exts"]
+        if new:
+            state["key"], state["exts"], state["index"] = name, set(), state["index"] + 1
+        state["exts"].add(ext)
+        starts.append(new)
+        return state["index"] >= skip and (read_exts is None or ext in read_exts)
+
+    key, sample = None, {}
+    for i, (_, member, data) in enumerate(walk_members(fileobj, want, seekable=True)):
+        name, ext = split_member(member)
+        if name is None:
+            continue
+        if starts[i]:
+            if key is not None:
+                yield key, sample
+            key, sample = name, {}
+        sample[ext] = data
     if key is not None:
         yield key, sample
 

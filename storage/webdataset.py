@@ -11,6 +11,9 @@ number of samples in the tar; open_clip reads a folder's `sizes.json` (`{tar fil
 - `expand_braces`: `shards/{00000..00099}.tar` -> the 100 names (webdataset's brace notation).
 - `split_member`: member name -> (key, extension).
 - `read_samples`: a tar stream -> `Sample`s, a truncated tar ending the stream with `truncated` set.
+- `index_samples`: a tar -> the byte offset of each sample (its headers only; the data is seeked past
+  in a seekable file), for reading a run of samples from its first one on (`read_samples` on the
+  bytes from that offset).
 - `metadata_counts`: sample counts from `_stats.json` / `sizes.json` where img2dataset wrote them.
 - `TarShardWriter`: samples -> a tar in img2dataset's layout (reproducible: fixed mtime and owner).
 """
@@ -24,7 +27,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator, Optional
 
-from storage.tar_members import TarFormatError, iter_members
+from storage.tar_members import TarFormatError, walk_members
 
 TAR_SUFFIX = ".tar"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # open_clip's "jpg;png;jpeg;webp", first found wins
@@ -92,13 +95,14 @@ class Sample:
     caption: Optional[str] = None
     metadata: Optional[bytes] = None
     members: dict = field(default_factory=dict)  # extension -> bytes, everything the sample holds
+    offset: int = 0  # byte position of its first member's header, from where reading began
 
     def finish(self) -> "Sample":
         for ext in IMAGE_EXTENSIONS:
             if ext in self.members:
                 self.image, self.image_ext = self.members[ext], ext
                 break
-        if CAPTION_EXTENSION in self.members:
+        if self.members.get(CAPTION_EXTENSION) is not None:
             self.caption = self.members[CAPTION_EXTENSION].decode("utf-8", errors="replace")
         self.metadata = self.members.get(METADATA_EXTENSION)
         return self
@@ -109,17 +113,20 @@ class SampleReader:
     stream works). A tar that ends early (cut off, or a damaged header) ends the iteration after the
     last complete sample; `truncated` then holds the reason, and a member cut off mid-data is dropped
     (its sample keeps the members read before it). A key that comes back after other keys is an
-    error in the format (ValueError naming the shard)."""
+    error in the format (ValueError naming the shard). With `read=False` only the headers are read
+    (each sample's members map to None; the data is seeked past where `seekable`): an index."""
 
-    def __init__(self, fileobj: BinaryIO, name: str = "<tar>"):
+    def __init__(self, fileobj: BinaryIO, name: str = "<tar>", *, read: bool = True, seekable: bool = False):
         self.fileobj, self.name = fileobj, name
+        self.read, self.seekable = read, seekable
         self.truncated: Optional[str] = None
 
     def __iter__(self) -> Iterator[Sample]:
         current: Optional[Sample] = None
         seen: set = set()
+        want = None if self.read else _nothing
         try:
-            for member, data in iter_members(self.fileobj):
+            for offset, member, data in walk_members(self.fileobj, want, seekable=self.seekable):
                 key, ext = split_member(member)
                 if key is None:
                     continue
@@ -132,7 +139,7 @@ class SampleReader:
                             f"{self.name}: the members of sample {key!r} are not adjacent; WebDataset shards keep "
                             "each sample's files together (re-create the tar sorted by name)"
                         )
-                    current = Sample(key)
+                    current = Sample(key, offset=offset)
                 current.members[ext] = data
         except (TarFormatError, EOFError, OSError) as exc:
             self.truncated = f"{type(exc).__name__}: {exc}"
@@ -140,27 +147,25 @@ class SampleReader:
             yield current.finish()
 
 
+def _nothing(name: str) -> bool:
+    return False
+
+
 def read_samples(fileobj: BinaryIO, name: str = "<tar>") -> SampleReader:
     return SampleReader(fileobj, name)
 
 
-def count_samples(fileobj: BinaryIO, name: str = "<tar>", *, seekable: bool = True) -> int:
-    """Samples in a tar, from its member headers (a seekable file skips the members' data). A tar
-    cut off counts the samples before the cut (the reader flags the shard). Raises ValueError when
-    the file is not a tar at all."""
-    keys, last = 0, None
-    try:
-        tar = tarfile.open(fileobj=fileobj, mode="r:" if seekable else "r|")
-    except tarfile.ReadError as exc:
-        raise ValueError(f"{name} is not a tar file ({exc})") from None
-    try:
-        for info in tar:
-            key, _ = split_member(info.name) if info.isreg() else (None, None)
-            if key is not None and key != last:
-                keys, last = keys + 1, key
-    except (tarfile.ReadError, EOFError, OSError):
-        pass
-    return keys
+def index_samples(fileobj: BinaryIO, name: str = "<tar>", *, seekable: bool = True) -> list[int]:
+    """The byte offset of each sample of a tar (of its first member's header), from its member
+    headers alone (a seekable file skips the members' data). A tar cut off lists the samples whose
+    first header is before the cut (the reader flags the shard). Raises ValueError when the file is
+    not a tar at all, or when a sample's members are not adjacent."""
+    reader = SampleReader(fileobj, name, read=False, seekable=seekable)
+    offsets = [sample.offset for sample in reader]
+    if not offsets and reader.truncated is not None:
+        detail = reader.truncated.split(": ", 1)[-1]
+        raise ValueError(f"{name} is not a tar file" + ("" if detail == "not a tar file" else f" ({detail})"))
+    return offsets
 
 
 def metadata_counts(read_text, tar_paths: list[str]) -> dict[str, int]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -28,15 +29,18 @@ from training.ingest import (
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-ROWS = 48  # rows per shard
+ROWS = 48  # rows per shard (< TAR_PIECE_SAMPLES: a tar is one piece)
+PIECE = 16  # samples per tar piece where a test sets it (monkeypatch): three pieces per tar
 
 
 @pytest.fixture(scope="module")
 def twins(tmp_path_factory):
-    """The same rows as Parquet (one row group per shard, as a tar is one piece) and as tars."""
+    """The same rows as Parquet (one row group per shard, as a tar of ROWS is one piece; and
+    row groups of PIECE rows, as tar pieces of PIECE samples) and as tars."""
     root = tmp_path_factory.mktemp("twins")
     bad = {"train-00007"}
     write_shards(root / "parquet", copies=1, rows_per_shard=ROWS, side=32, corrupt_keys=bad, row_group_size=ROWS)
+    write_shards(root / "pieces", copies=1, rows_per_shard=ROWS, side=32, corrupt_keys=bad, row_group_size=PIECE)
     write_webdataset_shards(root / "wds", copies=1, rows_per_shard=ROWS, side=32, corrupt_keys=bad)
     return root
 
@@ -80,7 +84,7 @@ def test_tar_counts_without_metadata_are_counted_once_and_cached(tmp_path, monke
     def no_second_count(*args, **kwargs):
         raise AssertionError("counted again despite the cache")
 
-    monkeypatch.setattr("training.ingest.webdataset.count_samples", no_second_count)
+    monkeypatch.setattr("training.ingest.webdataset.index_samples", no_second_count)
     assert [s.rows for s in list_shards([str(tmp_path / "wds")], count_cache=str(cache))[1]] == written
     (tmp_path / "wds" / "bad.tar").write_bytes(b"PAR1 not a tar at all" * 40)
     monkeypatch.undo()
@@ -119,15 +123,80 @@ def test_webdataset_gives_the_same_rows_in_the_same_order_as_the_parquet_twin(tw
     np.testing.assert_array_equal(rest["image"], whole["image"][37:])
 
 
+def _pieces(monkeypatch, samples=PIECE):
+    monkeypatch.setattr("training.ingest.webdataset.TAR_PIECE_SAMPLES", samples)
+
+
+def test_tar_pieces_are_read_from_their_offsets_in_the_order_of_parquet_row_groups_of_that_size(
+    twins, tmp_path, monkeypatch
+):
+    _pieces(monkeypatch)
+    cache = tmp_path / "cache"
+    _, pq_shards = list_shards([str(twins / "pieces")])
+    _, tar_shards = list_shards([str(twins / "wds")], count_cache=str(cache))
+    assert [s.groups for s in tar_shards] == [p.groups for p in pq_shards] and tar_shards[0].groups == (16, 16, 16)
+    assert not cache.exists()  # counts from _stats.json: the offsets are walked by the reader, once
+    settings = PreprocessSettings(image_size=16, context_length=8, seed=5)
+    reader = ShardReader(settings, rows_per_batch=20, count_cache=str(cache))
+    for pass_index in (0, 1):
+        for worker in (0, 1):
+            units = [
+                PassPlanner(shards, seed=5, shuffle_rows=40, num_workers=2).units(pass_index, worker)
+                for shards in (pq_shards, tar_shards)
+            ]
+            parquet, tar = _read(reader, units[0]), _read(reader, units[1])
+            assert parquet["key"].tolist() == tar["key"].tolist()
+            for name in ("image", "tokens", "status", "row"):
+                np.testing.assert_array_equal(parquet[name], tar[name], err_msg=name)
+    # The cache entry: the count and each sample's offset (its first member's header), as tarfile sees them.
+    entries = [json.loads(p.read_text()) for p in cache.glob("*.json")]
+    assert sorted(e["uri"] for e in entries) == sorted(s.path for s in tar_shards if s.row_groups)  # one piece: no walk
+    with tarfile.open(tar_shards[0].path) as tar:
+        firsts = [i.offset for i in tar if i.name.endswith(".jpg")]  # TarWriter: jpg, json, txt per sample
+    entry = next(e for e in entries if e["uri"] == tar_shards[0].path)
+    assert entry["samples"] == ROWS and entry["offsets"] == firsts
+
+    def no_walk(*args, **kwargs):
+        raise AssertionError("walked the headers again despite the cache")
+
+    monkeypatch.setattr("training.ingest.webdataset.index_samples", no_walk)
+    fresh = ShardReader(settings, rows_per_batch=20, count_cache=str(cache))
+    units = pass_units(tar_shards[2:3], 0)
+    assert [u["pieces"] for u in units] == [f'[["{tar_shards[2].path}", {g}, 16]]' for g in range(3)]
+    assert _read(fresh, units[1:])["key"].tolist() == _read(reader, units)["key"].tolist()[16:]
+
+
+def test_a_changed_tar_is_indexed_anew(tmp_path, monkeypatch):
+    _pieces(monkeypatch)
+    cache = str(tmp_path / "cache")
+    path = write_webdataset_shards(tmp_path / "wds", copies=1, rows_per_shard=40, side=16, stats=False)[0]
+    _, shards = list_shards([str(path)], count_cache=cache)
+    assert shards[0].row_groups == (16, 16, 8)
+    with tarfile.open(path) as tar:
+        old = tar.getmembers()[: 3 * 20]  # the first 20 samples
+        blobs = [tar.extractfile(m).read() for m in old]
+    with tarfile.open(path, "w") as tar:  # rewritten: 20 samples, the first 2 gone
+        for member, blob in list(zip(old, blobs))[6:]:
+            _member(tar, member.name, blob)
+    os.utime(path, ns=(1, 2_000_000_000))
+    _, shards = list_shards([str(path)], count_cache=cache)
+    assert shards[0].rows == 18 and shards[0].row_groups == (16, 2)
+    reader = ShardReader(PreprocessSettings(image_size=8, context_length=8), count_cache=cache)
+    keys = _read(reader, pass_units(shards, 0))["key"].tolist()
+    assert keys == [m.name.split(".")[0] for m in old[6::3]]
+
+
 def _member(tar, name, data):
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
 
 
-def test_corrupt_members_keep_their_place_and_are_counted_with_a_reason(twins, tmp_path):
+@pytest.mark.parametrize("piece", [128, 4], ids=["one-piece", "pieces-of-4"])
+def test_corrupt_members_keep_their_place_and_are_counted_with_a_reason(twins, tmp_path, monkeypatch, piece):
     from training.ingest import REJECT_REASONS, Rebatcher
 
+    _pieces(monkeypatch, piece)
     good = (twins / "parquet").glob("*.parquet")  # any real JPEG will do
     import pyarrow.parquet as pq
 
@@ -152,8 +221,9 @@ def test_corrupt_members_keep_their_place_and_are_counted_with_a_reason(twins, t
     (folder / "00000.tar").write_bytes(data[:cut])
     (folder / "00000_stats.json").write_text(json.dumps({"successes": 7}))  # the writer's count: 7
     _, shards = list_shards([str(folder)], count_cache=str(tmp_path / "cache"))
-    assert shards[0].rows == 7
-    reader = ShardReader(PreprocessSettings(image_size=16, context_length=8), rows_per_batch=4)
+    assert shards[0].rows == 7 and shards[0].row_groups == ((4, 3) if piece == 4 else ())
+    settings = PreprocessSettings(image_size=16, context_length=8)
+    reader = ShardReader(settings, rows_per_batch=4, count_cache=str(tmp_path / "cache"))
     out = _read(reader, pass_units(shards, 0))
     assert out["key"].tolist()[:5] == ["a", "b", "c", "d", "e"] and len(out["key"]) == 7
     reasons = [REJECT_REASONS[s] for s in out["status"]]
@@ -205,10 +275,11 @@ def test_webdataset_stream_follows_the_parquet_order_and_resumes_at_the_same_pos
 
 
 @pytest.mark.slow
-def test_tar_shards_on_s3_are_listed_by_brace_range_and_read_like_local_ones(twins, tmp_path):
+def test_tar_shards_on_s3_are_listed_by_brace_range_and_read_like_local_ones(twins, tmp_path, monkeypatch):
     from storage import StorageConfig
     from tests.support.s3_server import S3TestServer
 
+    _pieces(monkeypatch)
     with S3TestServer() as s3:
         s3.create_bucket("data")
         fs = s3.filesystem()
@@ -223,9 +294,12 @@ def test_tar_shards_on_s3_are_listed_by_brace_range_and_read_like_local_ones(twi
         _, local = list_shards([str(twins / "wds" / "{00000..00002}.tar")], count_cache=cache)
         shards = sorted(shards, key=lambda s: s.path.rsplit("/", 1)[1])  # nostats/00002.tar sorts first
         assert [s.rows for s in shards] == [s.rows for s in local]
-        reader = ShardReader(PreprocessSettings(image_size=8, context_length=8), s3_fs, rows_per_batch=64)
-        local_reader = ShardReader(PreprocessSettings(image_size=8, context_length=8), rows_per_batch=64)
-        remote = _read(reader, pass_units(shards, 0, window_rows=60, seed=1))
-        here = _read(local_reader, pass_units(local, 0, window_rows=60, seed=1))
+        # Remote: a tar counted here is pieced (the count's walk gave the offsets); one with
+        # _stats.json is one piece (its offsets would cost a request per member).
+        assert [s.row_groups for s in shards] == [(), (), (16, 16, 16)]
+        reader = ShardReader(PreprocessSettings(image_size=8, context_length=8), s3_fs, count_cache=cache)
+        local_reader = ShardReader(PreprocessSettings(image_size=8, context_length=8), count_cache=cache)
+        remote = _read(reader, pass_units(shards, 0))  # file order: the pieces differ, the rows do not
+        here = _read(local_reader, pass_units(local, 0))
         assert remote["key"].tolist() == here["key"].tolist()
         np.testing.assert_array_equal(remote["image"], here["image"])

@@ -10,7 +10,7 @@ import tarfile
 
 import pytest
 
-from storage.tar_members import TarFormatError, iter_members
+from storage.tar_members import TarFormatError, iter_members, walk_members
 
 
 def _tar(fmt: int, names: list[str]) -> bytes:
@@ -90,3 +90,40 @@ def test_damage_is_reported_after_the_members_before_it():
         list(iter_members(io.BytesIO(raw[:300])))
     with pytest.raises(TarFormatError, match="inside a member header"):
         list(iter_members(io.BytesIO(raw[: third + 300])))
+
+
+class _Stream:
+    """A stream that can only be read (no seek, no tell): a remote tar."""
+
+    def __init__(self, data: bytes):
+        self.read = io.BytesIO(data).read
+
+
+@pytest.mark.parametrize("fmt", list(NAMES), ids=["ustar", "gnu", "pax"])
+def test_walk_gives_tarfile_s_member_offsets_and_skips_unwanted_data_seeking_or_reading(fmt):
+    raw = _tar(fmt, NAMES[fmt])
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        expected = [(info.offset, info.name) for info in tar if info.isreg()]
+    data = dict(_tarfile_members(raw))
+
+    def want(name):
+        return name.endswith(".txt")
+
+    seeking = list(walk_members(io.BytesIO(raw), want, seekable=True))
+    assert [(offset, name) for offset, name, _ in seeking] == expected
+    assert [d for _, _, d in seeking] == [data[n] if n.endswith(".txt") else None for _, n in expected]
+    assert list(walk_members(_Stream(raw), want)) == seeking
+    # From a member's offset on, the rest of the tar reads alone (offsets relative to the start).
+    offset, name, _ = seeking[2]
+    assert [(o + offset, n) for o, n, _ in walk_members(io.BytesIO(raw[offset:]))] == expected[2:]
+
+
+def test_a_member_cut_off_in_its_skipped_data_is_yielded_then_reported():
+    raw = _tar(tarfile.USTAR_FORMAT, ["000.jpg", "000.txt", "001.jpg", "001.txt"])
+    third = raw.index(b"001.jpg")
+    for stream, seekable in ((io.BytesIO(raw[: third + 512 + 100]), True), (_Stream(raw[: third + 512 + 100]), False)):
+        got = []
+        with pytest.raises(TarFormatError, match="ends inside member 001.jpg"):
+            for _, name, data in walk_members(stream, lambda name: False, seekable=seekable):
+                got.append((name, data))
+        assert got == [("000.jpg", None), ("000.txt", None), ("001.jpg", None)]

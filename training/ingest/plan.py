@@ -1,7 +1,8 @@
 """The shards of `train.data` (pure, no Ray): `list_shards` finds the shard files (Parquet, or
-WebDataset tars: a tar is one row group of its sample count, `training.ingest.webdataset`) and reads
-their footers (rows, row groups); `plan_fingerprint` identifies them for a data position. How a pass
-over them is ordered and dealt to the workers is `passes.py`.
+WebDataset tars: a tar's "row groups" are its read pieces of `TAR_PIECE_SAMPLES` samples,
+`training.ingest.webdataset`) and reads their footers (rows, row groups); `plan_fingerprint`
+identifies them for a data position. How a pass over them is ordered and dealt to the workers is
+`passes.py`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def list_shards(
     """Find the shards under `locations` (folders, files, globs or `{000..099}` brace ranges; local
     or remote URIs) and read their footers: Parquet files, or WebDataset `.tar` shards (a folder
     with tars is read as WebDataset: img2dataset's `.parquet` files beside them are metadata).
-    Tar sample counts are cached under `count_cache` (default `default_count_cache()`).
+    Tar sample counts and offsets are cached under `count_cache` (default `default_count_cache()`).
 
     Returns (pyarrow filesystem, non-empty shards sorted by path). Raises FileNotFoundError for a
     missing location and ValueError naming the location without shards or the shard without a column.
@@ -96,7 +97,8 @@ def list_shards(
 
     def footer(path: str) -> Shard:
         if is_tar(path):
-            return Shard(path, counts[path])
+            samples, pieces = counts[path]
+            return Shard(path, samples, pieces)
         try:
             meta = pq.read_metadata(path, filesystem=fs)
         except Exception as exc:  # noqa: BLE001 - re-raised with the file named

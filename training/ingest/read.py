@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
 from storage.webdataset import is_tar
 from training.ingest.preprocess import REJECT_REASONS, REQUIRED_COLUMNS, Preprocess, PreprocessSettings
-from training.ingest.webdataset import tar_rows
+from training.ingest.webdataset import TarPieceReader
 
 _COLUMN_TYPES = {"key": "string", "caption": "string", "jpg": "binary"}
 
@@ -17,19 +17,26 @@ _COLUMN_TYPES = {"key": "string", "caption": "string", "jpg": "binary"}
 class ShardReader:
     """The map_batches UDF: read units -> preprocessed rows, in stream order.
 
-    Reads a unit's row groups with pyarrow (only the needed columns; a WebDataset tar is one row
-    group, its samples read by `tar_rows`, whose problem codes become the rows' status), puts them in the unit's
-    order (for training windows a permutation seeded with (seed, pass, `perm`)), drops `skip` rows
-    before decoding, keeps `take`, runs `Preprocess` on batches of `rows_per_batch` and adds `pass`
-    and `row` (each row's index in its worker's pass stream, from the unit's `row`) for the data
-    position.
+    Reads a unit's row groups with pyarrow (only the needed columns; a WebDataset tar's row groups
+    are its pieces, read by `TarPieceReader` with the offsets cached under `count_cache`, whose
+    problem codes become the rows' status), puts them in the unit's order (for training windows a
+    permutation seeded with (seed, pass, `perm`)), drops `skip` rows before decoding, keeps `take`,
+    runs `Preprocess` on batches of `rows_per_batch` and adds `pass` and `row` (each row's index in
+    its worker's pass stream, from the unit's `row`) for the data position.
     """
 
-    def __init__(self, settings: PreprocessSettings, filesystem: Any = None, rows_per_batch: int = 64):
+    def __init__(
+        self,
+        settings: PreprocessSettings,
+        filesystem: Any = None,
+        rows_per_batch: int = 64,
+        count_cache: Optional[str] = None,
+    ):
         self.preprocess = Preprocess(settings)
         self.filesystem = filesystem
         self.rows_per_batch = rows_per_batch
         self._files: OrderedDict = OrderedDict()
+        self._tars = TarPieceReader(filesystem, count_cache)
 
     def _file(self, path: str):
         import pyarrow.parquet as pq
@@ -52,7 +59,7 @@ class ShardReader:
         tables, problems = [], []
         for path, group, rows in pieces:
             if is_tar(path):
-                columns = tar_rows(self.filesystem, path, int(rows))
+                columns = self._tars.rows(path, int(group), int(rows))
                 problems.extend(columns.pop("problem"))
                 tables.append(
                     pa.table({name: pa.array(columns[name], _COLUMN_TYPES[name]) for name in REQUIRED_COLUMNS})

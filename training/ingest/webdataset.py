@@ -1,36 +1,75 @@
-"""WebDataset tar shards in the training ingest: their sample counts (for the plan) and their rows
-(for the reader). The format's rules (keys, extensions, braces) are `storage.webdataset`'s.
+"""WebDataset tar shards in the training ingest: their sample counts and read pieces (for the plan)
+and their rows (for the reader). The format's rules (keys, extensions, braces) are
+`storage.webdataset`'s.
 
 Counts: img2dataset's `{n}_stats.json` or open_clip's `sizes.json` where present; otherwise the
-tar's member headers are read once and the count is cached as
-`{cache}/{blake2(uri, size, mtime)}.json` (`default_count_cache()`: `$XDG_CACHE_HOME/clipray/
-webdataset-counts`, else `~/.cache/...`), so a rerun, a resume or a sweep's trials do not read
-the shards again; a changed shard (size or mtime) is counted anew.
+tar's member headers are read once. What a header walk learns is cached as
+`{cache}/{blake2(filesystem, uri, size, mtime)}.json` = {"uri", "size", "mtime_ns", "samples",
+"offsets"} (`offsets[i]`: the byte position of sample i's first member header; `default_count_cache()`:
+`$XDG_CACHE_HOME/clipray/webdataset-counts`, else `~/.cache/...`), so a rerun, a resume or a
+sweep's trials do not read the shards again; a changed shard (size or mtime) gets a new entry.
 
-Rows: a tar is one read piece (one "row group" of the plan): its samples are read in order and the
-first `rows` kept. A sample without an image or a caption keeps its place with a problem code, and
-a shard that ends before its count is padded with `truncated` rows, so the row indices of the stream
-(the data position) are the plan's whatever the shard holds; the Rebatcher drops and counts them.
+Pieces: a tar is read in pieces of `TAR_PIECE_SAMPLES` samples (the plan's "row groups",
+`tar_pieces`), like a Parquet file's row groups, so the preprocessing actors share a tar's work and
+the first batch comes after one piece, not one tar. A piece after the first starts at its first
+sample's offset: the reader reads the piece's byte range (one seek or one range request) and never
+the samples before it. Where the offsets cost nothing extra the tar is pieced: a local tar (its
+headers walked once, seeking past the data) or a remote one counted here
+(the count's walk records them); a remote tar with a metadata count is one piece (indexing it would
+cost a range request per member or a read of the whole tar). The pieces are a pure function of the
+count and the filesystem, never of what the cache holds, so the per-pass order and the data
+position do not depend on it; the same rows as Parquet shards with row groups of
+`TAR_PIECE_SAMPLES` rows give the same order.
+
+Rows: a piece's samples are read in order. A sample without an image or a caption keeps its place
+with a problem code, and a shard that ends before its count is padded with `truncated` rows, so the
+row indices of the stream (the data position) are the plan's whatever the shard holds; the
+Rebatcher drops and counts them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from storage.webdataset import count_samples, metadata_counts, read_samples
+from storage.webdataset import index_samples, metadata_counts, read_samples
 
 log = logging.getLogger(__name__)
+
+# Samples per read piece of a tar. Reading a tar costs the same in pieces of 32 to 512 samples (a
+# seek and a read each), so the size is set by the rest: a shuffle window (`train.shuffle_rows`)
+# overshoots by less than a piece, a piece's images are what one actor holds, and on S3 a piece is
+# one range request of 128 x 30-100 kB; 128 = the row groups of benchmarks/ingest.py's Parquet.
+TAR_PIECE_SAMPLES = 128
+# Read buffer of a tar stream: pyarrow's S3 stream sends a range request per read() unbuffered,
+# and the walker reads each 512-byte header on its own.
+STREAM_BUFFER = 1 << 20
 
 
 def default_count_cache() -> str:
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(root, "clipray", "webdataset-counts")
+
+
+def tar_pieces(samples: int, pieced: bool) -> tuple[int, ...]:
+    """Samples per read piece of a tar of `samples` (the Shard's row_groups); () = one piece."""
+    if not pieced or samples <= TAR_PIECE_SAMPLES:
+        return ()
+    full, rest = divmod(samples, TAR_PIECE_SAMPLES)
+    return (TAR_PIECE_SAMPLES,) * full + ((rest,) if rest else ())
+
+
+def _is_local(fs: Any) -> bool:
+    import pyarrow.fs as pafs
+
+    return fs is None or isinstance(fs, pafs.LocalFileSystem)
 
 
 def _read_text(fs: Any, path: str) -> Optional[str]:
@@ -42,71 +81,140 @@ def _read_text(fs: Any, path: str) -> Optional[str]:
         return fh.read().decode("utf-8", errors="replace")
 
 
-def _open(fs: Any, path: str, seekable: bool):
-    return fs.open_input_file(path) if seekable else fs.open_input_stream(path)
+class TarIndex:
+    """Sample offsets of tars: from the cache entry, else one header walk (written to the cache)."""
+
+    def __init__(self, fs: Any, cache: Optional[str], what: str = "train.data"):
+        import pyarrow.fs as pafs
+
+        self.fs = fs if fs is not None else pafs.LocalFileSystem()
+        self.cache, self.what = cache, what
+        self.local = _is_local(fs)
+
+    def _entry(self, path: str, info: Any) -> Optional[Path]:
+        if not self.cache:
+            return None
+        stamp = f"{self.fs.type_name}\0{path}\0{info.size}\0{info.mtime_ns}"
+        return Path(self.cache, hashlib.blake2b(stamp.encode(), digest_size=16).hexdigest() + ".json")
+
+    def cached(self, path: str) -> Optional[list[int]]:
+        entry = self._entry(path, self.fs.get_file_info(path))
+        if entry is None or not entry.is_file():
+            return None
+        try:
+            record = json.loads(entry.read_text())
+            offsets = [int(o) for o in record["offsets"]]
+            if len(offsets) != int(record["samples"]):
+                return None
+            return offsets
+        except (ValueError, KeyError, TypeError, OSError):
+            return None  # a damaged or older entry (counts without offsets): walk again
+
+    def offsets(self, path: str) -> list[int]:
+        """The byte offset of each sample of tar `path` (cached; else its headers walked once)."""
+        found = self.cached(path)
+        if found is not None:
+            return found
+        info = self.fs.get_file_info(path)
+        opened = (
+            self.fs.open_input_file(path) if self.local else self.fs.open_input_stream(path, buffer_size=STREAM_BUFFER)
+        )
+        with opened as fh:
+            try:
+                offsets = index_samples(fh, path, seekable=self.local)
+            except ValueError as exc:
+                raise ValueError(f"{self.what}: {exc}") from None
+        entry = self._entry(path, info)
+        if entry is not None:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = entry.with_suffix(f".{os.getpid()}.tmp")
+            record = {"uri": path, "size": info.size, "mtime_ns": info.mtime_ns}
+            tmp.write_text(json.dumps({**record, "samples": len(offsets), "offsets": offsets}))
+            os.replace(tmp, entry)
+        return offsets
 
 
 def tar_counts(
     fs: Any, paths: Sequence[str], *, cache: Optional[str], what: str = "train.data", threads: int = 16
-) -> dict[str, int]:
-    """{tar path: samples} for `paths` on pyarrow filesystem `fs` (see the module doc). Raises
-    ValueError naming a path that is not a tar at all."""
-    import pyarrow.fs as pafs
-
+) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """{tar path: (samples, samples per read piece)} for `paths` on pyarrow filesystem `fs` (see
+    the module doc). Raises ValueError naming a path that is not a tar at all."""
     known = metadata_counts(lambda p: _read_text(fs, p), list(paths))
+    index = TarIndex(fs, cache, what)
+    out = {p: (n, tar_pieces(n, index.local)) for p, n in known.items()}
     todo = [p for p in paths if p not in known]
-    local = isinstance(fs, pafs.LocalFileSystem)
-
-    def count(path: str) -> int:
-        info = fs.get_file_info(path)
-        stamp = f"{fs.type_name}\0{path}\0{info.size}\0{info.mtime_ns}"
-        entry = Path(cache, hashlib.blake2b(stamp.encode(), digest_size=16).hexdigest() + ".json") if cache else None
-        if entry is not None and entry.is_file():
-            try:
-                return int(json.loads(entry.read_text())["samples"])
-            except (ValueError, KeyError, OSError):
-                pass  # a damaged cache entry: count again
-        with _open(fs, path, seekable=local) as fh:
-            try:
-                samples = count_samples(fh, path, seekable=local)
-            except ValueError as exc:
-                raise ValueError(f"{what}: {exc}") from None
-        if entry is not None:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"uri": path, "size": info.size, "samples": samples}))
-            os.replace(tmp, entry)
-        return samples
-
     if todo:
         log.info("%s: counting the samples of %d tar shard(s) without _stats.json/sizes.json", what, len(todo))
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(todo)))) as pool:
-            known.update(zip(todo, pool.map(count, todo)))
-    return known
+            for path, offsets in zip(todo, pool.map(index.offsets, todo)):
+                out[path] = (len(offsets), tar_pieces(len(offsets), True))
+    return out
 
 
-def tar_rows(fs: Any, path: str, rows: int) -> dict[str, list]:
-    """The first `rows` samples of one tar as columns `key`, `caption`, `jpg` (encoded image bytes)
-    and `problem` (None, or `no_image` / `no_caption` / `truncated`)."""
-    keys: list = []
-    captions: list = []
-    images: list = []
-    problems: list = []
-    stream = fs.open_input_stream(path) if fs is not None else open(path, "rb")
-    with stream:
-        reader = read_samples(stream, path)
-        for sample in reader:
-            if len(keys) == rows:
-                break
-            keys.append(sample.key)
-            captions.append(sample.caption)
-            images.append(sample.image)
-            problems.append("no_image" if sample.image is None else "no_caption" if sample.caption is None else None)
-    if len(keys) < rows:
-        log.warning("%s holds %d of its %d samples (%s)", path, len(keys), rows, reader.truncated or "fewer samples")
-        for i in range(len(keys), rows):
-            keys.append(f"{path}#{i}")
-            captions.append(None)
-            images.append(None)
-            problems.append("truncated")
-    return {"key": keys, "caption": captions, "jpg": images, "problem": problems}
+class TarPieceReader:
+    """Reads pieces of tars (`rows` samples from sample `group * TAR_PIECE_SAMPLES` on), keeping the
+    offsets of the last tars it read."""
+
+    def __init__(self, fs: Any, cache: Optional[str] = None, keep: int = 16):
+        self.index = TarIndex(fs, cache if cache is not None else default_count_cache())
+        self.fs = self.index.fs
+        self._offsets: OrderedDict = OrderedDict()
+        self.keep = keep
+
+    def _offsets_of(self, path: str) -> list[int]:
+        if path not in self._offsets:
+            self._offsets[path] = self.index.offsets(path)
+            while len(self._offsets) > self.keep:
+                self._offsets.popitem(last=False)
+        self._offsets.move_to_end(path)
+        return self._offsets[path]
+
+    def rows(self, path: str, group: int, rows: int) -> dict[str, list]:
+        """The piece's samples as columns `key`, `caption`, `jpg` (encoded image bytes) and
+        `problem` (None, or `no_image` / `no_caption` / `truncated`)."""
+        first = group * TAR_PIECE_SAMPLES
+        keys: list = []
+        captions: list = []
+        images: list = []
+        problems: list = []
+        truncated = None
+        if first == 0:  # from the start: no offsets needed (a one-piece tar is never indexed)
+            stream = self.fs.open_input_stream(path, buffer_size=STREAM_BUFFER)
+        else:
+            offsets = self._offsets_of(path)
+            stream = None
+            if first < len(offsets):
+                stop = first + rows
+                with self.fs.open_input_file(path) as fh:
+                    end = offsets[stop] if stop < len(offsets) else fh.size()
+                    stream = io.BytesIO(fh.read_at(end - offsets[first], offsets[first]))
+            else:
+                truncated = f"the tar holds {len(offsets)} samples"
+        if stream is not None:
+            with stream:
+                reader = read_samples(stream, path)
+                for sample in reader:
+                    if len(keys) == rows:
+                        break
+                    keys.append(sample.key)
+                    captions.append(sample.caption)
+                    images.append(sample.image)
+                    problems.append(
+                        "no_image" if sample.image is None else "no_caption" if sample.caption is None else None
+                    )
+                truncated = reader.truncated
+        if len(keys) < rows:
+            log.warning(
+                "%s holds %d of the %d samples of its piece from sample %d (%s)",
+                path,
+                len(keys),
+                rows,
+                first,
+                truncated or "fewer samples",
+            )
+            for i in range(first + len(keys), first + rows):
+                keys.append(f"{path}#{i}")
+                captions.append(None)
+                images.append(None)
+                problems.append("truncated")
+        return {"key": keys, "caption": captions, "jpg": images, "problem": problems}
