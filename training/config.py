@@ -96,7 +96,9 @@ class TrainConfig(StorageConfig):
     num_preprocess_actors: Optional[PositiveInt] = Field(None, description="per worker (default: from free CPUs)")
     preprocess_cpus: PositiveFloat = Field(1.0, description="CPUs per preprocessing actor")
     prefetch_batches: PositiveInt = 2
-    shuffle_rows: int = Field(4096, ge=0, description="rows per shuffle window of each worker's stream (0: file order)")
+    shuffle_rows: int = Field(
+        4096, ge=0, description="rows per shuffle window of a pass (whole row groups; 0: row groups in file order)"
+    )
     crop_scale_min: float = Field(
         0.9, gt=0.0, le=1.0, description="smallest random crop, as a fraction of the largest square's area"
     )
