@@ -8,9 +8,9 @@ and a reason; an unexpected exception on one row becomes an `internal_error` rej
 row or a crash.
 
 Inside an actor: a feeder thread per shard hands rows to the fetcher (`pipeline.fetch`: one network
-thread, libcurl, any number of requests in flight) while at most `data.max_in_flight` rows are
-between the start of their request and the end of their decode; `data.threads_per_actor` decoder
-threads take the downloaded bodies (decoding, resizing and hashing release the GIL, so they run
+thread, libcurl, any number of requests in flight), slow hosts first (`feed_order`), while at most
+`data.max_in_flight` rows are between the start of their request and the end of their decode;
+`data.threads_per_actor` decoder threads take the downloaded bodies (decoding, resizing and hashing release the GIL, so they run
 beside the network thread); `in_order.InOrder` hands the rows back in row order.
 
 No Ray here: the runner wraps this class in a Ray Data actor pool.
@@ -33,6 +33,7 @@ import pyarrow as pa
 from pipeline.address_guard import AddressGuard, Resolver, system_resolver
 from pipeline.config import BLUR_BOXES, EXPECTED_HASH, LOCAL_IMAGE, DataConfig
 from pipeline.eligibility import table_rejections
+from pipeline.feed_order import FeedOrder
 from pipeline.fetch import FetchResult, Fetcher
 from pipeline.filters import RowFilters
 from pipeline.local_files import LocalFiles, served_locally
@@ -62,6 +63,7 @@ class StoredImage:
 
 RowOutcome = Union[StoredImage, Rejection]
 ROW_GROUP_ROWS = 512  # accepted rows per Parquet row group (about 15 MB of 256 px JPEGs)
+LEAD_PER_PERMIT = 8  # a slow host's rows are requested at most 8 x data.max_in_flight rows early
 
 
 def image_processor(data: DataConfig) -> ImageProcessor:
@@ -266,30 +268,32 @@ class ShardDownloader:
             results.close()  # an abandoned shard: its rows not yet started are not fetched
 
     def _feed(self, results: InOrder, rows: list[tuple]) -> None:
-        """Start the rows' requests as permits free up, a batch at a time (the shard's feeder thread)."""
+        """Start the rows' requests as permits free up, a batch at a time, slow hosts first
+        (`feed_order`; the shard's feeder thread)."""
         try:
-            j = 0
-            while j < len(rows):
-                got = self.in_flight.take(len(rows) - j)
+            order = FeedOrder([row[0] for row in rows], max_lead=LEAD_PER_PERMIT * self.data.max_in_flight)
+            while len(order):
+                got = self.in_flight.take(len(order))
                 if results.closed:
                     self.in_flight.give(got)
                     return
                 batch = []
-                for k in range(j, j + got):
+                for k in order.take(got):
                     url, expected_hash, blur_boxes, local_image = rows[k]
+                    done = functools.partial(self._fetched, results, order, k, expected_hash, blur_boxes)
                     here = served_locally(url, local_image, self.local_files)  # WebDataset input, local_root
                     if here is not None:
-                        self._fetched(results, k, expected_hash, blur_boxes, here)
-                        continue
-                    batch.append((url, functools.partial(self._fetched, results, k, expected_hash, blur_boxes)))
+                        done(here)
+                    else:
+                        batch.append((url, done))
                 if batch:
                     self.rows.fetcher.submit_many(batch)
-                j += got
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             results.fail(exc)
 
-    def _fetched(self, results: InOrder, j: int, expected_hash, blur_boxes, result: FetchResult) -> None:
+    def _fetched(self, results: InOrder, order: FeedOrder, j, expected_hash, blur_boxes, result: FetchResult) -> None:
         """On the network thread: hand the response to the decoders."""
+        order.finished(j)
         self.fetched.put((results, j, result, expected_hash, blur_boxes))
 
     def _decode_loop(self) -> None:
