@@ -56,6 +56,9 @@ class FeedOrder:
         self._count = 0  # rows requested
         self._time: dict[str, float] = {}  # host -> average seconds from request to response
         self._slow: set[str] = set()  # the hosts whose average is over SLOW_S
+        self._newly_slow: deque = deque()  # hosts that became slow since the last take (network thread)
+        self._due: list[tuple[int, int, str]] = []  # heap: (row from which the host's next row is due, that row, host)
+        self._in_due: set[str] = set()
         self._t0 = clock()
 
     def __len__(self) -> int:
@@ -65,23 +68,18 @@ class FeedOrder:
         """The next `count` rows to request (fewer at the end)."""
         now = self.clock()
         rate = self._count / max(now - self._t0, 1.0)  # rows requested per second so far
-        due = []  # (row index from which the host's next row is due, that row, its lead, host)
-        for host in list(self._slow):  # the network thread adds and removes hosts meanwhile
-            rows = self._rows[host]
-            if rows:
-                lead = min(int(LEAD_FACTOR * self._time[host] * rate), self.max_lead)
-                due.append((rows[0] - lead, rows[0], lead, host))
-        heapq.heapify(due)
+        while self._newly_slow:
+            self._schedule(self._newly_slow.popleft(), rate)
         out: list[int] = []
         while len(out) < count and self._count < self.n:
             while self._requested[self._next]:
                 self._next += 1
-            if due and due[0][0] <= self._next:
-                _, i, lead, host = heapq.heappop(due)
-                rows = self._rows[host]
-                rows.popleft()
-                if rows:  # its next row, due by the same lead
-                    heapq.heappush(due, (rows[0] - lead, rows[0], lead, host))
+            if self._due and self._due[0][0] <= self._next:
+                _, i, host = heapq.heappop(self._due)
+                self._in_due.discard(host)
+                self._rows[host].popleft()
+                if host in self._slow:  # its next row, due by its lead as of now
+                    self._schedule(host, rate)
             else:
                 i = self._next
                 self._rows[self.hosts[i]].popleft()  # row order: it heads its host's rows too
@@ -91,6 +89,13 @@ class FeedOrder:
             out.append(i)
         return out
 
+    def _schedule(self, host: str, rate: float) -> None:
+        rows = self._rows[host]
+        if rows and host not in self._in_due:
+            lead = min(int(LEAD_FACTOR * self._time[host] * rate), self.max_lead)
+            heapq.heappush(self._due, (rows[0] - lead, rows[0], host))
+            self._in_due.add(host)
+
     def finished(self, i: int) -> None:
         """Row i's response (or its final failure) came back."""
         seconds = self.clock() - self._started_at[i]
@@ -98,6 +103,8 @@ class FeedOrder:
         old = self._time.get(host)
         seconds = self._time[host] = seconds if old is None else old + _WEIGHT * (seconds - old)
         if seconds > SLOW_S:
-            self._slow.add(host)
+            if host not in self._slow:
+                self._slow.add(host)
+                self._newly_slow.append(host)
         else:
             self._slow.discard(host)

@@ -81,9 +81,11 @@ def test_a_host_that_speeds_up_goes_back_to_row_order():
     for i in nxt:
         if i % 10 == 3:
             order.finished(i)  # at once: its average falls under SLOW_S
-    later = order.take(100)
-    host_3 = [i for i in later if i % 10 == 3]
-    assert host_3 == [i for i in range(later[0], later[-1] + 1) if i % 10 == 3 and i not in nxt]
+    later = order.take(300)
+    # the one row already scheduled while it was slow may still come early; the rest in row order
+    host_3 = [i for i in later if i % 10 == 3][1:]
+    others = [i for i in later if i % 10 != 3]
+    assert len(host_3) > 10 and host_3 == [i for i in range(host_3[0], others[-1] + 1) if i % 10 == 3]
 
 
 def test_random_finishes_keep_every_row_exactly_once():
