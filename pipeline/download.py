@@ -26,7 +26,7 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import pyarrow as pa
 
@@ -38,7 +38,7 @@ from pipeline.fetch import FetchResult, Fetcher
 from pipeline.filters import RowFilters
 from pipeline.local_files import LocalFiles, served_locally
 from pipeline.http.proxies import ProxySettings
-from pipeline.in_order import InOrder, Permits
+from pipeline.in_order import Gauge, InOrder, Permits
 from pipeline.reasons import DECODE, DEDUP, DOWNLOAD, FILTER, Rejection
 from pipeline.resize import ImageProcessor, ImageReject
 from pipeline.resume import DOWNLOAD as DOWNLOAD_PHASE
@@ -84,7 +84,10 @@ def image_processor(data: DataConfig) -> ImageProcessor:
 
 
 def fetcher(
-    data: DataConfig, resolver: Resolver = system_resolver, waiting: Optional[Callable[[bool], None]] = None
+    data: DataConfig,
+    resolver: Resolver = system_resolver,
+    permits: Optional[Permits] = None,
+    busy: Optional[Gauge] = None,
 ) -> Fetcher:
     return Fetcher(
         guard=AddressGuard.for_data(data, resolver),
@@ -102,7 +105,8 @@ def fetcher(
         max_retry_after_s=data.max_retry_after_s,
         reuse_connections=data.reuse_connections,
         proxies=ProxySettings.from_environment(),  # the actor's environment: the network it runs on
-        waiting=waiting,
+        permits=permits,
+        busy=busy,
     )
 
 
@@ -114,7 +118,8 @@ class RowProcessor:
         data: DataConfig,
         resolver: Resolver = system_resolver,
         cpu_slots: Optional[int] = None,
-        waiting: Optional[Callable[[bool], None]] = None,
+        permits: Optional[Permits] = None,
+        busy: Optional[Gauge] = None,
         column_cuts: Optional[dict[str, float]] = None,
     ):
         # At most `cpu_slots` threads decode at once: the actor holds that many CPUs, and more
@@ -124,7 +129,7 @@ class RowProcessor:
             None if not cpu_slots else threading.Lock() if cpu_slots == 1 else threading.BoundedSemaphore(cpu_slots)
         )
         self.filters = RowFilters(data.filters, column_cuts)
-        self.fetcher = fetcher(data, resolver, waiting)
+        self.fetcher = fetcher(data, resolver, permits, busy)
         self.images = image_processor(data)
         self.verify = data.verify_hash
 
@@ -210,9 +215,12 @@ class ShardDownloader:
         # A row holds a permit from the start of its request to the end of its decode, so the
         # bodies waiting for a decoder are bounded too (the network outruns decoding on a fast link);
         # not while it waits for its host's turn or a retry (a slow host's backlog must not starve
-        # the other hosts' requests).
+        # the other hosts' requests). A waiting row whose turn comes takes one before its transfer
+        # starts, or waits for one (`Fetcher`'s permits).
         self.in_flight = Permits(data.max_in_flight, batch=max(1, data.max_in_flight // 16))
-        self.rows = RowProcessor(data, resolver, cpu_slots, waiting=self.in_flight.lend, column_cuts=column_cuts)
+        # transfers under way plus bodies not yet decoded; its peak is at most data.max_in_flight
+        self.busy = Gauge()
+        self.rows = RowProcessor(data, resolver, cpu_slots, self.in_flight, self.busy, column_cuts=column_cuts)
         self.local_files = LocalFiles(data.local_root, data.max_response_bytes) if data.local_root else None
         self.fetched: queue.SimpleQueue = queue.SimpleQueue()  # (rows, j, result, hash, boxes); None: stop
         self.decoders = [
@@ -294,6 +302,7 @@ class ShardDownloader:
     def _fetched(self, results: InOrder, order: FeedOrder, j, expected_hash, blur_boxes, result: FetchResult) -> None:
         """On the network thread: hand the response to the decoders."""
         order.finished(j)
+        self.busy.up()
         self.fetched.put((results, j, result, expected_hash, blur_boxes))
 
     def _decode_loop(self) -> None:
@@ -309,6 +318,7 @@ class ShardDownloader:
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
                 results.fail(exc)
             finally:
+                self.busy.down()
                 self.in_flight.give()
 
     def process(self, spec: ShardSpec, duplicates: Optional[dict[int, str]] = None) -> dict[str, Any]:
