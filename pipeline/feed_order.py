@@ -22,15 +22,18 @@ from __future__ import annotations
 import heapq
 import time
 from collections import deque
-from typing import Callable
+from typing import Callable, Optional
 
 SLOW_S = 1.0  # a host whose rows take longer than this (on average) is requested ahead of row order
 LEAD_FACTOR = 2.0  # by twice its average: a host's rows vary (a 6 s answer from a host that averages 3 s)
 _WEIGHT = 0.3  # of the newest row in a host's average
 
 
-def host_of(url: str) -> str:
-    """The host part of a URL, as a grouping key only (the fetcher does the real parsing)."""
+def host_of(url: Optional[str]) -> str:
+    """The host part of a URL, as a grouping key only (the fetcher does the real parsing); "" for a
+    row without one (WebDataset input: its image is staged, not fetched)."""
+    if not url:
+        return ""
     start = url.find("://")
     rest = url[start + 3 :] if start >= 0 else url
     end = len(rest)
