@@ -8,9 +8,9 @@ and a reason; an unexpected exception on one row becomes an `internal_error` rej
 row or a crash.
 
 Inside an actor: a feeder thread per shard hands rows to the fetcher (`pipeline.fetch`: one network
-thread, libcurl, any number of requests in flight) while at most `data.max_in_flight` rows are
-between the start of their request and the end of their decode; `data.threads_per_actor` decoder
-threads take the downloaded bodies (decoding, resizing and hashing release the GIL, so they run
+thread, libcurl, any number of requests in flight), slow hosts first (`feed_order`), while at most
+`data.max_in_flight` rows are between the start of their request and the end of their decode;
+`data.threads_per_actor` decoder threads take the downloaded bodies (decoding, resizing and hashing release the GIL, so they run
 beside the network thread); `in_order.InOrder` hands the rows back in row order.
 
 No Ray here: the runner wraps this class in a Ray Data actor pool.
@@ -26,18 +26,19 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import pyarrow as pa
 
 from pipeline.address_guard import AddressGuard, Resolver, system_resolver
 from pipeline.config import BLUR_BOXES, EXPECTED_HASH, LOCAL_IMAGE, DataConfig
 from pipeline.eligibility import table_rejections
+from pipeline.feed_order import FeedOrder
 from pipeline.fetch import FetchResult, Fetcher
 from pipeline.filters import RowFilters
 from pipeline.local_files import LocalFiles, served_locally
 from pipeline.http.proxies import ProxySettings
-from pipeline.in_order import InOrder, Permits
+from pipeline.in_order import Gauge, InOrder, Permits
 from pipeline.reasons import DECODE, DEDUP, DOWNLOAD, FILTER, Rejection
 from pipeline.resize import ImageProcessor, ImageReject
 from pipeline.resume import DOWNLOAD as DOWNLOAD_PHASE
@@ -62,6 +63,7 @@ class StoredImage:
 
 RowOutcome = Union[StoredImage, Rejection]
 ROW_GROUP_ROWS = 512  # accepted rows per Parquet row group (about 15 MB of 256 px JPEGs)
+LEAD_PER_PERMIT = 8  # a slow host's rows are requested at most 8 x data.max_in_flight rows early
 
 
 def image_processor(data: DataConfig) -> ImageProcessor:
@@ -82,7 +84,10 @@ def image_processor(data: DataConfig) -> ImageProcessor:
 
 
 def fetcher(
-    data: DataConfig, resolver: Resolver = system_resolver, waiting: Optional[Callable[[bool], None]] = None
+    data: DataConfig,
+    resolver: Resolver = system_resolver,
+    permits: Optional[Permits] = None,
+    busy: Optional[Gauge] = None,
 ) -> Fetcher:
     return Fetcher(
         guard=AddressGuard.for_data(data, resolver),
@@ -100,7 +105,8 @@ def fetcher(
         max_retry_after_s=data.max_retry_after_s,
         reuse_connections=data.reuse_connections,
         proxies=ProxySettings.from_environment(),  # the actor's environment: the network it runs on
-        waiting=waiting,
+        permits=permits,
+        busy=busy,
     )
 
 
@@ -112,7 +118,8 @@ class RowProcessor:
         data: DataConfig,
         resolver: Resolver = system_resolver,
         cpu_slots: Optional[int] = None,
-        waiting: Optional[Callable[[bool], None]] = None,
+        permits: Optional[Permits] = None,
+        busy: Optional[Gauge] = None,
         column_cuts: Optional[dict[str, float]] = None,
     ):
         # At most `cpu_slots` threads decode at once: the actor holds that many CPUs, and more
@@ -122,7 +129,7 @@ class RowProcessor:
             None if not cpu_slots else threading.Lock() if cpu_slots == 1 else threading.BoundedSemaphore(cpu_slots)
         )
         self.filters = RowFilters(data.filters, column_cuts)
-        self.fetcher = fetcher(data, resolver, waiting)
+        self.fetcher = fetcher(data, resolver, permits, busy)
         self.images = image_processor(data)
         self.verify = data.verify_hash
 
@@ -208,9 +215,12 @@ class ShardDownloader:
         # A row holds a permit from the start of its request to the end of its decode, so the
         # bodies waiting for a decoder are bounded too (the network outruns decoding on a fast link);
         # not while it waits for its host's turn or a retry (a slow host's backlog must not starve
-        # the other hosts' requests).
+        # the other hosts' requests). A waiting row whose turn comes takes one before its transfer
+        # starts, or waits for one (`Fetcher`'s permits).
         self.in_flight = Permits(data.max_in_flight, batch=max(1, data.max_in_flight // 16))
-        self.rows = RowProcessor(data, resolver, cpu_slots, waiting=self.in_flight.lend, column_cuts=column_cuts)
+        # transfers under way plus bodies not yet decoded; its peak is at most data.max_in_flight
+        self.busy = Gauge()
+        self.rows = RowProcessor(data, resolver, cpu_slots, self.in_flight, self.busy, column_cuts=column_cuts)
         self.local_files = LocalFiles(data.local_root, data.max_response_bytes) if data.local_root else None
         self.fetched: queue.SimpleQueue = queue.SimpleQueue()  # (rows, j, result, hash, boxes); None: stop
         self.decoders = [
@@ -266,30 +276,33 @@ class ShardDownloader:
             results.close()  # an abandoned shard: its rows not yet started are not fetched
 
     def _feed(self, results: InOrder, rows: list[tuple]) -> None:
-        """Start the rows' requests as permits free up, a batch at a time (the shard's feeder thread)."""
+        """Start the rows' requests as permits free up, a batch at a time, slow hosts first
+        (`feed_order`; the shard's feeder thread)."""
         try:
-            j = 0
-            while j < len(rows):
-                got = self.in_flight.take(len(rows) - j)
+            order = FeedOrder([row[0] for row in rows], max_lead=LEAD_PER_PERMIT * self.data.max_in_flight)
+            while len(order):
+                got = self.in_flight.take(len(order))
                 if results.closed:
                     self.in_flight.give(got)
                     return
                 batch = []
-                for k in range(j, j + got):
+                for k in order.take(got):
                     url, expected_hash, blur_boxes, local_image = rows[k]
+                    done = functools.partial(self._fetched, results, order, k, expected_hash, blur_boxes)
                     here = served_locally(url, local_image, self.local_files)  # WebDataset input, local_root
                     if here is not None:
-                        self._fetched(results, k, expected_hash, blur_boxes, here)
-                        continue
-                    batch.append((url, functools.partial(self._fetched, results, k, expected_hash, blur_boxes)))
+                        done(here)
+                    else:
+                        batch.append((url, done))
                 if batch:
                     self.rows.fetcher.submit_many(batch)
-                j += got
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             results.fail(exc)
 
-    def _fetched(self, results: InOrder, j: int, expected_hash, blur_boxes, result: FetchResult) -> None:
+    def _fetched(self, results: InOrder, order: FeedOrder, j, expected_hash, blur_boxes, result: FetchResult) -> None:
         """On the network thread: hand the response to the decoders."""
+        order.finished(j)
+        self.busy.up()
         self.fetched.put((results, j, result, expected_hash, blur_boxes))
 
     def _decode_loop(self) -> None:
@@ -305,6 +318,7 @@ class ShardDownloader:
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
                 results.fail(exc)
             finally:
+                self.busy.down()
                 self.in_flight.give()
 
     def process(self, spec: ShardSpec, duplicates: Optional[dict[int, str]] = None) -> dict[str, Any]:

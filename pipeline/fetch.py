@@ -16,8 +16,14 @@ in flight). The rules are ours:
 - retries after `timeout`, `connection_error`, `dns_error`, 429 and 5xx with doubling backoff;
   `Retry-After` on 429/503 is honoured up to `max_retry_after_s` (a server that asks for longer is
   not retried: the row keeps its `http_429`/`http_503`);
-- `waiting(True/False)` (optional): called when a download starts and stops waiting for its host's
-  turn or a retry's backoff, so the download actor counts only the requests under way;
+- `permits` (optional, `in_order.Permits`): a request holds one from the moment its transfer can
+  start (it has its host's slot) until its caller gives it back (the download actor: when the body
+  is decoded), so requests under way plus bodies not yet decoded never exceed the permits; a
+  request that waits for its host's turn or a retry's backoff holds none (a slow host's backlog
+  does not starve the other hosts), and one that has its host's turn but finds no permit free
+  waits for the next one given back (`Permits.try_take`); submit a request with a permit taken;
+- `busy` (optional, `in_order.Gauge`): up when a transfer starts, down when it ends (the caller
+  counts its undecoded bodies on the same gauge: its peak is what memory held);
 - proxies (`ProxySettings`): the guard still checks the URL's host, the proxy then connects to it;
 - keep-alive (`reuse_connections`): a connection is reused only when nothing waits on it before the
   next request (`http/reuse_check.py`). What keep-alive cannot rule out: a host that holds back a
@@ -36,6 +42,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Union
@@ -48,6 +55,7 @@ from pipeline.http.hosts import HostSlots
 from pipeline.http.proxies import ProxySettings
 from pipeline.http.urls import BadURL, parse_url, retry_after_s
 from pipeline.http.reuse_check import ReuseCheck
+from pipeline.in_order import Gauge, Permits
 from pipeline.reasons import http_reason
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -88,7 +96,7 @@ class _Job:
         "done",
         "fresh",
         "dns_failed",
-        "waiting",
+        "permit",
     )
 
     def __init__(self, url: str, on_done: Callable[[FetchResult], None]):
@@ -104,7 +112,7 @@ class _Job:
         self.done = False
         self.fresh = False  # the next request goes on a new connection
         self.dns_failed = False  # the last attempt ended in dns_error: look the name up again
-        self.waiting = False  # in its host's line or in a retry's backoff (see Fetcher's `waiting`)
+        self.permit = False  # holds one of the Fetcher's `permits`
 
 
 class Fetcher:
@@ -130,7 +138,8 @@ class Fetcher:
         ca_file: Optional[str] = None,
         resolver_threads: int = 16,
         reuse_connections: bool = True,
-        waiting: Optional[Callable[[bool], None]] = None,
+        permits: Optional[Permits] = None,
+        busy: Optional[Gauge] = None,
     ):
         self.guard = guard or AddressGuard()
         self.timeout_s = timeout_s
@@ -146,8 +155,12 @@ class Fetcher:
         self.ca_file = ca_file or default_ca_file()
         self.resolver_threads = resolver_threads
         self.reuse_connections = reuse_connections
-        self.waiting_hook = waiting
         self.loop = CurlLoop()
+        self.permits = permits
+        if permits is not None:
+            permits.on_handoff = self._handed_over
+        self.busy = busy
+        self._parked: deque = deque()  # (job, step, args) waiting for a permit, oldest first
         self.reuse_check = ReuseCheck()
         self.connections_opened = 0  # new connections libcurl made (for tests and benchmarks)
         self._free: list[Exchange] = []
@@ -159,7 +172,9 @@ class Fetcher:
     # --- the API (any thread)
 
     def submit(self, url: str, on_done: Callable[[FetchResult], None]) -> None:
-        """Download `url`; `on_done(result)` runs on the network thread (keep it short)."""
+        """Download `url`; `on_done(result)` runs on the network thread (keep it short). With
+        `permits`, the caller has taken one for the request and gives it back once done with the
+        result."""
         self.loop.call_soon(self._new_job, url, on_done)
 
     def submit_many(self, requests: list[tuple[str, Callable[[FetchResult], None]]]) -> None:
@@ -195,11 +210,16 @@ class Fetcher:
     # --- a job's steps (network thread). Each catches its own errors: a job always ends.
 
     def _new_job(self, url: str, on_done: Callable[[FetchResult], None]) -> None:
-        self._step(_Job(url, on_done), self._start_attempt)
+        self._step(self._job(url, on_done), self._start_attempt)
 
     def _new_jobs(self, requests: list[tuple[str, Callable[[FetchResult], None]]]) -> None:
         for url, on_done in requests:
-            self._step(_Job(url, on_done), self._start_attempt)
+            self._step(self._job(url, on_done), self._start_attempt)
+
+    def _job(self, url: str, on_done: Callable[[FetchResult], None]) -> _Job:
+        job = _Job(url, on_done)
+        job.permit = self.permits is not None  # the caller took it
+        return job
 
     def _step(self, job: _Job, fn: Callable, *args) -> None:
         """Run one of the job's steps; a bug in it ends the job as `internal_error` (the row is
@@ -225,9 +245,9 @@ class Fetcher:
             return self._attempt_failed(job, _Failure(bad.reason, bad.detail))
         key = (job.host[1].lower(), job.host[2])
         if self.hosts.take(key, job):
-            self._take_slot(job, key)
+            self._with_permit(job, self._take_slot, key)
         else:
-            self._wait(job, True)
+            self._wait(job)
 
     def _take_slot(self, job: _Job, key: tuple[str, int]) -> None:
         """The job holds a slot of its host: start its request (name resolution first)."""
@@ -294,10 +314,14 @@ class Fetcher:
         job.fresh = False
         exchange.job = job
         self.loop.add(handle, self._transferred)
+        if self.busy is not None:
+            self.busy.up()
 
     def _transferred(self, handle, errno: int, message: str) -> None:
         """libcurl finished a transfer (the loop's callback)."""
         exchange = handle.exchange
+        if self.busy is not None:
+            self.busy.down()
         self._step(exchange.job, self._after_transfer, exchange, errno, message)
 
     def _after_transfer(self, job: _Job, exchange: Exchange, errno: int, message: str) -> None:
@@ -376,7 +400,7 @@ class Fetcher:
                     return self._finish(job, self._result(job, failure.reason, detail, failure.status))
                 delay = max(delay, asked or 0.0)
             job.step += 1
-            self._wait(job, True)
+            self._wait(job)
             self.loop.call_at(time.monotonic() + delay, self._step, job, self._retry)
             return
         self._finish(job, self._result(job, failure.reason, failure.detail, failure.status))
@@ -393,26 +417,44 @@ class Fetcher:
     def _result(self, job: _Job, reason: str, detail: str, status: Optional[int]) -> FetchResult:
         return FetchResult(None, reason=reason, detail=detail, status=status, url=job.url, attempts=job.attempt)
 
-    def _wait(self, job: _Job, waiting: bool) -> None:
-        """The job starts or stops waiting (for its host's turn, or a retry's backoff): told to the
-        `waiting` hook, so the caller can count only the requests that are under way."""
-        if job.waiting != waiting:
-            job.waiting = waiting
-            if self.waiting_hook is not None:
-                self.waiting_hook(waiting)
+    def _wait(self, job: _Job) -> None:
+        """The job waits (for its host's turn, or a retry's backoff): it gives its permit back."""
+        if job.permit:
+            job.permit = False
+            self.permits.give()
+
+    def _with_permit(self, job: _Job, step: Callable, *args) -> None:
+        """Run the step once the job holds a permit: now, or when one is given back (`_unpark`)."""
+        if job.permit or self.permits is None or self.permits.try_take():
+            job.permit = self.permits is not None
+            return step(job, *args)
+        self._parked.append((job, step, args))
+
+    def _handed_over(self) -> None:
+        """`Permits.on_handoff` (any thread): a permit given back goes to a parked job."""
+        if not self._closed:  # after close() nothing runs on the network thread
+            self.loop.call_soon(self._unpark)
+
+    def _unpark(self) -> None:
+        """A permit was handed over (`Permits.on_handoff`): the oldest parked job goes on with it."""
+        job, step, args = self._parked.popleft()
+        job.permit = True
+        self._step(job, step, *args)
 
     def _resume(self, job: _Job, key: tuple[str, int]) -> None:
-        self._wait(job, False)
-        self._take_slot(job, key)
+        """The job's turn at its host has come (it holds the slot)."""
+        self._with_permit(job, self._take_slot, key)
 
     def _retry(self, job: _Job) -> None:
-        self._wait(job, False)
         self._start_attempt(job)
 
     def _finish(self, job: _Job, result: FetchResult) -> None:
         if job.done:
             return
         job.done = True
+        self._with_permit(job, self._deliver, result)  # the caller gives it back
+
+    def _deliver(self, job: _Job, result: FetchResult) -> None:
         job.on_done(result)
 
     def _new_exchange(self) -> Exchange:

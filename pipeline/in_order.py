@@ -1,5 +1,5 @@
 """The download actor's rows in flight: `InOrder` hands a shard's results back in row order,
-`Permits` bounds how many rows are under way.
+`Permits` bounds how many rows are under way, `Gauge` counts them.
 
 `InOrder`: results of a shard's rows, filled in any order by any thread, read in row order.
 
@@ -16,7 +16,7 @@ starting rows.
 from __future__ import annotations
 
 import threading
-from typing import Any, Generic, Iterator, Optional, TypeVar
+from typing import Any, Callable, Generic, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -69,15 +69,20 @@ class InOrder(Generic[T]):
 
 
 class Permits:
-    """A counting semaphore taken in batches: `take(n)` waits until at least `min(n, batch)`
-    permits are free and takes up to n; `give()` returns one. Waiters wake once per `batch`
-    returns, not once per return (the feeder then starts a batch of requests in one hand-off).
-    `lend(True)` returns a permit for a while (a row that waits for its host's turn or a retry),
-    `lend(False)` takes it back without waiting: free may go below zero until rows end."""
+    """A counting semaphore taken in batches by the feeder, one at a time by the network thread.
 
-    def __init__(self, total: int, batch: int):
+    `take(n)` (the feeder) waits until at least `min(n, batch)` permits are free and takes up to n;
+    waiters wake once per `batch` returns, not once per return (the feeder then starts a batch of
+    requests in one hand-off). `try_take()` (the network thread, which must not block) takes one
+    if one is free; otherwise it files a claim, and the next permit given back goes to the oldest
+    claim, through `on_handoff()`, before the feeder sees it. `free` never goes below zero: at most
+    `total` permits are held at any time."""
+
+    def __init__(self, total: int, batch: int, on_handoff: Optional[Callable[[], None]] = None):
         self.free = total
         self.batch = max(1, min(batch, total))
+        self.on_handoff = on_handoff
+        self._claims = 0
         self._cond = threading.Condition(threading.Lock())
 
     def take(self, n: int) -> int:
@@ -89,15 +94,41 @@ class Permits:
             self.free -= got
             return got
 
+    def try_take(self) -> bool:
+        """One permit now (True), or a claim that `on_handoff` settles later (False)."""
+        with self._cond:
+            if self.free > 0:
+                self.free -= 1
+                return True
+            self._claims += 1
+            return False
+
     def give(self, n: int = 1) -> None:
         with self._cond:
-            self.free += n
-            if self.free >= self.batch and self.free - n < self.batch:
-                self._cond.notify_all()
+            handed = min(n, self._claims)
+            self._claims -= handed
+            n -= handed
+            if n:
+                self.free += n
+                if self.free >= self.batch and self.free - n < self.batch:
+                    self._cond.notify_all()
+        for _ in range(handed):
+            self.on_handoff()
 
-    def lend(self, waiting: bool) -> None:
-        if waiting:
-            self.give()
-        else:
-            with self._cond:
-                self.free -= 1
+
+class Gauge:
+    """A count that goes up and down from several threads, with its high-water mark."""
+
+    def __init__(self) -> None:
+        self.value = self.peak = 0
+        self._lock = threading.Lock()
+
+    def up(self) -> None:
+        with self._lock:
+            self.value += 1
+            if self.value > self.peak:
+                self.peak = self.value
+
+    def down(self) -> None:
+        with self._lock:
+            self.value -= 1

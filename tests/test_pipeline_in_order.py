@@ -95,20 +95,24 @@ def test_closing_the_consumer_drops_later_results_and_tells_producers():
     assert results._results[50] is None
 
 
-def test_permits_are_taken_in_batches_and_lent_back_while_a_row_waits():
+def test_permits_are_taken_in_batches_and_a_claim_gets_the_next_one_given_back():
     from pipeline.in_order import Permits
 
-    permits = Permits(8, batch=4)
+    handed = []
+    permits = Permits(8, batch=4, on_handoff=lambda: handed.append(1))
     assert permits.take(100) == 8  # everything free: all of it
+    assert not permits.try_take()  # none free: the network thread files a claim, without waiting
     got = []
     taker = threading.Thread(target=lambda: got.append(permits.take(100)))
     taker.start()
+    permits.give()  # goes to the claim, not to the feeder
+    assert handed == [1] and permits.free == 0
     for _ in range(3):
         permits.give()
     time.sleep(0.05)
     assert got == []  # 3 free: fewer than a batch, the feeder sleeps on
-    permits.lend(True)  # a row starts waiting for its host: its permit counts as free meanwhile
+    assert permits.try_take()  # a free one is taken at once
+    permits.give(2)
     taker.join(5)
     assert got == [4]
-    permits.lend(False)  # the waiting row goes on: it takes its permit back, even below zero
-    assert permits.free == -1
+    assert permits.free == 0  # never below zero: at most 8 held
