@@ -141,8 +141,7 @@ def start_position(
                 next_pass,
             )
         return DataPosition(next_pass, 0), step, {}
-    old = _planner(plan, len(positions))
-    old.bases = old.decode(saved.get("bases") or {})
+    old = _planner(plan, len(positions), saved.get("bases") or {})
     if len(positions) == place.world_size:
         return DataPosition(*positions[place.rank]), step, old.bases
     start, bases = resize(old, positions, place.world_size)
@@ -159,16 +158,21 @@ def start_position(
     return DataPosition(*start), step, bases
 
 
-def _planner(plan: WorkerPlan, num_workers: int):
+def _planner(plan: WorkerPlan, num_workers: int, bases: dict[str, dict]):
+    """The passes of a group of `num_workers` with the checkpoint's (JSON) `bases`."""
     from training.ingest import PassPlanner
 
-    return PassPlanner(
-        plan.shards,
-        seed=plan.train.seed,
-        shuffle_rows=plan.train.shuffle_rows,
-        num_workers=num_workers,
-        weights=plan.train.source_weights,
-    )
+    def planner(decoded=None):
+        return PassPlanner(
+            plan.shards,
+            seed=plan.train.seed,
+            shuffle_rows=plan.train.shuffle_rows,
+            num_workers=num_workers,
+            weights=plan.train.source_weights,
+            bases=decoded,
+        )
+
+    return planner(planner().decode(bases)) if bases else planner()
 
 
 def stream_settings(plan: WorkerPlan, place: Placement, *, train: bool = True):
