@@ -130,7 +130,7 @@ def test_state_encoding_round_trips_and_stays_small():
     shards = _shards(40)
     windows = pass_windows(shards, 1, 0, 20)
     share = deal(windows, {}, 1, 0)[0]
-    state = consumed(windows, share, sum(w.rows for w in windows[:30]) + 3, {})
+    state = consumed(share, sum(w.rows for w in windows[:30]) + 3, {})
     encoded = encode_state(state, windows)
     assert encoded == {"done": [[0, 30]], "partial": [[30, 3]]}
     assert decode_state(encoded, windows) == state

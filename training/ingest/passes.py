@@ -1,6 +1,7 @@
 """A pass over the shards as one global sequence, dealt to any number of workers (pure, no Ray).
 
-Pass p of the run (docs/training.md "Data position"):
+Pass p of the run (docs/training.md "Training length and passes", "Resuming on another number of
+workers"):
 - its shards (`mixture.mix_pass`: the weighted sources' shards of pass p) are ordered by a
   permutation seeded with (train.seed, p) and their row groups cut into **windows** of at least
   `train.shuffle_rows` rows (whole row groups); a window's rows are read in the order of a
@@ -139,16 +140,20 @@ def pass_units(
     return share_units(share, pass_index, start_row, stop_row, shuffle=window_rows > 0, seed=seed)
 
 
-def consumed(windows: Sequence[Window], share: Sequence[tuple], rows: int, state: PassState) -> PassState:
+def consumed(share: Sequence[tuple], rows: int, state: PassState) -> PassState:
     """`state` plus the first `rows` rows of a worker's `share`."""
     out = dict(state)
+    _consume(share, rows, out)
+    return out
+
+
+def _consume(share: Sequence[tuple], rows: int, state: PassState) -> None:
     for window, start in share:
         if rows <= 0:
             break
         take = min(rows, window.rows - start)
-        out[window.index] = start + take
+        state[window.index] = start + take
         rows -= take
-    return out
 
 
 def encode_state(state: PassState, windows: Sequence[Window]) -> dict:
@@ -223,8 +228,7 @@ class PassPlanner:
         for rank, (worker_pass, rows) in enumerate(positions):
             if worker_pass < pass_index:
                 continue
-            share = self.share(pass_index, rank)
-            state = consumed(self.windows(pass_index), share, rows if worker_pass == pass_index else 1 << 62, state)
+            _consume(self.share(pass_index, rank), rows if worker_pass == pass_index else 1 << 62, state)
         return state
 
     def remaining(self, pass_index: int, state: PassState) -> int:
