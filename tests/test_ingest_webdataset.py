@@ -97,15 +97,14 @@ def _read(reader, units):
     return {name: np.concatenate([p[name] for p in parts]) for name in ("key", "image", "tokens", "status", "row")}
 
 
-def test_webdataset_gives_the_same_rows_in_the_same_order_as_the_parquet_twin(twins, tmp_path):
-    _, pq_shards = list_shards([str(twins / "parquet")])
-    _, tar_shards = list_shards([str(twins / "wds")], count_cache=str(tmp_path))
-    reader = ShardReader(PreprocessSettings(image_size=16, context_length=8, seed=5), rows_per_batch=20)
+def _same_reads(reader, pq_shards, tar_shards, *, shuffle_rows: int) -> dict:
+    """Both workers' passes 0 and 1 over the Parquet and the tar shards read the same rows, images,
+    tokens, statuses and positions; returns {key: status} of the tar rows."""
     statuses = {}
     for pass_index in (0, 1):
         for worker in (0, 1):
             units = [
-                PassPlanner(shards, seed=5, shuffle_rows=60, num_workers=2).units(pass_index, worker)
+                PassPlanner(shards, seed=5, shuffle_rows=shuffle_rows, num_workers=2).units(pass_index, worker)
                 for shards in (pq_shards, tar_shards)
             ]
             parquet, tar = _read(reader, units[0]), _read(reader, units[1])
@@ -113,6 +112,14 @@ def test_webdataset_gives_the_same_rows_in_the_same_order_as_the_parquet_twin(tw
             for name in ("image", "tokens", "status", "row"):
                 np.testing.assert_array_equal(parquet[name], tar[name], err_msg=name)
             statuses.update(zip(tar["key"].tolist(), tar["status"].tolist()))
+    return statuses
+
+
+def test_webdataset_gives_the_same_rows_in_the_same_order_as_the_parquet_twin(twins, tmp_path):
+    _, pq_shards = list_shards([str(twins / "parquet")])
+    _, tar_shards = list_shards([str(twins / "wds")], count_cache=str(tmp_path))
+    reader = ShardReader(PreprocessSettings(image_size=16, context_length=8, seed=5), rows_per_batch=20)
+    statuses = _same_reads(reader, pq_shards, tar_shards, shuffle_rows=60)
     assert len(statuses) == sum(s.rows for s in tar_shards)  # every row once per pass
     assert {k for k, v in statuses.items() if v} == {"train-00007"}  # not_an_image, as in Parquet
     # A resume inside a shuffle window starts at the same row with the same rest.
@@ -138,16 +145,7 @@ def test_tar_pieces_are_read_from_their_offsets_in_the_order_of_parquet_row_grou
     assert not cache.exists()  # counts from _stats.json: the offsets are walked by the reader, once
     settings = PreprocessSettings(image_size=16, context_length=8, seed=5)
     reader = ShardReader(settings, rows_per_batch=20, count_cache=str(cache))
-    for pass_index in (0, 1):
-        for worker in (0, 1):
-            units = [
-                PassPlanner(shards, seed=5, shuffle_rows=40, num_workers=2).units(pass_index, worker)
-                for shards in (pq_shards, tar_shards)
-            ]
-            parquet, tar = _read(reader, units[0]), _read(reader, units[1])
-            assert parquet["key"].tolist() == tar["key"].tolist()
-            for name in ("image", "tokens", "status", "row"):
-                np.testing.assert_array_equal(parquet[name], tar[name], err_msg=name)
+    _same_reads(reader, pq_shards, tar_shards, shuffle_rows=40)
     # The cache entry: the count and each sample's offset (its first member's header), as tarfile sees them.
     entries = [json.loads(p.read_text()) for p in cache.glob("*.json")]
     assert sorted(e["uri"] for e in entries) == sorted(s.path for s in tar_shards if s.row_groups)  # one piece: no walk

@@ -256,7 +256,7 @@ def resize(
         if old.remaining(q, state) > 0:
             bases[q] = state
             start = min(start, q)
-    return (start, 0), {q: s for q, s in bases.items() if q >= start}
+    return (start, 0), bases  # every pass with a basis has rows left, so none is before `start`
 
 
 def split_rows(shards: Sequence[Shard], rank: int, world_size: int) -> list[dict]:
