@@ -18,12 +18,15 @@ that ends inside a header or a member's data (the members before it were already
 
 from __future__ import annotations
 
+import zlib
 from typing import BinaryIO, Callable, Iterator, Optional
 
 BLOCK = 512
 _REGULAR = (b"0", b"\x00", b"7")  # file, old-style file, contiguous file
 _GNU_LONG_NAME = b"L"
 _PAX_HEADER = b"x"
+_ZERO_BLOCK = bytes(BLOCK)
+_READ_CHUNK = 1 << 24
 
 
 class TarFormatError(ValueError):
@@ -40,13 +43,16 @@ def _number(field: bytes) -> int:
 
 
 def _checksum_ok(header: bytes) -> bool:
+    """The header's stored checksum is the unsigned sum of its 512 bytes, the checksum field read as
+    8 spaces. The sum is taken by zlib in C: Adler-32's low half is 1 + the bytes' sum mod 65521,
+    exact for each 256-byte half (at most 256 x 255 = 65280)."""
     stored = header[148:156].split(b"\x00", 1)[0].strip()
     try:
         expected = int(stored, 8)
     except ValueError:
         return False
-    unsigned = sum(header[:148]) + 8 * 0x20 + sum(header[156:])
-    return expected == unsigned
+    total = (zlib.adler32(header[:256]) & 0xFFFF) + (zlib.adler32(header[256:BLOCK]) & 0xFFFF) - 2
+    return expected == total - sum(header[148:156]) + 8 * 0x20
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
@@ -67,13 +73,34 @@ def _pax_records(data: bytes) -> dict[str, str]:
 
 
 def _read_exactly(fileobj: BinaryIO, size: int, what: str) -> bytes:
-    data = fileobj.read(size)
-    while len(data) < size:  # a remote stream may return short reads before its end
-        more = fileobj.read(size - len(data))
+    return _read_rest(fileobj, fileobj.read(min(size, _READ_CHUNK)), size, what)
+
+
+def _read_rest(fileobj: BinaryIO, data: bytes, size: int, what: str) -> bytes:
+    """`data` (a first read) completed to `size` bytes: a remote stream may return short reads
+    before its end, and a damaged size (octal up to 8**12, base-256 up to 2**88) is read in chunks,
+    never allocated at once."""
+    parts, got = [data], len(data)
+    while got < size:
+        more = fileobj.read(min(size - got, _READ_CHUNK))
         if not more:
-            raise TarFormatError(f"the stream ends inside {what} ({len(data)} of {size} bytes)")
-        data += more
-    return data
+            raise TarFormatError(f"the stream ends inside {what} ({got} of {size} bytes)")
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts) if len(parts) > 1 else data
+
+
+def _member_name(field: bytes, magic: bytes, prefix: bytes, pax: dict, long_name: Optional[bytes]) -> str:
+    """A regular member's name: its pax `path`, else its GNU long name, else the header's name field
+    (after the ustar name prefix where there is one)."""
+    if pax and "path" in pax:
+        return pax["path"]
+    if long_name is not None:
+        return long_name.decode("utf-8", "surrogateescape")
+    name = field.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
+    if prefix[:1] not in (b"", b"\x00") and magic == b"ustar":
+        name = prefix.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
+    return name
 
 
 def iter_members(fileobj: BinaryIO) -> Iterator[tuple[str, bytes]]:
@@ -115,18 +142,19 @@ def walk_members(
         fileobj.seek(base)
     while True:
         header = fileobj.read(BLOCK)
-        while 0 < len(header) < BLOCK:
-            more = fileobj.read(BLOCK - len(header))
-            if not more:
-                break
-            header += more
-        if len(header) == 0 and not first:
-            return  # no end-of-archive blocks: what tarfile accepts too
-        if len(header) < BLOCK:
-            if first:
-                raise TarFormatError(f"not a tar file ({len(header)} bytes)" if header else "empty file")
-            raise TarFormatError("the stream ends inside a member header")
-        if header == bytes(BLOCK):
+        if len(header) != BLOCK:
+            while 0 < len(header) < BLOCK:
+                more = fileobj.read(BLOCK - len(header))
+                if not more:
+                    break
+                header += more
+            if len(header) == 0 and not first:
+                return  # no end-of-archive blocks: what tarfile accepts too
+            if len(header) < BLOCK:
+                if first:
+                    raise TarFormatError(f"not a tar file ({len(header)} bytes)" if header else "empty file")
+                raise TarFormatError("the stream ends inside a member header")
+        if header == _ZERO_BLOCK:
             return  # the end-of-archive marker
         if not _checksum_ok(header):
             raise TarFormatError("not a tar file" if first else "a member header with a bad checksum")
@@ -137,7 +165,7 @@ def walk_members(
             size = _number(header[124:136])
         except ValueError:
             raise TarFormatError("a member header whose size is not a number") from None
-        if "size" in pax:
+        if pax and "size" in pax:
             try:
                 size = int(pax["size"])
             except ValueError:
@@ -154,19 +182,15 @@ def walk_members(
             pos += size + padded
             continue
         if kind in _REGULAR:
-            if "path" in pax:
-                name = pax["path"]
-            elif long_name is not None:
-                name = long_name.decode("utf-8", "surrogateescape")
-            else:
-                name = header[0:100].split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
-                prefix = header[345:500].split(b"\x00", 1)[0] if header[257:262] == b"ustar" else b""
-                if prefix:
-                    name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+            name = _member_name(header[0:100], header[257:262], header[345:500], pax, long_name)
             if want is None or want(name):
-                data = _read_exactly(fileobj, size, f"member {name}")
+                data = fileobj.read(min(size, _READ_CHUNK))
+                if len(data) < size:
+                    data = _read_rest(fileobj, data, size, f"member {name}")
                 if padded:
-                    _read_exactly(fileobj, padded, f"the padding of member {name}")
+                    padding = fileobj.read(padded)
+                    if len(padding) < padded:
+                        _read_rest(fileobj, padding, padded, f"the padding of member {name}")
                 pos += size + padded
                 yield start, name, data
             else:

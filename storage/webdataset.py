@@ -25,8 +25,9 @@ import json
 import re
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Iterator, Optional
+from typing import Any, BinaryIO, Iterator, Optional, Union
 
+from storage.tar_buffer import walk_buffer
 from storage.tar_members import TarFormatError, walk_members
 
 TAR_SUFFIX = ".tar"
@@ -78,6 +79,10 @@ def image_extension(data: bytes) -> str:
 
 def split_member(name: str) -> tuple[Optional[str], Optional[str]]:
     """`dir/000123.jpg` -> (`dir/000123`, `jpg`); `a.b.txt` -> (`a`, `b.txt`); no dot -> (None, None)."""
+    base = name.rfind("/") + 1
+    dot = name.find(".", base)
+    if dot > base:  # the common case, what the pattern matches first (the key's file name has no '.')
+        return name[:dot], name[dot + 1 :].lower()
     match = _MEMBER.match(name)
     if match is None:
         return None, None
@@ -110,13 +115,21 @@ class Sample:
 
 class SampleReader:
     """Iterate the samples of one tar stream (sequential reads only, so any file object or remote
-    stream works). A tar that ends early (cut off, or a damaged header) ends the iteration after the
-    last complete sample; `truncated` then holds the reason, and a member cut off mid-data is dropped
-    (its sample keeps the members read before it). A key that comes back after other keys is an
-    error in the format (ValueError naming the shard). With `read=False` only the headers are read
-    (each sample's members map to None; the data is seeked past where `seekable`): an index."""
+    stream works), or of a tar's bytes held in memory (`walk_buffer`, the cheaper walk). A tar that
+    ends early (cut off, or a damaged header) ends the iteration after the last complete sample;
+    `truncated` then holds the reason, and a member cut off mid-data is dropped (its sample keeps
+    the members read before it). A key that comes back after other keys is an error in the format
+    (ValueError naming the shard). With `read=False` only the headers are read (each sample's
+    members map to None; the data is seeked past where `seekable`): an index."""
 
-    def __init__(self, fileobj: BinaryIO, name: str = "<tar>", *, read: bool = True, seekable: bool = False):
+    def __init__(
+        self,
+        fileobj: Union[BinaryIO, bytes],
+        name: str = "<tar>",
+        *,
+        read: bool = True,
+        seekable: bool = False,
+    ):
         self.fileobj, self.name = fileobj, name
         self.read, self.seekable = read, seekable
         self.truncated: Optional[str] = None
@@ -126,7 +139,11 @@ class SampleReader:
         seen: set = set()
         want = None if self.read else _nothing
         try:
-            for offset, member, data in walk_members(self.fileobj, want, seekable=self.seekable):
+            if isinstance(self.fileobj, bytes):
+                members = walk_buffer(self.fileobj, want)
+            else:
+                members = walk_members(self.fileobj, want, seekable=self.seekable)
+            for offset, member, data in members:
                 key, ext = split_member(member)
                 if key is None:
                     continue
@@ -151,7 +168,7 @@ def _nothing(name: str) -> bool:
     return False
 
 
-def read_samples(fileobj: BinaryIO, name: str = "<tar>") -> SampleReader:
+def read_samples(fileobj: Union[BinaryIO, bytes], name: str = "<tar>") -> SampleReader:
     return SampleReader(fileobj, name)
 
 

@@ -10,6 +10,7 @@ import tarfile
 
 import pytest
 
+from storage.tar_buffer import _scan, walk_buffer
 from storage.tar_members import TarFormatError, iter_members, walk_members
 
 
@@ -127,3 +128,99 @@ def test_a_member_cut_off_in_its_skipped_data_is_yielded_then_reported():
             for _, name, data in walk_members(stream, lambda name: False, seekable=seekable):
                 got.append((name, data))
         assert got == [("000.jpg", None), ("000.txt", None), ("001.jpg", None)]
+
+
+# --- walk_buffer (storage/tar_buffer.py): the in-memory walk agrees with walk_members everywhere --
+
+
+def _walk(walker, raw: bytes, want=None):
+    """(members yielded, the error's type and message or None)."""
+    got = []
+    try:
+        for member in walker(raw, want):
+            got.append(member)
+    except TarFormatError as exc:
+        return got, str(exc)
+    return got, None
+
+
+def _reference(raw: bytes, want=None):
+    return walk_members(io.BytesIO(raw), want, seekable=True)
+
+
+def _webdataset_tar(samples: int) -> bytes:
+    """A shard as img2dataset writes it: `webdataset.TarWriter` (pax headers for float mtimes)."""
+    import webdataset as wds
+
+    buf = io.BytesIO()
+    writer = wds.TarWriter(buf)
+    for i in range(samples):
+        writer.write({"__key__": f"{i:09d}", "jpg": os.urandom(700 + 97 * i), "txt": f"caption {i}", "json": b"{}"})
+    writer.close()
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", list(NAMES), ids=["ustar", "gnu", "pax"])
+def test_walk_buffer_yields_what_walk_members_yields(fmt):
+    raw = _tar(fmt, NAMES[fmt])
+    for want in (None, lambda name: name.endswith(".txt")):
+        assert _walk(walk_buffer, raw, want) == _walk(_reference, raw, want)
+        assert _walk(walk_buffer, raw, want)[1] is None
+
+
+def test_walk_buffer_reads_webdataset_and_tarfile_shards_without_the_reference():
+    """The shards people have take the numpy walk (not the fallback), and from any sample's offset."""
+    raw = _webdataset_tar(20)
+    members = list(walk_members(io.BytesIO(raw)))
+    assert _scan(raw) is not None and len(_scan(raw)) == 60
+    assert list(walk_buffer(raw)) == members
+    offset = members[30][0]  # sample 10's first header: a piece read from its offset on
+    assert [(o + offset, n, d) for o, n, d in walk_buffer(raw[offset:])] == members[30:]
+    ustar = _tar(tarfile.USTAR_FORMAT, ["000.jpg", "000.txt", "001.jpg", "001.txt"])
+    assert _scan(ustar) is not None and _scan(_tar(tarfile.GNU_FORMAT, ["000.jpg", "000.txt"])) is not None
+
+
+def test_walk_buffer_agrees_with_walk_members_on_damaged_and_cut_tars():
+    """Every cut and a few thousand single-byte changes in the headers (seeded): the same members,
+    then the same error (or none), from both walks."""
+    import random
+
+    rng = random.Random(0)
+    tars = [_webdataset_tar(6)] + [_tar(fmt, NAMES[fmt]) for fmt in NAMES]
+    cases = 0
+    for raw in tars:
+        for cut in range(0, len(raw), 173):
+            assert _walk(walk_buffer, raw[:cut]) == _walk(_reference, raw[:cut]), cut
+            cases += 1
+        headers = [offset for offset, _, _ in walk_members(io.BytesIO(raw))]
+        for _ in range(600):
+            damaged = bytearray(raw)
+            at = rng.choice(headers) + rng.choice([rng.randrange(512), 124 + rng.randrange(12), 148 + rng.randrange(8)])
+            damaged[at] = rng.choice([0, 0x20, ord("0"), ord("7"), ord("9"), rng.randrange(256)])
+            if rng.random() < 0.5:  # also a header with a matching checksum (only the field changed)
+                damaged = _fix_checksum(damaged, at - at % 512)
+            want = rng.choice([None, lambda name: name.endswith("txt")])
+            assert _walk(walk_buffer, bytes(damaged), want) == _walk(_reference, bytes(damaged), want), at
+            cases += 1
+    assert cases > 2000
+
+
+def _fix_checksum(raw: bytearray, header: int) -> bytearray:
+    block = raw[header : header + 512]
+    block[148:156] = b" " * 8
+    raw[header + 148 : header + 156] = b"%06o\x00 " % sum(block)
+    return raw
+
+
+def test_a_huge_size_in_a_header_with_a_good_checksum_is_a_cut_not_an_allocation():
+    """A base-256 size of 2**86 (or 8**11 - 1 in octal) on an intact header: the stream ends inside
+    that member, reported as such by both walks, seekable or not (found by the test above)."""
+    raw = bytearray(_tar(tarfile.USTAR_FORMAT, ["000.jpg", "000.txt"]))
+    second = raw.index(b"000.txt")
+    for field in (b"\x80\x40" + bytes(10), b"77777777777\x00"):
+        damaged = bytearray(raw)
+        damaged[second + 124 : second + 136] = field
+        damaged = bytes(_fix_checksum(damaged, second))
+        for walker in (walk_buffer, _reference, lambda raw, want: walk_members(_Stream(raw), want)):
+            got, error = _walk(walker, damaged)
+            assert [name for _, name, _ in got] == ["000.jpg"] and "ends inside member 000.txt" in error

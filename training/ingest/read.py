@@ -56,35 +56,34 @@ class ShardReader:
         import pyarrow as pa
 
         pieces = json.loads(unit["pieces"]) if isinstance(unit["pieces"], str) else unit["pieces"]
-        tables, problems = [], []
+        parts, problems = [], []
         for path, group, rows in pieces:
             if is_tar(path):
                 columns = self._tars.rows(path, int(group), int(rows))
                 problems.extend(columns.pop("problem"))
-                tables.append(
-                    pa.table({name: pa.array(columns[name], _COLUMN_TYPES[name]) for name in REQUIRED_COLUMNS})
-                )
+                parts.append({name: _objects(columns[name]) for name in REQUIRED_COLUMNS})
             else:
                 part = self._file(path).read_row_group(int(group), columns=list(REQUIRED_COLUMNS))
-                tables.append(part.cast(pa.schema([(name, _COLUMN_TYPES[name]) for name in part.column_names])))
+                part = part.cast(pa.schema([(name, _COLUMN_TYPES[name]) for name in part.column_names]))
+                parts.append({name: part.column(name).to_numpy(zero_copy_only=False) for name in REQUIRED_COLUMNS})
                 problems.extend([None] * part.num_rows)
-        table = pa.concat_tables(tables)
+        table = {name: np.concatenate([part[name] for part in parts]) for name in REQUIRED_COLUMNS}
+        num_rows = len(problems)
         first, skip, take = int(unit["row"]), int(unit["skip"]), int(unit["take"])
         pass_index = int(unit["pass"])
         if bool(unit["shuffle"]):
             key = [int(unit["seed"]), pass_index, int(unit["perm"])]
-            order = np.random.default_rng(key).permutation(table.num_rows)
+            order = np.random.default_rng(key).permutation(num_rows)
         else:
-            order = np.arange(table.num_rows)
+            order = np.arange(num_rows)
         order = order[skip : skip + take]
         for start in range(0, len(order), self.rows_per_batch):
-            part = table.take(order[start : start + self.rows_per_batch])
-            columns = {name: part.column(name).to_numpy(zero_copy_only=False) for name in REQUIRED_COLUMNS}
-            out = self.preprocess(columns, pass_index)
-            for i, j in enumerate(order[start : start + self.rows_per_batch]):
+            chosen = order[start : start + self.rows_per_batch]
+            out = self.preprocess({name: column[chosen] for name, column in table.items()}, pass_index)
+            for i, j in enumerate(chosen):
                 if problems[j] is not None:
                     out["status"][i] = REJECT_REASONS.index(problems[j])
-            k = part.num_rows
+            k = len(chosen)
             out["pass"] = np.full(k, pass_index, dtype=np.int32)
             out["row"] = np.arange(first + start, first + start + k, dtype=np.int64)
             yield out
@@ -92,3 +91,8 @@ class ShardReader:
     def __call__(self, units: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         for i in range(len(units["pieces"])):
             yield from self.read({k: v[i] for k, v in units.items()})
+
+
+def _objects(values: list) -> np.ndarray:
+    """A 1-d object array of `values` (bytes, str or None)."""
+    return np.fromiter(values, dtype=object, count=len(values))

@@ -29,8 +29,8 @@ Rebatcher drops and counts them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
@@ -178,21 +178,23 @@ class TarPieceReader:
         images: list = []
         problems: list = []
         truncated = None
-        if first == 0:  # from the start: no offsets needed (a one-piece tar is never indexed)
-            stream = self.fs.open_input_stream(path, buffer_size=STREAM_BUFFER)
-        else:
+        source: Any = None
+        # A pieced tar's first piece holds TAR_PIECE_SAMPLES; a one-piece tar is streamed without
+        # offsets (a remote one counted from _stats.json has none; one of exactly that many is indexed).
+        if first == 0 and rows != TAR_PIECE_SAMPLES:
+            source = self.fs.open_input_stream(path, buffer_size=STREAM_BUFFER)
+        else:  # a piece of a pieced tar: its bytes in one read, walked in memory (`walk_buffer`)
             offsets = self._offsets_of(path)
-            stream = None
             if first < len(offsets):
                 stop = first + rows
                 with self.fs.open_input_file(path) as fh:
                     end = offsets[stop] if stop < len(offsets) else fh.size()
-                    stream = io.BytesIO(fh.read_at(end - offsets[first], offsets[first]))
+                    source = fh.read_at(end - offsets[first], offsets[first])
             else:
                 truncated = f"the tar holds {len(offsets)} samples"
-        if stream is not None:
-            with stream:
-                reader = read_samples(stream, path)
+        if source is not None:
+            with source if not isinstance(source, bytes) else contextlib.nullcontext():
+                reader = read_samples(source, path)
                 for sample in reader:
                     if len(keys) == rows:
                         break
