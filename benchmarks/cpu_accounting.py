@@ -102,18 +102,21 @@ class CpuSampler:
         return sum(self.by_process.values())
 
 
-def measured(run, server_pid: int) -> dict:
+def measured(run, server_pid: int, sampler_class=None) -> dict:
     """Run `run(mark)`, which calls `mark()` right before and right after the timed call; the result
-    gains the CPU the tool used in between (all its processes) and the CPU the server used."""
-    state = {}
+    gains the CPU the tool used in between (all its processes) and the CPU the server used.
+    sampler_class: a CpuSampler subclass to use (kept in the result as `sampler`, with the marks'
+    epoch times as `marks`)."""
+    state = {"marks": []}
 
     def server_cpu() -> float:
         return proc_table()[server_pid][1]
 
     def mark():
+        state["marks"].append(time.time())
         if "sampler" not in state:
             state["server0"] = server_cpu()
-            state["sampler"] = CpuSampler(exclude=server_pid).start()
+            state["sampler"] = (sampler_class or CpuSampler)(exclude=server_pid).start()
         else:
             state["cpu_s"] = state["sampler"].stop()
             state["by_process"] = state["sampler"].by_process
@@ -130,4 +133,6 @@ def measured(run, server_pid: int) -> dict:
     )[: result.pop("workers")]
     result["worker_cpu_s"] = round(sum(workers), 2)
     result["top_processes"] = {name: round(cpu, 1) for name, cpu in top if cpu >= 0.1}
+    if sampler_class is not None:
+        result["sampler"], result["marks"] = state["sampler"], state["marks"]
     return result

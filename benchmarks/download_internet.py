@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.cpu_accounting import become_subreaper, measured  # noqa: E402
+from benchmarks.cpu_breakdown import DetailedSampler, breakdown, print_breakdown  # noqa: E402
 from benchmarks.download_tools import (  # noqa: E402
     cpu_ceiling,
     loopback_server,
@@ -68,8 +69,13 @@ def _run(name: str, url_list: Path, out: Path, args, cores: int, server_pid: int
         call = functools.partial(run_img2dataset, url_list, out, processes_count=cores, thread_count=threads, **size)
     else:
         call = functools.partial(run_clipray, url_list, out, cpus=cores, allow_private_addresses=True, **size)
-    result = measured(call, server_pid)
+    result = measured(call, server_pid, DetailedSampler if args.cpu_breakdown and name.startswith("clipray") else None)
     result["server_cpu_ms_per_url"] = result["server_cpu_s"] / args.urls * 1000
+    if "sampler" in result:
+        (t_start, t_end), epoch = result.pop("marks"), result["shard_epoch"]
+        spans = [(epoch + a, epoch + b) for a, b in result["shard_spans_s"]]
+        result["cpu_breakdown"] = breakdown(result.pop("sampler"), t_start, spans, t_end)
+        print_breakdown(name, result)
     return result
 
 
@@ -164,6 +170,11 @@ def main(argv=None) -> int:
     p.add_argument("--cores", type=int, default=None, help="pin the benchmark (servers included) to this many cores")
     p.add_argument("--workdir", default=None, help="keep outputs here (default: a temp dir, removed)")
     p.add_argument("--json", default=None, help="also write every number to this file")
+    p.add_argument(
+        "--cpu-breakdown",
+        action="store_true",
+        help="clipray runs: CPU-s per process role, per actor thread and per phase (benchmarks/cpu_breakdown.py)",
+    )
     args = p.parse_args(argv)
     if args.urls is None:
         args.urls = 2_000 if args.quick else 20_000
