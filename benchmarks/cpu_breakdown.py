@@ -83,11 +83,9 @@ class DetailedSampler(CpuSampler):
         self.times: list[float] = []
         self.series: list[dict] = []  # per sample: {process key or (pid, tid) or "server": CPU-s}
         self.thread_names: dict[tuple[int, int], str] = {}
-        self.own_cpu = 0.0
         self.full: dict[int, str] = {}  # pid -> its whole command line, as last seen
 
     def _sample(self) -> None:
-        own = time.thread_time()
         super()._sample()
         for pid, _ in self.last:
             # a Ray worker titles itself when it starts and again when it becomes an actor
@@ -111,7 +109,6 @@ class DetailedSampler(CpuSampler):
         point["driver"] = time.process_time()
         self.times.append(now)
         self.series.append(point)
-        self.own_cpu += time.thread_time() - own
 
     def value(self, key, at: float) -> float:
         """key's CPU-s at epoch time `at`, linear between samples; before its first sample, the
@@ -175,7 +172,31 @@ def breakdown(sampler: DetailedSampler, t_start: float, spans: list[tuple[float,
     processes = sorted(
         {f"{role(sampler.full.get(k[0], '?'))}: {sampler.full.get(k[0], '?')[:100]}" for k in keys if len(k) == 2}
     )
-    return {"phase_bounds_s": [round(b - t_start, 2) for b in bounds], "rows": rows, "processes": processes}
+    return {
+        "phase_bounds_s": [round(b - t_start, 2) for b in bounds],
+        "rows": rows,
+        "processes": processes,
+        "busy_cores": busy_cores(sampler, t_start, t_end),
+    }
+
+
+def busy_cores(sampler: DetailedSampler, t_start: float, t_end: float, step: float = 2.0) -> list[float]:
+    """CPU-s per second of the whole run (every process of the tool, the driver less the sampler,
+    and the server) in `step`-second bins: how many cores were busy."""
+    keys = {k for point in sampler.series for k in point if isinstance(k, tuple) and len(k) == 2}
+    keys |= {"driver", "server"}
+    own_per_s = sampler.own_cpu / max(t_end - t_start, 1e-9)
+
+    def total(at: float) -> float:
+        return sum(sampler.value(k, at) for k in keys)
+
+    edges = [t_start + i * step for i in range(int((t_end - t_start) / step) + 1)] + [t_end]
+    values = [total(t) for t in edges]
+    return [
+        round(max(0.0, (b - a) / (t1 - t0) - own_per_s), 2)
+        for (t0, t1), (a, b) in zip(zip(edges, edges[1:]), zip(values, values[1:]))
+        if t1 > t0
+    ]
 
 
 def print_breakdown(name: str, result: dict) -> None:
@@ -202,6 +223,9 @@ def print_breakdown(name: str, result: dict) -> None:
             + f"{whole:8.2f}{whole / accepted * 1000:8.2f}"
         )
     whole = sum(total.values())
+    print(
+        "  busy cores per 2 s (all processes): " + " ".join(f"{c:.1f}" for c in b["busy_cores"]),
+    )
     print(
         f"  {'all (tool + server + sampler)':<46}"
         + "".join(f"{total[p]:8.2f}" for p in PHASES)
