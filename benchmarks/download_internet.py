@@ -6,6 +6,7 @@ bandwidth, dead, 404, resetting, redirecting and trickling hosts).
     python benchmarks/download_internet.py                       # 20,000 URLs
     python benchmarks/download_internet.py --quick               # 2,000 URLs, a shorter ceiling
     python benchmarks/download_internet.py --urls 5000 --runs clipray,clipray-zero-latency
+    python benchmarks/download_internet.py --runs clipray,clipray-zero-latency --cpu-breakdown
 
 Whole calls, one after the other, on the same CPUs and the same URL list (each against a fresh
 emulator on the same port, so every run sees the same first-attempt latencies):
@@ -22,6 +23,9 @@ Printed: images/s (accepted images / wall clock of the whole call), clipray / be
 rejects per reason for every run beside what the emulator's host mix implies, the CPU of every run
 and of the server, and whether the issue's targets are met (>= 2x img2dataset's best, >= 70% of
 the ceiling, latency costs < 10% of zero-latency throughput). `--json` keeps all of it.
+`--cpu-breakdown` adds, for the clipray runs, the CPU-s of each process role (driver, Ray's daemons
+and workers, the download actors per thread, the server) per phase and the busy cores over time
+(`benchmarks/cpu_breakdown.py`).
 """
 
 from __future__ import annotations
