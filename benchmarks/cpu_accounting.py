@@ -59,7 +59,8 @@ def cmdline(pid: int) -> Optional[str]:
 class CpuSampler:
     """CPU seconds used by this process's descendants (not `exclude`'s subtree) between start()
     and stop(), sampled every `interval` s so processes that exit in between still count (up to
-    their last sample)."""
+    their last sample). The sampler thread's own CPU (`own_cpu`, walking /proc) is left out of
+    this process's."""
 
     def __init__(self, exclude: int, interval: float = 0.2):
         import threading
@@ -68,6 +69,7 @@ class CpuSampler:
         self.first: dict[tuple[int, int], float] = {}
         self.names: dict[int, str] = {}
         self.last: dict[tuple[int, int], float] = {}
+        self.own_cpu = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -84,6 +86,7 @@ class CpuSampler:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             self._sample()
+        self.own_cpu = time.thread_time()  # the sampler's own CPU: not the tool's
 
     def start(self) -> "CpuSampler":
         self.first_self = time.process_time()
@@ -96,24 +99,27 @@ class CpuSampler:
         self._stop.set()
         self._thread.join()
         self._sample()
-        self.by_process = {"this process (driver)": time.process_time() - self.first_self}
+        self.by_process = {"this process (driver)": time.process_time() - self.first_self - self.own_cpu}
         for (pid, started), cpu in self.last.items():
             self.by_process[f"{pid} {self.names.get(pid, '?')}"] = cpu - self.baseline.get((pid, started), 0.0)
         return sum(self.by_process.values())
 
 
-def measured(run, server_pid: int) -> dict:
+def measured(run, server_pid: int, sampler_class=None) -> dict:
     """Run `run(mark)`, which calls `mark()` right before and right after the timed call; the result
-    gains the CPU the tool used in between (all its processes) and the CPU the server used."""
-    state = {}
+    gains the CPU the tool used in between (all its processes) and the CPU the server used.
+    sampler_class: a CpuSampler subclass to use (kept in the result as `sampler`, with the marks'
+    epoch times as `marks`)."""
+    state = {"marks": []}
 
     def server_cpu() -> float:
         return proc_table()[server_pid][1]
 
     def mark():
+        state["marks"].append(time.time())
         if "sampler" not in state:
             state["server0"] = server_cpu()
-            state["sampler"] = CpuSampler(exclude=server_pid).start()
+            state["sampler"] = (sampler_class or CpuSampler)(exclude=server_pid).start()
         else:
             state["cpu_s"] = state["sampler"].stop()
             state["by_process"] = state["sampler"].by_process
@@ -122,6 +128,7 @@ def measured(run, server_pid: int) -> dict:
     result = run(mark)
     result["cpu_s"] = round(state["cpu_s"], 2)
     result["server_cpu_s"] = round(state["server_cpu_s"], 2)
+    result["sampler_cpu_s"] = round(state["sampler"].own_cpu, 2)
     result["images_per_cpu_s"] = result["accepted"] / (result["cpu_s"] + result["server_cpu_s"])
     top = sorted(state["by_process"].items(), key=lambda kv: -kv[1])[:8]
     # the busiest N processes are the N download workers (img2dataset's pool, our actors)
@@ -130,4 +137,6 @@ def measured(run, server_pid: int) -> dict:
     )[: result.pop("workers")]
     result["worker_cpu_s"] = round(sum(workers), 2)
     result["top_processes"] = {name: round(cpu, 1) for name, cpu in top if cpu >= 0.1}
+    if sampler_class is not None:
+        result["sampler"], result["marks"] = state["sampler"], state["marks"]
     return result

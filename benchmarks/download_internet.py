@@ -6,6 +6,7 @@ bandwidth, dead, 404, resetting, redirecting and trickling hosts).
     python benchmarks/download_internet.py                       # 20,000 URLs
     python benchmarks/download_internet.py --quick               # 2,000 URLs, a shorter ceiling
     python benchmarks/download_internet.py --urls 5000 --runs clipray,clipray-zero-latency
+    python benchmarks/download_internet.py --runs clipray,clipray-zero-latency --cpu-breakdown
 
 Whole calls, one after the other, on the same CPUs and the same URL list (each against a fresh
 emulator on the same port, so every run sees the same first-attempt latencies):
@@ -22,6 +23,9 @@ Printed: images/s (accepted images / wall clock of the whole call), clipray / be
 rejects per reason for every run beside what the emulator's host mix implies, the CPU of every run
 and of the server, and whether the issue's targets are met (>= 2x img2dataset's best, >= 70% of
 the ceiling, latency costs < 10% of zero-latency throughput). `--json` keeps all of it.
+`--cpu-breakdown` adds, for the clipray runs, the CPU-s of each process role (driver, Ray's daemons
+and workers, the download actors per thread, the server) per phase and the busy cores over time
+(`benchmarks/cpu_breakdown.py`).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.cpu_accounting import become_subreaper, measured  # noqa: E402
+from benchmarks.cpu_breakdown import DetailedSampler, breakdown, print_breakdown  # noqa: E402
 from benchmarks.download_tools import (  # noqa: E402
     cpu_ceiling,
     loopback_server,
@@ -68,8 +73,13 @@ def _run(name: str, url_list: Path, out: Path, args, cores: int, server_pid: int
         call = functools.partial(run_img2dataset, url_list, out, processes_count=cores, thread_count=threads, **size)
     else:
         call = functools.partial(run_clipray, url_list, out, cpus=cores, allow_private_addresses=True, **size)
-    result = measured(call, server_pid)
+    result = measured(call, server_pid, DetailedSampler if args.cpu_breakdown and name.startswith("clipray") else None)
     result["server_cpu_ms_per_url"] = result["server_cpu_s"] / args.urls * 1000
+    if "sampler" in result:
+        (t_start, t_end), epoch = result.pop("marks"), result["shard_epoch"]
+        spans = [(epoch + a, epoch + b) for a, b in result["shard_spans_s"]]
+        result["cpu_breakdown"] = breakdown(result.pop("sampler"), t_start, spans, t_end)
+        print_breakdown(name, result)
     return result
 
 
@@ -164,6 +174,11 @@ def main(argv=None) -> int:
     p.add_argument("--cores", type=int, default=None, help="pin the benchmark (servers included) to this many cores")
     p.add_argument("--workdir", default=None, help="keep outputs here (default: a temp dir, removed)")
     p.add_argument("--json", default=None, help="also write every number to this file")
+    p.add_argument(
+        "--cpu-breakdown",
+        action="store_true",
+        help="clipray runs: CPU-s per process role, per actor thread and per phase (benchmarks/cpu_breakdown.py)",
+    )
     args = p.parse_args(argv)
     if args.urls is None:
         args.urls = 2_000 if args.quick else 20_000

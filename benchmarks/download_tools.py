@@ -205,6 +205,7 @@ def run_clipray(
         "reasons": dict(sorted(manifest["reasons"].items())),
         "workers": min(config.num_download_actors or cpus, len(spans)),
         "shard_spans_s": sorted((round(a - epoch, 2), round(b - epoch, 2)) for a, b in spans),
+        "shard_epoch": epoch,
     }
 
 

@@ -43,6 +43,7 @@ from pipeline.reasons import DECODE, DEDUP, DOWNLOAD, FILTER, Rejection
 from pipeline.resize import ImageProcessor, ImageReject
 from pipeline.resume import DOWNLOAD as DOWNLOAD_PHASE
 from pipeline.resume import ShardSpec, marker
+from pipeline.thread_names import name_os_thread
 from pipeline.shards import INDEX_SCHEMA, accepted_schema, make_keys, redact_userinfo_column, rejects_table
 from storage import Folder
 
@@ -278,6 +279,7 @@ class ShardDownloader:
     def _feed(self, results: InOrder, rows: list[tuple]) -> None:
         """Start the rows' requests as permits free up, a batch at a time, slow hosts first
         (`feed_order`; the shard's feeder thread)."""
+        name_os_thread()
         try:
             order = FeedOrder([row[0] for row in rows], max_lead=LEAD_PER_PERMIT * self.data.max_in_flight)
             while len(order):
@@ -307,6 +309,7 @@ class ShardDownloader:
 
     def _decode_loop(self) -> None:
         """A decoder thread: responses to row outcomes, until close()."""
+        name_os_thread()
         while True:
             item = self.fetched.get()
             if item is None:

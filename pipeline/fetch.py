@@ -12,7 +12,9 @@ in flight). The rules are ours:
 - one deadline per attempt (`timeout_s`): name resolution, every redirect hop and every byte;
 - at most `max_connections_per_host` requests at a time per host (politeness), and a host whose
   last requests all timed out is skipped for a while (`http/hosts.py`); a request that waits
-  for its turn is not yet on the clock;
+  for its turn is not yet on the clock, and a redirect hop that waits for its host's turn stops
+  its attempt's clock meanwhile (many hosts redirecting to one busy CDN host must not time out in
+  our own queue: that is politeness, not the network being slow);
 - retries after `timeout`, `connection_error`, `dns_error`, 429 and 5xx with doubling backoff;
   `Retry-After` on 429/503 is honoured up to `max_retry_after_s` (a server that asks for longer is
   not retried: the row keeps its `http_429`/`http_503`);
@@ -97,6 +99,7 @@ class _Job:
         "fresh",
         "dns_failed",
         "permit",
+        "queued_at",
     )
 
     def __init__(self, url: str, on_done: Callable[[FetchResult], None]):
@@ -113,6 +116,7 @@ class _Job:
         self.fresh = False  # the next request goes on a new connection
         self.dns_failed = False  # the last attempt ended in dns_error: look the name up again
         self.permit = False  # holds one of the Fetcher's `permits`
+        self.queued_at: Optional[float] = None  # when a redirect hop began to wait for its host's turn
 
 
 class Fetcher:
@@ -231,6 +235,7 @@ class Fetcher:
 
     def _start_attempt(self, job: _Job) -> None:
         job.attempt += 1
+        job.queued_at = None
         job.current = job.url
         job.seen = {job.url}
         job.deadline = None
@@ -247,6 +252,8 @@ class Fetcher:
         if self.hosts.take(key, job):
             self._with_permit(job, self._take_slot, key)
         else:
+            if job.deadline is not None:  # a redirect hop: its clock stops while it waits
+                job.queued_at = time.monotonic()
             self._wait(job)
 
     def _take_slot(self, job: _Job, key: tuple[str, int]) -> None:
@@ -259,7 +266,10 @@ class Fetcher:
             return self._finish(job, self._result(job, "timeout", f"{job.current[:200]}: {skipped}", None))
         if job.deadline is None:
             job.deadline = now + self.timeout_s
-        elif now >= job.deadline:
+        elif job.queued_at is not None:  # the wait for this host's turn is not on the clock
+            job.deadline += now - job.queued_at
+            job.queued_at = None
+        if now >= job.deadline:
             return self._attempt_failed(job, self._timeout(job))
         host, port = job.host[1], job.host[2]
         fresh, job.dns_failed = job.dns_failed, False

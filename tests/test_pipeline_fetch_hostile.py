@@ -182,6 +182,29 @@ def test_one_deadline_covers_every_redirect_hop():
     assert elapsed < 1.6  # one second for the whole chain, not one per hop
 
 
+def test_a_redirect_hop_waiting_for_its_hosts_turn_is_not_on_the_clock():
+    """Many hosts redirect to one CDN host: a hop queued behind that host's own requests (our
+    politeness limit) does not time out; its network time still counts (test above)."""
+    with HTTPTestServer({"/slow.jpg": Route(body=IMAGE, delay_s=0.5)}) as cdn:
+        with HTTPTestServer({"/r": Route(redirect=cdn.url("/slow.jpg"))}) as origin:
+            fetcher = make_fetcher(timeout_s=1.0, max_connections_per_host=1)
+            results, done = [], threading.Event()
+
+            def finished(result):
+                results.append(result)
+                if len(results) == 4:
+                    done.set()
+
+            for _ in range(3):  # the CDN's one slot is busy for ~1.5 s
+                fetcher.submit(cdn.url("/slow.jpg"), finished)
+            time.sleep(0.1)
+            fetcher.submit(origin.url("/r"), finished)
+            assert done.wait(10)
+    assert [(r.reason, r.attempts) for r in results] == [(None, 1)] * 4
+    assert all(r.body == IMAGE for r in results)
+    assert results[-1].url == cdn.url("/slow.jpg")  # the redirected row, answered last
+
+
 def test_a_slow_name_resolution_counts_against_the_deadline():
     def slow(host, port):
         time.sleep(2)

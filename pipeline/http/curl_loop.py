@@ -27,6 +27,8 @@ from typing import Any, Callable, Optional
 
 import pycurl
 
+from pipeline.thread_names import name_os_thread
+
 log = logging.getLogger(__name__)
 
 _IN = select.EPOLLIN | select.EPOLLRDHUP
@@ -142,6 +144,7 @@ class CurlLoop:
                 self._thread.start()
 
     def _run(self) -> None:
+        name_os_thread()
         try:
             while not self._closing:
                 self._run_once()
