@@ -119,6 +119,7 @@ def test_training_lowers_the_loss_and_writes_the_run_layout(reference):
     torch.testing.assert_close(model.state_dict()["logit_scale"], final_state(run_dir)["logit_scale"])
 
 
+@pytest.mark.heavy
 def test_killed_worker_is_replaced_from_the_last_checkpoint_and_ends_like_an_uninterrupted_run(
     data, reference, tmp_path
 ):
@@ -233,6 +234,7 @@ def test_s3_storage_checkpoints_and_resumes_on_the_loopback_server(data, ray_loc
         torch.testing.assert_close(resumed[name], value, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.heavy
 def test_fsdp_run_killed_mid_way_resumes_from_its_sharded_checkpoint(data, ray_local, tmp_path):
     """FSDP through Ray Train: every rank uploads its shards into the one checkpoint folder, a
     SIGKILLed worker's group restarts from them, validation with zero-shot runs on the sharded model,
