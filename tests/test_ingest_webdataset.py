@@ -48,7 +48,8 @@ def twins(tmp_path_factory):
 def test_member_names_split_into_key_and_extension_as_webdataset_does():
     from webdataset.tariterators import base_plus_ext
 
-    for name in ("000001.jpg", "dir/a.b.TXT", "d.x/k.json", "noext", "x/.hidden"):
+    names = ("000001.jpg", "dir/a.b.TXT", "d.x/k.json", "noext", "x/.hidden", "a/b/.c.txt", ".x", "a.b/c", "a\nb/c.jpg")
+    for name in names:
         assert split_member(name) == tuple(None if p is None else p.lower() for p in base_plus_ext(name)) or (
             name.endswith("TXT") and split_member(name) == ("dir/a", "b.txt")
         )
