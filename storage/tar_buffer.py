@@ -21,12 +21,21 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from storage.tar_members import BLOCK, _checksum_ok, _member_name, walk_members
+from storage.tar_members import (
+    _GNU_LONG_NAME,
+    _PAX_HEADER,
+    _REGULAR,
+    _ZERO_BLOCK,
+    BLOCK,
+    _checksum_ok,
+    _member_name,
+    walk_members,
+)
 
-_REGULAR_KINDS = frozenset(b"0\x007")  # file, old-style file, contiguous file
-_PAX = ord("x")
-_GNU_LONG_NAME = ord("L")
-_ZERO_BLOCK = bytes(BLOCK)
+# The header's type byte as an int (what indexing bytes gives), from the stream walker's types.
+_REGULAR_KINDS = frozenset(kind[0] for kind in _REGULAR)
+_PAX = _PAX_HEADER[0]
+_LONG_NAME = _GNU_LONG_NAME[0]
 _CHECKSUM_POWERS = 8 ** np.arange(5, -1, -1, dtype=np.int64)  # a 6-digit checksum field
 
 
@@ -80,7 +89,7 @@ def _scan(buf: bytes) -> Optional[list[tuple[int, str, int, int]]]:
             else:
                 name = buf[begin - BLOCK : begin - 412].split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
             members.append((start, name, begin, size))
-        elif kind == _GNU_LONG_NAME:
+        elif kind == _LONG_NAME:
             return None
         start = pos
     if not headers:

@@ -72,22 +72,21 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
-def _read_exactly(fileobj: BinaryIO, size: int, what: str) -> bytes:
-    return _read_rest(fileobj, fileobj.read(min(size, _READ_CHUNK)), size, what)
-
-
-def _read_rest(fileobj: BinaryIO, data: bytes, size: int, what: str) -> bytes:
-    """`data` (a first read) completed to `size` bytes: a remote stream may return short reads
-    before its end, and a damaged size (octal up to 8**12, base-256 up to 2**88) is read in chunks,
-    never allocated at once."""
+def _read_exactly(fileobj: BinaryIO, size: int, what: str, name: str = "") -> bytes:
+    """`size` bytes of `what` (a member's: `name` after it in the message, which is only built for
+    an error): a remote stream may return short reads before its end, and a damaged size (octal
+    up to 8**12, base-256 up to 2**88) is read in chunks, never allocated at once."""
+    data = fileobj.read(min(size, _READ_CHUNK))
+    if len(data) == size:
+        return data
     parts, got = [data], len(data)
     while got < size:
         more = fileobj.read(min(size - got, _READ_CHUNK))
         if not more:
-            raise TarFormatError(f"the stream ends inside {what} ({got} of {size} bytes)")
+            raise TarFormatError(f"the stream ends inside {what}{' ' + name if name else ''} ({got} of {size} bytes)")
         parts.append(more)
         got += len(more)
-    return b"".join(parts) if len(parts) > 1 else data
+    return b"".join(parts)
 
 
 def _member_name(field: bytes, magic: bytes, prefix: bytes, pax: dict, long_name: Optional[bytes]) -> str:
@@ -184,13 +183,9 @@ def walk_members(
         if kind in _REGULAR:
             name = _member_name(header[0:100], header[257:262], header[345:500], pax, long_name)
             if want is None or want(name):
-                data = fileobj.read(min(size, _READ_CHUNK))
-                if len(data) < size:
-                    data = _read_rest(fileobj, data, size, f"member {name}")
+                data = _read_exactly(fileobj, size, "member", name)
                 if padded:
-                    padding = fileobj.read(padded)
-                    if len(padding) < padded:
-                        _read_rest(fileobj, padding, padded, f"the padding of member {name}")
+                    _read_exactly(fileobj, padded, "the padding of member", name)
                 pos += size + padded
                 yield start, name, data
             else:
