@@ -31,6 +31,12 @@ pieces are rate x 10 ms, at least 32 KiB (a send and a timer each: the server sh
 CPUs), so the last byte leaves at most one piece early (<= 32 ms at 1 MB/s, <= 10 ms from 3.3 MB/s).
 Connection set-up (TCP/TLS handshakes, 1-3 round trips on the internet) is not emulated; it would
 favour clients that keep connections alive over those that open one per request.
+
+`latency=False` keeps the same web (the same hosts, kinds, redirects, trickles and URLs) and takes
+only the latency away: every answer at once (TTFB 0) and whole (no bandwidth cap). Against that
+web a tool's throughput differs from the latency run's by what latency alone costs, where
+`benchmarks/download.py`'s zero-latency server also takes away the dead, 404, resetting and
+redirecting hosts.
 """
 
 from __future__ import annotations
@@ -95,6 +101,7 @@ class EmulatorConfig:
     redirect: float = 0.03
     trickle: float = 0.01
     trickle_gap_s: float = 15.0
+    latency: bool = True  # False: the same web answering at once and at full speed (see the module doc)
 
     def __post_init__(self) -> None:
         first = ipaddress.IPv4Address(self.first_address)
@@ -172,6 +179,8 @@ class Web:
     def ttfb_s(self, host: Host, url_index: int, attempt: int) -> float:
         """Seconds from the end of request number `attempt` (0 first) for `url_index` at `host` to
         the first byte of its answer."""
+        if not self.config.latency:
+            return 0.0
         z = _STANDARD_NORMAL.inv_cdf(_uniform(self.config.seed, host.index, url_index, attempt))
         return min(self.config.max_ttfb_s, host.base_ttfb_s * math.exp(self.sigma_request * z))
 
@@ -188,6 +197,8 @@ class Web:
             f"(sigma per host {self.sigma_host:.2f}, per request {self.sigma_request:.2f}; capped at {c.max_ttfb_s:g} s); "
             f"bandwidth {c.bandwidth_bytes_per_s[0] / 1e6:g}-{c.bandwidth_bytes_per_s[1] / 1e6:g} MB/s per connection"
         ]
+        if not c.latency:
+            lines[0] += "; LATENCY OFF: every answer at once and whole (TTFB 0, no bandwidth cap)"
         for kind, n in c.kind_counts().items():
             hosts = [h for h in self.hosts if h.kind == kind]
             if kind == OK:
@@ -297,6 +308,8 @@ class _Connection(asyncio.Protocol):
         body = site.images[image]
         if kind == TRICKLE:
             piece, rate = 1, 1.0 / site.web.config.trickle_gap_s
+        elif not site.web.config.latency:
+            rate, piece = math.inf, len(body)  # the whole body in the head's send
         else:
             rate = self.host.bandwidth_bytes_per_s
             piece = max(MIN_PIECE_BYTES, int(rate * TICK_S))

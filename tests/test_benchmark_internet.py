@@ -197,6 +197,34 @@ def test_body_is_paced_at_the_hosts_bandwidth(emulator):
     assert elapsed >= (len(BIG) - first_piece) / slowest.bandwidth_bytes_per_s - 0.011
 
 
+def test_without_latency_the_same_web_answers_at_once_and_whole():
+    """`latency=False`: the same hosts and kinds, every answer at once with its whole body (the
+    slowest host's 200 kB in the head's send), resets at once; dead hosts still never answer."""
+    images = [BIG]
+    config = EmulatorConfig(latency=False)
+    web = Web(config)
+    assert [(h.address, h.kind, h.redirect_to) for h in web.hosts] == [
+        (h.address, h.kind, h.redirect_to) for h in Web(EmulatorConfig()).hosts
+    ]
+    assert web.ttfb_s(web.hosts[0], 5, 0) == 0.0 and "LATENCY OFF" in web.describe()
+    assert web.expected(2000) == Web(EmulatorConfig()).expected(2000)
+    slowest = min((h for h in web.hosts if h.kind == OK), key=lambda h: h.bandwidth_bytes_per_s)
+    with running(config, images) as emu:
+        start = time.perf_counter()
+        with _get(slowest.address, emu.port, f"/img/{slowest.index}.jpg", timeout=10) as sock:
+            head, body = _read_response(sock)
+        # with latency the body alone would take >= 172 ms after its first 32 KiB (1.0 MB/s), then its TTFB
+        assert body == BIG and time.perf_counter() - start < 0.15
+        reset = next(h for h in web.hosts if h.kind == RESET)
+        with _get(reset.address, emu.port, f"/img/{reset.index}.jpg", timeout=10) as sock:
+            with pytest.raises(ConnectionResetError):
+                sock.recv(1)
+        never = next(h for h in web.hosts if h.kind == NEVER)
+        with _get(never.address, emu.port, f"/img/{never.index}.jpg", timeout=1.0) as sock:
+            with pytest.raises(socket.timeout):
+                sock.recv(1)
+
+
 def test_host_kinds_behave_as_specified(emulator):
     emu, images = emulator
     web, port = emu.web, emu.port
