@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.address_guard import AddressGuard, AddressRefused, ResolveError, parse_numeric_host, refusal
 from pipeline.fetch import Fetcher
-from tests.support.http_server import HTTPTestServer, jpeg_bytes
+from tests.support.http_server import HTTPTestServer, Route, jpeg_bytes
 
 
 def _no_dns(host, port):
@@ -161,6 +161,50 @@ def test_connection_goes_to_the_checked_address_with_the_original_host_header():
         result = fetcher.fetch(f"http://images.example:{server.port}/a.jpg")
         assert result.reason is None and result.body == image
         assert server.requests[0].headers["Host"] == f"images.example:{server.port}"
+
+
+def test_a_redirect_hop_connects_to_the_address_checked_for_its_own_host():
+    """A redirect to another name is resolved by the guard (the stub here: `cdn.example` exists in
+    no DNS) and libcurl connects to what the guard checked, with the new name's Host header."""
+    image = jpeg_bytes()
+    asked = []
+
+    def stub(host, port):
+        asked.append(host)
+        return ["127.0.0.1"]
+
+    with HTTPTestServer({"/a.jpg": image}) as cdn:
+        with HTTPTestServer({"/r": Route(redirect=f"http://cdn.example:{cdn.port}/a.jpg")}) as origin:
+            fetcher = Fetcher(guard=AddressGuard(allow_private=True, resolver=stub), retries=0)
+            result = fetcher.fetch(f"http://images.example:{origin.port}/r")
+    assert result.reason is None and result.body == image, result.detail
+    assert asked == ["images.example", "cdn.example"]
+    assert cdn.requests[0].headers["Host"] == f"cdn.example:{cdn.port}"
+
+
+def test_libcurl_is_stopped_at_the_socket_if_it_would_connect_to_an_address_the_guard_did_not_check():
+    """The second lock behind the pin: were libcurl ever to pick an address the guard did not return
+    (a resolver of its own, a stale pin), the socket-open callback refuses it: `blocked_address`,
+    and no connection is made."""
+    import pycurl
+
+    from pipeline.http.exchange import Exchange
+    from pipeline.http.reuse_check import ReuseCheck
+
+    with HTTPTestServer({"/a.jpg": jpeg_bytes()}) as server:
+        exchange = Exchange(user_agent="t", max_response_bytes=1 << 20, ca_file=None, reuse_check=ReuseCheck())
+        handle = exchange.prepare(server.url("/a.jpg"), "127.0.0.1", server.port, ["127.0.0.1"], None, 5.0)
+        exchange.allowed = frozenset({"127.0.0.9"})  # the guard's answer no longer matches the pin
+        try:
+            handle.perform()
+            errno, message = 0, ""
+        except pycurl.error as err:
+            errno, message = err.args
+        finally:
+            exchange.close()
+    outcome = exchange.outcome(errno, message)
+    assert outcome.reason == "blocked_address" and "127.0.0.1" in outcome.detail
+    assert server.requests == []
 
 
 # --- the explicit deny-list: every range the guard must refuse, by its first and last address.

@@ -122,6 +122,13 @@ def test_planted_secrets_appear_in_no_written_file_log_or_message(ray_local, tmp
     printed = capsys.readouterr()
     assert_no_secret(printed.out + printed.err, "the printed progress")
     assert_no_secret(caplog.text, "the log")
+    from ray_compat import session_dir
+
+    # the download actors' own output (stdout, stderr, Ray Data's logs): files in the Ray session
+    ray_logs = [p for p in (Path(session_dir()) / "logs").rglob("*") if p.is_file()]
+    assert ray_logs
+    for path in ray_logs:
+        assert_no_secret(path.read_bytes().decode("latin-1"), f"Ray's log {path}")
 
     # --print-config, with secrets in every section that has storage options
     job = {
