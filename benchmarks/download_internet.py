@@ -7,6 +7,7 @@ bandwidth, dead, 404, resetting, redirecting and trickling hosts).
     python benchmarks/download_internet.py --quick               # 2,000 URLs, a shorter ceiling
     python benchmarks/download_internet.py --urls 5000 --runs clipray,clipray-zero-latency
     python benchmarks/download_internet.py --runs clipray,clipray-zero-latency --cpu-breakdown
+    python benchmarks/download_internet.py --runs clipray,clipray-no-latency --clipray-set max_connections_per_host=16
 
 Whole calls, one after the other, on the same CPUs and the same URL list (each against a fresh
 emulator on the same port, so every run sees the same first-attempt latencies):
@@ -85,7 +86,8 @@ def _run(name: str, url_list: Path, out: Path, args, cores: int, server_pid: int
         threads = int(name.rsplit("-", 1)[1])
         call = functools.partial(run_img2dataset, url_list, out, processes_count=cores, thread_count=threads, **size)
     else:
-        call = functools.partial(run_clipray, url_list, out, cpus=cores, allow_private_addresses=True, **size)
+        tuned = dict(args.clipray_set)
+        call = functools.partial(run_clipray, url_list, out, cpus=cores, allow_private_addresses=True, **size, **tuned)
     result = measured(call, server_pid, DetailedSampler if args.cpu_breakdown and name.startswith("clipray") else None)
     result["server_cpu_ms_per_url"] = result["server_cpu_s"] / args.urls * 1000
     if "sampler" in result:
@@ -177,6 +179,18 @@ def _cpu_model() -> str:
     return platform.machine()
 
 
+def _data_option(text: str) -> tuple:
+    """KEY=VALUE -> (key, value) for a DataConfig field, the value read as YAML (16, 0.5, false)."""
+    import yaml
+
+    from pipeline.config import DataConfig
+
+    key, sep, value = text.partition("=")
+    if not sep or key not in DataConfig.model_fields:
+        raise argparse.ArgumentTypeError(f"{text!r}: want KEY=VALUE with KEY a data.* field (e.g. max_in_flight=1024)")
+    return key, yaml.safe_load(value)
+
+
 def _met(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
@@ -199,7 +213,24 @@ def main(argv=None) -> int:
         action="store_true",
         help="clipray runs: CPU-s per process role, per actor thread and per phase (benchmarks/cpu_breakdown.py)",
     )
+    p.add_argument(
+        "--clipray-set",
+        action="append",
+        default=[],
+        type=_data_option,
+        metavar="KEY=VALUE",
+        help="a DataConfig value for the clipray runs (repeatable; YAML value): a tuned row, not the defaults",
+    )
     args = p.parse_args(argv)
+    if args.clipray_set:  # a bad value fails now, not after the img2dataset runs
+        from pydantic import ValidationError
+
+        from pipeline.config import DataConfig
+
+        try:
+            DataConfig(input="urls.parquet", output="out", **dict(args.clipray_set))
+        except ValidationError as err:
+            p.error(f"--clipray-set: {err}")
     if args.urls is None:
         args.urls = 2_000 if args.quick else 20_000
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
@@ -218,7 +249,8 @@ def main(argv=None) -> int:
     print(
         f"{started}; machine: {_cpu_model()}, {cores} cores usable, "
         f"python {platform.python_version()}; load average {load_before:.1f} (1 min) on {os.cpu_count()} CPUs; "
-        f"{args.urls} URLs, {args.image_size}px {args.resize_mode}",
+        f"{args.urls} URLs, {args.image_size}px {args.resize_mode}"
+        + (f"; clipray TUNED: {dict(args.clipray_set)}" if args.clipray_set else "; clipray with its defaults"),
         flush=True,
     )
     config = EmulatorConfig(hosts=args.hosts, seed=args.seed)

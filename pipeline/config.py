@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
 from storage import StorageConfig
 
@@ -273,13 +273,15 @@ class DataConfig(StorageConfig):
     max_connections_per_host: PositiveInt = Field(
         8, description="requests at a time to one host (name and port), per download actor"
     )
-    skip_host_after_timeouts: int = Field(
+    skip_host_after_failures: int = Field(
         8,
         ge=0,
-        description="a host whose last this many requests all timed out (no answer in between) is skipped "
-        "for data.skip_host_for_s: its rows end at once as timeout instead of queueing for its slots (0: never)",
+        validation_alias=AliasChoices("skip_host_after_failures", "skip_host_after_timeouts"),  # its name until 12-2026
+        description="a host whose last this many requests all failed without an answer (timed out, or the "
+        "connection refused or reset before a response) is skipped for data.skip_host_for_s: its rows end at "
+        "once with that reason instead of queueing for its slots (0: never)",
     )
-    skip_host_for_s: PositiveFloat = Field(60.0, description="how long a timed-out host is skipped")
+    skip_host_for_s: PositiveFloat = Field(60.0, description="how long a host that stopped answering is skipped")
     reuse_connections: bool = Field(
         True,
         description="keep-alive: send a host's next request on an idle connection with nothing waiting on it "

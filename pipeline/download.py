@@ -101,7 +101,7 @@ def fetcher(
         user_agent_token=data.user_agent_token,
         disallowed_header_directives=data.disallowed_header_directives,
         max_connections_per_host=data.max_connections_per_host,
-        skip_host_after_timeouts=data.skip_host_after_timeouts,
+        skip_host_after_failures=data.skip_host_after_failures,
         skip_host_for_s=data.skip_host_for_s,
         max_retry_after_s=data.max_retry_after_s,
         reuse_connections=data.reuse_connections,

@@ -135,7 +135,7 @@ class Fetcher:
         user_agent_token: Optional[str] = None,
         disallowed_header_directives: Iterable[str] = (),
         max_connections_per_host: int = 8,
-        skip_host_after_timeouts: int = 8,
+        skip_host_after_failures: int = 8,
         skip_host_for_s: float = 60.0,
         max_retry_after_s: float = 30.0,
         proxies: Optional[ProxySettings] = None,
@@ -168,7 +168,7 @@ class Fetcher:
         self.reuse_check = ReuseCheck()
         self.connections_opened = 0  # new connections libcurl made (for tests and benchmarks)
         self._free: list[Exchange] = []
-        self.hosts = HostSlots(max_connections_per_host, skip_host_after_timeouts, skip_host_for_s)
+        self.hosts = HostSlots(max_connections_per_host, skip_host_after_failures, skip_host_for_s)
         self._resolvers: Optional[ThreadPoolExecutor] = None
         self._numeric: dict[str, bool] = {}  # host -> written as an address (no look-up)
         self._closed = False
@@ -263,7 +263,8 @@ class Fetcher:
         skipped = self.hosts.skipped(key, now)
         if skipped is not None:  # no retry either: it would be skipped too
             self._release_slot(job)
-            return self._finish(job, self._result(job, "timeout", f"{job.current[:200]}: {skipped}", None))
+            reason, why = skipped
+            return self._finish(job, self._result(job, reason, f"{job.current[:200]}: {why}", None))
         if job.deadline is None:
             job.deadline = now + self.timeout_s
         elif job.queued_at is not None:  # the wait for this host's turn is not on the clock
@@ -303,7 +304,7 @@ class Fetcher:
     def _resolve_timed_out(self, job: _Job, step: int) -> None:
         if job.step == step and not job.done:
             job.step += 1  # the look-up's late answer is dropped
-            self.hosts.timed_out(job.slot, time.monotonic())
+            self.hosts.failed(job.slot, time.monotonic(), "timeout")
             self._attempt_failed(job, self._timeout(job, "resolving the host"))
 
     def _resolved(self, job: _Job, step: int, answer: Union[list[str], _Failure]) -> None:
@@ -340,8 +341,10 @@ class Fetcher:
         try:
             outcome = exchange.outcome(errno, message)
             self.connections_opened += exchange.connections_made()
-            if outcome.reason == "timeout":  # also after a head: a host that trickles its body is as stuck
-                self.hosts.timed_out(key, time.monotonic())
+            if outcome.reason == "timeout" or (outcome.reason == "connection_error" and outcome.status is None):
+                # a timeout also after a head (a host that trickles its body is as stuck); a connection
+                # refused or reset before any head: no answer either
+                self.hosts.failed(key, time.monotonic(), outcome.reason)
             elif outcome.status is not None:
                 started = self.hosts.answered(key)
         finally:

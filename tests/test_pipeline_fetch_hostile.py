@@ -78,6 +78,39 @@ def test_a_gzip_bomb_is_cut_off_at_the_cap_on_decoded_bytes():
         assert fetcher.fetch(srv.url("/ok.jpg")).body == IMAGE
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "chunked"])
+def test_the_cap_holds_without_libcurls_own_check(encoding):
+    """libcurl stops a body in progress only from 8.4.0, a decoded one only from 8.20.0; a pycurl
+    built on an older system libcurl would not. With libcurl's check switched off, the exchange's
+    own count still stops a gzip bomb and an endless chunked body at the cap plus one piece."""
+    import pycurl
+
+    from pipeline.http.exchange import Exchange
+    from pipeline.http.reuse_check import ReuseCheck
+
+    cap = 1 << 20
+    if encoding == "gzip":
+        bomb = gzip.compress(b"\0" * (64 << 20), compresslevel=9)
+        body = head(Content_Encoding="gzip", Content_Length=str(len(bomb))) + bomb
+    else:
+        piece = b"x" * 65536
+        body = head(Transfer_Encoding="chunked") + (b"10000\r\n" + piece + b"\r\n") * 1024 + b"0\r\n\r\n"
+    with HTTPTestServer({"/big": raw(body, close=True)}) as srv:
+        exchange = Exchange(user_agent="t", max_response_bytes=cap, ca_file=None, reuse_check=ReuseCheck())
+        handle = exchange.prepare(srv.url("/big"), "127.0.0.1", srv.port, ["127.0.0.1"], None, 10.0)
+        handle.setopt(pycurl.MAXFILESIZE_LARGE, 0)  # as with a libcurl that does not count
+        try:
+            handle.perform()
+            errno, message = 0, ""
+        except pycurl.error as err:
+            errno, message = err.args
+        held = sum(map(len, exchange._chunks))
+        exchange.close()
+    outcome = exchange.outcome(errno, message)
+    assert outcome.reason == "response_too_large", outcome.detail
+    assert "max_response_bytes" in outcome.detail and held <= cap
+
+
 def test_a_negative_chunk_size_is_a_protocol_error_not_a_way_past_the_cap():
     body = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-ffffffff\r\n" + b"x" * (2 << 20)
     with HTTPTestServer({"/neg": raw(body, close=True), "/ok.jpg": IMAGE}) as srv:
@@ -330,7 +363,7 @@ def test_a_host_that_only_times_out_is_skipped_for_a_while():
     without a request. Any answer clears the count; after the skip period requests go out again."""
     with HTTPTestServer({"/hang": Route(hang=True), "/a.jpg": IMAGE}) as srv:
         fetcher = make_fetcher(
-            timeout_s=0.5, max_connections_per_host=2, skip_host_after_timeouts=2, skip_host_for_s=1.0
+            timeout_s=0.5, max_connections_per_host=2, skip_host_after_failures=2, skip_host_for_s=1.0
         )
         done, results = threading.Event(), []
 
@@ -356,13 +389,50 @@ def test_a_host_that_only_times_out_is_skipped_for_a_while():
         assert fetcher.fetch(srv.url("/a.jpg")).body == IMAGE
 
 
+def test_a_host_that_resets_every_connection_is_skipped_for_a_while_with_its_own_reason():
+    """Resets before any answer count as timeouts do: with retries, 12 rows of a resetting host
+    would be 36 attempts through 2 slots; once 2 attempts in a row failed so it is skipped, and its
+    other rows end at once as `connection_error` (the reason the host gave), without a request."""
+    with HTTPTestServer({"/reset": Route(reset=True, delay_s=0.2), "/a.jpg": IMAGE}) as srv:
+        fetcher = make_fetcher(
+            retries=2, retry_backoff_s=0.05, max_connections_per_host=2, skip_host_after_failures=2, skip_host_for_s=5
+        )
+        done, results = threading.Event(), []
+
+        def finished(result):
+            results.append(result)
+            if len(results) == 12:
+                done.set()
+
+        for _ in range(12):
+            fetcher.submit(srv.url("/reset"), finished)
+        assert done.wait(10)
+        assert [r.reason for r in results] == ["connection_error"] * 12
+        skipped = [r for r in results if "not sent" in r.detail]
+        assert len(skipped) >= 8 and all("the last: connection_error" in r.detail for r in skipped)
+        assert srv.paths().count("/reset") <= 4  # two rounds of two at most, not 36 attempts
+        assert "not sent" in fetcher.fetch(srv.url("/a.jpg")).detail  # the host, not the path, is skipped
+
+
+def test_an_error_status_is_an_answer_not_a_failure_of_the_host():
+    """A 503 (retried) or a 404 is the host answering: its slots stay and it is never skipped."""
+    with HTTPTestServer({"/busy": Route(status=503), "/gone": Route(status=404), "/a.jpg": IMAGE}) as srv:
+        fetcher = make_fetcher(retries=1, retry_backoff_s=0.0, skip_host_after_failures=1)
+        assert [fetcher.fetch(srv.url(p)).reason for p in ("/busy", "/gone", "/busy")] == [
+            "http_503",
+            "http_404",
+            "http_503",
+        ]
+        assert fetcher.fetch(srv.url("/a.jpg")).body == IMAGE
+
+
 def test_after_a_timeout_a_host_gets_one_request_at_a_time_until_it_answers():
     from pipeline.http.hosts import HostSlots
 
     hosts = HostSlots(per_host=3, down_after=0, down_for_s=60)
     key = ("images.example", 80)
     assert [hosts.take(key, f"row{i}") for i in range(5)] == [True, True, True, False, False]
-    hosts.timed_out(key, now=0.0)
+    hosts.failed(key, now=0.0, reason="timeout")
     assert hosts.give(key) is None  # 2 still out, more than the 1 a timed-out host gets
     assert hosts.give(key) is None
     assert hosts.give(key) == "row3"  # the last one out: the next waiter goes, alone

@@ -8,13 +8,16 @@ connection instead of being read as the next response). What is ours:
 - the connection goes only to the addresses the address guard checked: `CURLOPT_RESOLVE` pins the
   host name to them for this transfer (libcurl does no name resolution of its own), and the
   socket-open callback refuses any other address (through a proxy: the proxy's address);
-- the size cap (`data.max_response_bytes`, `CURLOPT_MAXFILESIZE_LARGE`): libcurl refuses a
-  Content-Length above it before the body, and stops a body (chunked, until close, or gzip/deflate
-  *decoded*) before it hands over the byte that would pass it, so a small gzip body that inflates to
-  gigabytes costs at most the cap;
+- the size cap (`data.max_response_bytes`): libcurl refuses a Content-Length above it before the
+  body (`CURLOPT_MAXFILESIZE_LARGE`), and the write callback counts the body as libcurl hands it
+  over, *decoded* (chunked, until close, gzip/deflate), and stops the transfer at the first piece
+  that passes the cap, so a small gzip body that inflates to gigabytes costs at most the cap plus
+  one piece. libcurl stops such bodies itself only from 8.4.0 (bodies in progress) and 8.20.0
+  (decoded bytes); a pycurl built on an older system libcurl would not, so the count is ours;
 - a kept-alive connection with bytes waiting is not reused (`reuse_check.py`);
-- header lines and body pieces (at most 16 KiB each) are appended to lists by libcurl's callbacks
-  bound to `list.append` (no Python frame per piece); the final head is parsed once, at the end.
+- header lines are appended to a list by a callback bound to `list.append` (no Python frame per
+  line), body pieces (at most 16 KiB each) by `_write` (one short frame per piece, ~5 for a 70 kB
+  image); the final head is parsed once, at the end.
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ class Exchange:
         self._lines: list[bytes] = []  # every header line received, 1xx and proxy CONNECT heads included
         self._chunks: list[bytes] = []  # the body as libcurl hands it over (decoded)
         c.setopt(pycurl.HEADERFUNCTION, self._lines.append)
-        c.setopt(pycurl.WRITEFUNCTION, self._chunks.append)
+        c.setopt(pycurl.WRITEFUNCTION, self._write)
         c.setopt(pycurl.OPENSOCKETFUNCTION, self._open_socket)
         c.setopt(pycurl.PREREQFUNCTION, self._before_request)
         c.setopt(pycurl.FORBID_REUSE, 0 if reuse_connections else 1)
@@ -140,6 +143,7 @@ class Exchange:
         self._chunks.clear()
         self._refused: Optional[str] = None
         self._stale = False  # the connection had bytes waiting: the request was not sent
+        self._received = 0  # body bytes handed over (decoded)
 
     def prepare(
         self,
@@ -188,6 +192,13 @@ class Exchange:
             return None  # CURL_SOCKET_BAD: libcurl does not connect
         return socket.socket(family, socktype, protocol)
 
+    def _write(self, piece: bytes) -> Optional[int]:
+        self._received += len(piece)
+        if self._received > self.cap:
+            return 0  # a short write: libcurl stops the transfer (CURLE_WRITE_ERROR)
+        self._chunks.append(piece)
+        return None
+
     def _before_request(self, primary_ip: str, local_ip: str, primary_port: int, local_port: int) -> int:
         if self.reuse_check.reusable(local_ip, local_port):
             return pycurl.PREREQFUNC_OK
@@ -217,11 +228,12 @@ class Exchange:
             chunks = self._chunks
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             return Outcome(status, headers, body)
-        reason = _REASONS.get(errno, "http_error")
+        reason = "response_too_large" if self._received > self.cap else _REASONS.get(errno, "http_error")
         if errno == pycurl.E_RECV_ERROR and ("chunk" in message or "header" in message):
             reason = "http_error"  # bad chunked framing, headers past libcurl's cap: the server, not the network
         if reason == "response_too_large":  # announced by Content-Length, or counted as decoded
-            message = f"more than data.max_response_bytes {self.cap} bytes ({message})"
+            counted = f", {self._received} bytes decoded when stopped" if self._received > self.cap else ""
+            message = f"more than data.max_response_bytes {self.cap} bytes ({message}{counted})"
         return Outcome(status, headers, reason=reason, detail=f"{url}: {message} (curl {errno})")
 
     def _status_line(self) -> bytes:

@@ -4,12 +4,15 @@
 in order for a slot. The limit keeps one big host from being hammered, but it also serialises a
 dead host's rows: 50 rows of a host that accepts connections and never answers would hold its 8
 slots for 50 / 8 x 10 s, and with two retries three times that, while their shard waits for its
-last row. So once a request to a host timed out, the host gets one request at a time until it
-answers again (the requests already out go on); and a host whose last `down_after` requests all
-timed out, with no answer from it in between, is skipped for `down_for_s`: its requests end at once
-as `timeout` (rows the host would have timed out anyway; `data.retry_rejects` reruns them later).
-Any answer, even an error status, clears the count. `down_after=0` never skips (the one-at-a-time
-rule still holds).
+last row; a host that resets every connection after a slow accept does the same (measured on the
+internet emulator, seed 2: one such host held a 20 s shard to 42 s). So a request that failed
+without an answer (it timed out, or the connection was refused or reset before a response head)
+puts its host on one request at a time until it answers again (the requests already out go on);
+and a host whose last `down_after` requests all failed so, with no answer from it in between, is
+skipped for `down_for_s`: its requests end at once with the last failure's reason (`timeout` or
+`connection_error`: rows the host would have failed anyway; `data.retry_rejects` reruns them
+later). Any answer, even an error status, clears the count. `down_after=0` never skips (the
+one-at-a-time rule still holds).
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ class HostSlots:
         self.per_host, self.down_after, self.down_for_s = per_host, down_after, down_for_s
         self._busy: dict[Hashable, int] = {}
         self._waiting: dict[Hashable, deque] = {}
-        self._timeouts: dict[Hashable, int] = {}  # consecutive time-outs, for hosts with at least one
+        self._failures: dict[Hashable, int] = {}  # consecutive failures, for hosts with at least one
+        self._reason: dict[Hashable, str] = {}  # the last one's reason
         self._down_until: dict[Hashable, float] = {}
 
     def _limit(self, key: Hashable) -> int:
-        return 1 if key in self._timeouts else self.per_host
+        return 1 if key in self._failures else self.per_host
 
     def take(self, key: Hashable, waiter: Any) -> bool:
         """Take a slot of `key` (True), or put `waiter` in its line (False: `give` hands it one)."""
@@ -58,32 +62,37 @@ class HostSlots:
             del self._waiting[key]
         return nxt
 
-    def skipped(self, key: Hashable, now: float) -> Optional[str]:
-        """Why requests to `key` are not sent now, or None."""
+    def skipped(self, key: Hashable, now: float) -> Optional[tuple[str, str]]:
+        """(reason, detail) why requests to `key` are not sent now, or None."""
         until = self._down_until.get(key)
         if until is None:
             return None
-        if now >= until:  # try again; one more time-out skips it again
+        if now >= until:  # try again; one more failure skips it again
             del self._down_until[key]
             return None
-        return (
-            f"not sent: the host's last {self._timeouts.get(key, 0)} requests timed out without an answer "
-            f"in between; it is skipped for another {until - now:.0f}s"
+        reason = self._reason.get(key, "timeout")
+        return reason, (
+            f"not sent: the host's last {self._failures.get(key, 0)} requests failed without an answer "
+            f"(the last: {reason}); it is skipped for another {until - now:.0f}s"
         )
 
-    def timed_out(self, key: Hashable, now: float) -> None:
-        if len(self._timeouts) > 100_000:  # hosts that time out and are never heard of again
-            self._timeouts.clear()
-        count = self._timeouts.get(key, 0) + 1
-        self._timeouts[key] = count
+    def failed(self, key: Hashable, now: float, reason: str) -> None:
+        """A request to `key` ended without an answer: `timeout` or `connection_error`."""
+        if len(self._failures) > 100_000:  # hosts that fail and are never heard of again
+            self._failures.clear()
+            self._reason.clear()
+        count = self._failures.get(key, 0) + 1
+        self._failures[key] = count
+        self._reason[key] = reason
         if self.down_after and count >= self.down_after:
             self._down_until[key] = now + self.down_for_s
 
     def answered(self, key: Hashable) -> list[Any]:
         """The host answered: back to `per_host` slots; returns the waiters that now hold one."""
-        if key not in self._timeouts:
+        if key not in self._failures:
             return []
-        del self._timeouts[key]
+        del self._failures[key]
+        self._reason.pop(key, None)
         self._down_until.pop(key, None)
         started = []
         waiting = self._waiting.get(key)
