@@ -42,6 +42,21 @@ def raw(*parts: bytes, pause_s: float = 0.0, close: bool = False):
     return Route(handler=handler)
 
 
+def fetch_all(fetcher: Fetcher, urls: list[str], timeout_s: float = 10.0) -> list:
+    """Every URL submitted at once; their results in the order they finished."""
+    done, results = threading.Event(), []
+
+    def finished(result):
+        results.append(result)
+        if len(results) == len(urls):
+            done.set()
+
+    for url in urls:
+        fetcher.submit(url, finished)
+    assert done.wait(timeout_s), f"{len(results)} of {len(urls)} fetches finished in {timeout_s:g}s"
+    return results
+
+
 def head(status: str = "200 OK", **headers: str) -> bytes:
     lines = "".join(f"{k.replace('_', '-')}: {v}\r\n" for k, v in headers.items())
     return f"HTTP/1.1 {status}\r\n{lines}\r\n".encode("latin-1")
@@ -365,17 +380,8 @@ def test_a_host_that_only_times_out_is_skipped_for_a_while():
         fetcher = make_fetcher(
             timeout_s=0.5, max_connections_per_host=2, skip_host_after_failures=2, skip_host_for_s=1.0
         )
-        done, results = threading.Event(), []
-
-        def finished(result):
-            results.append(result)
-            if len(results) == 12:
-                done.set()
-
         start = time.monotonic()
-        for _ in range(12):
-            fetcher.submit(srv.url("/hang"), finished)
-        assert done.wait(10)
+        results = fetch_all(fetcher, [srv.url("/hang")] * 12)
         assert time.monotonic() - start < 2.0  # about one timeout, not six
         assert [r.reason for r in results] == ["timeout"] * 12
         skipped = sum("not sent" in r.detail for r in results)
@@ -397,16 +403,7 @@ def test_a_host_that_resets_every_connection_is_skipped_for_a_while_with_its_own
         fetcher = make_fetcher(
             retries=2, retry_backoff_s=0.05, max_connections_per_host=2, skip_host_after_failures=2, skip_host_for_s=5
         )
-        done, results = threading.Event(), []
-
-        def finished(result):
-            results.append(result)
-            if len(results) == 12:
-                done.set()
-
-        for _ in range(12):
-            fetcher.submit(srv.url("/reset"), finished)
-        assert done.wait(10)
+        results = fetch_all(fetcher, [srv.url("/reset")] * 12)
         assert [r.reason for r in results] == ["connection_error"] * 12
         skipped = [r for r in results if "not sent" in r.detail]
         assert len(skipped) >= 8 and all("the last: connection_error" in r.detail for r in skipped)
