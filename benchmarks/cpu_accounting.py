@@ -20,17 +20,27 @@ def become_subreaper() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
+def stat_fields(text: str) -> list[str]:
+    """The fields of a /proc/<pid>/stat (or .../task/<tid>/stat) text after the command name:
+    state, ppid, ... (field 3 of proc(5) on, so utime is [11], stime [12], starttime [19])."""
+    return text.rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(fields: list[str]) -> float:
+    """utime + stime in seconds from `stat_fields`."""
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_table() -> dict[int, tuple[int, float, int]]:
     """pid -> (ppid, utime + stime in seconds, start time in ticks) for every process."""
-    tick = os.sysconf("SC_CLK_TCK")
     table = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+                fields = stat_fields(open(f"/proc/{entry}/stat").read())
             except OSError:
                 continue
-            table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, int(fields[19]))
+            table[int(entry)] = (int(fields[1]), cpu_seconds(fields), int(fields[19]))
     return table
 
 

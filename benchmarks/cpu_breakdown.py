@@ -17,7 +17,7 @@ import re
 import time
 from typing import Optional
 
-from benchmarks.cpu_accounting import CpuSampler, cmdline
+from benchmarks.cpu_accounting import CpuSampler, cmdline, cpu_seconds, stat_fields
 
 ACTOR_MARK = "_DownloadUDF"
 PHASES = ("start", "steady", "end")
@@ -25,7 +25,6 @@ PHASES = ("start", "steady", "end")
 
 def _thread_table(pid: int) -> dict[int, tuple[str, float]]:
     """tid -> (OS thread name, utime + stime in seconds) of one process."""
-    tick = os.sysconf("SC_CLK_TCK")
     table = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -36,9 +35,7 @@ def _thread_table(pid: int) -> dict[int, tuple[str, float]]:
             text = open(f"/proc/{pid}/task/{tid}/stat").read()
         except OSError:
             continue
-        name = text[text.index("(") + 1 : text.rindex(")")]
-        fields = text.rsplit(")", 1)[1].split()
-        table[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+        table[int(tid)] = (text[text.index("(") + 1 : text.rindex(")")], cpu_seconds(stat_fields(text)))
     return table
 
 
@@ -94,12 +91,9 @@ class DetailedSampler(CpuSampler):
                 if command is not None:
                     self.full[pid] = command.replace("\0", " ").strip()
         now = time.time()
-        point: dict = {}
-        for key, cpu in self.last.items():
-            point[key] = cpu
+        point: dict = dict(self.last)
         try:
-            fields = open(f"/proc/{self.exclude}/stat").read().rsplit(")", 1)[1].split()
-            point["server"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            point["server"] = cpu_seconds(stat_fields(open(f"/proc/{self.exclude}/stat").read()))
         except OSError:
             pass
         for pid, started in [k for k in self.last if ACTOR_MARK in self.full.get(k[0], "")]:

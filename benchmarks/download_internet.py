@@ -72,7 +72,6 @@ RUNS = (
     "clipray-zero-latency",
     "clipray-no-latency",
 )
-ZERO_LATENCY_SERVER = "clipray-zero-latency"  # the one run not on the emulator
 TARGET_RATIO, TARGET_CEILING, TARGET_LATENCY_COST = 2.0, 0.70, 0.10
 
 
@@ -270,7 +269,7 @@ def main(argv=None) -> int:
         with running(config, images) as emulator:  # fixes the port every later emulator reuses
             port = emulator.port
         url_list = write_url_list(work / "urls.parquet", [web.url(i, port) for i in range(args.urls)])
-        for name in (r for r in runs if r != ZERO_LATENCY_SERVER):
+        for name in (r for r in runs if r != "clipray-zero-latency"):  # the one run not on the emulator
             web_config = dataclasses.replace(config, latency=name != "clipray-no-latency")
             with running(web_config, images, port) as emulator:
                 results[name] = _run(name, url_list, work / name, args, cores, emulator.pid)

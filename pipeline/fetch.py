@@ -11,7 +11,8 @@ in flight). The rules are ours:
   each hop resolved and checked again (`redirect_loop`, `too_many_redirects`, `bad_redirect`);
 - one deadline per attempt (`timeout_s`): name resolution, every redirect hop and every byte;
 - at most `max_connections_per_host` requests at a time per host (politeness), and a host whose
-  last requests all timed out is skipped for a while (`http/hosts.py`); a request that waits
+  last requests all failed without an answer (timed out, refused or reset) is skipped for a while
+  (`http/hosts.py`); a request that waits
   for its turn is not yet on the clock, and a redirect hop that waits for its host's turn stops
   its attempt's clock meanwhile (many hosts redirecting to one busy CDN host must not time out in
   our own queue: that is politeness, not the network being slow);
